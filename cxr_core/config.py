@@ -1,0 +1,201 @@
+"""Run configuration: four frozen dataclasses, saved as ``config.json`` in every run folder.
+
+The saved file is enough to rebuild the run: which images, which split, which augmentation, which
+backbone, how it was trained. ``RunConfig.from_dict`` accepts files from older versions (missing
+keys take today's defaults, unknown keys are ignored) so old runs stay loadable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import BadRunError
+
+CONFIG_VERSION = 1
+
+SPLIT_MODES = ("random", "patient", "official")
+BALANCE_STRATEGIES = ("augment", "class_weight", "none")
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images and how they are split.
+
+    Attributes:
+        data_dir: the data set folder (Kermany layout or class folders).
+        split: ``random`` (stratified by image, the reference), ``patient`` (grouped by patient)
+            or ``official`` (the release's own test set).
+        seed: seed of the split (123, as the reference).
+        val_fraction: share of images for validation (0.1 as the reference's 8:1:1).
+        test_fraction: share of images for test.
+        limit: stratified subset of this many images for quick demos; ``None`` for all.
+    """
+
+    data_dir: str = ""
+    split: str = "random"
+    seed: int = 123
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_MODES)}; got {self.split!r}.")
+        if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
+            raise ValueError("val_fraction and test_fraction must each be between 0 and 0.5.")
+        if self.limit is not None and self.limit < 10:
+            raise ValueError(f"limit must be at least 10 images; got {self.limit}.")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation with the meaning of Keras' ImageDataGenerator, as the reference used it.
+
+    Attributes:
+        rotation_range: maximum rotation in degrees, either way (0.3 in the reference: tiny).
+        horizontal_flip: flip left-right with probability 0.5 (imitates dextrocardia, which is rare).
+        brightness_range: multiply intensities by a factor drawn from this range.
+        width_shift: maximum horizontal shift as a fraction of the width.
+        height_shift: maximum vertical shift as a fraction of the height.
+        zoom: maximum zoom in or out as a fraction (0 = none).
+    """
+
+    rotation_range: float = 0.3
+    horizontal_flip: bool = True
+    brightness_range: tuple[float, float] = (0.9, 1.1)
+    width_shift: float = 0.05
+    height_shift: float = 0.05
+    zoom: float = 0.0
+
+    def __post_init__(self) -> None:
+        # JSON turns tuples into lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "brightness_range", tuple(float(v) for v in self.brightness_range))
+        low, high = self.brightness_range
+        if not (0 < low <= high):
+            raise ValueError(f"brightness_range must be two positive numbers, low <= high; got {self.brightness_range}.")
+        if not (0 <= self.rotation_range <= 180):
+            raise ValueError(f"rotation_range is in degrees, 0 to 180; got {self.rotation_range}.")
+        for name in ("width_shift", "height_shift", "zoom"):
+            value = getattr(self, name)
+            if not (0 <= value < 1):
+                raise ValueError(f"{name} is a fraction between 0 and 1; got {value}.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a backbone from ``model.BACKBONES`` and the reference head.
+
+    Attributes:
+        backbone: a key of ``cxr_core.model.BACKBONES``.
+        weights: ``imagenet``, ``none`` (random initialisation) or a path to a weights file.
+        image_size: input side in pixels; ``None`` takes the backbone's default (299 for InceptionV3).
+        alpha: width multiplier (MobileNetV2 only).
+        dropout: dropout rate before the final Dense layer (0.5 in the reference).
+    """
+
+    backbone: str = "inception_v3"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    alpha: float = 1.0
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and not (32 <= self.image_size <= 1024):
+            raise ValueError(f"image_size must be between 32 and 1024 pixels; got {self.image_size}.")
+        if not (0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the classifier is trained.
+
+    Attributes:
+        epochs: epochs of the head phase (on cached features when the base is frozen).
+        batch_size: images per step.
+        learning_rate: Adam learning rate of the head phase.
+        balance: ``augment`` (add augmented NORMAL images to the training part, the reference),
+            ``class_weight`` or ``none``.
+        fine_tune_layers: after the head phase, unfreeze this many top layers of the backbone
+            (0 = none; -1 = all, for training from scratch).
+        fine_tune_epochs: epochs of the fine-tuning phase.
+        fine_tune_learning_rate: learning rate of the fine-tuning phase (low: 1e-5).
+        threshold_rule: ``youden`` (maximise sensitivity + specificity on validation) or
+            ``sensitivity`` (the highest threshold that reaches ``target_sensitivity``, for screening).
+        target_sensitivity: used by the ``sensitivity`` rule.
+        seed: seed of augmentation, initialisation and shuffling.
+        cache_dir: where cached features live; ``None`` for the default (see ``features.default_cache_dir``).
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    balance: str = "augment"
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+    threshold_rule: str = "youden"
+    target_sensitivity: float = 0.95
+    seed: int = 123
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCE_STRATEGIES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}.")
+        if self.epochs < 0 or self.fine_tune_epochs < 0:
+            raise ValueError("epochs cannot be negative.")
+        if self.epochs == 0 and self.fine_tune_epochs == 0:
+            raise ValueError("at least one epoch of training is needed (epochs or fine_tune_epochs).")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
+        if not (0 < self.learning_rate < 1 and 0 < self.fine_tune_learning_rate < 1):
+            raise ValueError("learning rates must be between 0 and 1.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Rebuild from ``to_dict`` output, tolerating older or newer files.
+
+        Raises:
+            BadRunError: when ``data`` is not a dict of sections or a value is invalid.
+        """
+        if not isinstance(data, dict):
+            raise BadRunError("config.json does not hold a settings object; the run folder is damaged.")
+        try:
+            sections = {
+                name: _section(section_cls, data.get(name) or {})
+                for name, section_cls in (
+                    ("data", DataConfig),
+                    ("augment", AugmentConfig),
+                    ("model", ModelConfig),
+                    ("train", TrainConfig),
+                )
+            }
+        except (TypeError, ValueError) as error:
+            raise BadRunError(f"config.json holds a setting this version cannot use: {error}") from error
+        return cls(**sections, version=int(data.get("version", 0) or 0))
+
+
+def _section(section_cls: type, values: Any):
+    if not isinstance(values, dict):
+        raise TypeError(f"section {section_cls.__name__} is not an object")
+    known = {f.name for f in fields(section_cls)}
+    return section_cls(**{k: v for k, v in values.items() if k in known})

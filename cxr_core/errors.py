@@ -1,0 +1,31 @@
+"""Errors meant for people.
+
+Every error raised on bad input is a ``CxrError`` whose message is one plain sentence that says
+what was received and what to do. The command line turns it into exit code 2 without a traceback;
+the pages show it with ``st.error``. Anything else is a bug (exit code 1).
+"""
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """A problem with the user's input; ``str(error)`` is one sentence for a person."""
+
+
+class BadImageError(CxrError):
+    """An image file that cannot be used (corrupt, not an image, too large, no pixel data)."""
+
+
+class BadDatasetError(CxrError):
+    """A data set folder or archive that cannot be used (missing, empty, one class, unsafe zip)."""
+
+
+class BadRunError(CxrError):
+    """A run folder that cannot be loaded (missing files, not a model, unknown version)."""
+
+
+class TrainingBusyError(CxrError):
+    """A training job is already running on this server."""
+
+
+class DownloadError(CxrError):
+    """A download that failed or whose checksum does not match."""
