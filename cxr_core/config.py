@@ -126,6 +126,9 @@ class TrainConfig:
             ``sensitivity`` (the highest threshold that reaches ``target_sensitivity``, for screening).
         target_sensitivity: used by the ``sensitivity`` rule.
         seed: seed of augmentation, initialisation and shuffling.
+        restore_best: keep the weights of the epoch with the best validation AUC (else the last).
+        online_augment: during fine-tuning, also augment every training image anew each epoch
+            (useful when training a backbone from scratch; the reference did not).
         cache_dir: where cached features live; ``None`` for the default (see ``features.default_cache_dir``).
     """
 
@@ -139,6 +142,8 @@ class TrainConfig:
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
     seed: int = 123
+    restore_best: bool = True
+    online_augment: bool = False
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:

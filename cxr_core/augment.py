@@ -1,0 +1,204 @@
+"""Augmentation: one seeded function with Keras ImageDataGenerator's meaning, and the balance plan.
+
+The reference notebook augmented with ``ImageDataGenerator``; ``augment_image`` reproduces the
+meaning of its parameters with a single ``cv2.warpAffine`` (rotation, shift, zoom and flip folded
+into one matrix), so the Augmentation page's live preview and training see exactly the same images.
+This module must not import TensorFlow: the page calls it on every slider move.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .config import BALANCE_STRATEGIES, AugmentConfig
+from .errors import BadDatasetError
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndarray:
+    """Return a randomly transformed copy of ``gray``; the same ``seed`` gives the same image.
+
+    Args:
+        gray: 2-D uint8 image.
+        params: augmentation ranges (ImageDataGenerator's meaning, see ``AugmentConfig``).
+        seed: any non-negative int; all random draws come from ``np.random.default_rng(seed)``.
+
+    Returns:
+        A 2-D uint8 array of the same shape.
+    """
+    if gray.ndim != 2:
+        raise ValueError(f"augment_image expects a 2-D grayscale image; got shape {gray.shape}.")
+    if gray.dtype != np.uint8:
+        gray = np.clip(gray, 0, 255).astype(np.uint8)
+    h, w = gray.shape
+    rng = np.random.default_rng(seed)
+    # Every value is drawn whatever the settings, in a fixed order, so switching one option off
+    # does not change the draws of the others for the same seed.
+    # rotation_range is in DEGREES, as in ImageDataGenerator (0.3 means +-0.3 degrees). Keras'
+    # RandomRotation layer takes a fraction of a full turn instead; 0.3 there would be +-108 degrees.
+    angle = np.deg2rad(rng.uniform(-params.rotation_range, params.rotation_range))
+    tx = rng.uniform(-params.width_shift, params.width_shift) * w
+    ty = rng.uniform(-params.height_shift, params.height_shift) * h
+    zx, zy = rng.uniform(1 - params.zoom, 1 + params.zoom, size=2)
+    flip = bool(rng.uniform() < 0.5) and params.horizontal_flip
+    low, high = params.brightness_range
+    brightness = rng.uniform(low, high)
+
+    # Build the map from output pixel to input pixel (as ImageDataGenerator's transform matrix):
+    # about the image centre, rotate and scale (zoom > 1 shows more of the image, i.e. zooms out),
+    # then shift; a flip mirrors the output afterwards.
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    cos, sin = np.cos(angle), np.sin(angle)
+    linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag([zx, zy])
+    if flip:
+        linear = linear @ np.diag([-1.0, 1.0])
+    centre = np.array([cx, cy])
+    offset = centre - linear @ centre - np.array([tx, ty])
+    matrix = np.hstack([linear, offset[:, None]]).astype(np.float64)
+
+    out = cv2.warpAffine(
+        gray,
+        matrix,
+        (w, h),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,  # ImageDataGenerator's default fill_mode "nearest"
+    )
+    if brightness != 1.0:
+        # A lookup table is exact and faster than float arithmetic on the whole image.
+        lut = np.clip(np.arange(256, dtype=np.float64) * brightness + 0.5, 0, 255).astype(np.uint8)
+        out = cv2.LUT(out, lut)
+    return out
+
+
+def augment_variants(gray: np.ndarray, params: AugmentConfig, seed: int, n: int) -> list[np.ndarray]:
+    """Return ``n`` augmented copies; variant ``i`` is ``augment_image(gray, params, seed + i)``."""
+    return [augment_image(gray, params, seed + i) for i in range(n)]
+
+
+def params_key(params: AugmentConfig) -> str:
+    """A stable text form of ``params`` (for cache keys)."""
+    return json.dumps(asdict(params), sort_keys=True)
+
+
+@dataclass
+class BalancePlan:
+    """How the training part is balanced.
+
+    Attributes:
+        strategy: ``augment``, ``class_weight`` or ``none``.
+        n_normal: NORMAL images in the training part.
+        n_pneumonia: PNEUMONIA images in the training part.
+        n_extra: augmented NORMAL images to add (``augment`` only, else 0).
+        class_weight: ``{0: w0, 1: w1}`` for Keras ``fit`` (``class_weight`` only, else ``None``).
+    """
+
+    strategy: str
+    n_normal: int
+    n_pneumonia: int
+    n_extra: int
+    class_weight: dict[int, float] | None
+
+
+def _label_name(label) -> str:
+    # Labels arrive as names ("NORMAL") or as y values (0/1).
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and int(label) in (0, 1):
+        return CLASSES[int(label)]
+    return str(label)
+
+
+def balance_plan(train_labels: Sequence[str], strategy: str) -> BalancePlan:
+    """Count the training classes and plan the balancing.
+
+    ``augment`` adds ``n_pneumonia - n_normal`` augmented NORMAL images (the reference: 2,152 on the
+    full Kermany set with its split); ``class_weight`` uses sklearn's ``balanced`` weights.
+    """
+    if strategy not in BALANCE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(BALANCE_STRATEGIES)}; got {strategy!r}.")
+    names = [_label_name(label) for label in train_labels]
+    unknown = sorted(set(names) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"labels must be NORMAL or PNEUMONIA; got {unknown[:3]}.")
+    n_normal = names.count("NORMAL")
+    n_pneumonia = names.count("PNEUMONIA")
+    n_extra = 0
+    class_weight = None
+    if strategy == "augment":
+        if n_normal == 0 and n_pneumonia > 0:
+            raise BadDatasetError("The training part has no NORMAL images to augment; add NORMAL images or choose another balance.")
+        n_extra = max(0, n_pneumonia - n_normal)
+    elif strategy == "class_weight":
+        if n_normal == 0 or n_pneumonia == 0:
+            raise BadDatasetError("Class weights need both NORMAL and PNEUMONIA images in the training part.")
+        from sklearn.utils.class_weight import compute_class_weight
+
+        y = np.array([CLASSES.index(name) for name in names])
+        weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
+        class_weight = {0: float(weights[0]), 1: float(weights[1])}
+    log.debug("balance plan %s: normal=%d pneumonia=%d extra=%d", strategy, n_normal, n_pneumonia, n_extra)
+    return BalancePlan(strategy, n_normal, n_pneumonia, n_extra, class_weight)
+
+
+def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int) -> pd.DataFrame:
+    """Return ``n_extra`` augmented NORMAL rows drawn from the training NORMAL images.
+
+    Sources are taken in a seeded random order, cycling through all training NORMAL images so each
+    is used about equally often. Each row copies its source's columns, has ``split`` "train",
+    a unique ``augment_seed`` >= 0 and ``is_augmented`` True. Only the new rows are returned; use
+    ``with_augmented_rows`` for the split plus these rows (originals with ``augment_seed`` -1).
+
+    Args:
+        train_split: the training rows, or a whole split (rows whose ``split`` is not "train" are
+            ignored); needs a ``label`` column (or ``y``).
+        n_extra: how many rows to make (0 gives an empty frame with the right columns).
+        seed: seed of the choice of sources and of the augmentation seeds.
+    """
+    if n_extra < 0:
+        raise ValueError(f"n_extra cannot be negative; got {n_extra}.")
+    train = train_split
+    if "split" in train.columns:
+        train = train[train["split"] == "train"]
+    if "label" in train.columns:
+        normal = train[train["label"].astype(str) == "NORMAL"]
+    elif "y" in train.columns:
+        normal = train[train["y"] == 0]
+    else:
+        raise ValueError("train_split needs a label or y column.")
+    columns = [c for c in train_split.columns if c not in ("augment_seed", "is_augmented")]
+    if n_extra == 0:
+        empty = train_split.iloc[0:0][columns].copy()
+        empty["augment_seed"] = pd.Series(dtype="int64")
+        empty["is_augmented"] = pd.Series(dtype=bool)
+        return empty.reset_index(drop=True)
+    if normal.empty:
+        raise BadDatasetError("The training part has no NORMAL images to augment; add NORMAL images or choose another balance.")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(normal))
+    sources = order[np.arange(n_extra) % len(normal)]
+    # Unique seeds drawn from the run's seed: another run seed gives other augmentations, the same
+    # seed gives the same ones (and so hits the feature cache).
+    seeds = rng.choice(2**31 - 1, size=n_extra, replace=False).astype(np.int64)
+    rows = normal.iloc[sources][columns].copy().reset_index(drop=True)
+    rows["split"] = "train"
+    rows["augment_seed"] = seeds
+    rows["is_augmented"] = True
+    return rows
+
+
+def with_augmented_rows(split: pd.DataFrame, n_extra: int, seed: int) -> pd.DataFrame:
+    """The split with ``augment_seed`` -1 / ``is_augmented`` False on its rows plus ``augmented_rows``."""
+    base = split.copy()
+    base["augment_seed"] = np.int64(-1)
+    base["is_augmented"] = False
+    extra = augmented_rows(split, n_extra, seed)
+    if extra.empty:
+        return base.reset_index(drop=True)
+    return pd.concat([base, extra], ignore_index=True)

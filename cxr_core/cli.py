@@ -1,0 +1,243 @@
+"""Command line: ``python -m cxr_core train | evaluate | predict``.
+
+Exit codes: 0 ok; 2 bad input (one sentence on stderr, no traceback); 3 training cancelled;
+1 unexpected failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from .config import (  # noqa: E402
+    BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, AugmentConfig, DataConfig, ModelConfig, RunConfig,
+    TrainConfig,
+)
+from .errors import CxrError  # noqa: E402
+
+log = logging.getLogger("cxr_core")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr_core", description="Chest X-ray pneumonia workbench.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a classifier; prints the run folder as its last line")
+    t.add_argument("--data", help="data set folder (Kermany layout or NORMAL/PNEUMONIA folders)")
+    t.add_argument("--config", help="a config.json to start from (flags given on the command line override it)")
+    t.add_argument("--out", help="folder that holds run folders (default: $CXR_RUNS_DIR or artifacts/runs)")
+    t.add_argument("--run-dir", help=argparse.SUPPRESS)
+    t.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--backbone", help="inception_v3 (default), mobilenet_v2, efficientnet_b0, densenet121")
+    t.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier (e.g. 0.35)")
+    t.add_argument("--weights", help="imagenet (default), none, or a path to a weights file")
+    t.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--epochs", type=int, help="epochs of the head phase on cached features (default 10)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--learning-rate", type=float)
+    t.add_argument("--balance", choices=BALANCE_STRATEGIES)
+    t.add_argument("--split", choices=SPLIT_MODES)
+    t.add_argument("--val-fraction", type=float)
+    t.add_argument("--test-fraction", type=float)
+    t.add_argument("--fine-tune-layers", type=int, help="unfreeze this many top backbone layers (-1 = all)")
+    t.add_argument("--fine-tune-epochs", type=int)
+    t.add_argument("--fine-tune-learning-rate", type=float)
+    t.add_argument("--online-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment training images anew every fine-tuning epoch")
+    t.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
+    t.add_argument("--target-sensitivity", type=float)
+    t.add_argument("--rotation-range", type=float, help="degrees (reference: 0.3)")
+    t.add_argument("--no-flip", action="store_true", help="no horizontal flips")
+    t.add_argument("--limit", type=int, help="stratified subset of N images, for quick demos")
+    t.add_argument("--seed", type=int, help="seed of split, augmentation and training (default 123)")
+    t.add_argument("--cache-dir", help="feature cache (default: $CXR_CACHE_DIR or ~/.cache/cxr-workbench/features)")
+
+    e = sub.add_parser("evaluate", help="metrics of a run over every image in a folder (one JSON object)")
+    e.add_argument("--run", required=True, help="run folder")
+    e.add_argument("--data", required=True, help="data set folder")
+    e.add_argument("--threshold", type=float, help="override the run's chosen threshold")
+
+    p = sub.add_parser("predict", help="classify files (one JSON object per line)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("files", nargs="+", help="JPEG, PNG, BMP, TIFF or DICOM files")
+    p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per file here")
+    p.add_argument("--threshold", type=float, help="override the run's chosen threshold")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """A RunConfig from ``--config`` (if any) overridden by the flags given."""
+    base = RunConfig()
+    if args.config:
+        from .atomic import read_json  # noqa: PLC0415
+
+        loaded = read_json(args.config, default=None)
+        if loaded is None:
+            raise CxrError(f"{args.config} is not a readable config.json.")
+        base = RunConfig.from_dict(loaded)
+
+    def pick(section, **values):
+        given = {k: v for k, v in values.items() if v is not None}
+        return type(section)(**{**section.__dict__, **given})
+
+    data_dir = args.data if args.data is not None else base.data.data_dir
+    if not data_dir:
+        raise CxrError("No data set given; pass --data with a folder of chest X-rays.")
+    try:
+        data = pick(base.data, data_dir=str(Path(data_dir).expanduser().resolve()), split=args.split, seed=args.seed,
+                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, limit=args.limit)
+        augment = pick(base.augment, rotation_range=args.rotation_range,
+                       horizontal_flip=False if args.no_flip else None)
+        weights = args.weights
+        if weights and weights.lower() not in ("imagenet", "none"):
+            if not Path(weights).expanduser().is_file():
+                raise CxrError(f"Weights file {weights} does not exist; pass imagenet, none or a .weights.h5 file.")
+            weights = str(Path(weights).expanduser().resolve())
+        elif weights:
+            weights = weights.lower()
+        model = pick(base.model, backbone=args.backbone, alpha=args.alpha, weights=weights,
+                     image_size=args.image_size, dropout=args.dropout)
+        train = pick(base.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                     balance=args.balance, fine_tune_layers=args.fine_tune_layers,
+                     fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
+                     online_augment=args.online_augment, threshold_rule=args.threshold_rule,
+                     target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir)
+    except ValueError as error:
+        raise CxrError(str(error)) from error
+    from .model import BACKBONES  # noqa: PLC0415
+
+    if model.backbone not in BACKBONES:
+        raise CxrError(f"Unknown backbone {model.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+    return RunConfig(data=data, augment=augment, model=model, train=train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import runs, train  # noqa: PLC0415
+
+    config = build_config(args)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run_dir = args.run_dir
+    if run_dir is None:
+        root = Path(args.out) if args.out else runs.runs_root().path
+        run_dir = runs.new_run_dir(root, hint=f"{config.model.backbone}-{config.data.split}")
+
+    def on_progress(event: dict) -> None:
+        if args.verbose and event["event"] in ("stage", "epoch", "done", "failed", "cancelled"):
+            text = event.get("message") or json.dumps(event.get("logs", {}))
+            print(f"[{event['event']}] {event.get('stage', '')} {text}", file=sys.stderr, flush=True)
+
+    run_dir = train.train(config, should_stop=lambda: stop["now"], on_progress=on_progress, run_dir=run_dir)
+    state = runs.read_status(run_dir)["state"]
+    print(run_dir)
+    if state == "cancelled":
+        print(f"Training was cancelled; {run_dir} is marked cancelled.", file=sys.stderr)
+        return EXIT_CANCELLED
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .data import scan_dataset  # noqa: PLC0415
+    from .evaluate import binary_metrics  # noqa: PLC0415
+    from .predict import Predictor  # noqa: PLC0415
+
+    predictor = Predictor.from_run(args.run)
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    scan = scan_dataset(args.data)
+    paths = scan.manifest["path"].tolist()
+    results = predictor.predict_files(paths)
+    ok = [(r, y) for r, y in zip(results, scan.manifest["y"].tolist()) if "probability" in r]
+    skipped = [{"path": str(p), "reason": str(r)} for p, r in zip(scan.skipped["path"], scan.skipped["reason"])]
+    skipped += [{"path": r["file"], "reason": r["error"]} for r in results if "error" in r]
+    if not ok:
+        raise CxrError(f"None of the images in {args.data} could be read.")
+    y = np.array([y for _, y in ok])
+    prob = np.array([r["probability"] for r, _ in ok])
+    metrics = binary_metrics(y, prob, threshold=threshold)
+    metrics["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    metrics["skipped"] = skipped
+    metrics["duplicates"] = int(len(scan.duplicates))
+    metrics["run"] = str(args.run)
+    metrics["data"] = str(args.data)
+    print(json.dumps(metrics, default=_json_default))
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor, overlay_heatmap  # noqa: PLC0415
+
+    predictor = Predictor.from_run(args.run)
+    if args.threshold is not None:
+        predictor.threshold = args.threshold
+    out_dir = Path(args.gradcam) if args.gradcam else None
+    any_error = False
+    for result in predictor.predict_files(args.files):
+        if "error" in result:
+            any_error = True
+        elif out_dir is not None:
+            result["gradcam"] = _write_gradcam(predictor, result["file"], out_dir, overlay_heatmap)
+        print(json.dumps(result, default=_json_default), flush=True)
+    return EXIT_BAD_INPUT if any_error else EXIT_OK
+
+
+def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> str:
+    import cv2  # noqa: PLC0415
+
+    from .atomic import write_bytes_atomic  # noqa: PLC0415
+    from .images import load_gray  # noqa: PLC0415
+
+    gray = load_gray(file)
+    overlay = overlay_heatmap(gray, predictor.gradcam(gray))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    target = out_dir / (Path(file).stem + ".gradcam.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(target, png.tobytes())
+    return str(target)
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+    started = time.time()
+    try:
+        return handlers[args.command](args)
+    except CxrError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as error:  # unexpected: keep the traceback in the log, one line for the person
+        log.debug("failed after %.1f s", time.time() - started, exc_info=True)
+        print(f"unexpected failure: {type(error).__name__}: {error} (run with -v for details)", file=sys.stderr)
+        if args.verbose:
+            raise
+        return EXIT_FAILURE

@@ -1,0 +1,317 @@
+"""Metrics, curves, threshold choice and calibration for a binary classifier.
+
+Pure functions over numpy arrays: ``y_true`` holds 0 (NORMAL) / 1 (PNEUMONIA), ``prob`` the predicted
+probability of PNEUMONIA in [0, 1]. A case is called positive when ``prob >= threshold`` (the same
+convention as ``sklearn.metrics.roc_curve``). Every value returned is a plain Python number, list or
+``None`` so results go straight into ``metrics.json``; undefined values (AUC with one class present,
+precision with no positive calls) never raise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from .errors import CxrError
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def _check(y_true: ArrayLike, prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert labels and probabilities to 1-D arrays (int64, float64).
+
+    Raises:
+        CxrError: on empty, mismatched, non-binary or out-of-range input.
+    """
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(prob, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise CxrError("There are no predictions to evaluate; the labels and probabilities are empty.")
+    if y.size != p.size:
+        raise CxrError(f"There are {y.size} labels but {p.size} probabilities; they must match one to one.")
+    try:
+        y_num = y.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise CxrError("The labels must be 0 (NORMAL) or 1 (PNEUMONIA).") from error
+    if not np.isin(y_num, (0.0, 1.0)).all():
+        raise CxrError("The labels must be 0 (NORMAL) or 1 (PNEUMONIA).")
+    if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+        raise CxrError("The probabilities must be finite numbers between 0 and 1.")
+    return y_num.astype(np.int64), p
+
+
+def _ratio(num: float, den: float) -> float:
+    # zero_division=0, as sklearn's: an undefined rate is reported as 0 rather than NaN.
+    return float(num) / float(den) if den else 0.0
+
+
+def _float_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _counts(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    pred = p >= threshold
+    pos = y == 1
+    tp = int(np.count_nonzero(pred & pos))
+    fp = int(np.count_nonzero(pred & ~pos))
+    fn = int(np.count_nonzero(~pred & pos))
+    tn = int(np.count_nonzero(~pred & ~pos))
+    return tn, fp, fn, tp
+
+
+def binary_metrics(y_true: ArrayLike, prob: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
+    """Threshold-dependent and threshold-free metrics of one set of predictions.
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1, in [0, 1].
+        threshold: a case is positive when ``prob >= threshold``.
+
+    Returns:
+        dict with n, n_positive, n_negative, accuracy, roc_auc, pr_auc (average precision),
+        sensitivity, specificity, precision, f1, brier, threshold and confusion_matrix
+        ``[[tn, fp], [fn, tp]]`` (plain ints). roc_auc and pr_auc are ``None`` when only one class
+        is present; rates with a zero denominator are 0.0.
+
+    Raises:
+        CxrError: on invalid input.
+    """
+    y, p = _check(y_true, prob)
+    threshold = float(threshold)
+    tn, fp, fn, tp = _counts(y, p, threshold)
+    n_pos = tp + fn
+    n_neg = tn + fp
+    two_classes = n_pos > 0 and n_neg > 0
+    sensitivity = _ratio(tp, n_pos)
+    precision = _ratio(tp, tp + fp)
+    return {
+        "n": int(y.size),
+        "n_positive": int(n_pos),
+        "n_negative": int(n_neg),
+        "accuracy": _ratio(tp + tn, y.size),
+        "roc_auc": _float_or_none(skm.roc_auc_score(y, p)) if two_classes else None,
+        "pr_auc": _float_or_none(skm.average_precision_score(y, p)) if two_classes else None,
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, n_neg),
+        "precision": precision,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "brier": float(np.mean((p - y) ** 2)),
+        "threshold": threshold,
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+def _thresholds_list(thresholds: np.ndarray) -> list[float | None]:
+    # sklearn marks the "call nothing positive" point with +inf, which JSON cannot hold: use None.
+    return [float(t) if math.isfinite(t) else None for t in thresholds]
+
+
+def roc_points(y_true: ArrayLike, prob: ArrayLike) -> dict[str, list]:
+    """The ROC curve.
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1.
+
+    Returns:
+        dict(fpr, tpr, thresholds) of equal-length lists; the first point (0, 0) has threshold
+        ``None`` (sklearn's +inf). All lists are empty when only one class is present.
+    """
+    y, p = _check(y_true, prob)
+    if np.unique(y).size < 2:
+        return {"fpr": [], "tpr": [], "thresholds": []}
+    fpr, tpr, thr = skm.roc_curve(y, p)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": _thresholds_list(thr)}
+
+
+def pr_points(y_true: ArrayLike, prob: ArrayLike) -> dict[str, list]:
+    """The precision-recall curve.
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1.
+
+    Returns:
+        dict(recall, precision, thresholds) of equal-length lists; the last point
+        (recall 0, precision 1) has threshold ``None`` (sklearn gives it none). All lists are empty
+        when only one class is present.
+    """
+    y, p = _check(y_true, prob)
+    if np.unique(y).size < 2:
+        return {"recall": [], "precision": [], "thresholds": []}
+    precision, recall, thr = skm.precision_recall_curve(y, p)
+    return {
+        "recall": recall.tolist(),
+        "precision": precision.tolist(),
+        "thresholds": _thresholds_list(thr) + [None],
+    }
+
+
+def calibration_bins(y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10) -> dict[str, list]:
+    """Reliability diagram data: uniform bins over [0, 1], empty bins left out.
+
+    Matches ``sklearn.calibration.calibration_curve(strategy="uniform")`` and adds the count of
+    cases per bin (a bin of three images should not be read like a bin of three hundred).
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1.
+        n_bins: number of equal-width bins.
+
+    Returns:
+        dict(mean_predicted, fraction_positive, count, bin_lower, bin_upper) of equal-length lists.
+    """
+    y, p = _check(y_true, prob)
+    n_bins = int(n_bins)
+    if n_bins < 1:
+        raise CxrError(f"The number of calibration bins must be at least 1; got {n_bins}.")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Same binning as sklearn: a probability equal to an inner edge goes to the lower bin.
+    ids = np.searchsorted(edges[1:-1], p, side="left")
+    count = np.bincount(ids, minlength=n_bins)
+    sum_p = np.bincount(ids, weights=p, minlength=n_bins)
+    sum_y = np.bincount(ids, weights=y, minlength=n_bins)
+    keep = count > 0
+    return {
+        "mean_predicted": (sum_p[keep] / count[keep]).tolist(),
+        "fraction_positive": (sum_y[keep] / count[keep]).tolist(),
+        "count": [int(c) for c in count[keep]],
+        "bin_lower": edges[:-1][keep].tolist(),
+        "bin_upper": edges[1:][keep].tolist(),
+    }
+
+
+def choose_threshold(
+    y_true: ArrayLike, prob: ArrayLike, rule: str = "youden", target_sensitivity: float = 0.95
+) -> float:
+    """Choose the decision threshold on validation predictions.
+
+    Args:
+        y_true: validation labels, 0 or 1.
+        prob: validation probabilities of class 1.
+        rule: ``youden`` (maximise sensitivity + specificity - 1, the highest such threshold on ties)
+            or ``sensitivity`` (the highest threshold whose sensitivity reaches ``target_sensitivity``).
+        target_sensitivity: used by the ``sensitivity`` rule, in (0, 1].
+
+    Returns:
+        the threshold in [0, 1]; 0.5, with a logged warning, when only one class is present.
+
+    Raises:
+        CxrError: on an unknown rule, an invalid target or invalid input.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise CxrError(f"The threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}.")
+    if rule == "sensitivity" and not (0.0 < float(target_sensitivity) <= 1.0):
+        raise CxrError(f"The target sensitivity must be above 0 and at most 1; got {target_sensitivity}.")
+    y, p = _check(y_true, prob)
+    if np.unique(y).size < 2:
+        logger.warning(
+            "Validation labels hold one class only; the threshold cannot be tuned and stays at 0.5."
+        )
+        return 0.5
+    # Keep every point: the chosen threshold must be an exact operating point of the curve.
+    fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
+    if rule == "youden":
+        # thresholds decrease along the curve; argmax takes the first maximum = the highest threshold.
+        index = int(np.argmax(tpr - fpr))
+    else:
+        # tpr is non-decreasing; the first index reaching the target is the highest such threshold.
+        # A small tolerance so that e.g. 19/20 = 0.95 counts as reaching 0.95.
+        index = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))
+    # Index 0 is sklearn's +inf point (call nothing positive); 1.0 is the nearest usable threshold.
+    return float(min(thr[index], 1.0))
+
+
+def threshold_sweep(y_true: ArrayLike, prob: ArrayLike, thresholds: ArrayLike) -> pd.DataFrame:
+    """Operating characteristics at each of several thresholds (for a threshold slider).
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1.
+        thresholds: thresholds to evaluate.
+
+    Returns:
+        DataFrame with columns threshold, sensitivity, specificity, precision, f1, accuracy,
+        tn, fp, fn, tp; one row per threshold, in the order given.
+    """
+    y, p = _check(y_true, prob)
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    pos = y == 1
+    n_pos = int(pos.sum())
+    n_neg = int(y.size - n_pos)
+    # Count, for every threshold at once, the positives and negatives with prob >= threshold.
+    p_pos = np.sort(p[pos])
+    p_neg = np.sort(p[~pos])
+    tp = n_pos - np.searchsorted(p_pos, t, side="left")
+    fp = n_neg - np.searchsorted(p_neg, t, side="left")
+    fn = n_pos - tp
+    tn = n_neg - fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens = np.where(n_pos > 0, tp / max(n_pos, 1), 0.0)
+        spec = np.where(n_neg > 0, tn / max(n_neg, 1), 0.0)
+        prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    return pd.DataFrame(
+        {
+            "threshold": t,
+            "sensitivity": sens.astype(np.float64),
+            "specificity": spec.astype(np.float64),
+            "precision": prec.astype(np.float64),
+            "f1": f1.astype(np.float64),
+            "accuracy": (tp + tn) / y.size,
+            "tn": tn.astype(np.int64),
+            "fp": fp.astype(np.int64),
+            "fn": fn.astype(np.int64),
+            "tp": tp.astype(np.int64),
+        }
+    )
+
+
+def metrics_report(
+    y_val: ArrayLike | None,
+    p_val: ArrayLike | None,
+    y_test: ArrayLike | None,
+    p_test: ArrayLike | None,
+    rule: str = "youden",
+    target_sensitivity: float = 0.95,
+) -> dict[str, Any]:
+    """Choose the threshold on validation and report validation and test metrics.
+
+    Args:
+        y_val: validation labels (``None`` or empty: threshold 0.5, "val" is ``None``).
+        p_val: validation probabilities.
+        y_test: test labels (``None`` or empty: "test" is ``None``).
+        p_test: test probabilities.
+        rule: threshold rule, see ``choose_threshold``.
+        target_sensitivity: used by the ``sensitivity`` rule.
+
+    Returns:
+        {"threshold", "threshold_rule", "val": metrics at the chosen threshold,
+         "test": {"at_0.5": ..., "at_threshold": ...}} — the layout of ``metrics.json``.
+    """
+    has_val = y_val is not None and p_val is not None and np.asarray(y_val).size > 0
+    has_test = y_test is not None and p_test is not None and np.asarray(y_test).size > 0
+    if has_val:
+        threshold = choose_threshold(y_val, p_val, rule=rule, target_sensitivity=target_sensitivity)
+        val = binary_metrics(y_val, p_val, threshold)
+    else:
+        if rule not in THRESHOLD_RULES:
+            raise CxrError(f"The threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}.")
+        logger.warning("No validation predictions; the threshold stays at 0.5.")
+        threshold, val = 0.5, None
+    test = None
+    if has_test:
+        test = {
+            "at_0.5": binary_metrics(y_test, p_test, 0.5),
+            "at_threshold": binary_metrics(y_test, p_test, threshold),
+        }
+    return {"threshold": threshold, "threshold_rule": rule, "val": val, "test": test}

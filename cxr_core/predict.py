@@ -1,0 +1,436 @@
+"""Load a trained run; probabilities, Grad-CAM heatmaps and overlays for new images.
+
+``Predictor.from_run(run_dir)`` reads the run folder (``config.json``, ``metrics.json`` for the
+decision threshold, ``model.keras`` in Keras safe mode) and keeps two compiled functions: one for
+batched probabilities and one that returns the probability and the Grad-CAM map of a batch in a
+single forward pass. TensorFlow is imported lazily so ``import cxr_core.predict`` stays light.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from .config import RunConfig
+from .errors import BadImageError, BadRunError, CxrError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+logger = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+DEFAULT_THRESHOLD = 0.5
+#: Images per forward pass in batched prediction (bounded memory: 32 x 299 x 299 x 3 float32 = 34 MB).
+BATCH_SIZE = 16
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    # float64 and the two-sided form: exact for large |logit| without overflow warnings.
+    z = np.asarray(logits, dtype=np.float64)
+    out = np.empty_like(z)
+    pos = z >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def _check_threshold(value: Any, where: str) -> float:
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not (0.0 <= threshold <= 1.0):
+        raise BadRunError(f"The threshold {where} must be a number between 0 and 1; got {value!r}.")
+    return threshold
+
+
+def _read_json_file(path: Path, run_dir: Path, what: str) -> Any:
+    """Parse a JSON file of a run folder; BadRunError naming the folder when it is unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadRunError(
+            f"The run folder {run_dir} has a {path.name} that is not valid JSON, so its {what} cannot be read."
+        ) from error
+
+
+def _gray_checked(gray: Any) -> np.ndarray:
+    """A 2-D uint8 image (an (h, w, 1) array or another numeric dtype is accepted, clipped to 0..255)."""
+    arr = np.asarray(gray)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1 or not np.issubdtype(arr.dtype, np.number):
+        raise BadImageError(
+            f"Expected a 2-D grayscale image; got an array of shape {arr.shape} and type {arr.dtype}."
+        )
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).astype(np.uint8)
+    return arr
+
+
+class Predictor:
+    """A trained classifier with its decision threshold.
+
+    Attributes:
+        threshold: probability at or above which an image is called PNEUMONIA.
+        image_size: side of the square model input, in pixels.
+        config: the run's configuration.
+        run_dir: the run folder it was loaded from (``None`` when built from a model object).
+    """
+
+    def __init__(
+        self,
+        classifier: "keras.Model",
+        config: RunConfig,
+        threshold: float = DEFAULT_THRESHOLD,
+        run_dir: Path | None = None,
+    ) -> None:
+        """Wrap a loaded classifier (image in 0..255 -> logit).
+
+        Args:
+            classifier: model from ``model.build_classifier`` / ``model.load_classifier``.
+            config: the run configuration (its backbone names the Grad-CAM layer).
+            threshold: decision threshold in [0, 1].
+            run_dir: where it came from, for messages.
+        """
+        self.classifier = classifier
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._threshold = _check_threshold(threshold, "of a predictor")
+        shape = classifier.input_shape
+        if isinstance(shape, list):  # a model with several inputs is not one of ours
+            raise BadRunError(f"The model in {self._where()} takes several inputs; it is not an image classifier.")
+        if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+            raise BadRunError(
+                f"The model in {self._where()} expects input of shape {shape}, not a square three-channel image."
+            )
+        self.image_size = int(shape[1])
+        self._predict_fn = None
+        self._explain_fn = None
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, threshold: float | None = None) -> "Predictor":
+        """Load a finished run folder.
+
+        Args:
+            run_dir: folder holding config.json, model.keras and (optionally) metrics.json.
+            threshold: overrides the threshold in metrics.json; when both are absent, 0.5.
+
+        Returns:
+            a ready Predictor.
+
+        Raises:
+            BadRunError: one sentence naming the run folder and what is missing or damaged.
+        """
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise BadRunError(f"The run folder {run_dir} does not exist.")
+
+        config_path = run_dir / CONFIG_FILE
+        try:
+            raw = _read_json_file(config_path, run_dir, "settings")
+        except FileNotFoundError:
+            raise BadRunError(f"The run folder {run_dir} has no {CONFIG_FILE}, so it cannot be loaded.") from None
+        try:
+            config = RunConfig.from_dict(raw)
+        except BadRunError as error:
+            raise BadRunError(f"The run folder {run_dir} cannot be loaded: {_lower_first(str(error))}") from error
+
+        if threshold is not None:
+            chosen = _check_threshold(threshold, "asked for")
+        else:
+            chosen = _threshold_from_metrics(run_dir)
+
+        model_path = run_dir / MODEL_FILE
+        if not model_path.is_file():
+            raise BadRunError(
+                f"The run folder {run_dir} has no {MODEL_FILE}; its training may still be running or may have failed."
+            )
+        from .model import load_classifier
+
+        try:
+            classifier = load_classifier(model_path)
+        except CxrError as error:
+            raise BadRunError(
+                f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; the file is damaged or not a model."
+            ) from error
+        logger.info("Loaded run %s (threshold %.4f).", run_dir, chosen)
+        return cls(classifier, config, threshold=chosen, run_dir=run_dir)
+
+    # -- threshold -----------------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold in [0, 1]."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = _check_threshold(value, "of a predictor")
+
+    def label(self, probability: float) -> str:
+        """``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``."""
+        return CLASSES[1] if probability >= self._threshold else CLASSES[0]
+
+    # -- probabilities -------------------------------------------------------------------------
+
+    def _inputs(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        from .images import to_model_input
+
+        return np.stack([to_model_input(_gray_checked(g), self.image_size) for g in grays]).astype(np.float32)
+
+    def _get_predict_fn(self):
+        if self._predict_fn is None:
+            import tensorflow as tf
+
+            model = self.classifier
+            # One trace for any batch size; training=False keeps Dropout and BatchNorm in inference mode.
+            self._predict_fn = tf.function(
+                lambda x: model(x, training=False),
+                input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
+            )
+        return self._predict_fn
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for model-ready inputs.
+
+        Args:
+            batch: float32 (n, size, size, 3) in 0..255.
+
+        Returns:
+            float64 (n,) probabilities of PNEUMONIA.
+        """
+        fn = self._get_predict_fn()
+        out = []
+        for start in range(0, len(batch), BATCH_SIZE):
+            logits = fn(np.asarray(batch[start : start + BATCH_SIZE], np.float32)).numpy()
+            out.append(_sigmoid(logits.reshape(-1)))
+        return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+    def predict_grays(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities of PNEUMONIA for several grayscale images, batched.
+
+        Args:
+            grays: 2-D uint8 arrays of any sizes.
+
+        Returns:
+            float64 (n,) probabilities.
+
+        Raises:
+            BadImageError: when an element is not a 2-D uint8 array.
+        """
+        out = []
+        for start in range(0, len(grays), BATCH_SIZE):
+            out.append(self.predict_batch(self._inputs(grays[start : start + BATCH_SIZE])))
+        return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+    def predict_gray(self, gray: np.ndarray) -> float:
+        """Probability of PNEUMONIA for one 2-D uint8 grayscale image."""
+        return float(self.predict_grays([gray])[0])
+
+    def _result(self, name: str, probability: float) -> dict[str, Any]:
+        return {"file": name, "probability": float(probability), "label": self.label(probability)}
+
+    def predict_bytes(self, data: bytes, name: str | None = None) -> dict[str, Any]:
+        """Classify an uploaded file (JPEG, PNG, BMP, TIFF or DICOM bytes).
+
+        Args:
+            data: the file's bytes.
+            name: the file name (its suffix helps decoding), used as ``file`` in the result.
+
+        Returns:
+            {"file", "probability", "label"}.
+
+        Raises:
+            BadImageError: when the bytes are not a usable image.
+        """
+        from .images import load_gray
+
+        gray = load_gray(data, name)
+        return self._result(name or "upload", self.predict_gray(gray))
+
+    def predict_files(self, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+        """Classify image files; one unreadable file never stops the others.
+
+        Args:
+            paths: image files.
+
+        Returns:
+            one dict per path, in order: {"file", "probability", "label"} or {"file", "error"}
+            where error is a one-sentence explanation.
+        """
+        from .images import load_gray
+
+        paths = [str(p) for p in paths]
+        results: list[dict[str, Any] | None] = [None] * len(paths)
+        # Decode a chunk, predict it, move on: memory stays bounded for thousands of files.
+        for start in range(0, len(paths), BATCH_SIZE):
+            chunk = range(start, min(start + BATCH_SIZE, len(paths)))
+            good: list[int] = []
+            inputs: list[np.ndarray] = []
+            for i in chunk:
+                try:
+                    inputs.append(self._inputs([load_gray(paths[i])])[0])
+                    good.append(i)
+                except CxrError as error:
+                    results[i] = {"file": paths[i], "error": str(error)}
+                except Exception as error:  # a decoder bug must not lose the rest of the batch
+                    logger.exception("Unexpected error reading %s", paths[i])
+                    results[i] = {"file": paths[i], "error": f"This file could not be read as an image ({type(error).__name__})."}
+            if good:
+                probs = self.predict_batch(np.stack(inputs))
+                for i, p in zip(good, probs):
+                    results[i] = self._result(paths[i], p)
+        return [r for r in results if r is not None]
+
+    # -- Grad-CAM ------------------------------------------------------------------------------
+
+    def _get_explain_fn(self):
+        if self._explain_fn is None:
+            self._explain_fn = _make_explain_fn(self.classifier, self.config, self.image_size, self._where())
+        return self._explain_fn
+
+    def explain_batch(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Probabilities and Grad-CAM heatmaps of several images in one forward pass.
+
+        Args:
+            grays: 2-D uint8 arrays of any sizes.
+
+        Returns:
+            (probabilities float64 (n,), heatmaps: float32 (h, w) in [0, 1], each at its image's size).
+        """
+        fn = self._get_explain_fn()
+        probs: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        for start in range(0, len(grays), BATCH_SIZE):
+            part = [_gray_checked(g) for g in grays[start : start + BATCH_SIZE]]
+            logits, cams = fn(self._inputs(part))
+            probs.append(_sigmoid(logits.numpy().reshape(-1)))
+            for gray, cam in zip(part, cams.numpy()):
+                maps.append(_finish_cam(cam, gray.shape))
+        return (np.concatenate(probs) if probs else np.zeros(0, np.float64)), maps
+
+    def explain(self, gray: np.ndarray) -> tuple[float, np.ndarray]:
+        """Probability and Grad-CAM heatmap of one image from a single forward pass."""
+        probs, maps = self.explain_batch([gray])
+        return float(probs[0]), maps[0]
+
+    def gradcam(self, gray: np.ndarray) -> np.ndarray:
+        """Grad-CAM heatmap for the PNEUMONIA logit.
+
+        Args:
+            gray: 2-D uint8 image.
+
+        Returns:
+            float32 (h, w) in [0, 1] at the image's own size; all zeros when no region raises the logit.
+        """
+        return self.explain(gray)[1]
+
+    def gradcam_batch(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Grad-CAM heatmaps of several images (batched forward passes)."""
+        return self.explain_batch(grays)[1]
+
+    def _where(self) -> str:
+        return f"run folder {self.run_dir}" if self.run_dir is not None else "this predictor"
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text else text
+
+
+def _threshold_from_metrics(run_dir: Path) -> float:
+    path = run_dir / METRICS_FILE
+    try:
+        metrics = _read_json_file(path, run_dir, "threshold")
+    except FileNotFoundError:
+        logger.warning("Run folder %s has no %s; using threshold %.1f.", run_dir, METRICS_FILE, DEFAULT_THRESHOLD)
+        return DEFAULT_THRESHOLD
+    if not isinstance(metrics, dict) or metrics.get("threshold") is None:
+        logger.warning("Run folder %s: %s holds no threshold; using %.1f.", run_dir, METRICS_FILE, DEFAULT_THRESHOLD)
+        return DEFAULT_THRESHOLD
+    return _check_threshold(metrics["threshold"], f"in {run_dir / METRICS_FILE}")
+
+
+def _finish_cam(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """ReLU'd class-activation map -> [0, 1], resized to ``shape`` (h, w)."""
+    cam = np.maximum(np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    peak = float(cam.max()) if cam.size else 0.0
+    h, w = int(shape[0]), int(shape[1])
+    if peak <= 0.0:
+        return np.zeros((h, w), np.float32)
+    cam = cam / peak
+    # The model saw the image squashed to a square; stretching the map back undoes that exactly.
+    out = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, where: str):
+    """A compiled function: images (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w')).
+
+    Built once per predictor; the fixed input signature means one trace for every batch size.
+    """
+    import tensorflow as tf
+
+    from .model import BACKBONES, gradcam_parts
+
+    spec = BACKBONES.get(config.model.backbone)
+    try:
+        parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise BadRunError(f"The model in {where} lacks the layers Grad-CAM needs ({error}).") from error
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def explain(images):
+        with tf.GradientTape() as tape:
+            conv, logits = parts.forward(images)
+            logits = tf.reshape(logits, [-1])
+        # Each image's logit depends only on its own maps, so the sum gives per-image gradients.
+        grads = tape.gradient(tf.reduce_sum(logits), conv)
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+        cams = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1))
+        return logits, cams
+
+    return explain
+
+
+def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """Blend a JET-coloured heatmap over the grayscale image.
+
+    Args:
+        gray: 2-D uint8 image (h, w).
+        heatmap: float in [0, 1]; resized to (h, w) when its size differs.
+        opacity: weight of the heatmap, 0 (image only) to 1 (heatmap only).
+
+    Returns:
+        RGB uint8 (h, w, 3).
+    """
+    gray = _gray_checked(gray)
+    opacity = float(opacity)
+    if not (0.0 <= opacity <= 1.0):
+        raise CxrError(f"The heatmap opacity must be between 0 and 1; got {opacity}.")
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2:
+        raise CxrError(f"The heatmap must be a 2-D array; got shape {heat.shape}.")
+    h, w = gray.shape
+    if heat.shape != (h, w):
+        heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    heat8 = np.uint8(np.round(np.clip(np.nan_to_num(heat), 0.0, 1.0) * 255))
+    # applyColorMap works in BGR; convert both to RGB before blending.
+    colour = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(colour, opacity, base, 1.0 - opacity, 0.0)

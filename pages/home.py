@@ -1,0 +1,84 @@
+"""Home: what the workbench does, the four steps and where this session stands on each."""
+import streamlit as st
+
+from pages import ui
+
+ui.page_header(
+    "Chest X-ray pneumonia workbench",
+    "Train and inspect a pneumonia classifier for paediatric chest X-rays, step by step, and see "
+    "where such models go wrong. Every step shows what the data and the model really do, so the "
+    "numbers at the end can be trusted (or doubted) for the right reasons.",
+)
+
+
+def step_state() -> list[dict]:
+    """The four steps with a one-line state for this session."""
+    result = ui.current_scan(where=st.empty()) if ui.dataset_path() is not None else None
+    if result is not None:
+        counts = result.manifest["label"].value_counts()
+        data_state = (f"**{st.session_state[ui.KEY_DATASET]}**: {len(result.manifest):,} images "
+                      f"({counts.get('NORMAL', 0):,} normal, {counts.get('PNEUMONIA', 0):,} pneumonia).")
+        data_done = True
+    else:
+        data_state = "No data set chosen yet: use the Kermany release, upload a zip, or make the practice set."
+        data_done = False
+
+    aug_state = ("Reference settings (tiny rotation, horizontal flip, ±10 % brightness, 5 % shifts)."
+                 if ui.augment_is_default() else "Custom settings chosen in this session.")
+
+    all_runs = ui.all_runs()
+    running = [r for r in all_runs if r.state == "running"]
+    user_done = [r for r in all_runs if r.state == "done" and not r.is_demo]
+    if running:
+        train_state = f"Training now: **{running[0].run_id}**."
+    elif user_done:
+        train_state = f"{len(user_done)} finished run(s); newest **{user_done[0].run_id}**."
+    else:
+        train_state = "No run trained yet."
+
+    selected = ui.selected_run()
+    if selected is not None:
+        eval_state = f"Ready with **{ui.run_label(selected)}**."
+    else:
+        eval_state = "Needs a finished run (train one, or ship the demo run)."
+    return [
+        dict(n=1, title="Data", page="pages/dataset.py", done=data_done, state=data_state,
+             what="Choose a data set; look at class imbalance, patients and splits."),
+        dict(n=2, title="Augmentation", page="pages/augmentation.py", done=not ui.augment_is_default(),
+             state=aug_state, what="Pick realistic augmentation and see it applied live."),
+        dict(n=3, title="Training", page="pages/training.py", done=bool(user_done), state=train_state,
+             what="Fine-tune a pretrained network in the background; watch the curves."),
+        dict(n=4, title="Evaluation & prediction", page="pages/evaluation.py", done=selected is not None,
+             state=eval_state, what="Metrics, threshold, calibration, Grad-CAM; classify new images."),
+    ]
+
+
+st.subheader("The four steps")
+columns = st.columns(4)
+for column, step in zip(columns, step_state()):
+    with column, st.container(border=True, height="stretch"):
+        icon = ":material/check_circle:" if step["done"] else ":material/radio_button_unchecked:"
+        st.markdown(f"#### {icon} {step['n']}. {step['title']}")
+        st.caption(step["what"])
+        st.markdown(step["state"])
+        st.page_link(step["page"], label=f"Open {step['title'].split(' ')[0]}", icon=":material/arrow_forward:")
+
+with st.container(border=True):
+    st.markdown("**Just want to try a model?** ")
+    if ui.demo_available():
+        st.markdown("A demo run ships with the app: open **Predict** and upload a chest X-ray (JPEG, PNG or DICOM).")
+    else:
+        st.markdown("No demo model is installed yet: train a quick run on the Training page "
+                    "(the synthetic practice set trains in about a minute), then use **Predict**.")
+    st.page_link("pages/predict.py", label="Open Predict", icon=":material/radiology:")
+
+st.subheader("What to keep in mind")
+st.markdown(
+    "- **Imbalance.** The Kermany release has about three pneumonia images for every normal one; "
+    "a model can look accurate by mostly saying *pneumonia*. Watch specificity, not just accuracy.\n"
+    "- **Leakage.** Many patients have several images. A random split by image puts the same child "
+    "in training and test, which overstates accuracy; split by patient, or use the official test set.\n"
+    "- **Threshold.** A probability becomes a diagnosis only through a threshold; moving it trades "
+    "missed pneumonias against false alarms."
+)
+st.warning(ui.DISCLAIMER, icon=":material/medical_information:")

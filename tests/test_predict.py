@@ -1,0 +1,287 @@
+"""Predictor: loading run folders, probabilities, Grad-CAM and overlays, on a tiny model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_core.atomic import write_json_atomic
+from cxr_core.config import ModelConfig, RunConfig, TrainConfig
+from cxr_core.errors import BadImageError, BadRunError, CxrError
+from cxr_core.predict import Predictor, _finish_cam, overlay_heatmap
+
+SIZE = 32
+MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
+RUN_CFG = RunConfig(model=MODEL_CFG, train=TrainConfig(epochs=1, threshold_rule="youden"))
+
+
+def _xray(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 170, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img[(((xx - w * 0.3) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2) < 1] = 60
+    img[(((xx - w * 0.7) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2) < 1] = 60
+    img += rng.normal(0, 20, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    import keras
+
+    from cxr_core.model import build_classifier
+
+    model = build_classifier(MODEL_CFG, seed=7)
+    # A random head gives logits near zero; a larger kernel makes the differences between images visible.
+    logit = model.get_layer("logit")
+    kernel, bias = logit.get_weights()
+    logit.set_weights([kernel * 5.0, bias])
+    assert isinstance(model, keras.Model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, classifier) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run-ok"
+    run.mkdir()
+    classifier.save(run / "model.keras")
+    write_json_atomic(run / "config.json", RUN_CFG.to_dict())
+    write_json_atomic(run / "metrics.json", {"threshold": 0.37, "threshold_rule": "youden"})
+    return run
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir) -> Predictor:
+    return Predictor.from_run(run_dir)
+
+
+def _copy_run(run_dir: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    dest.mkdir(parents=True)
+    for name in ("model.keras", "config.json", "metrics.json"):
+        if name not in skip:
+            shutil.copy(run_dir / name, dest / name)
+    return dest
+
+
+# -- probabilities ---------------------------------------------------------------------------
+
+
+def test_from_run_reads_config_and_threshold(predictor: Predictor) -> None:
+    assert predictor.threshold == pytest.approx(0.37)
+    assert predictor.image_size == SIZE
+    assert predictor.config == RUN_CFG
+
+
+def test_probabilities_equal_model_sigmoid(predictor: Predictor, classifier) -> None:
+    from cxr_core.images import to_model_input
+
+    grays = [_xray(i, h=30 + 7 * i, w=60 - 5 * i) for i in range(5)]
+    probs = predictor.predict_grays(grays)
+    assert probs.shape == (5,)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    batch = np.stack([to_model_input(g, SIZE) for g in grays])
+    expected = _sigmoid(np.asarray(classifier(batch, training=False)).reshape(-1))
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    assert predictor.predict_gray(grays[2]) == pytest.approx(float(expected[2]), rel=1e-5, abs=1e-6)
+    assert probs.std() > 0  # the tiny model does tell the images apart
+    assert len(predictor.predict_grays([])) == 0
+
+
+def test_threshold_override_and_labels(run_dir: Path, predictor: Predictor) -> None:
+    p = Predictor.from_run(run_dir, threshold=0.9)
+    assert p.threshold == 0.9
+    assert p.label(0.9) == "PNEUMONIA" and p.label(0.89) == "NORMAL"
+    p.threshold = 0.1
+    assert p.threshold == 0.1
+    with pytest.raises(CxrError):
+        p.threshold = 1.5
+    with pytest.raises(BadRunError):
+        Predictor.from_run(run_dir, threshold=-0.2)
+
+
+def test_predict_gray_rejects_non_images(predictor: Predictor) -> None:
+    with pytest.raises(BadImageError):
+        predictor.predict_gray(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(BadImageError):
+        predictor.predict_gray(np.zeros(10, np.uint8))
+
+
+def test_predict_files_mix_of_good_and_bad(predictor: Predictor, tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        path = tmp_path / f"good{i}.{'png' if i % 2 else 'jpeg'}"
+        cv2.imwrite(str(path), _xray(i))
+        files.append(path)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.png"
+    order = [files[0], text, files[1], missing, empty, files[2]]
+    results = predictor.predict_files(order)
+    assert [r["file"] for r in results] == [str(p) for p in order]
+    good = [r for r in results if "probability" in r]
+    bad = [r for r in results if "error" in r]
+    assert len(good) == 3 and len(bad) == 3
+    for r in bad:
+        assert isinstance(r["error"], str) and r["error"]
+    from cxr_core.images import load_gray
+
+    for r, path in zip(good, files):
+        assert 0.0 <= r["probability"] <= 1.0
+        assert r["probability"] == pytest.approx(predictor.predict_gray(load_gray(path)), rel=1e-5, abs=1e-6)
+        assert r["label"] == ("PNEUMONIA" if r["probability"] >= predictor.threshold else "NORMAL")
+
+
+def test_predict_files_more_than_one_batch(predictor: Predictor, tmp_path: Path) -> None:
+    paths = []
+    for i in range(20):  # > BATCH_SIZE
+        path = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(path), _xray(i))
+        paths.append(path)
+    results = predictor.predict_files(paths)
+    assert len(results) == 20 and all("probability" in r for r in results)
+
+
+def test_predict_bytes(predictor: Predictor) -> None:
+    gray = _xray(3)
+    ok, png = cv2.imencode(".png", gray)
+    assert ok
+    result = predictor.predict_bytes(png.tobytes(), "upload.png")
+    assert result["file"] == "upload.png"
+    assert result["probability"] == pytest.approx(predictor.predict_gray(gray), rel=1e-5, abs=1e-6)
+    with pytest.raises(BadImageError):
+        predictor.predict_bytes(b"garbage bytes", "upload.png")
+
+
+# -- Grad-CAM --------------------------------------------------------------------------------
+
+
+def test_gradcam_shape_range_and_variation(predictor: Predictor) -> None:
+    gray = _xray(1, h=50, w=37)
+    heat = predictor.gradcam(gray)
+    assert heat.shape == (50, 37) and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert heat.max() == pytest.approx(1.0, abs=1e-3)
+    assert heat.std() > 0.01
+    prob, heat2 = predictor.explain(gray)
+    assert prob == pytest.approx(predictor.predict_gray(gray), rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(heat, heat2, atol=1e-6)
+
+
+def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
+    """With global average pooling after the last conv, Grad-CAM is ReLU(conv . kernel), normalised."""
+    from cxr_core.images import to_model_input
+    from cxr_core.model import gradcam_parts
+
+    gray = _xray(2, h=40, w=44)
+    parts = gradcam_parts(classifier)
+    assert parts.conv_model.outputs[0].shape == parts.conv_model.outputs[1].shape  # out_relu is the output
+    x = parts.preprocess(to_model_input(gray, SIZE)[None])
+    conv = np.asarray(parts.conv_model(x, training=False)[0])[0]
+    kernel = classifier.get_layer("logit").get_weights()[0][:, 0]
+    cam = np.maximum(conv @ kernel, 0)
+    expected = cv2.resize((cam / cam.max()).astype(np.float32), (44, 40), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(predictor.gradcam(gray), np.clip(expected, 0, 1), atol=1e-4)
+
+
+def test_gradcam_batch_equals_single(predictor: Predictor) -> None:
+    grays = [_xray(i, h=36 + i, w=30 + 2 * i) for i in range(3)]
+    maps = predictor.gradcam_batch(grays)
+    for gray, heat in zip(grays, maps):
+        assert heat.shape == gray.shape
+        np.testing.assert_allclose(heat, predictor.gradcam(gray), atol=1e-5)
+
+
+def test_flat_cam_is_all_zeros() -> None:
+    out = _finish_cam(np.full((3, 3), -1.0, np.float32), (20, 30))
+    assert out.shape == (20, 30) and out.dtype == np.float32 and not out.any()
+
+
+def test_overlay_heatmap() -> None:
+    gray = _xray(0, h=30, w=20)
+    heat = np.linspace(0, 1, 30 * 20, dtype=np.float32).reshape(30, 20)
+    out = overlay_heatmap(gray, heat, opacity=0.4)
+    assert out.shape == (30, 20, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(overlay_heatmap(gray, heat, opacity=0.0), np.repeat(gray[..., None], 3, -1))
+    jet = overlay_heatmap(gray, heat, opacity=1.0)
+    # JET: low values are blue, high values red (RGB order).
+    assert jet[0, 0, 2] > jet[0, 0, 0] and jet[-1, -1, 0] > jet[-1, -1, 2]
+    # A heatmap of another size is stretched to the image.
+    assert overlay_heatmap(gray, np.ones((4, 4), np.float32)).shape == (30, 20, 3)
+    with pytest.raises(CxrError):
+        overlay_heatmap(gray, heat, opacity=2)
+
+
+# -- damaged run folders ---------------------------------------------------------------------
+
+
+def test_missing_run_folder(tmp_path: Path) -> None:
+    with pytest.raises(BadRunError, match="does not exist"):
+        Predictor.from_run(tmp_path / "nope")
+
+
+def test_missing_model(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("model.keras",))
+    with pytest.raises(BadRunError, match="model.keras") as info:
+        Predictor.from_run(run)
+    assert str(run) in str(info.value)
+
+
+def test_model_that_is_a_text_file(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("model.keras",))
+    (run / "model.keras").write_text("this is not a model")
+    with pytest.raises(BadRunError, match="model.keras") as info:
+        Predictor.from_run(run)
+    assert str(run) in str(info.value)
+
+
+def test_missing_config(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("config.json",))
+    with pytest.raises(BadRunError, match="config.json") as info:
+        Predictor.from_run(run)
+    assert str(run) in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2, 3]", '{"model": "mobilenet"}', '{"model": {"dropout": 7}}'])
+def test_garbage_config(run_dir: Path, tmp_path: Path, content: str) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("config.json",))
+    (run / "config.json").write_text(content)
+    with pytest.raises(BadRunError) as info:
+        Predictor.from_run(run)
+    assert str(run) in str(info.value)
+
+
+def test_older_config_still_loads(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("config.json",))
+    old = RUN_CFG.to_dict()
+    del old["version"]
+    del old["augment"]
+    del old["model"]["dropout"]
+    old["model"]["retired_setting"] = True
+    old["from_the_future"] = {"x": 1}
+    (run / "config.json").write_text(json.dumps(old))
+    p = Predictor.from_run(run)
+    assert p.config.model.backbone == "mobilenet_v2" and p.config.version == 0
+    assert 0.0 <= p.predict_gray(_xray(0)) <= 1.0
+
+
+def test_metrics_absent_or_damaged(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "r", skip=("metrics.json",))
+    assert Predictor.from_run(run).threshold == 0.5
+    (run / "metrics.json").write_text("{broken")
+    with pytest.raises(BadRunError, match="metrics.json"):
+        Predictor.from_run(run)
+    # An explicit threshold does not need metrics.json.
+    assert Predictor.from_run(run, threshold=0.2).threshold == 0.2
+    (run / "metrics.json").write_text('{"threshold": 3}')
+    with pytest.raises(BadRunError, match="threshold"):
+        Predictor.from_run(run)
