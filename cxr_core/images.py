@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,9 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 # EXIF orientations that swap width and height (5..8 are the transposed/rotated-by-90 cases).
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+# warnings.catch_warnings swaps a process-wide filter list; scans open headers from several
+# threads, so the swap is serialised (header parsing only: decoding runs outside the lock).
+_PIL_OPEN_LOCK = threading.Lock()
 
 # ---------------------------------------------------------------------------------------------
 # Reading the source
@@ -43,7 +47,9 @@ def _display_name(source: object, name: str | None) -> str:
         return name
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "the uploaded file"
-    return Path(os.fspath(source)).name or str(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Path(os.fspath(source)).name or str(source)
+    return "the image"
 
 
 def _read_source(source: object, label: str) -> bytes:
@@ -104,7 +110,7 @@ def _open_pil(data: bytes, label: str) -> Image.Image:
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and twice that and raises above; we refuse at our own
         # lower limit anyway, so turn only that one warning into an error for this call.
-        with warnings.catch_warnings():
+        with _PIL_OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -195,9 +201,13 @@ def _read_dicom(data: bytes, label: str, stop_before_pixels: bool):
 
     try:
         # force=True: many exported files lack the 128-byte preamble but are valid datasets.
-        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as error:
         raise BadImageError(f"The file {label} is not a readable DICOM file ({error}); export it again.") from error
+    if len(ds) == 0:
+        # force=True parses any bytes; a dataset without a single element is not DICOM at all.
+        raise BadImageError(f"The file {label} is not a readable DICOM file (no DICOM elements); export it again.")
+    return ds
 
 
 def _dicom_size(ds, label: str) -> tuple[int, int]:
@@ -254,8 +264,7 @@ def _dicom_gray(data: bytes, label: str) -> np.ndarray:
     try:
         if ds.get("VOILUTSequence"):
             arr = pixels.apply_voi_lut(arr, ds, index=0, prefer_lut=True)
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-            low, high = float(lut.min()), float(lut.max())
+            low, high = _voi_lut_range(ds.VOILUTSequence[0])
         elif "WindowCenter" in ds and "WindowWidth" in ds:
             arr = pixels.apply_windowing(arr, ds, index=0)
             low, high = _window_output_range(ds)
@@ -268,6 +277,17 @@ def _dicom_gray(data: bytes, label: str) -> np.ndarray:
         # MONOCHROME1: low values are white; invert so bone is bright as in every other image.
         gray = 255 - gray
     return gray
+
+
+def _voi_lut_range(item) -> tuple[float, float]:
+    """The output range of a VOI LUT: its table's own min and max (descriptor bits are often wrong)."""
+    raw = item.LUTData
+    if isinstance(raw, (bytes, bytearray)):
+        entries = int(item.LUTDescriptor[0]) or 65536
+        lut = np.frombuffer(raw, dtype="<u2" if len(raw) >= 2 * entries else np.uint8)
+    else:
+        lut = np.asarray(list(raw) if hasattr(raw, "__len__") else [raw], dtype=np.float64)
+    return float(lut.min()), float(lut.max())
 
 
 def _window_output_range(ds) -> tuple[float, float]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import keras
-import numpy as np
 
 from .config import ModelConfig
 from .errors import BadRunError
@@ -284,7 +283,7 @@ def gradcam_parts(classifier: keras.Model, last_conv_layer: str | None = None) -
     if last_conv_layer is None:
         matches = [b.last_conv_layer for b in BACKBONES.values() if b.last_conv_layer in names]
         last_conv_layer = matches[0] if matches else base.layers[-1].name
-    conv_model = keras.Model(base.inputs, [base.get_layer(last_conv_layer).output, base.output], name="gradcam_conv")
+    conv_model = keras.Model(base.input, [base.get_layer(last_conv_layer).output, base.output], name="gradcam_conv")
     return GradcamParts(
         conv_model=conv_model,
         preprocess=classifier.get_layer("preprocess"),

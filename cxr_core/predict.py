@@ -169,8 +169,15 @@ class Predictor:
             raise BadRunError(
                 f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; the file is damaged or not a model."
             ) from error
+        predictor = cls(classifier, config, threshold=chosen, run_dir=run_dir)
+        if config.model.image_size and int(config.model.image_size) != predictor.image_size:
+            # The saved model is the truth; the config may have been edited by hand.
+            logger.warning(
+                "Run folder %s: config.json says image size %s but the model takes %d; using the model's.",
+                run_dir, config.model.image_size, predictor.image_size,
+            )
         logger.info("Loaded run %s (threshold %.4f).", run_dir, chosen)
-        return cls(classifier, config, threshold=chosen, run_dir=run_dir)
+        return predictor
 
     # -- threshold -----------------------------------------------------------------------------
 
@@ -345,6 +352,12 @@ class Predictor:
         """Grad-CAM heatmaps of several images (batched forward passes)."""
         return self.explain_batch(grays)[1]
 
+    def warmup(self) -> None:
+        """Trace both compiled functions now (about 1-2 s), so the first real image is fast."""
+        blank = np.zeros((self.image_size, self.image_size), np.uint8)
+        self.predict_gray(blank)
+        self.explain(blank)
+
     def _where(self) -> str:
         return f"run folder {self.run_dir}" if self.run_dir is not None else "this predictor"
 
@@ -399,8 +412,10 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
         with tf.GradientTape() as tape:
             conv, logits = parts.forward(images)
             logits = tf.reshape(logits, [-1])
-        # Each image's logit depends only on its own maps, so the sum gives per-image gradients.
-        grads = tape.gradient(tf.reduce_sum(logits), conv)
+            # Each image's logit depends only on its own maps, so the gradient of the sum is the
+            # per-image gradient. The sum must be taken under the tape, or the gradient is None.
+            total = tf.reduce_sum(logits)
+        grads = tape.gradient(total, conv)
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
         cams = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1))
         return logits, cams

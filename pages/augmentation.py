@@ -49,8 +49,8 @@ def controls() -> AugmentConfig:
     st.slider("Rotation (degrees, either way)", 0.0, 45.0, step=0.1, key=W_ROTATION, format="%.1f°",
               help="Maximum rotation in degrees. The reference uses ±0.3°: patients are positioned "
                    "carefully, so real films are almost never tilted much.")
-    st.toggle("Horizontal flip (left-right mirror, half of the images)", key=W_FLIP,
-              help="A mirrored chest puts the heart on the right: that is dextrocardia, which is rare "
+    st.toggle("Horizontal flip (mirror left-right)", key=W_FLIP,
+              help="Half of the images are mirrored. A mirrored chest puts the heart on the right: that is dextrocardia, which is rare "
                    "(about 1 in 10,000). The reference flips anyway; try turning it off.")
     st.slider("Brightness factor range", 0.5, 1.5, step=0.01, key=W_BRIGHT,
               help="Pixel intensities are multiplied by a factor drawn from this range (1.0 = unchanged). "

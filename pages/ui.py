@@ -37,8 +37,8 @@ CLASSES = ("NORMAL", "PNEUMONIA")
 CLASS_COLORS = {"NORMAL": "#2e9e6a", "PNEUMONIA": "#d1495b"}
 SPLIT_ORDER = ("train", "val", "test")
 SPLIT_LABELS = {
-    "random": "Random split by image (the reference notebook)",
-    "patient": "Split by patient (no patient in two parts)",
+    "random": "Random split by image",
+    "patient": "Split by patient",
     "official": "Official Kermany test set",
 }
 DISCLAIMER = (
@@ -46,6 +46,37 @@ DISCLAIMER = (
     "diagnose or treat anyone."
 )
 SKIP_DIR_PREFIXES = (".", "_")
+
+
+# --- Routing -----------------------------------------------------------------------------------
+KEY_ROUTED = "routed"  # bool: Home.py's router has run in this session
+
+
+def app_pages() -> list:
+    """The app's pages, in menu order (paths are relative to Home.py)."""
+    return [
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/dataset.py", title="Dataset", icon=":material/folder_open:", url_path="dataset"),
+        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/tune:", url_path="augmentation"),
+        st.Page("pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
+        st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:", url_path="evaluation"),
+        st.Page("pages/predict.py", title="Predict", icon=":material/radiology:", url_path="predict"),
+    ]
+
+
+def ensure_routed() -> None:
+    """Make sure Home.py's router is in charge.
+
+    Streamlit treats a folder named ``pages/`` next to the entry point as an old-style page folder
+    until the first ``st.navigation`` call in the server process. A deep link (``/dataset``) as the
+    very first request after a (re)start would then run the page file alone, with an automatic
+    menu that lists every file. Registering the real pages and rerunning puts the router in charge
+    for good, keeping the URL.
+    """
+    if not st.session_state.get(KEY_ROUTED):
+        st.session_state[KEY_ROUTED] = True
+        st.navigation(app_pages())
+        st.rerun()
 
 
 # --- Errors -----------------------------------------------------------------------------------
@@ -82,6 +113,12 @@ def dataset_path(name: str | None = None) -> Path | None:
     if not name or name not in list_datasets():
         return None
     return data_root() / name
+
+
+def is_synthetic(path: Path) -> bool:
+    """True for the generated practice set (its folder name or marker file says so)."""
+    from cxr_core import practice
+    return "synthetic" in path.name.lower() or (path / practice.MARKER_FILE).is_file()
 
 
 def _fingerprint(folder: Path) -> str:
@@ -132,6 +169,32 @@ def current_split(mode: str | None = None) -> pd.DataFrame | None:
         return None
     mode = mode or st.session_state.get(KEY_SPLIT, "random")
     return split_frame(str(path), _fingerprint(path), mode)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def dataset_stats(path: str, fingerprint: str) -> dict:
+    """The Dataset page's summaries (cxr_core.stats), computed once per data set contents."""
+    from cxr_core import stats
+    result = _scan_cached(path, fingerprint)
+    return {
+        "summary": stats.dataset_summary(result),
+        "class_counts": stats.class_counts(result),
+        "subtypes": stats.subtype_counts(result),
+        "per_patient": stats.images_per_patient(result),
+        "patients": stats.patient_summary(result),
+        "sizes": stats.size_distribution(result),
+        "size_summary": stats.size_summary(result),
+    }
+
+
+@st.cache_data(show_spinner="Measuring pixel intensities on a sample of images...", max_entries=8)
+def intensity_histograms(path: str, fingerprint: str, n_per_class: int = 40) -> pd.DataFrame:
+    from cxr_core import stats
+    return stats.intensity_histograms(_scan_cached(path, fingerprint), n_per_class=n_per_class, bins=64)
+
+
+def fingerprint(path: Path) -> str:
+    return _fingerprint(path)
 
 
 def downscale(gray: np.ndarray, size: int = 512) -> np.ndarray:
@@ -213,10 +276,18 @@ def run_picker(label: str = "Run", key: str = "run_picker", help: str | None = N
     paths = [str(s.path) for s in candidates]
     by_path = {str(s.path): s for s in candidates}
     index = paths.index(str(current.path)) if current is not None else 0
-    choice = st.selectbox(label, paths, index=index, format_func=lambda p: run_label(by_path[p]),
-                          key=key, help=help)
+    if st.session_state.get(key) not in paths:
+        st.session_state[key] = paths[index]
+    choice = st.selectbox(label, paths, format_func=lambda p: run_label(by_path[p]), key=key, help=help,
+                          on_change=copy_state, args=(key, KEY_RUN))
     st.session_state[KEY_RUN] = choice
     return by_path[choice]
+
+
+def copy_state(source: str, target: str) -> None:
+    """Widget callback: copy a widget's value to a session key before the page reruns (so the
+    sidebar, drawn first, already shows the new choice)."""
+    st.session_state[target] = st.session_state.get(source)
 
 
 def _model_stamp(run_dir: Path) -> float:
@@ -277,6 +348,7 @@ def model_stamp(run_dir: str | Path) -> float:
 # --- Page frame -------------------------------------------------------------------------------
 def page_header(title: str, intro: str) -> None:
     """Title, the page's short teaching introduction, and the shared sidebar."""
+    ensure_routed()
     st.title(title)
     st.markdown(intro)
     sidebar()
@@ -289,6 +361,8 @@ def sidebar() -> None:
             name = st.session_state.get(KEY_DATASET)
             if dataset_path(name) is not None:
                 st.markdown(f":material/folder: `{name}`")
+                if is_synthetic(data_root() / name):
+                    st.caption(":orange[synthetic practice images, not X-rays]")
                 st.caption(f"Split: {st.session_state.get(KEY_SPLIT, 'random')}")
             else:
                 st.caption("None chosen yet. Choose one on the Dataset page.")
@@ -342,10 +416,15 @@ def fmt_num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "—"
 
 
-def style(fig: go.Figure, height: int = 320, **layout: Any) -> go.Figure:
-    """A compact common layout for every chart."""
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), **layout)
+def style(fig: go.Figure, height: int = 320, title: str | None = None, **layout: Any) -> go.Figure:
+    """A compact common layout: the title at the top left, the legend on its own line above the plot."""
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=78 if title else 36, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0.0,
+                                  font=dict(size=11)),
+                      **layout)
+    if title:
+        fig.update_layout(title=dict(text=title, x=0.0, xanchor="left", xref="paper", yref="container",
+                                     y=0.985, yanchor="top", font=dict(size=15)))
     return fig
 
 
@@ -370,10 +449,9 @@ def metrics_table(columns: dict[str, dict | None]) -> pd.DataFrame:
              ("threshold", "Threshold"), ("n", "Images")]
     rows = {}
     for key, label in names:
-        rows[label] = {col: (None if m is None else m.get(key)) for col, m in columns.items()}
-    frame = pd.DataFrame(rows).T
-    return frame.map(lambda v: fmt_num(v, 0) if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                     else fmt_num(v))
+        digits = 0 if key == "n" else 3
+        rows[label] = {col: fmt_num(None if m is None else m.get(key), digits) for col, m in columns.items()}
+    return pd.DataFrame(rows).T
 
 
 def config_dict(summary_or_dir) -> dict:

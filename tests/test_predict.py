@@ -14,7 +14,7 @@ from cxr_core.config import ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadImageError, BadRunError, CxrError
 from cxr_core.predict import Predictor, _finish_cam, overlay_heatmap
 
-SIZE = 32
+SIZE = 64  # MobileNetV2 downsamples 32x: 2 x 2 conv maps, the smallest that can vary
 MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
 RUN_CFG = RunConfig(model=MODEL_CFG, train=TrainConfig(epochs=1, threshold_rule="youden"))
 
@@ -191,6 +191,11 @@ def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
     cam = np.maximum(conv @ kernel, 0)
     expected = cv2.resize((cam / cam.max()).astype(np.float32), (44, 40), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(predictor.gradcam(gray), np.clip(expected, 0, 1), atol=1e-4)
+
+
+def test_warmup(predictor: Predictor) -> None:
+    predictor.warmup()  # traces both functions; must not fail on a blank image
+    assert predictor.gradcam(np.zeros((20, 20), np.uint8)).shape == (20, 20)
 
 
 def test_gradcam_batch_equals_single(predictor: Predictor) -> None:

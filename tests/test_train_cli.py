@@ -43,8 +43,9 @@ def trained_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data", n_normal=24, n_pneumonia=40, size=48)
     epochs_seen = []
+    # Module-scoped: runs before the autouse per-test isolation, so it names its own cache.
     run = train(
-        tiny_config(data),
+        tiny_config(data, cache_dir=str(base / "cache")),
         on_epoch_end=lambda epoch, logs: epochs_seen.append(epoch),
         run_dir=base / "runs" / "r1",
     )

@@ -1,0 +1,371 @@
+"""Dataset: choose the images, then look at what is in them before training anything."""
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from cxr_core import download, practice, stats
+from cxr_core.errors import CxrError
+from pages import ui
+
+ui.page_header(
+    "Dataset",
+    "A model can only be as good as the images it learns from. Before training, check how many images "
+    "each class has, how many images come from the same child, and how the images are split into "
+    "training, validation and test: these decide whether the final accuracy means anything.",
+)
+
+W_CHOICE = "dataset_choice"      # the folder selectbox
+W_SPLIT = "dataset_split_mode"   # the split-mode control
+PENDING = "dataset_pending"      # a folder to select on the next run (after a download, upload or generation)
+ZIP_LIMIT_MB = 1024
+
+
+def select_next_run(name: str) -> None:
+    st.session_state[PENDING] = name
+    st.rerun()
+
+
+def apply_pending() -> None:
+    pending = st.session_state.pop(PENDING, None)
+    if pending:
+        st.session_state[ui.KEY_DATASET] = pending
+        st.session_state[W_CHOICE] = pending
+
+
+# --- Choosing -----------------------------------------------------------------------------------
+def folder_tab() -> None:
+    names = ui.list_datasets()
+    root = ui.data_root()
+    if not names:
+        st.info(f"There are no data sets in the data folder (`{root}`) yet. Download the Kermany release, "
+                "upload a zip, or make the synthetic practice set in the other tabs.", icon=":material/info:")
+        return
+    current = st.session_state.get(ui.KEY_DATASET)
+    if st.session_state.get(W_CHOICE) not in names:
+        st.session_state[W_CHOICE] = current if current in names else None
+    choice = st.selectbox("Data set folder", names, key=W_CHOICE, placeholder="Choose a data set",
+                          on_change=ui.copy_state, args=(W_CHOICE, ui.KEY_DATASET),
+                          format_func=lambda n: f"{n}  (synthetic)" if ui.is_synthetic(root / n) else n,
+                          help=f"Folders under the data folder `{root}` (set CXR_DATA_ROOT to use another).")
+    st.session_state[ui.KEY_DATASET] = choice
+    st.caption("A folder may hold NORMAL/ and PNEUMONIA/ subfolders, or the Kermany layout "
+               "(train/, val/, test/, each with NORMAL/ and PNEUMONIA/).")
+
+
+def download_tab() -> None:
+    st.markdown(
+        "The **Kermany et al. (2018)** release: 5,856 paediatric chest X-rays from Guangzhou Women and Children's "
+        "Medical Center, CC BY 4.0 (doi:10.17632/rscbjbr9sj.2). About 1.2 GB; it is checked against its "
+        "SHA-256 and unpacked into the data folder. An interrupted download resumes where it stopped."
+    )
+    root = ui.data_root()
+    target = root / download.KERMANY_FOLDER
+    if target.is_dir() and any(target.iterdir()):
+        st.success(f"Already downloaded into `{target.name}`.", icon=":material/check_circle:")
+        if st.button("Use it", key="use_kermany"):
+            select_next_run(target.name)
+        return
+    part = root / f"{download.KERMANY_FILENAME}.part"
+    resume = part.is_file()
+    label = (f"Resume the download ({part.stat().st_size / 1e6:,.0f} MB already here)" if resume
+             else "Download the Kermany release (1.2 GB)")
+    if not st.button(label, type="primary", icon=":material/download:", key="download_kermany"):
+        return
+    bar = st.progress(0.0, text="Connecting...")
+    started = time.time()
+
+    def on_progress(done: int, total: int | None) -> None:
+        rate = done / max(time.time() - started, 1e-3)
+        if total:
+            eta = (total - done) / max(rate, 1.0)
+            bar.progress(min(1.0, done / total), text=f"Downloaded {done / 1e6:,.0f} of {total / 1e6:,.0f} MB · "
+                                                      f"about {ui.fmt_seconds(eta)} left")
+        else:
+            bar.progress(0.0, text=f"Downloaded {done / 1e6:,.0f} MB")
+
+    def on_extract(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"Unpacking: {done:,} of {total:,} files")
+
+    try:
+        folder = download.download_kermany(root, on_progress=on_progress, on_extract_progress=on_extract)
+    except CxrError as error:
+        bar.empty()
+        st.error(str(error), icon=":material/error:")
+        return
+    bar.empty()
+    select_next_run(Path(folder).relative_to(root).parts[0])
+
+
+def upload_tab() -> None:
+    st.markdown("Upload a zip of chest X-rays: NORMAL/ and PNEUMONIA/ folders, or the Kermany layout. "
+                f"Up to {ZIP_LIMIT_MB:,} MB. Archives that would write outside their folder are refused.")
+    upload = st.file_uploader("Zip archive", type=["zip"], key="dataset_zip", max_upload_size=ZIP_LIMIT_MB)
+    if upload is None:
+        return
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(upload.name).stem).strip("-.") or "uploaded"
+    root = ui.data_root()
+    candidate, i = name, 1
+    while (root / candidate).exists():
+        i += 1
+        candidate = f"{name}-{i}"
+    if not st.button(f"Unpack into the data folder as `{candidate}`", type="primary", key="unpack_zip"):
+        return
+    bar = st.progress(0.0, text="Checking the archive...")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download.safe_extract_zip(upload, root / candidate,
+                                  on_progress=lambda d, t: bar.progress(min(1.0, d / max(t, 1)),
+                                                                        text=f"Unpacking: {d:,} of {t:,} files"))
+    except CxrError as error:
+        bar.empty()
+        st.error(str(error), icon=":material/error:")
+        return
+    bar.empty()
+    select_next_run(candidate)
+
+
+def practice_tab() -> None:
+    st.warning("**Synthetic images, not X-rays.** The practice set is drawn by a program (lungs, ribs, bright "
+               "blobs for pneumonia). It lets you try every step offline in a minute, but a model trained on it "
+               "knows nothing about real chest X-rays. Use the Kermany release for anything meaningful.",
+               icon=":material/science:")
+    if st.button("Make the synthetic practice set (220 images, a few seconds)", key="make_practice",
+                 icon=":material/draw:"):
+        try:
+            with st.spinner("Drawing synthetic images..."):
+                folder = practice.make_practice_dataset(ui.data_root())
+        except (CxrError, ValueError, OSError) as error:
+            st.error(f"The practice set could not be made: {error}")
+            return
+        select_next_run(Path(folder).relative_to(ui.data_root()).parts[0])
+
+
+# --- Looking ----------------------------------------------------------------------------------
+def overview(result, summary: dict, data: dict) -> None:
+    name = st.session_state.get(ui.KEY_DATASET)
+    if ui.is_synthetic(ui.data_root() / name):
+        st.warning("This is the **synthetic** practice set: drawn images, not X-rays.", icon=":material/science:")
+    cols = st.columns(5)
+    cols[0].metric("Images", f"{summary['images']:,}")
+    cols[1].metric("Normal", f"{summary['NORMAL']:,}")
+    cols[2].metric("Pneumonia", f"{summary['PNEUMONIA']:,}")
+    cols[3].metric("Patients", f"{summary['patients']:,}")
+    cols[4].metric("Unreadable / duplicates", f"{summary['skipped']} / {summary['duplicates']}")
+    st.caption(f"Layout: {'Kermany (train/val/test folders)' if result.layout == 'kermany' else 'class folders'} "
+               f"· found in `{Path(result.root).name}`")
+
+
+def imbalance(summary: dict, data: dict) -> None:
+    st.subheader("Class balance")
+    counts = data["class_counts"]
+    left, right = st.columns([1, 1])
+    fig = go.Figure(go.Bar(x=list(counts.index), y=counts["count"],
+                           marker_color=[ui.CLASS_COLORS[c] for c in counts.index],
+                           text=[f"{c:,} ({s:.0%})" for c, s in zip(counts["count"], counts["share"])],
+                           textposition="auto"))
+    left.plotly_chart(ui.style(fig, 280, title="Images per class", yaxis_title="images"), key="class_counts")
+    majority = counts["share"].max()
+    right.markdown(
+        f"There are **{summary['imbalance']}**.\n\n"
+        "Imbalance biases a model toward the majority class: a model that answered *pneumonia* for every "
+        f"image would already be right {majority:.0%} of the time. That is why accuracy is not enough and why "
+        "the Augmentation page balances the training part."
+    )
+
+
+def splits(result, data: dict) -> None:
+    st.subheader("How the images are split")
+    modes = ["random", "patient"] + (["official"] if data["summary"]["has_official_split"] else [])
+    current = st.session_state.get(ui.KEY_SPLIT, "random")
+    if st.session_state.get(W_SPLIT) not in modes:
+        st.session_state[W_SPLIT] = current if current in modes else "random"
+    mode = st.segmented_control("Split mode (carried to Training)", modes, key=W_SPLIT, required=True,
+                                on_change=ui.copy_state, args=(W_SPLIT, ui.KEY_SPLIT),
+                                format_func=ui.SPLIT_LABELS.get)
+    st.session_state[ui.KEY_SPLIT] = mode
+    try:
+        split = ui.current_split(mode)
+    except CxrError as error:
+        st.error(str(error), icon=":material/error:")
+        return
+    table = stats.split_proportions(split)
+    leaked = int((split.groupby("patient_id")["split"].nunique() > 1).sum())
+    spread = float(table["share_NORMAL"].max() - table["share_NORMAL"].min())
+    left, right = st.columns([1, 1])
+    fig = go.Figure()
+    for label in ui.CLASSES:
+        fig.add_bar(x=list(table.index), y=table[f"share_{label}"], name=label, marker_color=ui.CLASS_COLORS[label],
+                    text=[f"{v:.0%}" for v in table[f"share_{label}"]], textposition="inside")
+    fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
+    left.plotly_chart(ui.style(fig, 280, title="Class shares in each part"), key="split_shares")
+    shown = table[["n", "NORMAL", "PNEUMONIA", "share_NORMAL"]].rename(columns={"n": "images", "share_NORMAL": "healthy share"})
+    right.dataframe(shown.style.format({"healthy share": "{:.2f}"}), width="stretch")
+    texts = {
+        "random": "The random split (seed 123, 8:1:1 as the reference) is stratified by class, "
+                  + ("so every part has about the same healthy share. " if spread < 0.03 else
+                     "although with this few images the healthy shares still differ between the parts. ")
+                  + f"But it splits **images**, not children: **{leaked:,} patients** have "
+                  "images in more than one part, so the model is tested partly on children it has already seen. "
+                  "That leaks information and overstates accuracy.",
+        "patient": f"Every child's images stay in one part ({leaked} patients in two parts), so the test measures "
+                   "how the model does on new children. Expect lower, more honest numbers than the random split.",
+        "official": "The release's own test folder: images collected separately, with a different class balance. "
+                    "It is harder than any random split of the training images, so scores are lower and closer to "
+                    "what a new hospital would see.",
+    }
+    right.markdown(texts[mode])
+
+
+def composition(data: dict) -> None:
+    st.subheader("Subtypes and patients")
+    left, right = st.columns(2)
+    sub = data["subtypes"]
+    fig = go.Figure(go.Bar(x=sub["label"] + " · " + sub["subtype"], y=sub["count"], text=sub["count"],
+                           marker_color=[ui.CLASS_COLORS.get(l, "#888") for l in sub["label"]]))
+    left.plotly_chart(ui.style(fig, 280, title="Images by subtype (from the file names)"), key="subtypes")
+    left.caption("Bacterial and viral pneumonia look different (a dense lobe versus patchy haze); the model is "
+                 "only asked normal versus pneumonia.")
+    per = data["per_patient"]
+    fig = go.Figure()
+    for label in ui.CLASSES:
+        part = per[per["label"] == label]
+        fig.add_bar(x=part["images"], y=part["patients"], name=label, marker_color=ui.CLASS_COLORS[label])
+    fig.update_layout(barmode="group", xaxis_title="images per patient", yaxis_title="patients")
+    right.plotly_chart(ui.style(fig, 280, title="Images per patient"), key="per_patient")
+    p = data["patients"]
+    right.caption(f"{p['patients']:,} patients, {p['patients_with_several_images']:,} with several images "
+                  f"(up to {p['max_images_per_patient']}). Images of one child look alike, which is why splits "
+                  "should keep a child in one part.")
+
+
+def sizes_and_intensity(path: Path, data: dict) -> None:
+    st.subheader("Image sizes and intensities")
+    left, right = st.columns(2)
+    sizes = data["sizes"]
+    if sizes["width"].nunique() == 1 and sizes["height"].nunique() == 1:
+        left.metric("Every image is", f"{int(sizes['width'].iloc[0])} × {int(sizes['height'].iloc[0])} px")
+        left.caption("All images have one size: this copy was already resized (the originals range from about "
+                     "400 to 2,900 pixels). The model resizes every image to a square anyway.")
+    else:
+        size_scatter(left, sizes)
+    hist_panel(right, path)
+
+
+def size_scatter(left, sizes: pd.DataFrame) -> None:
+    if len(sizes) > 3000:
+        sizes = sizes.sample(3000, random_state=0)
+    fig = go.Figure()
+    for label in ui.CLASSES:
+        part = sizes[sizes["label"] == label]
+        fig.add_scatter(x=part["width"], y=part["height"], mode="markers", name=label, opacity=0.5,
+                        marker=dict(color=ui.CLASS_COLORS[label], size=5))
+    fig.update_layout(xaxis_title="width (px)", yaxis_title="height (px)")
+    left.plotly_chart(ui.style(fig, 300, title="Width and height of each image"), key="sizes")
+    left.caption("Every image is resized to a square for the model; very different shapes are stretched differently. "
+                 "If the classes differ in size, a model can learn the size instead of the disease.")
+
+
+def hist_panel(right, path: Path) -> None:
+    try:
+        hist = ui.intensity_histograms(str(path), ui.fingerprint(path))
+    except CxrError as error:
+        right.error(str(error))
+        return
+    fig = go.Figure()
+    for label in ui.CLASSES:
+        fig.add_scatter(x=(hist["bin_start"] + hist["bin_end"]) / 2, y=hist[label], mode="lines", name=label,
+                        line=dict(color=ui.CLASS_COLORS[label]), fill="tozeroy", opacity=0.4)
+    fig.update_layout(xaxis_title="pixel intensity (0 black – 255 white)", yaxis_title="share of pixels",
+                      yaxis_tickformat=".1%")
+    right.plotly_chart(ui.style(fig, 300, title="Intensity histograms per class"), key="intensity")
+    n = hist.attrs.get("n_images", {})
+    right.caption(f"Averaged over {n.get('NORMAL', 0)} normal and {n.get('PNEUMONIA', 0)} pneumonia images. "
+                  "Pneumonia adds bright opacities in the lungs; a large shift between the classes can also come "
+                  "from different machines, which a model would happily learn.")
+
+
+def sample_grid(result) -> None:
+    st.subheader("Sample images")
+    c1, c2, c3 = st.columns([1, 1, 1], vertical_alignment="bottom")
+    label = c1.selectbox("Class", ["both", *ui.CLASSES], key="grid_class")
+    subtypes = sorted(result.manifest["subtype"].dropna().astype(str).unique())
+    subtype = c2.selectbox("Subtype", ["any", *subtypes], key="grid_subtype")
+    if c3.button("Show others", icon=":material/shuffle:", key="grid_shuffle"):
+        st.session_state[ui.KEY_GRID_SEED] = st.session_state.get(ui.KEY_GRID_SEED, 0) + 1
+    rows = stats.sample_images(result, n=12, label=None if label == "both" else label,
+                               subtype=None if subtype == "any" else subtype,
+                               seed=st.session_state.get(ui.KEY_GRID_SEED, 0))
+    if rows.empty:
+        st.caption("No image matches these filters.")
+        return
+    columns = st.columns(6)
+    for i, row in rows.iterrows():
+        with columns[i % 6]:
+            try:
+                st.image(ui.thumbnail(str(row["path"]), 256), width="stretch",
+                         caption=f"{row['label']} · {Path(str(row['path'])).name}")
+            except CxrError as error:
+                st.caption(f"{Path(str(row['path'])).name}: {error}")
+
+
+def problems(result) -> None:
+    st.subheader("Unreadable files and duplicates")
+    skipped, dups = result.skipped, result.duplicates
+    if skipped.empty and dups.empty:
+        st.success("Every file could be read and no image appears twice.", icon=":material/check_circle:")
+        return
+    left, right = st.columns(2)
+    with left:
+        st.markdown(f"**{len(skipped)} file(s) left out**")
+        if len(skipped):
+            st.dataframe(skipped.assign(path=skipped["path"].map(lambda p: Path(str(p)).name)), hide_index=True)
+    with right:
+        st.markdown(f"**{len(dups)} duplicate(s)** (same bytes; only the first copy is used)")
+        if len(dups):
+            shown = dups.copy()
+            for col in ("path", "duplicate_of"):
+                if col in shown:
+                    shown[col] = shown[col].map(lambda p: Path(str(p)).name)
+            st.dataframe(shown, hide_index=True)
+            st.caption("A duplicate across training and test would let the model be tested on an image it learned.")
+
+
+# --- The page ---------------------------------------------------------------------------------
+apply_pending()
+st.subheader("Choose a data set")
+tabs = st.tabs([":material/folder: Folder on this server", ":material/download: Download Kermany",
+                ":material/upload: Upload a zip", ":material/science: Synthetic practice set"])
+with tabs[0]:
+    folder_tab()
+with tabs[1]:
+    download_tab()
+with tabs[2]:
+    upload_tab()
+with tabs[3]:
+    practice_tab()
+
+path = ui.dataset_path()
+if path is None:
+    st.info("**Next step:** download the Kermany release (the real data) or choose a folder above. Offline, the "
+            "synthetic practice set lets you try every step.", icon=":material/arrow_forward:")
+else:
+    st.divider()
+    try:
+        result = ui.scan(path)
+        data = ui.dataset_stats(str(path), ui.fingerprint(path))
+    except CxrError as error:
+        st.error(str(error), icon=":material/error:")
+    else:
+        overview(result, data["summary"], data)
+        imbalance(data["summary"], data)
+        splits(result, data)
+        composition(data)
+        sizes_and_intensity(path, data)
+        sample_grid(result)
+        problems(result)
+        st.page_link("pages/augmentation.py", label="Next: choose the augmentation", icon=":material/arrow_forward:")

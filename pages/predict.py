@@ -1,0 +1,122 @@
+"""Predict: classify uploaded chest X-rays with a trained run and show where the model looked."""
+import io
+
+import pandas as pd
+import streamlit as st
+
+from cxr_core.errors import CxrError
+from cxr_core.predict import overlay_heatmap
+from pages import ui
+
+ui.page_header(
+    "Predict",
+    "Upload chest X-rays (JPEG, PNG or DICOM) and a trained model gives each one a probability of "
+    "pneumonia; the run's threshold turns it into a label. The **Grad-CAM** overlay colours the regions "
+    "that raised the pneumonia score most: a sanity check that the model looks at the lungs, not at "
+    "markers, text or the image border.",
+)
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "dcm", "dicom"]
+MAX_DETAILED = 12  # images shown with Grad-CAM; the rest get a row in the table only
+
+
+def no_run_message() -> None:
+    st.info(
+        "There is no trained model yet. Train one on the **Training** page (the synthetic practice set "
+        "trains in about a minute; the Kermany data set gives a meaningful model), then come back here.",
+        icon=":material/info:",
+    )
+    st.page_link("pages/training.py", label="Go to Training", icon=":material/model_training:")
+
+
+def run_card(summary) -> float | None:
+    """Show the chosen run; returns its threshold (None when the model cannot be loaded)."""
+    try:
+        predictor = ui.load_predictor(summary.path)
+    except CxrError as error:
+        st.error(str(error))
+        return None
+    a, b, c, d = st.columns(4)
+    a.metric("Backbone", predictor.config.model.backbone)
+    b.metric("Input size", f"{predictor.image_size} px")
+    c.metric("Threshold", f"{predictor.threshold:.3f}",
+             help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
+                  "validation images (see the Evaluation page).")
+    d.metric("Test ROC AUC", ui.fmt_num(summary.test_auc))
+    if summary.is_demo:
+        st.caption("This is the shipped demo run. Its model card in the run folder says what it was trained on.")
+    return predictor.threshold
+
+
+def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
+    """Classify every upload; each bad file gets its own one-line error and the rest go on."""
+    stamp = ui.model_stamp(summary.path)
+    rows = []
+    progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
+    for i, upload in enumerate(files):
+        name = upload.name
+        try:
+            gray, probability, heatmap = ui.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
+        except CxrError as error:
+            rows.append({"file": name, "probability": None, "label": None, "error": str(error)})
+            message = str(error) if name in str(error) else f"{name}: {error}"
+            st.error(message, icon=":material/broken_image:")
+            continue
+        label = "PNEUMONIA" if probability >= threshold else "NORMAL"
+        rows.append({"file": name, "probability": round(probability, 4), "label": label, "error": ""})
+        if i < MAX_DETAILED:
+            show_one(name, gray, probability, label, heatmap, opacity, threshold)
+        if progress is not None:
+            progress.progress((i + 1) / len(files), text=f"Classified {i + 1} of {len(files)}")
+    if progress is not None:
+        progress.empty()
+    if len(files) > MAX_DETAILED:
+        st.caption(f"Grad-CAM is shown for the first {MAX_DETAILED} images; every image is in the table below.")
+    return rows
+
+
+def show_one(name, gray, probability, label, heatmap, opacity, threshold) -> None:
+    with st.container(border=True):
+        left, middle, right = st.columns([2, 2, 1.4])
+        left.image(gray, caption=f"{name}", width="stretch")
+        middle.image(overlay_heatmap(gray, heatmap, opacity), caption="Grad-CAM overlay", width="stretch")
+        colour = "red" if label == "PNEUMONIA" else "green"
+        right.markdown(f"#### :{colour}[{label}]")
+        right.metric("Probability of pneumonia", f"{probability:.1%}")
+        right.progress(min(1.0, max(0.0, probability)))
+        margin = abs(probability - threshold)
+        right.caption(
+            f"Threshold {threshold:.2f}. "
+            + ("Close to the threshold: an uncertain case." if margin < 0.1 else
+               "Far from the threshold." if margin > 0.3 else "")
+        )
+
+
+summary = ui.run_picker("Model (a finished run)", key="predict_run",
+                        help="The shipped demo run is chosen by default; your own finished runs are listed too.")
+if summary is None:
+    no_run_message()
+else:
+    threshold = run_card(summary)
+    if threshold is not None:
+        files = st.file_uploader("Chest X-ray images", type=UPLOAD_TYPES, accept_multiple_files=True,
+                                 key="predict_upload", max_upload_size=200,
+                                 help="One or many files. DICOM files are windowed as their header says.")
+        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity",
+                            help="0 shows only the X-ray, 1 only the heatmap.")
+        if not files:
+            st.caption("Upload one or more images to see their predictions.")
+        else:
+            rows = result_rows(summary, files, opacity, threshold)
+            table = pd.DataFrame(rows)
+            st.subheader("All results")
+            st.dataframe(table, hide_index=True,
+                         column_config={"probability": st.column_config.ProgressColumn(
+                             "probability of pneumonia", min_value=0.0, max_value=1.0, format="%.3f")})
+            buffer = io.StringIO()
+            table.assign(run=summary.run_id, threshold=threshold).to_csv(buffer, index=False)
+            st.download_button("Download the results as CSV", buffer.getvalue(), file_name="predictions.csv",
+                               mime="text/csv", icon=":material/download:")
+
+st.warning(ui.DISCLAIMER + " A probability from this model is not a diagnosis; a clinician reads the film.",
+           icon=":material/medical_information:")
