@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .config import (  # noqa: E402
-    BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, AugmentConfig, DataConfig, ModelConfig, RunConfig,
+    BACKBONE_NAMES, BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, AugmentConfig, DataConfig, ModelConfig, RunConfig,
     TrainConfig,
 )
 from .errors import CxrError  # noqa: E402
@@ -116,10 +116,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir)
     except ValueError as error:
         raise CxrError(str(error)) from error
-    from .model import BACKBONES  # noqa: PLC0415
-
-    if model.backbone not in BACKBONES:
-        raise CxrError(f"Unknown backbone {model.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+    if model.backbone not in BACKBONE_NAMES:
+        raise CxrError(f"Unknown backbone {model.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}.")
     return RunConfig(data=data, augment=augment, model=model, train=train)
 
 

@@ -17,6 +17,8 @@ CONFIG_VERSION = 1
 SPLIT_MODES = ("random", "patient", "official")
 BALANCE_STRATEGIES = ("augment", "class_weight", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
+#: Keys of ``model.BACKBONES``, here so that checking a name does not import TensorFlow.
+BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "efficientnet_b0", "densenet121")
 
 
 @dataclass(frozen=True)

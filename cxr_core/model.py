@@ -178,8 +178,12 @@ def build_classifier(
     seed: int = 123,
     backbone: keras.Model | None = None,
     head: keras.Model | None = None,
+    train_batchnorm: bool = False,
 ) -> keras.Model:
     """Image -> logit with layers ``preprocess``, ``backbone``, ``pool``, ``dropout``, ``logit``.
+
+    ``train_batchnorm`` is for a backbone trained from scratch: its BatchNorm statistics are random
+    and must be learnt, so the backbone is called in training mode during ``fit``.
 
     The backbone is frozen (use ``unfreeze_top_layers`` to fine-tune). When ``head`` is given, its
     dropout rate and Dense weights are copied, so a head trained on cached features becomes the
@@ -193,7 +197,7 @@ def build_classifier(
     inputs = keras.Input((size, size, 3), dtype="float32", name="image")
     x = Preprocess(spec.preprocess_mode, name="preprocess")(inputs)
     # training=False keeps BatchNorm in inference mode even after unfreezing (Keras fine-tuning guide).
-    x = base(x, training=False)
+    x = base(x) if train_batchnorm else base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(rate, seed=seed, name="dropout")(x)
     logit_layer = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit")
@@ -207,11 +211,11 @@ def build_classifier(
     return model
 
 
-def unfreeze_top_layers(classifier: keras.Model, n: int) -> None:
+def unfreeze_top_layers(classifier: keras.Model, n: int, include_batchnorm: bool = False) -> None:
     """Make the top ``n`` layers of the classifier's backbone trainable (-1 = all, 0 = none).
 
     BatchNormalization layers stay frozen, as the Keras fine-tuning guide advises (their statistics
-    would be spoilt by small batches). Recompile the classifier afterwards for the change to apply.
+    would be spoilt by small batches), unless ``include_batchnorm`` (training from scratch). Recompile the classifier afterwards for the change to apply.
     """
     if n < -1:
         raise ValueError(f"n must be -1 (all), 0 or a positive number of layers; got {n}.")
@@ -223,7 +227,7 @@ def unfreeze_top_layers(classifier: keras.Model, n: int) -> None:
     layers = base.layers
     first = 0 if n == -1 else max(0, len(layers) - n)
     for i, layer in enumerate(layers):
-        frozen = i < first or isinstance(layer, keras.layers.BatchNormalization)
+        frozen = i < first or (isinstance(layer, keras.layers.BatchNormalization) and not include_batchnorm)
         layer.trainable = not frozen
     log.info("unfroze %d of %d backbone layers", sum(l.trainable for l in layers), len(layers))
 

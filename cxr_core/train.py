@@ -203,8 +203,9 @@ def _train(config: RunConfig, run_dir: Path, report: _Reporter, stop_requested: 
 
     from . import model as model_lib  # noqa: PLC0415
 
-    classifier = model_lib.build_classifier(config.model, seed=config.train.seed, backbone=backbone, head=head)
     fine_tuned = config.train.fine_tune_epochs > 0 and config.train.fine_tune_layers != 0
+    classifier = model_lib.build_classifier(config.model, seed=config.train.seed, backbone=backbone, head=head,
+                                            train_batchnorm=fine_tuned and _from_scratch(config))
     if fine_tuned:
         _fine_tune(config, classifier, rows, plan, report, stop_requested, on_epoch_end, history, run_dir)
 
@@ -226,6 +227,11 @@ def _train(config: RunConfig, run_dir: Path, report: _Reporter, stop_requested: 
     with atomic_path(run_dir / runs.MODEL_FILE) as tmp:
         classifier.save(tmp)
     return metrics
+
+
+def _from_scratch(config: RunConfig) -> bool:
+    """A randomly initialised backbone trained whole: its BatchNorm layers must learn too."""
+    return config.model.weights == "none" and config.train.fine_tune_layers == -1
 
 
 def _seed_everything(seed: int) -> None:
@@ -473,7 +479,7 @@ def _image_dataset(rows: pd.DataFrame, config: RunConfig, batch_size: int, shuff
 def _fine_tune(config, classifier, rows, plan, report, stop_requested, on_epoch_end, history, run_dir) -> None:
     from . import model as model_lib  # noqa: PLC0415
 
-    model_lib.unfreeze_top_layers(classifier, config.train.fine_tune_layers)
+    model_lib.unfreeze_top_layers(classifier, config.train.fine_tune_layers, include_batchnorm=_from_scratch(config))
     _compile(classifier, config.train.fine_tune_learning_rate)
     epochs = config.train.fine_tune_epochs
     report("stage", stage="fine_tune", total=epochs,

@@ -185,6 +185,24 @@ def test_dataset_page_unpacks_an_uploaded_zip(tmp_path):
     assert {m.label: m.value for m in at.metric}["Images"] == "22"
 
 
+def test_dataset_download_failure_is_one_sentence(monkeypatch):
+    """Offline, the Kermany download fails: the page shows cxr_core's sentence, not a traceback."""
+    from cxr_core import download
+    from cxr_core.errors import DownloadError
+
+    def offline(*args, **kwargs):
+        raise DownloadError("The download failed because the server could not be reached; check the connection and try again.")
+
+    monkeypatch.setattr(download, "download_kermany", offline)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/dataset.py", "dataset (empty)")
+    at.button(key="download_kermany").click()
+    render(at, None, "dataset (download failed)")
+    assert [e.value for e in at.error] == [
+        "The download failed because the server could not be reached; check the connection and try again."]
+
+
 def test_augmentation_preview_follows_the_sliders(small_kermany):
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")

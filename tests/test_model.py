@@ -201,3 +201,9 @@ def test_shared_mobilenet_weights_load_at_96(shared_mobilenet_weights: Path):
     assert all(np.array_equal(a, b) for a, b in zip(ours.get_weights(), reference.get_weights()))
     # Really loaded: a fresh BatchNormalization has moving variance 1 everywhere.
     assert not np.allclose(ours.get_layer("bn_Conv1").moving_variance.numpy(), 1.0)
+
+
+def test_config_knows_every_backbone_without_importing_tensorflow():
+    from cxr_core.config import BACKBONE_NAMES
+
+    assert tuple(BACKBONES) == BACKBONE_NAMES
