@@ -31,9 +31,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core", description="Chest X-ray pneumonia workbench.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    # -v is accepted after the sub-command too.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a classifier; prints the run folder as its last line")
+    t = sub.add_parser("train", parents=[common], help="train a classifier; prints the run folder as its last line")
     t.add_argument("--data", help="data set folder (Kermany layout or NORMAL/PNEUMONIA folders)")
     t.add_argument("--config", help="a config.json to start from (flags given on the command line override it)")
     t.add_argument("--out", help="folder that holds run folders (default: $CXR_RUNS_DIR or artifacts/runs)")
@@ -64,12 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="seed of split, augmentation and training (default 123)")
     t.add_argument("--cache-dir", help="feature cache (default: $CXR_CACHE_DIR or ~/.cache/cxr-workbench/features)")
 
-    e = sub.add_parser("evaluate", help="metrics of a run over every image in a folder (one JSON object)")
+    e = sub.add_parser("evaluate", parents=[common], help="metrics of a run over every image in a folder (one JSON object)")
     e.add_argument("--run", required=True, help="run folder")
     e.add_argument("--data", required=True, help="data set folder")
     e.add_argument("--threshold", type=float, help="override the run's chosen threshold")
 
-    p = sub.add_parser("predict", help="classify files (one JSON object per line)")
+    p = sub.add_parser("predict", parents=[common], help="classify files (one JSON object per line)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("files", nargs="+", help="JPEG, PNG, BMP, TIFF or DICOM files")
     p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per file here")

@@ -17,8 +17,15 @@ CONFIG_VERSION = 1
 SPLIT_MODES = ("random", "patient", "official")
 BALANCE_STRATEGIES = ("augment", "class_weight", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
-#: Keys of ``model.BACKBONES``, here so that checking a name does not import TensorFlow.
-BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "efficientnet_b0", "densenet121")
+#: Plain facts of ``model.BACKBONES`` (a test keeps them equal), here so that pages and the
+#: command line can check names and sizes without importing TensorFlow (seconds of start-up).
+BACKBONE_INFO = {
+    "inception_v3": {"label": "InceptionV3 (reference)", "default_size": 299, "supports_alpha": False, "min_size": 75},
+    "mobilenet_v2": {"label": "MobileNetV2 (small, fast)", "default_size": 224, "supports_alpha": True, "min_size": 32},
+    "efficientnet_b0": {"label": "EfficientNetB0", "default_size": 224, "supports_alpha": False, "min_size": 32},
+    "densenet121": {"label": "DenseNet121", "default_size": 224, "supports_alpha": False, "min_size": 32},
+}
+BACKBONE_NAMES = tuple(BACKBONE_INFO)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
     events = read_jsonl(Path(run_dir) / "progress.jsonl")
     result: dict[str, Any] = {
         "stage": None, "done": 0, "total": 0, "fraction": 0.0, "eta_s": None,
-        "epoch": 0, "epochs": 0, "message": "", "events": len(events),
+        "epoch": 0, "epochs": 0, "batch": 0, "batches": 0, "message": "", "events": len(events),
     }
     for event in events:
         kind = event.get("event")
@@ -179,7 +179,11 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
             result.update(epoch=event.get("epoch", 0), epochs=event.get("epochs", 0),
                           done=event.get("epoch", 0), total=event.get("epochs", 0), eta_s=event.get("eta_s"))
         elif kind == "batch":
-            result.update(eta_s=event.get("eta_s"))
+            # Within an epoch (long when fine-tuning on a CPU): the bar moves batch by batch.
+            batches = event.get("batches") or 0
+            within = (event.get("batch", 0) / batches) if batches else 0.0
+            result.update(eta_s=event.get("eta_s"), batch=event.get("batch", 0), batches=batches,
+                          done=result["epoch"] + within)
         elif kind in ("done", "failed", "cancelled"):
             result.update(stage=kind, message=event.get("message", ""))
     if result["total"]:

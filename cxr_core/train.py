@@ -58,11 +58,10 @@ def estimate_seconds(config: RunConfig, n_images: int, cached_fraction: float = 
     Returns:
         Estimated seconds.
     """
-    from .model import BACKBONES  # noqa: PLC0415 (keeps this module light to import)
+    from .config import BACKBONE_INFO  # noqa: PLC0415
 
-    backbone = BACKBONES.get(config.model.backbone)
-    size = config.model.image_size or (backbone.default_size if backbone else 224)
-    default = backbone.default_size if backbone else 224
+    default = BACKBONE_INFO.get(config.model.backbone, {}).get("default_size", 224)
+    size = config.model.image_size or default
     speed = THROUGHPUT.get(config.model.backbone, 10.0)
     if config.model.backbone == "mobilenet_v2":
         speed *= 1.0 / max(config.model.alpha, 0.35) ** 0.8
@@ -347,6 +346,7 @@ class _EpochRecorder:
 
             def on_epoch_begin(self, epoch, logs=None):
                 self._t_epoch = time.time()
+                self._epoch = epoch
 
             def on_train_batch_end(self, batch, logs=None):
                 if self.stop_requested():
@@ -357,8 +357,9 @@ class _EpochRecorder:
                     # Long epochs (fine-tuning on a CPU) still show life between epochs.
                     self._t_batch_report = now
                     rate = (batch + 1) / max(now - self._t_epoch, 1e-6)
-                    self.report("batch", phase=self.phase, batch=batch + 1, batches=self.n_batches,
-                                eta_s=(self.n_batches - batch - 1) / rate)
+                    epochs_left = self.epochs - getattr(self, "_epoch", 0) - 1
+                    eta = (self.n_batches - batch - 1 + epochs_left * self.n_batches) / rate
+                    self.report("batch", phase=self.phase, batch=batch + 1, batches=self.n_batches, eta_s=eta)
 
             def on_epoch_end(self, epoch, logs=None):
                 logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -480,6 +481,15 @@ def _fine_tune(config, classifier, rows, plan, report, stop_requested, on_epoch_
     from . import model as model_lib  # noqa: PLC0415
 
     model_lib.unfreeze_top_layers(classifier, config.train.fine_tune_layers, include_batchnorm=_from_scratch(config))
+    if _from_scratch(config):
+        import keras  # noqa: PLC0415
+
+        # Keras applications use BatchNorm momentum 0.99-0.999, made for ImageNet's million steps;
+        # from scratch on a few thousand images the moving statistics would lag for many epochs and
+        # validation (inference mode) would see a constant output. 0.9 follows the batches quickly.
+        for layer in classifier.get_layer("backbone").layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
     _compile(classifier, config.train.fine_tune_learning_rate)
     epochs = config.train.fine_tune_epochs
     report("stage", stage="fine_tune", total=epochs,

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core import jobs, runs
-from cxr_core.config import BALANCE_STRATEGIES, SPLIT_MODES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.config import BACKBONE_INFO, BALANCE_STRATEGIES, SPLIT_MODES, DataConfig, ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import CxrError, TrainingBusyError
 from pages import ui
 
@@ -28,12 +28,9 @@ SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
 PERSIST = {"persist_state": "session"}
 
 
-@st.cache_resource(show_spinner="Loading the backbone table...")
 def backbone_table() -> dict:
-    """Plain facts about each backbone (cxr_core.model imports Keras, so do it once per server)."""
-    from cxr_core import model
-    return {name: {"label": b.label, "default_size": b.default_size, "supports_alpha": b.supports_alpha,
-                   "min_size": getattr(b, "min_size", 32)} for name, b in model.BACKBONES.items()}
+    """Plain facts about each backbone (from cxr_core.config: no Keras import on this page)."""
+    return BACKBONE_INFO
 
 
 def weight_files() -> list[Path]:

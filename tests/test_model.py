@@ -204,6 +204,10 @@ def test_shared_mobilenet_weights_load_at_96(shared_mobilenet_weights: Path):
 
 
 def test_config_knows_every_backbone_without_importing_tensorflow():
-    from cxr_core.config import BACKBONE_NAMES
+    from cxr_core.config import BACKBONE_INFO, BACKBONE_NAMES
 
     assert tuple(BACKBONES) == BACKBONE_NAMES
+    for name, row in BACKBONES.items():
+        info = BACKBONE_INFO[name]
+        assert (info["label"], info["default_size"], info["supports_alpha"], info["min_size"]) == (
+            row.label, row.default_size, row.supports_alpha, row.min_size)

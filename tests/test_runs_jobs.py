@@ -162,3 +162,13 @@ def test_request_cancel_writes_the_cancel_file(tmp_path):
     run = runs.new_run_dir(tmp_path, "a")
     jobs.request_cancel(run)
     assert (run / runs.CANCEL_FILE).read_text() == "cancel\n"
+
+
+def test_progress_moves_within_an_epoch(tmp_path):
+    run = runs.new_run_dir(tmp_path, "x")
+    append_jsonl(run / "progress.jsonl", {"event": "stage", "stage": "fine_tune", "total": 4})
+    append_jsonl(run / "progress.jsonl", {"event": "epoch", "epoch": 1, "epochs": 4, "eta_s": 30})
+    append_jsonl(run / "progress.jsonl", {"event": "batch", "batch": 5, "batches": 10, "eta_s": 20})
+    progress = runs.read_progress(run)
+    assert progress["fraction"] == pytest.approx(1.5 / 4)
+    assert progress["eta_s"] == 20
