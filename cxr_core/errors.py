@@ -29,3 +29,7 @@ class TrainingBusyError(CxrError):
 
 class DownloadError(CxrError):
     """A download that failed or whose checksum does not match."""
+
+
+class DiskFullError(CxrError):
+    """The disk filled up while a run was being written; earlier runs are untouched."""

@@ -16,6 +16,7 @@ No Streamlit here: callers pass plain callables (``on_epoch_end``, ``should_stop
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import pandas as pd
 from . import runs
 from .atomic import append_jsonl, atomic_path, write_json_atomic, write_text_atomic
 from .config import RunConfig
-from .errors import CxrError
+from .errors import CxrError, DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,16 @@ def train(
         report("failed", message=str(error))
         runs.write_status(run_dir, "failed", message=str(error), error=str(error))
         raise
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            _record_failure(run_dir, report, error)
+            raise
+        text = (f"The disk is full: run {run_dir.name} could not be written ({error.strerror}); "
+                "free some space and train again.")
+        _record_failure(run_dir, report, error, text)
+        raise DiskFullError(text) from error
     except Exception as error:  # recorded for the page, then re-raised for the caller
-        text = f"{type(error).__name__}: {error}"
-        report("failed", message=text)
-        runs.write_status(run_dir, "failed", message=text, error=text, traceback=traceback.format_exc())
+        _record_failure(run_dir, report, error)
         raise
     duration = time.time() - started
     auc = ((metrics.get("test") or {}).get("at_threshold") or {}).get("roc_auc")
@@ -150,6 +157,17 @@ def train(
     report("done", message=message)
     runs.write_status(run_dir, "done", message=message, duration_s=duration)
     return run_dir
+
+
+def _record_failure(run_dir: Path, report: "_Reporter", error: BaseException, text: str | None = None) -> None:
+    """Mark the run failed; when the disk is full even that may fail, and the status reader
+    then reports the dead process as failed anyway."""
+    text = text or f"{type(error).__name__}: {error}"
+    try:
+        report("failed", message=text)
+        runs.write_status(run_dir, "failed", message=text, error=text, traceback=traceback.format_exc())
+    except OSError:
+        log.error("could not record the failure of %s: %s", run_dir, text)
 
 
 def _train(config: RunConfig, run_dir: Path, report: _Reporter, stop_requested: StopCheck,
