@@ -124,8 +124,9 @@ def _open_pil(data: bytes, label: str) -> Image.Image:
         ) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"The image {label} is damaged and cannot be opened ({error}); use another copy.") from error
-    width, height = _oriented_size(img)
-    _check_size(width, height, label)
+    # Check the declared size before anything that may decode: Pillow's PNG getexif() loads every
+    # pixel to look for an eXIf chunk after the image data. The checks do not depend on orientation.
+    _check_size(img.width, img.height, label)
     return img
 
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import cv2
@@ -13,27 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import badfiles
+from badfiles import dicom_bytes as _dicom
+from badfiles import gradient as _gradient
+from badfiles import pil_bytes as _save
+from badfiles import png_header_only as _png_header_only
+from badfiles import ramp12 as _ramp12
 from cxr_core.errors import BadImageError
 from cxr_core.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_header, load_gray, to_model_input
-
-
-def _gradient(h: int = 40, w: int = 60) -> np.ndarray:
-    return (np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w - 2)).astype(np.uint8)
-
-
-def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height, with a tiny (invalid) body: a 'bomb' header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,31 +98,6 @@ def test_exif_orientation_is_applied():
 # ---------------------------------------------------------------------------------------------
 
 
-def _dicom(arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, preamble: bool = True, **tags) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.set_pixel_data(arr, photometric, bits)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=preamble)
-    return buffer.getvalue()
-
-
-def _ramp12(h: int = 32, w: int = 64) -> np.ndarray:
-    return np.tile(np.linspace(0, 4095, w).astype(np.uint16), (h, 1))
-
-
 def test_dicom_without_window_uses_full_range(tmp_path: Path):
     data = _dicom(_ramp12())
     assert data[128:132] == b"DICM"
@@ -199,20 +159,9 @@ def test_dicom_rgb_becomes_gray():
 
 
 def test_dicom_without_pixel_data_is_refused():
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # a structured report
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.PatientName = "Nobody"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(BadImageError, match=r"report\.dcm holds no pixel data"):
-        load_gray(buffer.getvalue(), name="report.dcm")
+    data, name = badfiles.dicom_without_pixels()
+    with pytest.raises(BadImageError, match=rf"{name} holds no pixel data"):
+        load_gray(data, name=name)
 
 
 def test_corrupt_dicom_is_refused():
@@ -242,22 +191,17 @@ def test_empty_file(tmp_path: Path):
 
 
 def test_truncated_jpeg(tmp_path: Path):
-    rng = np.random.default_rng(0)
-    noisy = rng.integers(0, 255, (200, 200), dtype=np.uint8)
-    ok, buffer = cv2.imencode(".jpeg", noisy)
+    data, _ = badfiles.truncated_jpeg()
     path = tmp_path / "cut.jpeg"
-    path.write_bytes(buffer.tobytes()[: len(buffer) // 2])
+    path.write_bytes(data)
     assert image_header(path) == (200, 200)  # the header alone looks fine
     with pytest.raises(BadImageError, match=r"cut\.jpeg is truncated or damaged"):
         load_gray(path)
 
 
-@pytest.mark.parametrize(
-    "content",
-    [b"hello, this is not a picture\n" * 10, b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n" * 5],
-    ids=["text", "pdf"],
-)
-def test_non_images_named_jpg(tmp_path: Path, content: bytes):
+@pytest.mark.parametrize("maker", [badfiles.text_named_jpg, badfiles.pdf_named_jpg], ids=["text", "pdf"])
+def test_non_images_named_jpg(tmp_path: Path, maker):
+    content, _ = maker()
     path = tmp_path / "fake.jpg"
     path.write_bytes(content)
     with pytest.raises(BadImageError, match=r"fake\.jpg is not an image this program can read"):
@@ -267,9 +211,9 @@ def test_non_images_named_jpg(tmp_path: Path, content: bytes):
 
 
 def test_tiny_image_is_refused():
-    data = _save(Image.new("L", (1, 1)), "PNG")
-    with pytest.raises(BadImageError, match=r"dot\.png is only 1 x 1 pixels"):
-        load_gray(data, name="dot.png")
+    data, name = badfiles.one_pixel_png()
+    with pytest.raises(BadImageError, match=rf"{name} is only 1 x 1 pixels"):
+        load_gray(data, name=name)
 
 
 @pytest.mark.parametrize("side", [8000, 10_000, 20_000], ids=["64M", "100M-warning", "400M-bomb"])
