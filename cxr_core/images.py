@@ -132,6 +132,10 @@ def _open_pil(data: bytes, label: str) -> Image.Image:
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     width, height = img.size
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow's PNG getexif() decodes every pixel to look for a trailing eXIf chunk; PNG X-rays
+        # almost never have one, and a header read must stay a header read.
+        return width, height
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable

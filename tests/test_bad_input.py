@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -505,7 +506,7 @@ def test_cli_train_on_a_bad_folder_exits_2_with_one_line(key, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert_one_sentence(result.stderr.strip()[len("error: "):])
-    import re
+
 
     assert re.search(pattern, result.stderr), result.stderr
     # The failed attempt is recorded as failed, never as done, and has no model.
@@ -597,7 +598,7 @@ def test_dataset_page_refuses_a_hostile_zip_upload(key):
     errors = [str(e.value) for e in at.error]
     assert len(errors) == 1, errors
     assert_one_sentence(errors[0])
-    import re
+
 
     assert re.search(pattern, errors[0]), errors[0]
     assert list(root.iterdir()) == []  # nothing extracted, no hidden half-extracted folder

@@ -16,7 +16,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
