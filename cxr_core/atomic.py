@@ -125,3 +125,23 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def sweep_stale_temps(directory: str | os.PathLike, older_than_s: float = 3600.0) -> int:
+    """Remove temporary files that a killed writer left behind (``.<name>.tmp-*``).
+
+    Only files older than ``older_than_s`` go, so a writer still at work in another process keeps
+    its file. Returns how many were removed.
+    """
+    import time  # noqa: PLC0415
+
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for path in Path(directory).rglob(".*.tmp-*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed

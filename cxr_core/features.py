@@ -251,6 +251,8 @@ def extract_features(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = model_key(model_cfg, seed)
     model_dir = root / key
+    if model_dir.is_dir():
+        atomic.sweep_stale_temps(model_dir)  # leftovers of a process killed mid-write
     meta = atomic.read_json(model_dir / _META, default=None)
     dim = int(meta["feature_dim"]) if isinstance(meta, dict) and isinstance(meta.get("feature_dim"), int) else 0
     workers = workers or max(1, min(8, os.cpu_count() or 1))

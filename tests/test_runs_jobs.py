@@ -172,3 +172,17 @@ def test_progress_moves_within_an_epoch(tmp_path):
     progress = runs.read_progress(run)
     assert progress["fraction"] == pytest.approx(1.5 / 4)
     assert progress["eta_s"] == 20
+
+
+def test_sweep_stale_temps_keeps_fresh_ones(tmp_path):
+    from cxr_core.atomic import sweep_stale_temps
+
+    old = tmp_path / "ab" / ".x.npy.tmp-123.npy"
+    fresh = tmp_path / "ab" / ".y.npy.tmp-456.npy"
+    keep = tmp_path / "ab" / "x.npy"
+    old.parent.mkdir()
+    for p in (old, fresh, keep):
+        p.write_bytes(b"1")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert sweep_stale_temps(tmp_path) == 1
+    assert not old.exists() and fresh.exists() and keep.exists()
