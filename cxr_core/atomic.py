@@ -47,6 +47,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes 0600 files; run folders are meant to be read by others (a web server, a team).
+    os.chmod(tmp, 0o644)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
