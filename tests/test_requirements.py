@@ -1,0 +1,32 @@
+"""requirements.txt picks the right TensorFlow build on each platform users run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+
+
+def _requirements() -> list[Requirement]:
+    lines = [line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
+@pytest.mark.parametrize("platform,machine,python,expected", [
+    ("linux", "x86_64", "3.11", "tensorflow-cpu"),
+    ("linux", "x86_64", "3.13", "tensorflow-cpu"),
+    ("darwin", "arm64", "3.12", "tensorflow"),
+    ("linux", "aarch64", "3.11", "tensorflow"),
+])
+def test_exactly_one_tensorflow_per_platform(platform, machine, python, expected):
+    env = {"sys_platform": platform, "platform_machine": machine, "python_version": python}
+    chosen = [r.name for r in _requirements()
+              if r.name.startswith("tensorflow") and (r.marker is None or r.marker.evaluate(env))]
+    assert chosen == [expected]
+
+
+def test_every_requirement_has_an_upper_bound():
+    for requirement in _requirements():
+        assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), requirement
