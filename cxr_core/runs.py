@@ -31,6 +31,12 @@ DEFAULT_RUNS_DIR = ARTIFACTS_DIR / "runs"
 #: The shipped demo run (trained from scratch on the real Kermany images; see its MODEL_CARD.md).
 DEMO_RUN_DIR = ARTIFACTS_DIR / "demo-mobilenet"
 
+
+def demo_run_dir() -> Path:
+    """The demo run: ``$CXR_DEMO_RUN`` when set (a deployment may ship its own; tests hide it),
+    else ``DEMO_RUN_DIR``."""
+    return Path(os.environ.get("CXR_DEMO_RUN") or DEMO_RUN_DIR).expanduser()
+
 STATES = ("running", "done", "failed", "cancelled")
 CANCEL_FILE = "cancel.request"
 MODEL_FILE = "model.keras"
@@ -280,7 +286,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         test_auc=test_auc,
         duration_s=duration,
         started=started,
-        is_demo=run_dir.resolve() == DEMO_RUN_DIR.resolve(),
+        is_demo=run_dir.resolve() == demo_run_dir().resolve(),
     )
 
 
@@ -290,8 +296,9 @@ def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True) 
     dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     summaries = [summarize_run(p) for p in dirs]
     summaries.sort(key=lambda s: (s.started or 0, s.run_id), reverse=True)
-    if include_demo and (DEMO_RUN_DIR / MODEL_FILE).is_file():
-        summaries.append(summarize_run(DEMO_RUN_DIR))
+    demo = demo_run_dir()
+    if include_demo and (demo / MODEL_FILE).is_file():
+        summaries.append(summarize_run(demo))
     return summaries
 
 
@@ -303,7 +310,7 @@ def finished_runs(root: str | os.PathLike | None = None) -> list[RunSummary]:
 def delete_run(run_dir: str | os.PathLike) -> None:
     """Delete a run folder. Refuses the shipped demo run and a run that is still running."""
     run_dir = Path(run_dir)
-    if run_dir.resolve() == DEMO_RUN_DIR.resolve():
+    if run_dir.resolve() == demo_run_dir().resolve():
         raise BadRunError("The shipped demo run cannot be deleted from the app.")
     if read_status(run_dir)["state"] == "running":
         raise BadRunError(f"Run {run_dir.name} is still running; cancel it before deleting it.")

@@ -242,7 +242,7 @@ def finished_runs() -> list:
 
 
 def demo_available() -> bool:
-    return (runs.DEMO_RUN_DIR / runs.MODEL_FILE).is_file()
+    return (runs.demo_run_dir() / runs.MODEL_FILE).is_file()
 
 
 def selected_run(candidates: list | None = None):

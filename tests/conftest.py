@@ -103,3 +103,5 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CXR_RUNS_DIR", str(base / "runs"))
     monkeypatch.setenv("CXR_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("CXR_DATA_ROOT", str(base / "data"))
+    # Hide the shipped demo run: tests of "no runs yet" must see none (tests of the demo unset this).
+    monkeypatch.setenv("CXR_DEMO_RUN", str(base / "no-demo"))

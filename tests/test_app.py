@@ -228,6 +228,7 @@ def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):
     at.session_state[KEY_DATASET] = small_kermany
     render(at, "pages/training.py", "training (data set chosen)")
     at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at, None, "training (backbone chosen)")
     at.selectbox(key="train_weights_mobilenet_v2").set_value("none")
     render(at, None, "training (form)")
     at.select_slider(key="train_size_mobilenet_v2").set_value(32)
@@ -307,3 +308,20 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run):
     assert table.loc[0, "label"] in ("NORMAL", "PNEUMONIA")
     assert len(at.image) >= 1  # original and Grad-CAM overlay
     assert at.download_button
+
+
+# --- The shipped demo run ------------------------------------------------------------------------
+def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
+    from cxr_core import runs
+
+    monkeypatch.delenv("CXR_DEMO_RUN")
+    if not (runs.DEMO_RUN_DIR / runs.MODEL_FILE).is_file():
+        pytest.skip("no demo run in artifacts/")
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/predict.py", "predict (demo run)")
+    assert "demo" in at.selectbox[0].value.lower() or "demo" in text_of(at).lower()
+    at.file_uploader(key="predict_upload").set_value([("chest.png", png_bytes(True), "image/png")])
+    render(at, None, "predict (demo, 1 upload)")
+    table = at.dataframe[0].value
+    assert 0.0 <= float(table.loc[0, "probability"]) <= 1.0
