@@ -44,7 +44,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 FULL = dict(mobilenet_n=None, inception_n=500, epochs=10, extract_mobilenet_n=1000, extract_inception_n=160,
             calls=40, demo_n=600, app_variants=True)
-QUICK = dict(mobilenet_n=400, inception_n=100, epochs=3, extract_mobilenet_n=128, extract_inception_n=32,
+QUICK = dict(mobilenet_n=300, inception_n=60, epochs=2, extract_mobilenet_n=128, extract_inception_n=32,
              calls=10, demo_n=200, app_variants=False)
 
 

@@ -328,7 +328,9 @@ def extract_features(
         # Phase 2: run the model on the misses, loading batch N+1 while batch N runs.
         if misses and not cancelled:
             batches = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
-            extractor, backbone, predict = _make_extractor(model_cfg, seed, size, compiled=len(batches) > 3)
+            # Always compiled: eager calls of a large backbone (InceptionV3) keep every intermediate tensor and
+            # peaked at over 5 GB on 60 images; compiling costs about a second once.
+            extractor, backbone, predict = _make_extractor(model_cfg, seed, size, compiled=True)
             model_dim = int(extractor.output.shape[-1])
             if model_dim != dim:
                 dim = model_dim

@@ -428,7 +428,10 @@ def _train_head(config, rows, features, plan, report, stop_requested, on_epoch_e
     train_mask = (rows["split"] == "train").to_numpy()
     val_mask = (rows["split"] == "val").to_numpy()
     y = rows["y"].to_numpy(dtype=np.float32)
-    head = model_lib.build_head(features.shape[1], config.model.dropout)
+    # Seeded here, not only at the start: a cold run builds the backbone (which draws random numbers)
+    # and a warm run does not, and both must train the same head.
+    _seed_everything(config.train.seed)
+    head = model_lib.build_head(features.shape[1], config.model.dropout, seed=config.train.seed)
     # A head step on in-memory features costs microseconds; running many steps per call removes the
     # per-step Python overhead that would otherwise dominate an epoch.
     _compile(head, config.train.learning_rate, steps_per_execution=32)
