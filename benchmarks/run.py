@@ -240,8 +240,9 @@ def run_config(backbone: str, limit: int | None, epochs: int, cache_dir: Path) -
     return RunConfig(
         data=DataConfig(data_dir=str(DATA), split="random", seed=123, limit=limit),
         model=ModelConfig(**model_args(backbone)),
+        # restore_best=False: the reference keeps the last epoch's weights; compare like with like.
         train=TrainConfig(epochs=epochs, batch_size=32, learning_rate=1e-3, balance="augment", seed=123,
-                          cache_dir=str(cache_dir)),
+                          restore_best=False, cache_dir=str(cache_dir)),
     ).to_dict()
 
 
