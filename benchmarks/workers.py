@@ -199,7 +199,6 @@ def make_run_folder(args: dict) -> dict:
 
 
 def latency(args: dict) -> dict:
-    import numpy as np
     import pandas as pd
 
     from cxr_core.images import load_gray

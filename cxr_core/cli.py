@@ -18,8 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .config import (  # noqa: E402
-    BACKBONE_NAMES, BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, AugmentConfig, DataConfig, ModelConfig, RunConfig,
-    TrainConfig,
+    BACKBONE_NAMES, BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, RunConfig,
 )
 from .errors import CxrError  # noqa: E402
 
