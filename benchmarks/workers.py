@@ -195,7 +195,12 @@ def make_run_folder(args: dict) -> dict:
     write_json_atomic(run_dir / "config.json", config.to_dict())
     write_json_atomic(run_dir / "metrics.json", {"threshold": 0.5})
     runs.write_status(run_dir, "done", message="benchmark fixture (untrained head)")
-    return {"run_dir": str(run_dir)}
+    from cxr_core.litert import export_classifier
+    from cxr_core.model import BACKBONES
+
+    t = time.time()
+    export_classifier(classifier, run_dir, BACKBONES[config.model.backbone].last_conv_layer)
+    return {"run_dir": str(run_dir), "export_s": time.time() - t}
 
 
 def latency(args: dict) -> dict:
@@ -210,7 +215,7 @@ def latency(args: dict) -> dict:
     paths = pd.read_csv(args["rows"])["path"].astype(str).tolist()
     grays = [load_gray(p) for p in paths]
     t = time.time()
-    predictor = Predictor.from_run(args["run_dir"])
+    predictor = Predictor.from_run(args["run_dir"], engine=args.get("engine", "auto"))
     load_s = time.time() - t
     calls = int(args["calls"])
 
@@ -237,6 +242,8 @@ def latency(args: dict) -> dict:
     return {
         "run_dir": args["run_dir"],
         "backbone": predictor.config.model.backbone,
+        "engine": predictor.engine,
+        "tensorflow_imported": "tensorflow" in sys.modules,
         "image_size": predictor.image_size,
         "calls": calls,
         "import_s": import_s,
@@ -283,7 +290,8 @@ def app_inprocess(args: dict) -> dict:
     for _ in range(5):
         predictor.explain(gray)
     steps["explain x6"] = _status_mb()
-    return {"steps": steps, "maxrss_mb": _maxrss_mb(), "probability": float(probability)}
+    return {"steps": steps, "maxrss_mb": _maxrss_mb(), "probability": float(probability),
+            "engine": predictor.engine, "tensorflow_imported": "tensorflow" in sys.modules}
 
 
 # ---------------------------------------------------------------------------------------------

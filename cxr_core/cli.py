@@ -1,4 +1,4 @@
-"""Command line: ``python -m cxr_core train | evaluate | predict``.
+"""Command line: ``python -m cxr_core train | evaluate | predict | export``.
 
 Exit codes: 0 ok; 2 bad input (one sentence on stderr, no traceback); 3 training cancelled;
 1 unexpected failure.
@@ -25,6 +25,7 @@ from .errors import CxrError  # noqa: E402
 log = logging.getLogger("cxr_core")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+ENGINES = ("auto", "litert", "keras")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,17 +67,25 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="stratified subset of N images, for quick demos")
     t.add_argument("--seed", type=int, help="seed of split, augmentation and training (default 123)")
     t.add_argument("--cache-dir", help="feature cache (default: $CXR_CACHE_DIR or ~/.cache/cxr-workbench/features)")
+    t.add_argument("--export-litert", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write model.tflite for TensorFlow-free prediction (default: yes)")
 
     e = sub.add_parser("evaluate", parents=[common], help="metrics of a run over every image in a folder (one JSON object)")
     e.add_argument("--run", required=True, help="run folder")
     e.add_argument("--data", required=True, help="data set folder")
     e.add_argument("--threshold", type=float, help="override the run's chosen threshold")
+    e.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
 
     p = sub.add_parser("predict", parents=[common], help="classify files (one JSON object per line)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("files", nargs="+", help="JPEG, PNG, BMP, TIFF or DICOM files")
     p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per file here")
     p.add_argument("--threshold", type=float, help="override the run's chosen threshold")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
+
+    x = sub.add_parser("export", parents=[common],
+                       help="write model.tflite (LiteRT) for a run, so the app predicts without TensorFlow")
+    x.add_argument("--run", required=True, help="run folder")
     return parser
 
 
@@ -116,7 +125,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      balance=args.balance, fine_tune_layers=args.fine_tune_layers,
                      fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
                      online_augment=args.online_augment, threshold_rule=args.threshold_rule,
-                     target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir)
+                     target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
+                     export_litert=args.export_litert)
     except ValueError as error:
         raise CxrError(str(error)) from error
     if model.backbone not in BACKBONE_NAMES:
@@ -161,7 +171,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import binary_metrics  # noqa: PLC0415
     from .predict import Predictor  # noqa: PLC0415
 
-    predictor = Predictor.from_run(args.run)
+    predictor = Predictor.from_run(args.run, engine=args.engine)
     threshold = predictor.threshold if args.threshold is None else args.threshold
     scan = scan_dataset(args.data)
     paths = scan.manifest["path"].tolist()
@@ -186,7 +196,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, overlay_heatmap  # noqa: PLC0415
 
-    predictor = Predictor.from_run(args.run)
+    predictor = Predictor.from_run(args.run, engine=args.engine)
     if args.threshold is not None:
         predictor.threshold = args.threshold
     out_dir = Path(args.gradcam) if args.gradcam else None
@@ -198,6 +208,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             result["gradcam"] = _write_gradcam(predictor, result["file"], out_dir, overlay_heatmap)
         print(json.dumps(result, default=_json_default), flush=True)
     return EXIT_BAD_INPUT if any_error else EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .litert import export_run, lite_status  # noqa: PLC0415
+
+    path = export_run(args.run)
+    print(path)
+    reason = lite_status(args.run)
+    if reason is not None:  # written, but this machine cannot run it
+        print(f"note: {path} was written, but it will not be used here because {reason}.", file=sys.stderr)
+    return EXIT_OK
 
 
 def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> str:
@@ -226,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+                "export": _cmd_export}
     started = time.time()
     try:
         return handlers[args.command](args)

@@ -1,9 +1,11 @@
 """Load a trained run; probabilities, Grad-CAM heatmaps and overlays for new images.
 
 ``Predictor.from_run(run_dir)`` reads the run folder (``config.json``, ``metrics.json`` for the
-decision threshold, ``model.keras`` in Keras safe mode) and keeps two compiled functions: one for
-batched probabilities and one that returns the probability and the Grad-CAM map of a batch in a
-single forward pass. TensorFlow is imported lazily so ``import cxr_core.predict`` stays light.
+decision threshold) and runs the network on one of two engines: LiteRT (``model.tflite``, see
+``cxr_core.litert``; no TensorFlow, so a small server) when the folder has a current export, else
+Keras (``model.keras`` in safe mode, two compiled functions: batched probabilities, and the
+probability with the Grad-CAM map in a single forward pass). Both give the same probabilities
+and heatmaps. TensorFlow is imported lazily so ``import cxr_core.predict`` stays light.
 """
 from __future__ import annotations
 
@@ -81,55 +83,103 @@ def _gray_checked(gray: Any) -> np.ndarray:
     return arr
 
 
+class KerasEngine:
+    """Runs a Keras classifier with TensorFlow: logits, or logits and Grad-CAM maps, for batches."""
+
+    name = "Keras"
+
+    def __init__(self, classifier: "keras.Model", config: RunConfig, where: str) -> None:
+        self.classifier = classifier
+        self.config = config
+        self._where = where
+        shape = classifier.input_shape
+        if isinstance(shape, list):  # a model with several inputs is not one of ours
+            raise BadRunError(f"The model in {where} takes several inputs; it is not an image classifier.")
+        if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+            raise BadRunError(
+                f"The model in {where} expects input of shape {shape}, not a square three-channel image."
+            )
+        self.image_size = int(shape[1])
+        self._predict_fn = None
+        self._explain_fn = None
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        if self._predict_fn is None:
+            import tensorflow as tf
+
+            model = self.classifier
+            # One trace for any batch size; training=False keeps Dropout and BatchNorm in inference mode.
+            self._predict_fn = tf.function(
+                lambda x: model(x, training=False),
+                input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
+            )
+        return self._predict_fn(np.asarray(batch, np.float32)).numpy().reshape(-1)
+
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._explain_fn is None:
+            self._explain_fn = _make_explain_fn(self.classifier, self.config, self.image_size, self._where)
+        logits, cams = self._explain_fn(np.asarray(batch, np.float32))
+        return logits.numpy().reshape(-1), cams.numpy()
+
+
 class Predictor:
     """A trained classifier with its decision threshold.
+
+    The network runs on one of two engines with the same results: ``LiteRT`` (``model.tflite``,
+    no TensorFlow, about 50 MB) when the run folder has a current export and the runtime is
+    installed, else ``Keras`` (``model.keras`` through TensorFlow).
 
     Attributes:
         threshold: probability at or above which an image is called PNEUMONIA.
         image_size: side of the square model input, in pixels.
         config: the run's configuration.
         run_dir: the run folder it was loaded from (``None`` when built from a model object).
+        engine: ``"LiteRT"`` or ``"Keras"``.
+        classifier: the Keras model on the Keras engine, else ``None``.
     """
 
     def __init__(
         self,
-        classifier: "keras.Model",
+        classifier: Any,
         config: RunConfig,
         threshold: float = DEFAULT_THRESHOLD,
         run_dir: Path | None = None,
     ) -> None:
-        """Wrap a loaded classifier (image in 0..255 -> logit).
+        """Wrap a loaded classifier (image in 0..255 -> logit) or an engine.
 
         Args:
-            classifier: model from ``model.build_classifier`` / ``model.load_classifier``.
+            classifier: a Keras model from ``model.build_classifier`` / ``model.load_classifier``,
+                or an engine (``KerasEngine`` / ``litert.LiteEngine``).
             config: the run configuration (its backbone names the Grad-CAM layer).
             threshold: decision threshold in [0, 1].
             run_dir: where it came from, for messages.
         """
-        self.classifier = classifier
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._threshold = _check_threshold(threshold, "of a predictor")
-        shape = classifier.input_shape
-        if isinstance(shape, list):  # a model with several inputs is not one of ours
-            raise BadRunError(f"The model in {self._where()} takes several inputs; it is not an image classifier.")
-        if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
-            raise BadRunError(
-                f"The model in {self._where()} expects input of shape {shape}, not a square three-channel image."
-            )
-        self.image_size = int(shape[1])
-        self._predict_fn = None
-        self._explain_fn = None
+        if hasattr(classifier, "explain") and hasattr(classifier, "logits"):
+            self._engine = classifier
+        else:
+            self._engine = KerasEngine(classifier, config, self._where())
+        self.classifier = getattr(self._engine, "classifier", None)
+        self.image_size = int(self._engine.image_size)
+
+    @property
+    def engine(self) -> str:
+        """``"LiteRT"`` or ``"Keras"``."""
+        return self._engine.name
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, threshold: float | None = None) -> "Predictor":
+    def from_run(cls, run_dir: str | Path, threshold: float | None = None, engine: str = "auto") -> "Predictor":
         """Load a finished run folder.
 
         Args:
-            run_dir: folder holding config.json, model.keras and (optionally) metrics.json.
+            run_dir: folder holding config.json, model.keras, (optionally) metrics.json and the
+                LiteRT export model.tflite.
             threshold: overrides the threshold in metrics.json; when both are absent, 0.5.
+            engine: ``"auto"`` (LiteRT when usable, else Keras), ``"litert"`` or ``"keras"``.
 
         Returns:
             a ready Predictor.
@@ -137,20 +187,10 @@ class Predictor:
         Raises:
             BadRunError: one sentence naming the run folder and what is missing or damaged.
         """
+        if engine not in ("auto", "litert", "keras"):
+            raise CxrError(f"The engine must be auto, litert or keras; got {engine!r}.")
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise BadRunError(f"The run folder {run_dir} does not exist.")
-
-        config_path = run_dir / CONFIG_FILE
-        try:
-            raw = _read_json_file(config_path, run_dir, "settings")
-        except FileNotFoundError:
-            raise BadRunError(f"The run folder {run_dir} has no {CONFIG_FILE}, so it cannot be loaded.") from None
-        try:
-            config = RunConfig.from_dict(raw)
-        except BadRunError as error:
-            raise BadRunError(f"The run folder {run_dir} cannot be loaded: {_lower_first(str(error))}") from error
-
+        config = load_run_config(run_dir)
         if threshold is not None:
             chosen = _check_threshold(threshold, "asked for")
         else:
@@ -161,22 +201,38 @@ class Predictor:
             raise BadRunError(
                 f"The run folder {run_dir} has no {MODEL_FILE}; its training may still be running or may have failed."
             )
-        from .model import load_classifier
+        runner = None
+        if engine != "keras":
+            from . import litert
 
-        try:
-            classifier = load_classifier(model_path)
-        except CxrError as error:
-            raise BadRunError(
-                f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; the file is damaged or not a model."
-            ) from error
-        predictor = cls(classifier, config, threshold=chosen, run_dir=run_dir)
+            reason = litert.lite_status(run_dir)
+            if reason is None:
+                try:
+                    runner = litert.LiteEngine(run_dir / litert.LITE_FILE)
+                except BadRunError as error:
+                    reason = str(error)
+            if runner is None:
+                if engine == "litert":
+                    raise BadRunError(f"The run folder {run_dir} cannot be run with LiteRT: {_lower_first(reason).rstrip('.')}.")
+                logger.info("Run %s: using Keras because %s.", run_dir, reason)
+        if runner is None:
+            from .model import load_classifier
+
+            try:
+                classifier = load_classifier(model_path)
+            except CxrError as error:
+                raise BadRunError(
+                    f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; the file is damaged or not a model."
+                ) from error
+            runner = KerasEngine(classifier, config, f"run folder {run_dir}")
+        predictor = cls(runner, config, threshold=chosen, run_dir=run_dir)
         if config.model.image_size and int(config.model.image_size) != predictor.image_size:
             # The saved model is the truth; the config may have been edited by hand.
             logger.warning(
                 "Run folder %s: config.json says image size %s but the model takes %d; using the model's.",
                 run_dir, config.model.image_size, predictor.image_size,
             )
-        logger.info("Loaded run %s (threshold %.4f).", run_dir, chosen)
+        logger.info("Loaded run %s with %s (threshold %.4f).", run_dir, predictor.engine, chosen)
         return predictor
 
     # -- threshold -----------------------------------------------------------------------------
@@ -201,18 +257,6 @@ class Predictor:
 
         return np.stack([to_model_input(_gray_checked(g), self.image_size) for g in grays]).astype(np.float32)
 
-    def _get_predict_fn(self):
-        if self._predict_fn is None:
-            import tensorflow as tf
-
-            model = self.classifier
-            # One trace for any batch size; training=False keeps Dropout and BatchNorm in inference mode.
-            self._predict_fn = tf.function(
-                lambda x: model(x, training=False),
-                input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
-            )
-        return self._predict_fn
-
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for model-ready inputs.
 
@@ -222,11 +266,9 @@ class Predictor:
         Returns:
             float64 (n,) probabilities of PNEUMONIA.
         """
-        fn = self._get_predict_fn()
         out = []
         for start in range(0, len(batch), BATCH_SIZE):
-            logits = fn(np.asarray(batch[start : start + BATCH_SIZE], np.float32)).numpy()
-            out.append(_sigmoid(logits.reshape(-1)))
+            out.append(_sigmoid(self._engine.logits(np.asarray(batch[start : start + BATCH_SIZE], np.float32))))
         return np.concatenate(out) if out else np.zeros(0, np.float64)
 
     def predict_grays(self, grays: Sequence[np.ndarray]) -> np.ndarray:
@@ -307,11 +349,6 @@ class Predictor:
 
     # -- Grad-CAM ------------------------------------------------------------------------------
 
-    def _get_explain_fn(self):
-        if self._explain_fn is None:
-            self._explain_fn = _make_explain_fn(self.classifier, self.config, self.image_size, self._where())
-        return self._explain_fn
-
     def explain_batch(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Probabilities and Grad-CAM heatmaps of several images in one forward pass.
 
@@ -321,14 +358,13 @@ class Predictor:
         Returns:
             (probabilities float64 (n,), heatmaps: float32 (h, w) in [0, 1], each at its image's size).
         """
-        fn = self._get_explain_fn()
         probs: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start : start + BATCH_SIZE]]
-            logits, cams = fn(self._inputs(part))
-            probs.append(_sigmoid(logits.numpy().reshape(-1)))
-            for gray, cam in zip(part, cams.numpy()):
+            logits, cams = self._engine.explain(self._inputs(part))
+            probs.append(_sigmoid(logits))
+            for gray, cam in zip(part, cams):
                 maps.append(_finish_cam(cam, gray.shape))
         return (np.concatenate(probs) if probs else np.zeros(0, np.float64)), maps
 
@@ -364,6 +400,21 @@ class Predictor:
 
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text else text
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The ``RunConfig`` of a run folder; BadRunError (one sentence) when it is missing or damaged."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadRunError(f"The run folder {run_dir} does not exist.")
+    try:
+        raw = _read_json_file(run_dir / CONFIG_FILE, run_dir, "settings")
+    except FileNotFoundError:
+        raise BadRunError(f"The run folder {run_dir} has no {CONFIG_FILE}, so it cannot be loaded.") from None
+    try:
+        return RunConfig.from_dict(raw)
+    except BadRunError as error:
+        raise BadRunError(f"The run folder {run_dir} cannot be loaded: {_lower_first(str(error))}") from error
 
 
 def _threshold_from_metrics(run_dir: Path) -> float:

@@ -164,7 +164,7 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
     """The latest progress of a run, for a progress bar.
 
     Returns:
-        dict with ``stage`` (scan / split / extract / train / fine_tune / evaluate / save / done),
+        dict with ``stage`` (scan / split / extract / train / fine_tune / evaluate / save / export / done),
         ``done`` and ``total`` (units of the stage), ``fraction`` (0..1 of the stage), ``eta_s``
         (seconds left in the stage, or None), ``epoch``/``epochs`` and ``message``.
     """

@@ -43,8 +43,13 @@ def run_card(summary) -> float | None:
              help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
                   "validation images (see the Evaluation page).")
     d.metric("Test ROC AUC", ui.fmt_num(summary.test_auc))
-    if summary.is_demo:
-        st.caption("This is the shipped demo run. Its model card in the run folder says what it was trained on.")
+    engine = ("It runs on **LiteRT**, without TensorFlow, from the run's model.tflite."
+              if predictor.engine == "LiteRT" else
+              "It runs on **Keras/TensorFlow** (this run has no current model.tflite; "
+              "`python -m cxr_core export --run RUN` writes one and makes the app lighter).")
+    demo = "This is the shipped demo run; its model card in the run folder says what it was trained on. " \
+        if summary.is_demo else ""
+    st.caption(demo + engine)
     return predictor.threshold
 
 

@@ -22,7 +22,7 @@ ui.page_header(
 
 STAGES = {"scan": "Reading the data set", "split": "Splitting", "extract": "Extracting features",
           "train": "Training the head", "fine_tune": "Fine-tuning", "evaluate": "Testing",
-          "save": "Saving the model", "done": "Done", "failed": "Failed", "cancelled": "Cancelled"}
+          "save": "Saving the model", "export": "Exporting for light prediction", "done": "Done", "failed": "Failed", "cancelled": "Cancelled"}
 KEY_LIVE_STATE = "training_live_state"  # {run_dir: last state seen} so a finish refreshes the page once
 SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
 PERSIST = {"persist_state": "session"}

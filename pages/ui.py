@@ -291,10 +291,15 @@ def copy_state(source: str, target: str) -> None:
 
 
 def _model_stamp(run_dir: Path) -> float:
-    try:
-        return (Path(run_dir) / runs.MODEL_FILE).stat().st_mtime
-    except OSError:
-        return 0.0
+    # The LiteRT export may be added to a run later (python -m cxr_core export); either file changing
+    # must load the predictor anew.
+    stamps = []
+    for name in (runs.MODEL_FILE, "model.tflite.json"):
+        try:
+            stamps.append((Path(run_dir) / name).stat().st_mtime)
+        except OSError:
+            pass
+    return max(stamps, default=0.0)
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)

@@ -57,3 +57,23 @@ def test_demo_run_separates_real_images(demo, shared_dir):
     results = predictor.predict_files([str(f) for f in files])
     correct = sum(r["label"] == f.parent.name for r, f in zip(results, files))
     assert correct >= 0.8 * len(files)
+
+
+def test_demo_run_ships_a_current_litert_export(demo):
+    from cxr_core import litert
+    from cxr_core.predict import Predictor
+
+    if not litert.runtime_available():
+        pytest.skip("ai-edge-litert is not installed")
+    # The app predicts with this file, without TensorFlow; it must be the export of this model.keras.
+    assert litert.lite_status(demo) is None
+    lite = Predictor.from_run(demo)
+    keras_ = Predictor.from_run(demo, engine="keras")
+    assert lite.engine == "LiteRT"
+    rng = np.random.default_rng(1)
+    grays = [rng.integers(0, 255, (200 + 10 * i, 180), dtype=np.uint8) for i in range(4)]
+    p_lite, maps_lite = lite.explain_batch(grays)
+    p_keras, maps_keras = keras_.explain_batch(grays)
+    np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
+    for a, b in zip(maps_lite, maps_keras):
+        np.testing.assert_allclose(a, b, atol=1e-4)

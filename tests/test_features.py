@@ -86,7 +86,8 @@ def test_second_call_is_all_cache_and_identical(tiny_dataset: Path, tmp_path: Pa
     assert (second.n_computed, second.n_cached) == (0, 36)
     assert second.backbone is None  # nothing to compute: the model was not even built
     np.testing.assert_array_equal(second.features, first.features)
-    assert calls[-1] == (36, 36) and len(calls) == 5
+    assert calls == [(36, 36)]  # one read of the pack the first call wrote
+    assert len(list((tmp_path / first.model_key / "packs").glob("*.npz"))) == 1
 
     # Without the sha256 column the files are hashed: same keys, still all cached.
     third = extract_features(_rows(tiny_dataset, with_sha=False), CFG, None, cache_dir=tmp_path)
@@ -101,6 +102,8 @@ def test_damaged_entries_are_recomputed(tiny_dataset: Path, tmp_path: Path):
     entries[0].write_bytes(entries[0].read_bytes()[:40])            # torn write
     entries[1].write_bytes(b"garbage")                             # not an .npy at all
     np.save(entries[2], np.zeros(7, np.float32))                   # wrong shape
+    for pack in tmp_path.rglob("*.npz"):  # without the pack, the entries are read one by one
+        pack.unlink()
     again = extract_features(rows, CFG, None, cache_dir=tmp_path)
     assert (again.n_computed, again.n_cached) == (3, 3)
     _assert_close(again.features, first.features)
@@ -155,3 +158,41 @@ def test_cancellation_between_batches(tiny_dataset: Path, tmp_path: Path):
 
     stopped = extract_features(rows, CFG, None, cache_dir=tmp_path / "other", should_stop=lambda: True)
     assert stopped.cancelled and stopped.n_computed == 0 and stopped.features.shape[0] == 0
+
+
+def test_packs_are_exact_checked_and_pruned(tiny_dataset: Path, tmp_path: Path):
+    rows = _rows(tiny_dataset)
+    first = extract_features(rows.iloc[:10], CFG, None, cache_dir=tmp_path)
+    packs = tmp_path / first.model_key / "packs"
+    (pack,) = packs.glob("*.npz")
+
+    # Another row order is another row list: its own pack, with the same vectors reordered.
+    reordered = extract_features(rows.iloc[:10].iloc[::-1], CFG, None, cache_dir=tmp_path)
+    assert reordered.n_computed == 0
+    np.testing.assert_array_equal(reordered.features, first.features[::-1])
+    assert len(list(packs.glob("*.npz"))) == 2
+
+    # A damaged pack is passed over: the entries answer and a good pack is written again.
+    pack.write_bytes(pack.read_bytes()[:100])
+    again = extract_features(rows.iloc[:10], CFG, None, cache_dir=tmp_path)
+    assert again.n_computed == 0
+    np.testing.assert_array_equal(again.features, first.features)
+    assert pack.stat().st_size > 10 * 1280 * 4
+
+    # Only the most recently used row lists keep a pack.
+    for n in range(11, 16):
+        extract_features(rows.iloc[:n], CFG, None, cache_dir=tmp_path)
+    assert len(list(packs.glob("*.npz"))) == 4
+
+
+def test_no_pack_when_rows_are_unreadable_or_cancelled(tiny_dataset: Path, tmp_path: Path):
+    rows = _rows(tiny_dataset).iloc[:12].copy()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    rows.loc[rows.index[0], "path"] = str(broken)
+    result = extract_features(rows, CFG, None, cache_dir=tmp_path / "cache")
+    assert len(result.errors) == 1
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    stopped = extract_features(_rows(tiny_dataset).iloc[12:30], CFG, None, cache_dir=tmp_path / "cache",
+                               batch_size=4, should_stop=lambda: True)
+    assert stopped.cancelled and not list((tmp_path / "cache").rglob("*.npz"))

@@ -30,3 +30,13 @@ def test_exactly_one_tensorflow_per_platform(platform, machine, python, expected
 def test_every_requirement_has_an_upper_bound():
     for requirement in _requirements():
         assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), requirement
+
+
+@pytest.mark.parametrize("platform,machine,wanted", [
+    ("linux", "x86_64", True), ("linux", "aarch64", True), ("darwin", "arm64", True),
+    ("win32", "AMD64", True), ("darwin", "x86_64", False),  # no LiteRT wheel for Intel Macs
+])
+def test_litert_runtime_where_wheels_exist(platform, machine, wanted):
+    env = {"sys_platform": platform, "platform_machine": machine, "python_version": "3.12"}
+    chosen = [r for r in _requirements() if r.name == "ai-edge-litert"]
+    assert len(chosen) == 1 and chosen[0].marker.evaluate(env) is wanted

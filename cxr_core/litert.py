@@ -1,0 +1,219 @@
+"""A trained classifier exported to LiteRT (``model.tflite``), and run without TensorFlow.
+
+Why: importing TensorFlow costs about 650 MB of memory, more than the smallest Streamlit Community
+Cloud container allows for the whole app. The LiteRT runtime (``ai-edge-litert``) runs the same
+network in about 50 MB, so the app's Predict and Evaluation pages never import TensorFlow when a
+run folder holds ``model.tflite``.
+
+The exported graph has two outputs computed in one forward pass:
+
+* ``logit``: the classifier's logit, as ``model.keras`` computes it;
+* ``cam``: ReLU(sum_k w_k A_k), where A_k are the last convolutional maps and w_k the final Dense
+  kernel. Every classifier here is backbone -> GlobalAveragePooling -> Dropout -> Dense(1), so the
+  Grad-CAM weights (the spatial mean of d logit / d A_k) are exactly w_k / (h' w'): Grad-CAM equals
+  this class-activation map up to a positive factor, which the [0, 1] normalisation removes.
+  No gradient is needed at prediction time.
+
+``model.tflite.json`` beside it records the SHA-256 of the ``model.keras`` it was made from; a
+predictor uses the LiteRT file only when that still matches, so a replaced ``model.keras`` is never
+explained by a stale export.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import BadRunError, CxrError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+LITE_FILE = "model.tflite"
+LITE_INFO_FILE = "model.tflite.json"
+SOURCE_FILE = "model.keras"
+FORMAT_VERSION = 1
+
+
+def runtime_available() -> bool:
+    """True when the LiteRT runtime (the ``ai-edge-litert`` package) can be imported."""
+    try:
+        return importlib.util.find_spec("ai_edge_litert") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- export (needs TensorFlow; runs in the training process or the CLI) -----------------------------
+
+def export_classifier(classifier: "keras.Model", run_dir: str | Path, last_conv_layer: str | None = None) -> Path:
+    """Write ``model.tflite`` and ``model.tflite.json`` for a classifier already saved as ``model.keras``.
+
+    Args:
+        classifier: the classifier (image 0..255 -> logit) that ``run_dir/model.keras`` holds.
+        run_dir: the run folder; ``model.keras`` must be there (its hash is recorded).
+        last_conv_layer: the layer whose maps make the CAM (default: the backbone table's).
+
+    Returns:
+        the path of ``model.tflite``.
+
+    Raises:
+        CxrError: when the conversion fails (one sentence); nothing half-written is left behind.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    from .model import gradcam_parts  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    source = run_dir / SOURCE_FILE
+    if not source.is_file():
+        raise BadRunError(f"The run folder {run_dir} has no {SOURCE_FILE} to export.")
+    t0 = time.time()
+    parts = gradcam_parts(classifier, last_conv_layer)
+    size = int(classifier.input_shape[1])
+    kernel = tf.constant(np.asarray(parts.logit.get_weights()[0])[:, 0], tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+    def serve(images):
+        conv, logits = parts.forward(images)
+        cam = tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))
+        return {"logit": tf.reshape(logits, [-1]), "cam": cam}
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], classifier)
+        # Convert the traced graph directly: lowering to a SavedModel first takes about 9 s more.
+        converter.experimental_lower_to_saved_model = False
+        flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises many kinds; all mean "this model did not convert"
+        log.debug("LiteRT conversion failed", exc_info=True)
+        raise CxrError(f"The model in {run_dir} could not be converted to LiteRT ({type(error).__name__}).") from error
+
+    info = {
+        "format": FORMAT_VERSION,
+        "source": SOURCE_FILE,
+        "source_sha256": file_sha256(source),
+        "image_size": size,
+        "last_conv_layer": parts.last_conv_layer,
+        "outputs": {"logit": "the classifier's logit", "cam": "ReLU(sum_k w_k A_k) at the last conv layer"},
+        "tensorflow": tf.__version__,
+        "seconds": round(time.time() - t0, 2),
+    }
+    target = run_dir / LITE_FILE
+    with atomic_path(target) as tmp:
+        Path(tmp).write_bytes(flatbuffer)
+    write_json_atomic(run_dir / LITE_INFO_FILE, info)
+    log.info("Exported %s (%.1f MB) in %.1f s.", target, len(flatbuffer) / 1e6, info["seconds"])
+    return target
+
+
+def export_run(run_dir: str | Path) -> Path:
+    """Load ``run_dir/model.keras`` and export it (for runs trained before exports existed)."""
+    from .model import BACKBONES, load_classifier  # noqa: PLC0415
+    from .predict import load_run_config  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    classifier = load_classifier(run_dir / SOURCE_FILE)
+    spec = BACKBONES.get(config.model.backbone)
+    return export_classifier(classifier, run_dir, spec.last_conv_layer if spec is not None else None)
+
+
+def lite_status(run_dir: str | Path) -> str | None:
+    """Why ``run_dir``'s LiteRT file cannot be used, or None when it can."""
+    run_dir = Path(run_dir)
+    lite, info_path, source = run_dir / LITE_FILE, run_dir / LITE_INFO_FILE, run_dir / SOURCE_FILE
+    if not lite.is_file():
+        return f"there is no {LITE_FILE}"
+    if not runtime_available():
+        return "the LiteRT runtime (ai-edge-litert) is not installed"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{LITE_INFO_FILE} is missing or unreadable"
+    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+        return f"{LITE_INFO_FILE} is of an unknown format"
+    try:
+        if info.get("source_sha256") != file_sha256(source):
+            return f"{LITE_FILE} was made from a different {SOURCE_FILE}"
+    except OSError:
+        return f"there is no {SOURCE_FILE}"
+    return None
+
+
+# -- running (no TensorFlow) -------------------------------------------------------------------
+
+class LiteEngine:
+    """Runs ``model.tflite``: logits, or logits and CAMs, for batches of model-ready images.
+
+    The interpreter is not thread-safe and a Streamlit server shares one predictor between
+    sessions, so calls are serialised by a lock (one image takes milliseconds).
+    """
+
+    name = "LiteRT"
+
+    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+        self.path = Path(path)
+        threads = num_threads or max(1, min(4, os.cpu_count() or 1))
+        try:
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+            inputs = self._interpreter.get_input_details()
+            outputs = self._interpreter.get_output_details()
+        except Exception as error:  # a damaged flatbuffer raises ValueError or RuntimeError
+            raise BadRunError(f"{self.path.name} in {self.path.parent} is not a LiteRT model this version can run.") from error
+        # The graph is converted without a signature, so the outputs are told apart by rank:
+        # the logit is (n,), the CAM is (n, h', w').
+        by_rank = {len(detail["shape_signature"]): detail["index"] for detail in outputs}
+        shape = list(inputs[0]["shape_signature"]) if len(inputs) == 1 else []
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1 or set(by_rank) != {1, 3}:
+            raise BadRunError(
+                f"{self.path.name} in {self.path.parent} is not an exported classifier (input {shape}, "
+                f"{len(outputs)} outputs)."
+            )
+        self.image_size = int(shape[1])
+        self._input_index = inputs[0]["index"]
+        self._logit_index, self._cam_index = by_rank[1], by_rank[3]
+        self._batch = 0
+        self._lock = threading.Lock()
+
+    def _run(self, batch: np.ndarray, with_cam: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._lock:
+            if batch.shape[0] != self._batch:  # the batch dimension is dynamic; re-plan for a new size
+                self._interpreter.resize_tensor_input(self._input_index, list(batch.shape), strict=True)
+                self._interpreter.allocate_tensors()
+                self._batch = batch.shape[0]
+            self._interpreter.set_tensor(self._input_index, batch)
+            self._interpreter.invoke()
+            logits = np.array(self._interpreter.get_tensor(self._logit_index)).reshape(-1)
+            cams = np.array(self._interpreter.get_tensor(self._cam_index)) if with_cam else None
+        return logits, cams
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (n, size, size, 3) in 0..255 -> logits (n,)."""
+        return self._run(batch, with_cam=False)[0]
+
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w'))."""
+        return self._run(batch, with_cam=True)

@@ -1,0 +1,257 @@
+"""LiteRT export: same probabilities and heatmaps as Keras, no TensorFlow when predicting, safe fallbacks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core import litert, runs
+from cxr_core.atomic import write_json_atomic
+from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.errors import BadRunError, CxrError
+from cxr_core.predict import Predictor
+
+pytestmark = pytest.mark.skipif(not litert.runtime_available(), reason="ai-edge-litert is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # 2 x 2 conv maps: the smallest MobileNetV2 map that can vary across the image
+MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
+RUN_CFG = RunConfig(model=MODEL_CFG, train=TrainConfig(epochs=1))
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = 40 + 7 * (i % 6), 52 - 3 * (i % 6)
+        img = rng.normal(120 + 10 * i, 45, (h, w))
+        img[:, : w // 3] += 60  # a bright band whose side and width vary: the maps must differ
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory) -> Path:
+    """A run folder with a classifier (a head strong enough to vary) and its LiteRT export."""
+    from cxr_core.images import to_model_input
+    from cxr_core.model import build_classifier, gradcam_parts
+
+    model = build_classifier(MODEL_CFG, seed=11)
+    # An untrained deep network's activations shrink to about 1e-11; scale the head so that the
+    # logits of different images differ by about one (else every probability is the same).
+    parts = gradcam_parts(model)
+    batch = np.stack([to_model_input(g, SIZE) for g in _images(5)])
+    features = np.asarray(parts.pool(parts.conv_model(parts.preprocess(batch))[1]))
+    logit = model.get_layer("logit")
+    kernel, bias = logit.get_weights()
+    spread = float(np.std(features @ kernel))
+    logit.set_weights([kernel / max(spread, 1e-30), bias + 0.3])
+    run = tmp_path_factory.mktemp("lite") / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    write_json_atomic(run / "config.json", RUN_CFG.to_dict())
+    write_json_atomic(run / "metrics.json", {"threshold": 0.4})
+    litert.export_classifier(model, run)
+    return run
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_export_writes_model_and_record_of_its_source(exported_run):
+    info = json.loads((exported_run / litert.LITE_INFO_FILE).read_text())
+    assert info["source_sha256"] == litert.file_sha256(exported_run / "model.keras")
+    assert info["image_size"] == SIZE and info["last_conv_layer"] == "out_relu"
+    assert (exported_run / litert.LITE_FILE).stat().st_size > 100_000
+    assert litert.lite_status(exported_run) is None
+
+
+def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
+    lite = Predictor.from_run(exported_run)
+    keras_ = Predictor.from_run(exported_run, engine="keras")
+    assert (lite.engine, keras_.engine) == ("LiteRT", "Keras")
+    assert lite.classifier is None and keras_.classifier is not None
+    grays = _images(5)
+    p_lite, maps_lite = lite.explain_batch(grays)
+    p_keras, maps_keras = keras_.explain_batch(grays)
+    # Probabilities vary across images (so the comparison means something) and agree to float precision.
+    assert np.ptp(p_keras) > 1e-3
+    np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
+    np.testing.assert_allclose(lite.predict_grays(grays), p_keras, atol=1e-5)
+    # The exported CAM is Grad-CAM (GAP -> Dense): the normalised heatmaps agree.
+    assert any(np.ptp(m) > 0.1 for m in maps_keras)
+    for a, b, gray in zip(maps_lite, maps_keras, grays):
+        assert a.shape == b.shape == gray.shape
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert lite.label(float(p_lite[0])) == keras_.label(float(p_keras[0]))
+
+
+def test_batches_of_any_size_and_single_images(exported_run):
+    lite = Predictor.from_run(exported_run)
+    grays = _images(20, seed=3)  # more than one BATCH_SIZE chunk, then sizes 1 and 3: re-planned each time
+    together = lite.predict_grays(grays)
+    one_by_one = np.array([lite.predict_gray(g) for g in grays])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-6)
+    np.testing.assert_allclose(lite.predict_grays(grays[:3]), together[:3], atol=1e-6)
+
+
+def test_threads_share_one_predictor(exported_run):
+    lite = Predictor.from_run(exported_run)
+    grays = _images(6, seed=5)
+    expected = lite.predict_grays(grays)
+    results: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        results[k] = np.array([lite.explain(g)[0] for g in grays])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        np.testing.assert_allclose(results[k], expected, atol=1e-6)
+
+
+def test_predicting_with_litert_never_imports_tensorflow(exported_run, tmp_path):
+    script = (
+        "import sys, numpy as np\n"
+        "from cxr_core.predict import Predictor\n"
+        f"p = Predictor.from_run({str(exported_run)!r})\n"
+        "prob, cam = p.explain(np.full((50, 60), 100, np.uint8))\n"
+        "print(p.engine, round(prob, 6), cam.shape)\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("LiteRT ") and lines[0].endswith("(50, 60)")
+    assert lines[-1] == "False False"
+
+
+def test_stale_export_is_not_used(exported_run, tmp_path):
+    from cxr_core.model import build_classifier
+
+    run = _copy(exported_run, tmp_path / "run")
+    build_classifier(MODEL_CFG, seed=99).save(run / "model.keras")  # the model changed after the export
+    assert "different model.keras" in litert.lite_status(run)
+    assert Predictor.from_run(run).engine == "Keras"
+    with pytest.raises(BadRunError) as info:
+        Predictor.from_run(run, engine="litert")
+    assert "different model.keras" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated", "no_info", "bad_info"])
+def test_damaged_export_falls_back_to_keras(exported_run, tmp_path, damage):
+    run = _copy(exported_run, tmp_path / "run")
+    lite = run / litert.LITE_FILE
+    if damage == "text":
+        lite.write_text("not a flatbuffer")
+    elif damage == "truncated":
+        lite.write_bytes(lite.read_bytes()[:5000])
+    elif damage == "no_info":
+        (run / litert.LITE_INFO_FILE).unlink()
+    else:
+        (run / litert.LITE_INFO_FILE).write_text("{broken")
+    predictor = Predictor.from_run(run)
+    assert predictor.engine == "Keras"
+    assert 0.0 <= predictor.predict_gray(_images(1)[0]) <= 1.0
+    with pytest.raises(BadRunError) as info:
+        Predictor.from_run(run, engine="litert")
+    assert "\n" not in str(info.value)
+
+
+def test_no_runtime_means_keras(exported_run, monkeypatch):
+    monkeypatch.setattr(litert, "runtime_available", lambda: False)
+    assert "not installed" in litert.lite_status(exported_run)
+    assert Predictor.from_run(exported_run).engine == "Keras"
+
+
+def test_unknown_engine_is_refused(exported_run):
+    with pytest.raises(CxrError, match="auto, litert or keras"):
+        Predictor.from_run(exported_run, engine="onnx")
+
+
+def test_training_exports_litert(tiny_dataset, tmp_path):
+    from cxr_core.train import train
+
+    config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
+                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8))
+    run = train(config, run_dir=tmp_path / "run")
+    assert runs.read_status(run)["state"] == "done"
+    assert litert.lite_status(run) is None
+    assert Predictor.from_run(run).engine == "LiteRT"
+    stages = [json.loads(line).get("stage") for line in (run / "progress.jsonl").read_text().splitlines()]
+    assert stages.index("export") > stages.index("save")
+
+
+def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
+    from cxr_core.train import train
+
+    def refuse(*args, **kwargs):
+        raise CxrError("The model could not be converted to LiteRT (ConverterError).")
+
+    monkeypatch.setattr(litert, "export_classifier", refuse)
+    config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
+                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8))
+    run = train(config, run_dir=tmp_path / "run")
+    assert runs.read_status(run)["state"] == "done"
+    assert not (run / litert.LITE_FILE).exists()
+    events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "warning" and "predicts with Keras" in e["message"] for e in events)
+    assert Predictor.from_run(run).engine == "Keras"
+
+
+def test_training_without_export(tiny_dataset, tmp_path):
+    from cxr_core.train import train
+
+    config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
+                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8, export_litert=False))
+    run = train(config, run_dir=tmp_path / "run")
+    assert runs.read_status(run)["state"] == "done" and not (run / litert.LITE_FILE).exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_core", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_export_and_engine_choice(exported_run, tmp_path):
+    run = _copy(exported_run, tmp_path / "run")
+    (run / litert.LITE_FILE).unlink()
+    (run / litert.LITE_INFO_FILE).unlink()
+    image = tmp_path / "x.png"
+    import cv2
+
+    cv2.imwrite(str(image), _images(1)[0])
+    result = _cli("predict", "--run", str(run), "--engine", "litert", str(image))
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+    assert "no model.tflite" in result.stderr
+
+    result = _cli("export", "--run", str(run))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip().splitlines()[-1]) == run / litert.LITE_FILE
+    assert litert.lite_status(run) is None
+    lite = json.loads(_cli("predict", "--run", str(run), "--engine", "litert", str(image)).stdout)
+    keras_ = json.loads(_cli("predict", "--run", str(run), "--engine", "keras", str(image)).stdout)
+    assert abs(lite["probability"] - keras_["probability"]) < 1e-5
+
+
+def test_cli_export_of_an_unfinished_run_is_one_sentence(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "config.json", RUN_CFG.to_dict())
+    result = _cli("export", "--run", str(run))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "model.keras" in lines[0]
