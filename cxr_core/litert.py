@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,7 +38,6 @@ from .errors import BadRunError, CxrError
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
