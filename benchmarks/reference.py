@@ -14,6 +14,9 @@ and the training part gets ``n_pneumonia - n_normal`` augmented NORMAL images (r
 degrees, horizontal flip, brightness 0.9..1.1, shifts 5 %: the reference's ImageDataGenerator
 settings, done with cv2 because Keras 3 no longer ships ImageDataGenerator).
 
+With ``--augmented`` (the harness passes it) the extra NORMAL images are made from the same source
+images and seeds, by the same function, as cxr_core makes them, so both ways train on the same data.
+
 Usage (the harness runs it in its own process to measure time and peak memory):
 
     python -m benchmarks.reference --images LIST.csv --backbone mobilenet_v2 --alpha 0.35 \
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", default=None, help="save the trained model here (.keras)")
+    parser.add_argument("--augmented", default=None,
+                        help="CSV path,augment_seed: make the extra NORMAL images from these sources with "
+                             "cxr_core.augment.augment_image, so both ways train on the same images")
     args = parser.parse_args(argv)
 
     t_start = time.time()
@@ -142,11 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     stages["load_s"] = time.time() - t
 
     t = time.time()
-    normal_rows = np.flatnonzero(y_train == 0)
-    rng = np.random.default_rng(args.seed)
-    sources = normal_rows[rng.permutation(len(normal_rows))[np.arange(n_extra) % max(len(normal_rows), 1)]]
-    for j, row in enumerate(sources):
-        x_train[len(train_idx) + j] = augment(x_train[row], rng)
+    if args.augmented:
+        # The same augmented images as the other side (same sources, seeds and transform): the
+        # comparison is then about how features reach the head, not about different training data.
+        from cxr_core.augment import augment_image
+        from cxr_core.config import AugmentConfig
+
+        extra = pd.read_csv(args.augmented)
+        if len(extra) != n_extra:
+            raise SystemExit(f"{args.augmented} lists {len(extra)} augmented images; this split needs {n_extra}.")
+        for j, (path, seed) in enumerate(zip(extra["path"].astype(str), extra["augment_seed"].astype(int))):
+            gray = augment_image(cv2.imread(path, cv2.IMREAD_GRAYSCALE), AugmentConfig(), seed)
+            small = cv2.resize(gray, (args.size, args.size), interpolation=cv2.INTER_AREA)
+            x_train[len(train_idx) + j] = np.repeat(small.astype(np.float32)[..., None], 3, axis=-1)
+    else:
+        normal_rows = np.flatnonzero(y_train == 0)
+        rng = np.random.default_rng(args.seed)
+        sources = normal_rows[rng.permutation(len(normal_rows))[np.arange(n_extra) % max(len(normal_rows), 1)]]
+        for j, row in enumerate(sources):
+            x_train[len(train_idx) + j] = augment(x_train[row], rng)
     y_train_bal = np.concatenate([y_train, np.zeros(n_extra, np.int64)]).astype(np.float32)
     y_val = y_all[val_idx].astype(np.float32)
     y_test = y_all[test_idx].astype(np.float32)

@@ -249,6 +249,22 @@ def run_config(backbone: str, limit: int | None, epochs: int, cache_dir: Path) -
 # ---------------------------------------------------------------------------------------------
 # 1 + 2. Training time and peak memory: reference way vs ours (cold cache, warm cache)
 # ---------------------------------------------------------------------------------------------
+def augmented_csv(ctx: Context, n: int | None, name: str) -> Path:
+    """path,augment_seed of the extra NORMAL images cxr_core.train makes for this subset (same calls)."""
+    from cxr_core import augment, data
+
+    manifest = ctx.manifest()
+    if n is not None and n < len(manifest):
+        manifest = data.stratified_subset(manifest, n, seed=123)
+    split = data.make_split(manifest, mode="random", seed=123, val_fraction=0.1, test_fraction=0.1)
+    train_part = split[split["split"] == "train"].assign(augment_seed=-1, is_augmented=False)
+    plan = augment.balance_plan(train_part["label"].tolist(), "augment")
+    extra = augment.augmented_rows(train_part, plan.n_extra, seed=123)
+    path = TMP / f"{name}.csv"
+    extra[["path", "augment_seed"]].to_csv(path, index=False)
+    return path
+
+
 def bench_train(ctx: Context, backbone: str) -> dict:
     n = ctx.p["mobilenet_n"] if backbone == "mobilenet_v2" else ctx.p["inception_n"]
     epochs = ctx.p["epochs"]
@@ -260,9 +276,11 @@ def bench_train(ctx: Context, backbone: str) -> dict:
 
     log(f"train {backbone}: REFERENCE way on {n_images} images, {epochs} epochs (arrays in memory, base re-run every epoch)")
     ref_out = TMP / f"train-{backbone}-reference.json"
+    augmented = augmented_csv(ctx, n, f"train-{backbone}-augmented")
     proc = run_measured([PYTHON, "-m", "benchmarks.reference", "--images", str(listing), "--backbone", backbone,
                          "--alpha", str(margs.get("alpha", 1.0)), "--weights", margs["weights"], "--size", str(size),
-                         "--epochs", str(epochs), "--seed", "123", "--out", str(ref_out)],
+                         "--epochs", str(epochs), "--seed", "123", "--augmented", str(augmented),
+                         "--out", str(ref_out)],
                         f"train-{backbone}-reference")
     out["reference"] = {**json.loads(ref_out.read_text()), "process": proc}
     log(f"  reference: {proc['wall_s']:.0f} s, peak {proc['peak_mb']:.0f} MB, "
@@ -287,6 +305,13 @@ def bench_train(ctx: Context, backbone: str) -> dict:
     out["same_split"] = (ref["test_paths_sha1"] == out["ours_cold"]["test_paths_sha1"]
                          and ref["train_paths_sha1"] == out["ours_cold"]["train_paths_sha1"])
     out["same_n_augmented"] = ref["n_augmented"] == out["ours_cold"]["n_augmented"]
+    import pandas as pd
+
+    theirs = pd.read_csv(augmented)
+    split = pd.read_csv(Path(out["ours_cold"]["run_dir"]) / "split.csv")
+    ours_aug = split[split["is_augmented"].astype(bool)]
+    out["same_augmented_images"] = (list(ours_aug["path"].astype(str)) == list(theirs["path"].astype(str))
+                                    and list(ours_aug["augment_seed"].astype(int)) == list(theirs["augment_seed"]))
     return out
 
 
@@ -524,6 +549,8 @@ def build_rows(results: dict) -> list[dict]:
             f"{cold['test_accuracy']:.4f}; {warm['test_accuracy']:.4f}", f"{ref['test_accuracy']:.4f}",
             f"{diff:.2f} pt", "within 1 pt" if pretrained else "", diff <= 1.0 + 1e-9 if pretrained else None)
         add(key, "same split and same number of augmented images", str(t["same_split"] and t["same_n_augmented"]))
+        if "same_augmented_images" in t:
+            add(key, "same augmented images (sources and seeds)", str(t["same_augmented_images"]))
         rp, cp, wp = ref["process"]["peak_mb"], cold["process"]["peak_mb"], warm["process"]["peak_mb"]
         add(key, "peak memory (cold; warm)", f"{cp:.0f} MB; {wp:.0f} MB", f"{rp:.0f} MB",
             _fmt(rp / cp, "x less"), "<= 1536 MB" if full else "", (max(cp, wp) <= 1536) if full else None)
