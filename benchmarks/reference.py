@@ -15,7 +15,9 @@ degrees, horizontal flip, brightness 0.9..1.1, shifts 5 %: the reference's Image
 settings, done with cv2 because Keras 3 no longer ships ImageDataGenerator).
 
 With ``--augmented`` (the harness passes it) the extra NORMAL images are made from the same source
-images and seeds, by the same function, as cxr_core makes them, so both ways train on the same data.
+images and seeds, by the same function, as cxr_core makes them, so both ways train on the same data;
+with ``--train-order`` the training images are held in the same order as cxr_core holds them, so
+the same shuffle seed makes the same batches.
 
 Usage (the harness runs it in its own process to measure time and peak memory):
 
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", default=None, help="save the trained model here (.keras)")
+    parser.add_argument("--train-order", default=None,
+                        help="CSV path: the training images in this order (the other side's), so that the same "
+                             "shuffle seed gives both ways the same batches")
     parser.add_argument("--augmented", default=None,
                         help="CSV path,augment_seed: make the extra NORMAL images from these sources with "
                              "cxr_core.augment.augment_image, so both ways train on the same images")
@@ -134,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     paths = listing["path"].astype(str).to_numpy()
     y_all = (listing["label"].astype(str) == "PNEUMONIA").to_numpy(dtype=np.int64)
     train_idx, val_idx, test_idx = split_indices(y_all, args.seed)
+    if args.train_order:
+        # Same rows, another order: the order decides which images share a batch under a given
+        # shuffle seed, and one order against another moved test accuracy by 1.5 points here.
+        position = {p: i for i, p in enumerate(paths)}
+        order = np.array([position.get(p, -1) for p in pd.read_csv(args.train_order)["path"].astype(str)])
+        if sorted(order.tolist()) != sorted(train_idx.tolist()):
+            raise SystemExit(f"{args.train_order} does not list the training images of this split.")
+        train_idx = order
     y_train = y_all[train_idx]
     n_extra = max(0, int((y_train == 1).sum() - (y_train == 0).sum()))
     # Decode and resize every image into float32 arrays held in memory (the notebook's pickled

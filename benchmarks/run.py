@@ -262,6 +262,7 @@ def augmented_csv(ctx: Context, n: int | None, name: str) -> Path:
     extra = augment.augmented_rows(train_part, plan.n_extra, seed=123)
     path = TMP / f"{name}.csv"
     extra[["path", "augment_seed"]].to_csv(path, index=False)
+    train_part[["path"]].to_csv(TMP / f"{name}-train-order.csv", index=False)
     return path
 
 
@@ -280,6 +281,7 @@ def bench_train(ctx: Context, backbone: str) -> dict:
     proc = run_measured([PYTHON, "-m", "benchmarks.reference", "--images", str(listing), "--backbone", backbone,
                          "--alpha", str(margs.get("alpha", 1.0)), "--weights", margs["weights"], "--size", str(size),
                          "--epochs", str(epochs), "--seed", "123", "--augmented", str(augmented),
+                         "--train-order", str(augmented.with_name(augmented.stem + "-train-order.csv")),
                          "--out", str(ref_out)],
                         f"train-{backbone}-reference")
     out["reference"] = {**json.loads(ref_out.read_text()), "process": proc}
@@ -312,6 +314,9 @@ def bench_train(ctx: Context, backbone: str) -> dict:
     ours_aug = split[split["is_augmented"].astype(bool)]
     out["same_augmented_images"] = (list(ours_aug["path"].astype(str)) == list(theirs["path"].astype(str))
                                     and list(ours_aug["augment_seed"].astype(int)) == list(theirs["augment_seed"]))
+    ours_order = split.loc[(split["split"] == "train") & ~split["is_augmented"].astype(bool), "path"].astype(str)
+    theirs_order = pd.read_csv(augmented.with_name(augmented.stem + "-train-order.csv"))["path"].astype(str)
+    out["same_train_order"] = list(ours_order) == list(theirs_order)
     return out
 
 
@@ -550,7 +555,8 @@ def build_rows(results: dict) -> list[dict]:
             f"{diff:.2f} pt", "within 1 pt" if pretrained else "", diff <= 1.0 + 1e-9 if pretrained else None)
         add(key, "same split and same number of augmented images", str(t["same_split"] and t["same_n_augmented"]))
         if "same_augmented_images" in t:
-            add(key, "same augmented images (sources and seeds)", str(t["same_augmented_images"]))
+            add(key, "same augmented images (sources and seeds); same training row order",
+                f"{t['same_augmented_images']}; {t.get('same_train_order')}")
         rp, cp, wp = ref["process"]["peak_mb"], cold["process"]["peak_mb"], warm["process"]["peak_mb"]
         add(key, "peak memory (cold; warm)", f"{cp:.0f} MB; {wp:.0f} MB", f"{rp:.0f} MB",
             _fmt(rp / cp, "x less"), "<= 1536 MB" if full else "", (max(cp, wp) <= 1536) if full else None)
@@ -631,24 +637,56 @@ def render_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join(out)
 
 
+def combine(files: list[str]) -> dict:
+    """One results dict from several runs: each section from the last file that has it."""
+    combined: dict = {"quick": False, "sections": {}, "sources": {}}
+    for name in files:
+        part = json.loads(Path(name).read_text())
+        if part.get("quick"):
+            raise SystemExit(f"{name} is a --quick run; combine full-size sections only.")
+        for section, value in part["sections"].items():
+            if "error" not in value:
+                combined["sections"][section] = value
+                combined["sources"][section] = {"file": Path(name).name, "started": part["started"],
+                                                "commit": part["machine"].get("git_commit"),
+                                                "loadavg_start": part["machine"].get("loadavg_start")}
+        combined.update(machine=part["machine"], started=part["started"], duration_s=part.get("duration_s", 0),
+                        loadavg_end=part.get("loadavg_end", []))
+    return combined
+
+
 def write_markdown(results: dict, rows: list[dict]) -> None:
     m = results["machine"]
+    if results.get("sources"):
+        origin = ["Combined by `python -m benchmarks.run --combine FILE...` from these runs (each section from "
+                  "the last run that measured it):", ""]
+        for section, src in results["sources"].items():
+            load = ", ".join(f"{v:.1f}" for v in (src.get("loadavg_start") or []))
+            origin.append(f"- {section}: `results/{src['file']}`, {src['started']}, commit {src['commit']}, "
+                          f"load at start {load}")
+        origin.append("")
+    else:
+        origin = [f"Written by `python -m benchmarks.run` on {results['started']} (full suite, "
+                  f"{results['duration_s'] / 60:.1f} min).", ""]
     text = [
         "# Benchmark results",
         "",
-        f"Written by `python -m benchmarks.run` on {results['started']} (full suite, {results['duration_s'] / 60:.1f} min).",
+        *origin,
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB RAM, {m.get('platform')}; "
         f"Python {m.get('python')}, TensorFlow {m.get('tensorflow')}, Keras {m.get('keras')}, "
-        f"Streamlit {m.get('streamlit')}; commit {m.get('git_commit')}. Load average at start "
-        f"{', '.join(f'{v:.1f}' for v in m.get('loadavg_start', []))}, at end "
-        f"{', '.join(f'{v:.1f}' for v in results.get('loadavg_end', []))} (a shared machine: timings are noisy).",
+        f"Streamlit {m.get('streamlit')}"
+        + (" (a shared machine: timings are noisy)." if results.get("sources") else
+           f"; commit {m.get('git_commit')}. Load average at start "
+           f"{', '.join(f'{v:.1f}' for v in m.get('loadavg_start', []))}, at end "
+           f"{', '.join(f'{v:.1f}' for v in results.get('loadavg_end', []))} (a shared machine: timings are noisy)."),
         "",
         "Data: the 5,222 real Kermany chest X-rays in `../shared/data/kermany224` (224x224 JPEG); random "
         "stratified 8:1:1 split with seed 123, training NORMAL images augmented to balance, on both sides.",
         "",
         render_table(rows, markdown=True),
         "",
-        "Full figures (per-stage times, per-epoch times, process logs): `benchmarks/results/latest.json`.",
+        "Full figures (per-stage times, per-epoch times, process logs): the JSON files in `benchmarks/results/` "
+        "(not committed; rerun to get them).",
         "",
     ]
     (BENCH / "RESULTS.md").write_text("\n".join(text))
@@ -662,7 +700,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the epochs of the training comparison")
     parser.add_argument("--inception-n", type=int, help="images of the InceptionV3 training comparison (default 500)")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--combine", nargs="+", metavar="FILE",
+                        help="write RESULTS.md from these results/*.json (later files win per section); runs nothing")
     opts = parser.parse_args(argv)
+    if opts.combine:
+        results = combine(opts.combine)
+        rows = build_rows(results)
+        print(render_table(rows))
+        write_markdown(results, rows)
+        print(f"wrote {BENCH / 'RESULTS.md'}")
+        return 0
     if not DATA.is_dir() or not WEIGHTS.is_file():
         print(f"The benchmarks need {DATA} and {WEIGHTS} (../shared); they are absent.", file=sys.stderr)
         return 2
