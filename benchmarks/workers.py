@@ -164,15 +164,31 @@ def extract_bare(args: dict) -> dict:
         base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(size, size, 3),
                                               pooling="avg")
     build_s = time.time() - t
+    batch_size = args.get("batch_size", 32)
+    scaled = images / 127.5 - 1.0
     t = time.time()
-    out = base.predict(images / 127.5 - 1.0, batch_size=args.get("batch_size", 32), verbose=0)
+    out = base.predict(scaled, batch_size=batch_size, verbose=0)
     predict_s = time.time() - t
+
+    # The ceiling: the same compiled call cxr_core makes, on the arrays already in memory (so the
+    # difference to ours is exactly what decoding and loading cost).
+    import tensorflow as tf
+
+    run = tf.function(lambda x: base(x, training=False),
+                      input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    run(tf.convert_to_tensor(scaled[:batch_size]))  # trace once, outside the timing
+    t = time.time()
+    for start in range(0, len(scaled), batch_size):
+        run(tf.convert_to_tensor(scaled[start : start + batch_size])).numpy()
+    compiled_s = time.time() - t
     return {
         "n": int(len(images)),
         "decode_s": decode_s,
         "model_build_s": build_s,
         "predict_s": predict_s,
         "images_per_s": len(images) / predict_s,
+        "compiled_s": compiled_s,
+        "compiled_images_per_s": len(images) / compiled_s,
         "feature_dim": int(out.shape[-1]),
     }
 
