@@ -1,7 +1,6 @@
 """Run folders and the one-job-per-server lock."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from cxr_core import runs
-from cxr_core.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadDatasetError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
