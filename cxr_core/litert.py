@@ -20,7 +20,6 @@ explained by a stale export.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -34,6 +33,7 @@ import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
 from .errors import BadRunError, CxrError
+from .features import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -53,14 +53,6 @@ def runtime_available() -> bool:
         return importlib.util.find_spec("ai_edge_litert") is not None
     except (ImportError, ValueError):
         return False
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- export (needs TensorFlow; runs in the training process or the CLI) -----------------------------
