@@ -212,10 +212,9 @@ def make_run_folder(args: dict) -> dict:
     write_json_atomic(run_dir / "metrics.json", {"threshold": 0.5})
     runs.write_status(run_dir, "done", message="benchmark fixture (untrained head)")
     from cxr_core.litert import export_classifier
-    from cxr_core.model import BACKBONES
 
     t = time.time()
-    export_classifier(classifier, run_dir, BACKBONES[config.model.backbone].last_conv_layer)
+    export_classifier(classifier, run_dir, config.model.backbone)
     return {"run_dir": str(run_dir), "export_s": time.time() - t}
 
 

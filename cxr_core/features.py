@@ -266,6 +266,18 @@ def extract_features(
     stop = should_stop or (lambda: False)
     progress = on_progress or (lambda done, total_: None)
 
+    # The whole row list in one read when a previous run packed it (keys need every image's hash).
+    keys = ([entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
+            if all(sha is not None for sha in shas) else None)
+    pack_path = _pack_path(model_dir, keys) if keys and dim else None
+    packed = _read_pack(pack_path, keys, dim) if pack_path is not None else None
+    if packed is not None:
+        progress(total, total)
+        log.info("features %s: %d from one pack", key, total)
+        return FeatureResult(features=packed, index=np.arange(total, dtype=np.int64),
+                             errors=pd.DataFrame(columns=["path", "reason"]), n_cached=total, n_computed=0,
+                             rows=rows, model_key=key, feature_dim=dim)
+
     errors: list[tuple[int, str, str]] = []
     vectors: dict[int, np.ndarray] = {}
     entry_paths: list[Path | None] = [None] * total
@@ -310,22 +322,6 @@ def extract_features(
                 batch[len(kept)] = image
                 kept.append(pos)
         return kept, batch[: len(kept)], failed
-
-    pack_path = None
-    if dim and total and all(sha is not None for sha in shas):
-        # The whole row list in one read when a previous run packed it.
-        keys = [entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
-        pack_path = _pack_path(model_dir, keys)
-        packed = _read_pack(pack_path, keys, dim)
-        if packed is not None:
-            pool.shutdown(wait=False)
-            prefetch.shutdown(wait=False)
-            writer.close()
-            progress(total, total)
-            log.info("features %s: %d from one pack", key, total)
-            return FeatureResult(features=packed, index=np.arange(total, dtype=np.int64),
-                                 errors=pd.DataFrame(columns=["path", "reason"]), n_cached=total, n_computed=0,
-                                 rows=rows, model_key=key, feature_dim=dim)
 
     try:
         # Phase 1: keys and cache look-ups, a batch at a time so progress moves and stop is honoured.
@@ -386,7 +382,8 @@ def extract_features(
     for i, pos in enumerate(index):
         features[i] = vectors[int(pos)]
     if not cancelled and not errors and total and dim and not writer.failed:
-        keys = [entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
+        if keys is None:  # the hashes were computed during the look-ups
+            keys = [entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
         # Rewritten when a pack was looked for and could not be used (it was damaged); else only when absent.
         _write_pack(_pack_path(model_dir, keys), keys, features, replace=pack_path is not None)
     errors.sort()

@@ -57,13 +57,14 @@ def runtime_available() -> bool:
 
 # -- export (needs TensorFlow; runs in the training process or the CLI) -----------------------------
 
-def export_classifier(classifier: "keras.Model", run_dir: str | Path, last_conv_layer: str | None = None) -> Path:
+def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: str | None = None) -> Path:
     """Write ``model.tflite`` and ``model.tflite.json`` for a classifier already saved as ``model.keras``.
 
     Args:
         classifier: the classifier (image 0..255 -> logit) that ``run_dir/model.keras`` holds.
         run_dir: the run folder; ``model.keras`` must be there (its hash is recorded).
-        last_conv_layer: the layer whose maps make the CAM (default: the backbone table's).
+        backbone: the backbone's name in ``model.BACKBONES`` (its table row names the CAM layer);
+            by default the layer is found by name inside the classifier.
 
     Returns:
         the path of ``model.tflite``.
@@ -73,14 +74,15 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, last_conv_
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    from .model import gradcam_parts  # noqa: PLC0415
+    from .model import BACKBONES, gradcam_parts  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     source = run_dir / SOURCE_FILE
     if not source.is_file():
         raise BadRunError(f"The run folder {run_dir} has no {SOURCE_FILE} to export.")
     t0 = time.time()
-    parts = gradcam_parts(classifier, last_conv_layer)
+    spec = BACKBONES.get(backbone) if backbone else None
+    parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
     size = int(classifier.input_shape[1])
     kernel = tf.constant(np.asarray(parts.logit.get_weights()[0])[:, 0], tf.float32)
 
@@ -119,14 +121,12 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, last_conv_
 
 def export_run(run_dir: str | Path) -> Path:
     """Load ``run_dir/model.keras`` and export it (for runs trained before exports existed)."""
-    from .model import BACKBONES, load_classifier  # noqa: PLC0415
+    from .model import load_classifier  # noqa: PLC0415
     from .predict import load_run_config  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    classifier = load_classifier(run_dir / SOURCE_FILE)
-    spec = BACKBONES.get(config.model.backbone)
-    return export_classifier(classifier, run_dir, spec.last_conv_layer if spec is not None else None)
+    return export_classifier(load_classifier(run_dir / SOURCE_FILE), run_dir, config.model.backbone)
 
 
 def lite_status(run_dir: str | Path) -> str | None:

@@ -254,12 +254,10 @@ def _train(config: RunConfig, run_dir: Path, report: _Reporter, stop_requested: 
 def _export_litert(classifier, config: RunConfig, run_dir: Path, report: "_Reporter") -> None:
     """Write model.tflite for TensorFlow-free prediction; a failure leaves a good run that predicts with Keras."""
     from . import litert  # noqa: PLC0415
-    from .model import BACKBONES  # noqa: PLC0415
 
     report("stage", stage="export", message="exporting model.tflite (LiteRT) for light prediction")
-    spec = BACKBONES.get(config.model.backbone)
     try:
-        litert.export_classifier(classifier, run_dir, spec.last_conv_layer if spec is not None else None)
+        litert.export_classifier(classifier, run_dir, config.model.backbone)
     except (CxrError, OSError) as error:
         log.warning("Run %s: no LiteRT export (%s); the app will predict with Keras.", run_dir, error)
         report("warning", message=f"No LiteRT export: {error} The run predicts with Keras instead.")
