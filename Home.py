@@ -1,8 +1,8 @@
-"""Entry point: `streamlit run Home.py`. It only routes; every page lives in pages/ (see pages/ui.py)."""
+"""Entry point: `streamlit run Home.py`. It only routes; every page lives in pages/ (shared helpers in pages/ui/)."""
 import streamlit as st
 
-from pages import ui
+from pages.ui import frame, session
 
 st.set_page_config(page_title="Chest X-ray pneumonia workbench", page_icon="🫁", layout="wide")
-st.session_state[ui.KEY_ROUTED] = True
-st.navigation(ui.app_pages()).run()
+st.session_state[session.KEY_ROUTED] = True
+st.navigation(frame.app_pages()).run()

@@ -37,9 +37,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import cv2
+import numpy as np
+import pandas as pd
 
 
 def split_indices(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras as _k
 
     class Timer(_k.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
+        def on_epoch_begin(self, epoch, logs=None):  # noqa: ARG002 (Keras' signature)
             self._t = time.time()
 
         def on_epoch_end(self, epoch, logs=None):

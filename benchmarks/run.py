@@ -16,6 +16,7 @@ Not part of the pytest suite. Needs ``../shared`` (data and weights); exits 2 wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -149,10 +150,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem_gb = None
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         mem_gb = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
     versions = {}
     code = ("import json,sys,numpy,pandas,cv2,sklearn,streamlit,tensorflow as tf,keras;"
             "print(json.dumps({'python':sys.version.split()[0],'tensorflow':tf.__version__,'keras':keras.__version__,"
@@ -162,7 +161,7 @@ def machine_info() -> dict:
         out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         versions = json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as error:  # versions are nice to have
+    except Exception as error:  # noqa: BLE001 (versions are nice to have)
         versions = {"error": str(error)}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -272,10 +271,12 @@ def bench_train(ctx: Context, backbone: str) -> dict:
     listing = ctx.subset_csv(n, f"train-{backbone}-images")
     margs = model_args(backbone)
     size = margs["image_size"]
-    n_images = sum(1 for _ in open(listing)) - 1
+    with open(listing) as handle:
+        n_images = sum(1 for _ in handle) - 1
     out = {"backbone": backbone, "n_images": n_images, "epochs": epochs, "image_size": size}
 
-    log(f"train {backbone}: REFERENCE way on {n_images} images, {epochs} epochs (arrays in memory, base re-run every epoch)")
+    log(f"train {backbone}: REFERENCE way on {n_images} images, {epochs} epochs "
+        "(arrays in memory, base re-run every epoch)")
     ref_out = TMP / f"train-{backbone}-reference.json"
     augmented = augmented_csv(ctx, n, f"train-{backbone}-augmented")
     proc = run_measured([PYTHON, "-m", "benchmarks.reference", "--images", str(listing), "--backbone", backbone,
@@ -446,7 +447,8 @@ def serve_and_classify(ctx: Context, label: str, extra_env: dict | None = None, 
                 server.wait()
     final = steps["one image classified (+Grad-CAM)"]
     return {"env": extra_env or {}, "steps": steps, "rss_mb": final["rss_mb"], "hwm_mb": final["hwm_mb"],
-            "predict_open_s": predict_open_s, "classify_s": classify_s, "engine_shown": engine_shown, "screenshot": str(shot.relative_to(ROOT)),
+            "predict_open_s": predict_open_s, "classify_s": classify_s, "engine_shown": engine_shown,
+            "screenshot": str(shot.relative_to(ROOT)),
             "log": str(log_path.relative_to(ROOT))}
 
 
@@ -465,7 +467,7 @@ def bench_app(ctx: Context) -> dict:
             out[key] = serve_and_classify(ctx, f"app-{key}", run_dir=run)
             out[key]["engine"] = out[key]["engine_shown"]  # as the page says, not as intended
             log(f"  server RSS {out[key]['rss_mb']:.0f} MB (peak {out[key]['hwm_mb']:.0f} MB) after Predict")
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (reported in the results, the other sections go on)
             out[f"{key}_error"] = f"{type(error).__name__}: {error}"
             log(f"  the browser measurement failed ({out[f'{key}_error'][:200]})")
     # What the figure is made of: the same work in a bare process.
@@ -550,7 +552,8 @@ def build_rows(results: dict) -> list[dict]:
         add(key, "reference: per epoch (fit on arrays)", "", _fmt(sum(ref["epoch_s"]) / len(ref["epoch_s"]), " s"))
         diff = abs(cold["test_accuracy"] - ref["test_accuracy"]) * 100
         pretrained = backbone == "mobilenet_v2"  # InceptionV3 runs with random weights (timing only)
-        add(key, "test accuracy at 0.5 (cold run; warm run)" + ("" if pretrained else " [random weights: not meaningful]"),
+        label = "test accuracy at 0.5 (cold run; warm run)"
+        add(key, label + ("" if pretrained else " [random weights: not meaningful]"),
             f"{cold['test_accuracy']:.4f}; {warm['test_accuracy']:.4f}", f"{ref['test_accuracy']:.4f}",
             f"{diff:.2f} pt", "within 1 pt" if pretrained else "", diff <= 1.0 + 1e-9 if pretrained else None)
         add(key, "same split and same number of augmented images", str(t["same_split"] and t["same_n_augmented"]))
@@ -565,13 +568,15 @@ def build_rows(results: dict) -> list[dict]:
         for backbone, x in e.items():
             ours, bare = x["ours"], x["bare"]
             ratio = ours["images_per_s_excl_build"] / bare["images_per_s"]
-            add("extract", f"feature extraction {backbone}, {x['n']} images, cold cache (img/s, excl. one-off model build)",
+            add("extract",
+                f"feature extraction {backbone}, {x['n']} images, cold cache (img/s, excl. one-off model build)",
                 _fmt(ours["images_per_s_excl_build"]), _fmt(bare["images_per_s"]) + " (bare predict)",
                 f"{ratio:.0%}", ">= 90%", ratio >= 0.9)
             add("extract", f"  same, end to end incl. model build ({ours['model_build_s']:.1f} s)",
                 _fmt(ours["images_per_s"]), "", f"{ours['images_per_s'] / bare['images_per_s']:.0%}")
             if "compiled_images_per_s" in bare:
-                add("extract", "  against the same compiled call on arrays in memory (the cost of decoding and loading)",
+                add("extract",
+                    "  against the same compiled call on arrays in memory (the cost of decoding and loading)",
                     _fmt(ours["images_per_s_excl_build"]), _fmt(bare["compiled_images_per_s"]) + " (compiled)",
                     f"{ours['images_per_s_excl_build'] / bare['compiled_images_per_s']:.0%}")
     elif e:
@@ -752,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         try:
             results["sections"][name] = runners[name](ctx)
-        except Exception as error:  # one broken section must not lose the others
+        except Exception as error:  # noqa: BLE001 (one broken section must not lose the others)
             traceback.print_exc()
             results["sections"][name] = {"error": f"{type(error).__name__}: {error}",
                                          "traceback": traceback.format_exc()}

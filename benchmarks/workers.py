@@ -124,7 +124,7 @@ def extract_ours(args: dict) -> dict:
     t0 = time.time()
     result = features.extract_features(rows, cfg, AugmentConfig(), cache_dir=args["cache_dir"],
                                        batch_size=args.get("batch_size", 32),
-                                       on_progress=lambda done, total: marks.append((time.time(), done)))
+                                       on_progress=lambda done, _total: marks.append((time.time(), done)))
     total_s = time.time() - t0
     n = int(result.n_computed)
     pipeline_s = total_s - timing.get("model_build_s", 0.0)
@@ -198,8 +198,7 @@ def extract_bare(args: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def make_run_folder(args: dict) -> dict:
     """A finished run folder holding an untrained classifier (enough for latency: same graph)."""
-    from cxr_core import model as model_lib
-    from cxr_core import runs
+    from cxr_core import model as model_lib, runs
     from cxr_core.atomic import write_json_atomic
     from cxr_core.config import ModelConfig, RunConfig
 
@@ -210,7 +209,9 @@ def make_run_folder(args: dict) -> dict:
     classifier.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "config.json", config.to_dict())
     write_json_atomic(run_dir / "metrics.json", {"threshold": 0.5})
-    runs.write_status(run_dir, "done", message="benchmark fixture (untrained head)")
+    from cxr_core.run_folder import RunFolder
+
+    RunFolder(run_dir).write_status("done", message="benchmark fixture (untrained head)")
     from cxr_core.litert import export_classifier
 
     t = time.time()
@@ -284,9 +285,9 @@ def app_inprocess(args: dict) -> dict:
 
         steps["import tensorflow"] = _status_mb()
         return {"steps": steps, "maxrss_mb": _maxrss_mb()}
-    import streamlit  # noqa: F401
-    import plotly.graph_objects  # noqa: F401
     import pandas  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+    import streamlit  # noqa: F401
 
     steps["import streamlit+plotly+pandas"] = _status_mb()
     from cxr_core import predict, runs  # noqa: F401
@@ -334,7 +335,7 @@ def pages(args: dict) -> dict:
                 if exceptions:
                     entry[f"{attempt}_exceptions"] = exceptions
                 entry[f"{attempt}_errors"] = [str(e.value)[:200] for e in at.error]
-            except Exception as error:  # a page that times out or crashes is reported, not fatal
+            except Exception as error:  # noqa: BLE001 (a page that times out or crashes is reported, not fatal)
                 entry[f"{attempt}_s"] = time.perf_counter() - t
                 entry[f"{attempt}_failed"] = f"{type(error).__name__}: {error}"[:300]
         results[page] = entry

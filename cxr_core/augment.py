@@ -18,10 +18,10 @@ import pandas as pd
 
 from .config import BALANCE_STRATEGIES, AugmentConfig
 from .errors import BadDatasetError
+from .labels import CLASSES
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("NORMAL", "PNEUMONIA")
 
 
 def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndarray:

@@ -17,10 +17,11 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from .config import (  # noqa: E402
-    BACKBONE_NAMES, BALANCE_STRATEGIES, SPLIT_MODES, THRESHOLD_RULES, RunConfig,
-)
+from .backbones import BACKBONE_NAMES  # noqa: E402
+from .config import BALANCE_STRATEGIES, SPLIT_MODES, RunConfig  # noqa: E402
 from .errors import CxrError  # noqa: E402
+from .labels import THRESHOLD_RULES  # noqa: E402
+from .recipes import RECIPE_NAMES, apply_recipe  # noqa: E402
 
 log = logging.getLogger("cxr_core")
 
@@ -40,10 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train a classifier; prints the run folder as its last line")
     t.add_argument("--data", help="data set folder (Kermany layout or NORMAL/PNEUMONIA folders)")
     t.add_argument("--config", help="a config.json to start from (flags given on the command line override it)")
+    t.add_argument("--recipe", choices=RECIPE_NAMES,
+                   help="a named recipe that sets every training choice except the data, backbone, alpha and "
+                        "weights (see benchmarks/ACCURACY.md); flags given explicitly override it")
     t.add_argument("--out", help="folder that holds run folders (default: $CXR_RUNS_DIR or artifacts/runs)")
     t.add_argument("--run-dir", help=argparse.SUPPRESS)
     t.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
-    t.add_argument("--backbone", help="inception_v3 (default), mobilenet_v2, efficientnet_b0, densenet121")
+    t.add_argument("--backbone", help=f"{', '.join(BACKBONE_NAMES)} (default {BACKBONE_NAMES[0]})")
     t.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier (e.g. 0.35)")
     t.add_argument("--weights", help="imagenet (default), none, or a path to a weights file")
     t.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
@@ -75,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="data set folder")
     e.add_argument("--threshold", type=float, help="override the run's chosen threshold")
     e.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
+    e.add_argument("--no-store", action="store_true",
+                   help="do not remember the result in the run folder (evaluations/<data set name>.json)")
 
     p = sub.add_parser("predict", parents=[common], help="classify files (one JSON object per line)")
     p.add_argument("--run", required=True, help="run folder")
@@ -99,6 +105,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if loaded is None:
             raise CxrError(f"{args.config} is not a readable config.json.")
         base = RunConfig.from_dict(loaded)
+    if args.recipe:
+        base = apply_recipe(base, args.recipe)
 
     def pick(section, **values):
         given = {k: v for k, v in values.items() if v is not None}
@@ -127,10 +135,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      online_augment=args.online_augment, threshold_rule=args.threshold_rule,
                      target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
                      export_litert=args.export_litert)
-    except ValueError as error:
+    except CxrError:
+        raise
+    except (TypeError, ValueError) as error:  # a section rejected a combination the flags allowed
         raise CxrError(str(error)) from error
-    if model.backbone not in BACKBONE_NAMES:
-        raise CxrError(f"Unknown backbone {model.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}.")
     return RunConfig(data=data, augment=augment, model=model, train=train)
 
 
@@ -165,31 +173,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np  # noqa: PLC0415
+    from .external import evaluate_folder  # noqa: PLC0415
 
-    from .data import scan_dataset  # noqa: PLC0415
-    from .evaluate import binary_metrics  # noqa: PLC0415
-    from .predict import Predictor  # noqa: PLC0415
-
-    predictor = Predictor.from_run(args.run, engine=args.engine)
-    threshold = predictor.threshold if args.threshold is None else args.threshold
-    scan = scan_dataset(args.data)
-    paths = scan.manifest["path"].tolist()
-    results = predictor.predict_files(paths)
-    ok = [(r, y) for r, y in zip(results, scan.manifest["y"].tolist()) if "probability" in r]
-    skipped = [{"path": str(p), "reason": str(r)} for p, r in zip(scan.skipped["path"], scan.skipped["reason"])]
-    skipped += [{"path": r["file"], "reason": r["error"]} for r in results if "error" in r]
-    if not ok:
-        raise CxrError(f"None of the images in {args.data} could be read.")
-    y = np.array([y for _, y in ok])
-    prob = np.array([r["probability"] for r, _ in ok])
-    metrics = binary_metrics(y, prob, threshold=threshold)
-    metrics["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
-    metrics["skipped"] = skipped
-    metrics["duplicates"] = int(len(scan.duplicates))
-    metrics["run"] = str(args.run)
-    metrics["data"] = str(args.data)
-    print(json.dumps(metrics, default=_json_default))
+    result = evaluate_folder(args.run, args.data, threshold=args.threshold, engine=args.engine,
+                             store=not args.no_store)
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    print(json.dumps(result, default=_json_default))
     return EXIT_OK
 
 

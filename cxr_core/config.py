@@ -10,22 +10,20 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import BadRunError
+from .backbones import get_backbone
+from .errors import BadRunError, BadSettingError
+from .labels import THRESHOLD_RULES
 
 CONFIG_VERSION = 1
 
-SPLIT_MODES = ("random", "patient", "official")
-BALANCE_STRATEGIES = ("augment", "class_weight", "none")
-THRESHOLD_RULES = ("youden", "sensitivity")
-#: Plain facts of ``model.BACKBONES`` (a test keeps them equal), here so that pages and the
-#: command line can check names and sizes without importing TensorFlow (seconds of start-up).
-BACKBONE_INFO = {
-    "inception_v3": {"label": "InceptionV3 (reference)", "default_size": 299, "supports_alpha": False, "min_size": 75},
-    "mobilenet_v2": {"label": "MobileNetV2 (small, fast)", "default_size": 224, "supports_alpha": True, "min_size": 32},
-    "efficientnet_b0": {"label": "EfficientNetB0", "default_size": 224, "supports_alpha": False, "min_size": 32},
-    "densenet121": {"label": "DenseNet121", "default_size": 224, "supports_alpha": False, "min_size": 32},
+#: How images are split, with the name people see for each.
+SPLIT_LABELS = {
+    "random": "Random split by image",
+    "patient": "Split by patient",
+    "official": "Official Kermany test set",
 }
-BACKBONE_NAMES = tuple(BACKBONE_INFO)
+SPLIT_MODES = tuple(SPLIT_LABELS)
+BALANCE_STRATEGIES = ("augment", "class_weight", "none")
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_MODES)}; got {self.split!r}.")
+            raise BadSettingError(f"split must be one of {', '.join(SPLIT_MODES)}; got {self.split!r}.")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
-            raise ValueError("val_fraction and test_fraction must each be between 0 and 0.5.")
+            raise BadSettingError("val_fraction and test_fraction must each be between 0 and 0.5.")
         if self.limit is not None and self.limit < 10:
-            raise ValueError(f"limit must be at least 10 images; got {self.limit}.")
+            raise BadSettingError(f"limit must be at least 10 images; got {self.limit}.")
 
 
 @dataclass(frozen=True)
@@ -83,21 +81,21 @@ class AugmentConfig:
         object.__setattr__(self, "brightness_range", tuple(float(v) for v in self.brightness_range))
         low, high = self.brightness_range
         if not (0 < low <= high):
-            raise ValueError(f"brightness_range must be two positive numbers, low <= high; got {self.brightness_range}.")
+            raise BadSettingError(f"brightness_range must be two positive numbers, low <= high; got {self.brightness_range}.")
         if not (0 <= self.rotation_range <= 180):
-            raise ValueError(f"rotation_range is in degrees, 0 to 180; got {self.rotation_range}.")
+            raise BadSettingError(f"rotation_range is in degrees, 0 to 180; got {self.rotation_range}.")
         for name in ("width_shift", "height_shift", "zoom"):
             value = getattr(self, name)
             if not (0 <= value < 1):
-                raise ValueError(f"{name} is a fraction between 0 and 1; got {value}.")
+                raise BadSettingError(f"{name} is a fraction between 0 and 1; got {value}.")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: a backbone from ``model.BACKBONES`` and the reference head.
+    """The network: a backbone from ``backbones.BACKBONES`` and the reference head.
 
     Attributes:
-        backbone: a key of ``cxr_core.model.BACKBONES``.
+        backbone: a key of ``cxr_core.backbones.BACKBONES``.
         weights: ``imagenet``, ``none`` (random initialisation) or a path to a weights file.
         image_size: input side in pixels; ``None`` takes the backbone's default (299 for InceptionV3).
         alpha: width multiplier (MobileNetV2 only).
@@ -111,10 +109,20 @@ class ModelConfig:
     dropout: float = 0.5
 
     def __post_init__(self) -> None:
+        # Checked when the settings are made, so a bad choice is one sentence before any work starts.
+        spec = get_backbone(self.backbone)
         if self.image_size is not None and not (32 <= self.image_size <= 1024):
-            raise ValueError(f"image_size must be between 32 and 1024 pixels; got {self.image_size}.")
+            raise BadSettingError(f"image_size must be between 32 and 1024 pixels; got {self.image_size}.")
+        spec.image_size(self.image_size)
         if not (0 <= self.dropout < 1):
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+            raise BadSettingError(f"dropout must be in [0, 1); got {self.dropout}.")
+        if spec.supports_alpha and not (0 < self.alpha <= 2):
+            raise BadSettingError(f"alpha (the width multiplier) must be above 0 and at most 2; got {self.alpha}.")
+
+    @property
+    def resolved_image_size(self) -> int:
+        """The input side: ``image_size`` or the backbone's default."""
+        return get_backbone(self.backbone).image_size(self.image_size)
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class TrainConfig:
         cache_dir: where cached features live; ``None`` for the default (see ``features.default_cache_dir``).
         export_litert: also write ``model.tflite`` (LiteRT), with which the app predicts and explains
             without loading TensorFlow (a server of about 200 MB instead of 800 MB).
+        recipe: the named recipe these settings started from (``cxr_core.recipes``), or "" for none.
     """
 
     epochs: int = 10
@@ -157,20 +166,21 @@ class TrainConfig:
     online_augment: bool = False
     cache_dir: str | None = None
     export_litert: bool = True
+    recipe: str = ""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_STRATEGIES:
-            raise ValueError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
+            raise BadSettingError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
         if self.threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}.")
+            raise BadSettingError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}.")
         if self.epochs < 0 or self.fine_tune_epochs < 0:
-            raise ValueError("epochs cannot be negative.")
+            raise BadSettingError("epochs cannot be negative.")
         if self.epochs == 0 and self.fine_tune_epochs == 0:
-            raise ValueError("at least one epoch of training is needed (epochs or fine_tune_epochs).")
+            raise BadSettingError("at least one epoch of training is needed (epochs or fine_tune_epochs).")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
+            raise BadSettingError(f"batch_size must be at least 1; got {self.batch_size}.")
         if not (0 < self.learning_rate < 1 and 0 < self.fine_tune_learning_rate < 1):
-            raise ValueError("learning rates must be between 0 and 1.")
+            raise BadSettingError("learning rates must be between 0 and 1.")
 
 
 @dataclass(frozen=True)

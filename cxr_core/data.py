@@ -12,7 +12,6 @@ kept once, so one image can never land in both train and test.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -24,13 +23,13 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadDatasetError, BadImageError
+from .config import SPLIT_MODES
+from .hashing import bytes_sha256
 from .images import IMAGE_SUFFIXES, image_header
+from .labels import CLASSES, LABEL_TO_Y, SPLITS, require_both_classes
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("NORMAL", "PNEUMONIA")
-LABEL_TO_Y = {label: index for index, label in enumerate(CLASSES)}
-SPLITS = ("train", "val", "test")
 
 # Folder names (lower case) that mean a class, and those that mean a part of the official split.
 CLASS_FOLDERS = {"normal": "NORMAL", "healthy": "NORMAL", "pneumonia": "PNEUMONIA"}
@@ -44,9 +43,12 @@ MANIFEST_COLUMNS = [
     "path", "relpath", "label", "y", "patient_id", "subtype", "official_split", "sha256", "width", "height",
 ]
 
+# A data set's own manifest (optional): its extra columns join the scan's manifest by relpath.
+SIDECAR_NAME = "manifest.csv"
+SIDECAR_RESERVED = set(MANIFEST_COLUMNS)
+
 _PERSON_RE = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _IM_RE = re.compile(r"^((?:[A-Za-z]+\d*-)?IM-\d+)-\d+", re.IGNORECASE)
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -268,7 +270,7 @@ def _inspect(path: Path) -> tuple[str, int, int] | str:
         width, height = image_header(data, name=path.name)
     except BadImageError as error:
         return str(error)
-    return hashlib.sha256(data).hexdigest(), width, height
+    return bytes_sha256(data), width, height
 
 
 def _inspect_all(paths: list[Path]) -> list[tuple[str, int, int] | str]:
@@ -334,6 +336,9 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
         )
 
     manifest, duplicates = _drop_duplicates(rows)
+    extra = read_sidecar_columns(dataset_root, manifest["relpath"])
+    if len(extra.columns):
+        manifest = pd.concat([manifest, extra.set_index(manifest.index)], axis=1)
     skipped_df = pd.DataFrame(skipped, columns=["path", "reason"]).sort_values("path", ignore_index=True)
     _check_classes(manifest, dataset_root, len(skipped_df), len(duplicates))
     log.info(
@@ -341,6 +346,58 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
         dataset_root, layout, len(manifest), len(skipped_df), len(duplicates),
     )
     return ScanResult(dataset_root, layout, manifest, skipped_df, duplicates)
+
+
+def _normalise_relpath(relpath: object) -> str:
+    """A relative path compared case-insensitively with forward slashes and no leading ``./``."""
+    text = str(relpath).strip().replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    return "/".join(part for part in text.split("/") if part not in ("", ".")).lower()
+
+
+def read_sidecar_columns(root: str | os.PathLike, relpaths) -> pd.DataFrame:
+    """Extra columns of a data set's own ``manifest.csv``, matched to the scanned images.
+
+    A data set may carry ``root/manifest.csv`` with a ``path`` column (relative to ``root``) and
+    further facts per image (a scanner, a hospital, which copy the image was made from). Columns
+    that a scan computes itself (``SIDECAR_RESERVED``) are left out. A file that cannot be parsed,
+    or that has no ``path`` column, is ignored with a logged warning.
+
+    Args:
+        root: the data set folder (``ScanResult.root``).
+        relpaths: the scanned images' relative paths (forward slashes), in manifest order.
+
+    Returns:
+        One row per entry of ``relpaths`` (index 0..n-1) with the side-car's extra columns; NaN
+        where an image has no row in the side-car. No columns when there is nothing to add.
+    """
+    relpaths = [str(p) for p in relpaths]
+    empty = pd.DataFrame(index=pd.RangeIndex(len(relpaths)))
+    path = Path(root) / SIDECAR_NAME
+    if not path.is_file():
+        return empty
+    try:
+        table = pd.read_csv(path, low_memory=False)
+        columns = {str(c).strip().lower(): c for c in table.columns}
+        if "path" not in columns:
+            log.warning("%s has no path column; its columns are not used.", path)
+            return empty
+        keep = [c for c in table.columns if str(c).strip().lower() not in SIDECAR_RESERVED]
+        if not keep:
+            return empty
+        keys = table[columns["path"]].map(_normalise_relpath)
+        table = table.loc[~keys.duplicated(), keep].set_index(keys[~keys.duplicated()])
+        table.columns = [str(c).strip() for c in table.columns]
+        table = table.loc[:, ~table.columns.duplicated()]
+        wanted = [_normalise_relpath(p) for p in relpaths]
+        merged = table.reindex(wanted).reset_index(drop=True)
+    except Exception as error:  # noqa: BLE001 (a broken side-car must never fail the scan)
+        log.warning("%s could not be read (%s); its columns are not used.", path, error)
+        return empty
+    matched = int(merged.notna().any(axis=1).sum())
+    log.info("%s: %d of %d images matched; columns %s", path, matched, len(relpaths), list(merged.columns))
+    return merged
 
 
 def _drop_duplicates(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -497,9 +554,8 @@ def make_split(
     Raises:
         BadDatasetError: unknown mode, one class only, no official split, or a part without both classes.
     """
-    modes = ("random", "patient", "official")
-    if mode not in modes:
-        raise BadDatasetError(f"The split mode {mode!r} is unknown; choose one of {', '.join(modes)}.")
+    if mode not in SPLIT_MODES:
+        raise BadDatasetError(f"The split mode {mode!r} is unknown; choose one of {', '.join(SPLIT_MODES)}.")
     if not (0 < val_fraction < 0.5 and 0 < test_fraction < 0.5):
         raise BadDatasetError(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must each be between 0 and 0.5."
@@ -547,14 +603,8 @@ def _official_split(manifest: pd.DataFrame, y: np.ndarray, seed: int, val_fracti
 
 def _check_parts(result: pd.DataFrame, mode: str) -> None:
     for part in SPLITS:
-        labels = set(result.loc[result["split"] == part, "y"].astype(int))
-        if labels != {0, 1}:
-            n = int((result["split"] == part).sum())
-            missing = " and ".join(CLASSES[y] for y in (0, 1) if y not in labels)
-            raise BadDatasetError(
-                f"The {part} part of the {mode} split has no {missing} images ({n} images in it); "
-                "add more images or use a larger limit."
-            )
+        require_both_classes(result.loc[result["split"] == part, "y"].astype(int), f"the {part} part of the {mode} split",
+                             "add more images or use a larger limit")
 
 
 def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123) -> pd.DataFrame:

@@ -11,6 +11,13 @@ class CxrError(Exception):
     """A problem with the user's input; ``str(error)`` is one sentence for a person."""
 
 
+class BadSettingError(CxrError, ValueError):
+    """A setting a person chose that cannot work (an unknown backbone, an image too small for it).
+
+    Also a ``ValueError``, so code that validates values generically still catches it.
+    """
+
+
 class BadImageError(CxrError):
     """An image file that cannot be used (corrupt, not an image, too large, no pixel data)."""
 

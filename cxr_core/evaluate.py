@@ -17,10 +17,9 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .errors import CxrError
+from .labels import THRESHOLD_RULES
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD_RULES = ("youden", "sensitivity")
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -315,3 +314,59 @@ def metrics_report(
             "at_threshold": binary_metrics(y_test, p_test, threshold),
         }
     return {"threshold": threshold, "threshold_rule": rule, "val": val, "test": test}
+
+
+# -- a change of prevalence (Saerens, Latinne and Decaestecker 2002) -------------------------------
+
+def _odds(p: float) -> float:
+    p = min(max(float(p), 1e-12), 1 - 1e-12)
+    return p / (1.0 - p)
+
+
+def shift_probabilities(prob: ArrayLike, train_prior: float, new_prior: float) -> np.ndarray:
+    """Posteriors re-weighted from the prevalence the model learnt (``train_prior``) to ``new_prior``:
+    p' = r1 p / (r1 p + r0 (1 - p)) with r1 = new/old positive rate and r0 the same for negatives."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
+    r1 = float(new_prior) / float(train_prior)
+    r0 = (1.0 - float(new_prior)) / (1.0 - float(train_prior))
+    num = r1 * p
+    den = num + r0 * (1.0 - p)
+    return np.divide(num, den, out=np.full_like(p, float(new_prior)), where=den > 0)
+
+
+def estimate_prior_em(prob: ArrayLike, train_prior: float, max_iter: int = 500, tol: float = 1e-8) -> float:
+    """The positive rate of a new, unlabeled set of images, by EM on the model's posteriors.
+
+    Args:
+        prob: the model's probabilities of PNEUMONIA on the new images.
+        train_prior: the positive rate the probabilities are calibrated to (the validation part's).
+        max_iter: EM steps at most.
+        tol: stop when the estimate moves less than this.
+
+    Returns:
+        The estimated positive rate in (0, 1). It is only as good as the model's calibration on the
+        new images: over-confident probabilities move it too far.
+    """
+    p = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
+    if p.size == 0:
+        raise CxrError("There are no probabilities to estimate a prevalence from.")
+    if not 0.0 < float(train_prior) < 1.0:
+        raise CxrError(f"The training prevalence must be between 0 and 1; got {train_prior}.")
+    prior = float(train_prior)
+    for _ in range(max_iter):
+        updated = float(np.clip(shift_probabilities(p, train_prior, prior).mean(), 1e-6, 1 - 1e-6))
+        if abs(updated - prior) < tol:
+            prior = updated
+            break
+        prior = updated
+    return prior
+
+
+def threshold_for_prior(threshold: float, train_prior: float, new_prior: float) -> float:
+    """The threshold on the model's own probabilities that makes the same decisions as
+    ``threshold`` applied to probabilities shifted to ``new_prior``."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return float(threshold)
+    factor = (_odds(train_prior) / _odds(new_prior))
+    odds = _odds(threshold) * factor
+    return float(odds / (1.0 + odds))

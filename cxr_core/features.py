@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,10 @@ import pandas as pd
 
 from . import atomic
 from .augment import augment_image, params_key
+from .backbones import get_backbone
 from .config import AugmentConfig, ModelConfig
 from .errors import CxrError
+from .hashing import file_sha256
 from .images import load_gray, to_model_input
 
 log = logging.getLogger(__name__)
@@ -89,31 +90,8 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "cxr-workbench" / "features"
 
 
-_file_hashes: dict[tuple[str, int, int], str] = {}
-_file_hashes_lock = threading.Lock()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (memoised by path, size and modification time)."""
-    stat = os.stat(path)
-    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    with _file_hashes_lock:
-        if key in _file_hashes:
-            return _file_hashes[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _file_hashes_lock:
-        _file_hashes[key] = value
-    return value
-
-
 def model_key_parts(model_cfg: ModelConfig, seed: int) -> dict:
     """What identifies the feature extractor's output (the basis of ``model_key``)."""
-    from .model import get_backbone, resolve_image_size  # keras import only when features are needed
-
     spec = get_backbone(model_cfg.backbone)
     weights = (model_cfg.weights or "none").strip()
     if weights.lower() == "imagenet":
@@ -130,7 +108,7 @@ def model_key_parts(model_cfg: ModelConfig, seed: int) -> dict:
         "version": CACHE_VERSION,
         "backbone": spec.name,
         "weights": identity,
-        "image_size": resolve_image_size(model_cfg),
+        "image_size": model_cfg.resolved_image_size,
         "alpha": float(model_cfg.alpha) if spec.supports_alpha else None,
         "resize": _RESIZE,
     }
@@ -248,9 +226,7 @@ def extract_features(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-    from .model import resolve_image_size  # noqa: PLC0415 (keras only when features are needed)
-
-    size = resolve_image_size(model_cfg)
+    size = model_cfg.resolved_image_size
     paths, shas, aug_seeds = _prepare_rows(rows)
     if augment_cfg is None and any(s >= 0 for s in aug_seeds):
         raise ValueError("rows with augment_seed >= 0 need an augment_cfg to make their augmented images.")
@@ -349,7 +325,7 @@ def extract_features(
             batches = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
             # Always compiled: eager calls of a large backbone (InceptionV3) keep every intermediate tensor and
             # peaked at over 5 GB on 60 images; compiling costs about a second once.
-            extractor, backbone, predict = _make_extractor(model_cfg, seed, size, compiled=True)
+            extractor, backbone, predict = _make_extractor(model_cfg, seed, size)
             model_dim = int(extractor.output.shape[-1])
             if model_dim != dim:
                 dim = model_dim
@@ -454,11 +430,12 @@ def _write_meta(model_dir: Path, model_cfg: ModelConfig, seed: int, dim: int, wr
         writer.failed = True
 
 
-def _make_extractor(model_cfg: ModelConfig, seed: int, size: int, compiled: bool = True):
+def _make_extractor(model_cfg: ModelConfig, seed: int, size: int):
     """Build the frozen extractor and its inference function.
 
-    ``compiled``: one traced graph for any batch size (tracing costs about a second, then each call
-    is cheaper than ``model.predict``'s per-call set-up); for a few batches eager calls are quicker.
+    The function is compiled: one traced graph for any batch size (tracing costs about a second,
+    then each call is cheaper than ``model.predict``'s per-call set-up; eager InceptionV3 also
+    peaked at 5 GB).
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -467,11 +444,9 @@ def _make_extractor(model_cfg: ModelConfig, seed: int, size: int, compiled: bool
     backbone = build_backbone(model_cfg, seed)
     extractor = build_feature_extractor(model_cfg, seed, backbone=backbone)
 
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def run(images):
         return extractor(images, training=False)
-
-    if compiled:
-        run = tf.function(run, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
 
     def predict(images: np.ndarray) -> np.ndarray:
         return run(tf.convert_to_tensor(images)).numpy().astype(np.float32, copy=False)

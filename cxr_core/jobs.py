@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from . import runs
-from .atomic import read_json, write_bytes_atomic, write_json_atomic
+from .atomic import read_json, write_json_atomic
 from .config import RunConfig
 from .errors import TrainingBusyError
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,21 @@ def start_training(config: RunConfig, root: str | os.PathLike | None = None) -> 
             f"A training job{name} is already running on this server; wait for it to finish or cancel it first.")
     try:
         run_dir = runs.new_run_dir(root, hint=f"{config.model.backbone}-{config.data.split}")
-        write_json_atomic(run_dir / "config.json", config.to_dict())
-        log_file = open(run_dir / "train.log", "ab")  # noqa: SIM115 (handed to the child)
+        folder = RunFolder(run_dir)
+        folder.write_config(config)
+        log_file = open(folder.log_path, "ab")  # noqa: SIM115 (handed to the child)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                    PYTHONUNBUFFERED="1")
         project_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         process = subprocess.Popen(
-            [sys.executable, "-m", "cxr_core", "train", "--config", str(run_dir / "config.json"),
+            [sys.executable, "-m", "cxr_core", "train", "--config", str(folder.config_path),
              "--run-dir", str(run_dir), "--lock-fd", str(fd)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             pass_fds=(fd,), start_new_session=True, cwd=project_root, env=env,
         )
         log_file.close()
-        runs.write_status(run_dir, "running", pid=process.pid, message="starting")
+        folder.write_status("running", pid=process.pid, message="starting")
         write_json_atomic(root / ACTIVE_NAME, {"run_dir": str(run_dir), "pid": process.pid})
         # Reap the child when it exits so it does not linger as a zombie in the server.
         _watch(process)
@@ -107,4 +109,4 @@ def _watch(process: subprocess.Popen) -> None:
 
 def request_cancel(run_dir: str | os.PathLike) -> None:
     """Ask a running job to stop; it stops between two batches and marks the run cancelled."""
-    write_bytes_atomic(runs.request_cancel_file(Path(run_dir)), b"cancel\n")
+    RunFolder(run_dir).request_cancel()

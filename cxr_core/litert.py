@@ -21,7 +21,6 @@ explained by a stale export.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import threading
@@ -31,9 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path, write_json_atomic
 from .errors import BadRunError, CxrError
-from .features import file_sha256
+from .hashing import file_sha256
+from .run_folder import LITE_FILE, LITE_INFO_FILE, MODEL_FILE, RunFolder
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -41,9 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-LITE_FILE = "model.tflite"
-LITE_INFO_FILE = "model.tflite.json"
-SOURCE_FILE = "model.keras"
 FORMAT_VERSION = 1
 
 
@@ -74,12 +70,14 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    from .model import BACKBONES, gradcam_parts  # noqa: PLC0415
+    from .backbones import BACKBONES  # noqa: PLC0415
+    from .model import gradcam_parts  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
-    source = run_dir / SOURCE_FILE
+    folder = RunFolder(run_dir)
+    run_dir = folder.path
+    source = folder.model_path
     if not source.is_file():
-        raise BadRunError(f"The run folder {run_dir} has no {SOURCE_FILE} to export.")
+        raise BadRunError(f"The run folder {run_dir} has no {MODEL_FILE} to export.")
     t0 = time.time()
     spec = BACKBONES.get(backbone) if backbone else None
     parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
@@ -103,7 +101,7 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
 
     info = {
         "format": FORMAT_VERSION,
-        "source": SOURCE_FILE,
+        "source": MODEL_FILE,
         "source_sha256": file_sha256(source),
         "image_size": size,
         "last_conv_layer": parts.last_conv_layer,
@@ -111,10 +109,8 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
         "tensorflow": tf.__version__,
         "seconds": round(time.time() - t0, 2),
     }
-    target = run_dir / LITE_FILE
-    with atomic_path(target) as tmp:
-        Path(tmp).write_bytes(flatbuffer)
-    write_json_atomic(run_dir / LITE_INFO_FILE, info)
+    target = folder.lite_path
+    folder.write_export(flatbuffer, info)
     log.info("Exported %s (%.1f MB) in %.1f s.", target, len(flatbuffer) / 1e6, info["seconds"])
     return target
 
@@ -122,32 +118,32 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
 def export_run(run_dir: str | Path) -> Path:
     """Load ``run_dir/model.keras`` and export it (for runs trained before exports existed)."""
     from .model import load_classifier  # noqa: PLC0415
-    from .predict import load_run_config  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    return export_classifier(load_classifier(run_dir / SOURCE_FILE), run_dir, config.model.backbone)
+    folder = RunFolder(run_dir)
+    config = folder.read_config()
+    return export_classifier(load_classifier(folder.model_path), folder.path, config.model.backbone)
 
 
 def lite_status(run_dir: str | Path) -> str | None:
     """Why ``run_dir``'s LiteRT file cannot be used, or None when it can."""
-    run_dir = Path(run_dir)
-    lite, info_path, source = run_dir / LITE_FILE, run_dir / LITE_INFO_FILE, run_dir / SOURCE_FILE
-    if not lite.is_file():
+    folder = RunFolder(run_dir)
+    if not folder.lite_path.is_file():
         return f"there is no {LITE_FILE}"
     if not runtime_available():
         return "the LiteRT runtime (ai-edge-litert) is not installed"
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = folder.read_export_info()
     except (OSError, ValueError):
+        info = None
+    if info is None:
         return f"{LITE_INFO_FILE} is missing or unreadable"
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
         return f"{LITE_INFO_FILE} is of an unknown format"
     try:
-        if info.get("source_sha256") != file_sha256(source):
-            return f"{LITE_FILE} was made from a different {SOURCE_FILE}"
+        if info.get("source_sha256") != file_sha256(folder.model_path):
+            return f"{LITE_FILE} was made from a different {MODEL_FILE}"
     except OSError:
-        return f"there is no {SOURCE_FILE}"
+        return f"there is no {MODEL_FILE}"
     return None
 
 

@@ -15,56 +15,21 @@ from typing import Callable
 
 import keras
 
+from .backbones import BACKBONES, PREPROCESS_MODES, BackboneSpec, get_backbone
 from .config import ModelConfig
 from .errors import BadRunError
+from .run_folder import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 # ImageNet statistics used by the "torch" preprocessing mode (DenseNet).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESS_MODES = ("tf", "torch", "none")
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """One row of the backbone table.
-
-    Attributes:
-        name: key in ``BACKBONES`` (saved in config.json).
-        label: name for people.
-        constructor: the ``keras.applications`` function.
-        default_size: input side used when ``ModelConfig.image_size`` is ``None``.
-        preprocess_mode: ``tf`` (x/127.5 - 1), ``torch`` (x/255, then ImageNet mean/std) or ``none``
-            (the Keras model normalises by itself).
-        last_conv_layer: name of the last convolutional activation inside the backbone (Grad-CAM).
-        supports_alpha: whether ``ModelConfig.alpha`` (width multiplier) applies.
-        min_size: smallest input side the architecture accepts.
-    """
-
-    name: str
-    label: str
-    constructor: Callable[..., keras.Model]
-    default_size: int
-    preprocess_mode: str
-    last_conv_layer: str
-    supports_alpha: bool = False
-    min_size: int = 32
-
-
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        Backbone("inception_v3", "InceptionV3 (reference)", keras.applications.InceptionV3, 299, "tf", "mixed10",
-                 min_size=75),
-        Backbone("mobilenet_v2", "MobileNetV2 (small, fast)", keras.applications.MobileNetV2, 224, "tf", "out_relu",
-                 supports_alpha=True),
-        # EfficientNet's Keras model holds its own Rescaling/Normalization layers.
-        Backbone("efficientnet_b0", "EfficientNetB0", keras.applications.EfficientNetB0, 224, "none",
-                 "top_activation"),
-        Backbone("densenet121", "DenseNet121", keras.applications.DenseNet121, 224, "torch", "relu"),
-    )
-}
+def constructor(spec: BackboneSpec) -> Callable[..., keras.Model]:
+    """The ``keras.applications`` function that builds the table row ``spec``."""
+    return getattr(keras.applications, spec.keras_name)
 
 
 @keras.saving.register_keras_serializable(package="cxr_core")
@@ -96,23 +61,6 @@ class Preprocess(keras.layers.Layer):
         return config
 
 
-def get_backbone(name: str) -> Backbone:
-    """The table row for ``name``; ``ValueError`` with the known names otherwise."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.") from None
-
-
-def resolve_image_size(cfg: ModelConfig) -> int:
-    """The input side: ``cfg.image_size`` or the backbone's default; checks the backbone's minimum."""
-    backbone = get_backbone(cfg.backbone)
-    size = int(cfg.image_size or backbone.default_size)
-    if size < backbone.min_size:
-        raise ValueError(f"{backbone.label} needs images of at least {backbone.min_size} pixels; got {size}.")
-    return size
-
-
 def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
     """The convolutional base without its top, named ``backbone``.
 
@@ -126,15 +74,16 @@ def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
         BadRunError: when a weights file is missing or does not fit the architecture.
     """
     backbone = get_backbone(cfg.backbone)
-    size = resolve_image_size(cfg)
+    size = cfg.resolved_image_size
+    build = constructor(backbone)
     keras.utils.set_random_seed(seed)
     kwargs: dict = {"include_top": False, "input_shape": (size, size, 3), "name": "backbone"}
     if backbone.supports_alpha:
         kwargs["alpha"] = cfg.alpha
     weights = cfg.weights or "none"
     if weights.lower() == "imagenet":
-        return backbone.constructor(weights="imagenet", **kwargs)
-    base = backbone.constructor(weights=None, **kwargs)
+        return build(weights="imagenet", **kwargs)
+    base = build(weights=None, **kwargs)
     if weights.lower() == "none":
         return base
     path = Path(weights).expanduser()
@@ -153,7 +102,7 @@ def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
 def build_feature_extractor(cfg: ModelConfig, seed: int = 123, backbone: keras.Model | None = None) -> keras.Model:
     """Frozen image -> pooled features model: Input(0..255) -> Preprocess -> backbone -> pool."""
     spec = get_backbone(cfg.backbone)
-    size = resolve_image_size(cfg)
+    size = cfg.resolved_image_size
     base = backbone if backbone is not None else build_backbone(cfg, seed)
     base.trainable = False
     inputs = keras.Input((size, size, 3), dtype="float32", name="image")
@@ -190,7 +139,7 @@ def build_classifier(
     full model.
     """
     spec = get_backbone(cfg.backbone)
-    size = resolve_image_size(cfg)
+    size = cfg.resolved_image_size
     base = backbone if backbone is not None else build_backbone(cfg, seed)
     base.trainable = False
     rate = float(head.get_layer("dropout").rate) if head is not None else cfg.dropout
@@ -240,9 +189,9 @@ def load_classifier(path: str | Path) -> keras.Model:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "model.keras"
+        path = path / MODEL_FILE
     if not path.is_file():
-        raise BadRunError(f"There is no model.keras in {path.parent}; the run did not finish or was damaged.")
+        raise BadRunError(f"There is no {MODEL_FILE} in {path.parent}; the run did not finish or was damaged.")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as error:  # zip, h5, JSON and deserialisation errors all mean the same to a person
@@ -295,8 +244,3 @@ def gradcam_parts(classifier: keras.Model, last_conv_layer: str | None = None) -
         logit=classifier.get_layer("logit"),
         last_conv_layer=last_conv_layer,
     )
-
-
-def feature_dim(model: keras.Model) -> int:
-    """Width of a feature extractor's (or backbone's) output."""
-    return int(model.output.shape[-1])

@@ -9,9 +9,7 @@ and heatmaps. TensorFlow is imported lazily so ``import cxr_core.predict`` stays
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -20,53 +18,16 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import BadImageError, BadRunError, CxrError
+from .labels import DEFAULT_THRESHOLD, label_for, sigmoid
+from .run_folder import MODEL_FILE, RunFolder, check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("NORMAL", "PNEUMONIA")
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-MODEL_FILE = "model.keras"
-DEFAULT_THRESHOLD = 0.5
 #: Images per forward pass in batched prediction (bounded memory: 32 x 299 x 299 x 3 float32 = 34 MB).
 BATCH_SIZE = 16
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    # float64 and the two-sided form: exact for large |logit| without overflow warnings.
-    z = np.asarray(logits, dtype=np.float64)
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1.0 + ez)
-    return out
-
-
-def _check_threshold(value: Any, where: str) -> float:
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        threshold = math.nan
-    if not (0.0 <= threshold <= 1.0):
-        raise BadRunError(f"The threshold {where} must be a number between 0 and 1; got {value!r}.")
-    return threshold
-
-
-def _read_json_file(path: Path, run_dir: Path, what: str) -> Any:
-    """Parse a JSON file of a run folder; BadRunError naming the folder when it is unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text)
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRunError(
-            f"The run folder {run_dir} has a {path.name} that is not valid JSON, so its {what} cannot be read."
-        ) from error
 
 
 def _gray_checked(gray: Any) -> np.ndarray:
@@ -156,7 +117,7 @@ class Predictor:
         """
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._threshold = _check_threshold(threshold, "of a predictor")
+        self._threshold = check_threshold(threshold, "of a predictor")
         if hasattr(classifier, "explain") and hasattr(classifier, "logits"):
             self._engine = classifier
         else:
@@ -189,14 +150,15 @@ class Predictor:
         """
         if engine not in ("auto", "litert", "keras"):
             raise CxrError(f"The engine must be auto, litert or keras; got {engine!r}.")
-        run_dir = Path(run_dir)
-        config = load_run_config(run_dir)
+        folder = RunFolder(run_dir)
+        run_dir = folder.path
+        config = folder.read_config()
         if threshold is not None:
-            chosen = _check_threshold(threshold, "asked for")
+            chosen = check_threshold(threshold, "asked for")
         else:
-            chosen = _threshold_from_metrics(run_dir)
+            chosen = folder.read_threshold()
 
-        model_path = run_dir / MODEL_FILE
+        model_path = folder.model_path
         if not model_path.is_file():
             raise BadRunError(
                 f"The run folder {run_dir} has no {MODEL_FILE}; its training may still be running or may have failed."
@@ -208,7 +170,7 @@ class Predictor:
             reason = litert.lite_status(run_dir)
             if reason is None:
                 try:
-                    runner = litert.LiteEngine(run_dir / litert.LITE_FILE)
+                    runner = litert.LiteEngine(folder.lite_path)
                 except BadRunError as error:
                     reason = str(error)
             if runner is None:
@@ -244,11 +206,11 @@ class Predictor:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._threshold = _check_threshold(value, "of a predictor")
+        self._threshold = check_threshold(value, "of a predictor")
 
     def label(self, probability: float) -> str:
         """``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``."""
-        return CLASSES[1] if probability >= self._threshold else CLASSES[0]
+        return label_for(probability, self._threshold)
 
     # -- probabilities -------------------------------------------------------------------------
 
@@ -268,7 +230,7 @@ class Predictor:
         """
         out = []
         for start in range(0, len(batch), BATCH_SIZE):
-            out.append(_sigmoid(self._engine.logits(np.asarray(batch[start : start + BATCH_SIZE], np.float32))))
+            out.append(sigmoid(self._engine.logits(np.asarray(batch[start : start + BATCH_SIZE], np.float32))))
         return np.concatenate(out) if out else np.zeros(0, np.float64)
 
     def predict_grays(self, grays: Sequence[np.ndarray]) -> np.ndarray:
@@ -363,7 +325,7 @@ class Predictor:
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start : start + BATCH_SIZE]]
             logits, cams = self._engine.explain(self._inputs(part))
-            probs.append(_sigmoid(logits))
+            probs.append(sigmoid(logits))
             for gray, cam in zip(part, cams):
                 maps.append(_finish_cam(cam, gray.shape))
         return (np.concatenate(probs) if probs else np.zeros(0, np.float64)), maps
@@ -402,34 +364,6 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text else text
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The ``RunConfig`` of a run folder; BadRunError (one sentence) when it is missing or damaged."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BadRunError(f"The run folder {run_dir} does not exist.")
-    try:
-        raw = _read_json_file(run_dir / CONFIG_FILE, run_dir, "settings")
-    except FileNotFoundError:
-        raise BadRunError(f"The run folder {run_dir} has no {CONFIG_FILE}, so it cannot be loaded.") from None
-    try:
-        return RunConfig.from_dict(raw)
-    except BadRunError as error:
-        raise BadRunError(f"The run folder {run_dir} cannot be loaded: {_lower_first(str(error))}") from error
-
-
-def _threshold_from_metrics(run_dir: Path) -> float:
-    path = run_dir / METRICS_FILE
-    try:
-        metrics = _read_json_file(path, run_dir, "threshold")
-    except FileNotFoundError:
-        logger.warning("Run folder %s has no %s; using threshold %.1f.", run_dir, METRICS_FILE, DEFAULT_THRESHOLD)
-        return DEFAULT_THRESHOLD
-    if not isinstance(metrics, dict) or metrics.get("threshold") is None:
-        logger.warning("Run folder %s: %s holds no threshold; using %.1f.", run_dir, METRICS_FILE, DEFAULT_THRESHOLD)
-        return DEFAULT_THRESHOLD
-    return _check_threshold(metrics["threshold"], f"in {run_dir / METRICS_FILE}")
-
-
 def _finish_cam(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """ReLU'd class-activation map -> [0, 1], resized to ``shape`` (h, w)."""
     cam = np.maximum(np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
@@ -450,7 +384,8 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
     """
     import tensorflow as tf
 
-    from .model import BACKBONES, gradcam_parts
+    from .backbones import BACKBONES
+    from .model import gradcam_parts
 
     spec = BACKBONES.get(config.model.backbone)
     try:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from .atomic import read_json, read_jsonl, write_json_atomic
 from .errors import BadRunError
+from .run_folder import MODEL_FILE, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,6 @@ def demo_run_dir() -> Path:
     else ``DEMO_RUN_DIR``."""
     return Path(os.environ.get("CXR_DEMO_RUN") or DEMO_RUN_DIR).expanduser()
 
-STATES = ("running", "done", "failed", "cancelled")
-CANCEL_FILE = "cancel.request"
-MODEL_FILE = "model.keras"
 
 
 @dataclass(frozen=True)
@@ -93,24 +90,6 @@ def new_run_dir(root: Path | None = None, hint: str = "run") -> Path:
     raise RuntimeError(f"could not create a new run folder under {root}")
 
 
-def write_status(run_dir: Path, state: str, **fields: Any) -> dict:
-    """Replace ``status.json`` with ``state`` plus ``fields`` (keeps started time and pid)."""
-    if state not in STATES:
-        raise ValueError(f"unknown state {state!r}")
-    previous = read_json(Path(run_dir) / "status.json", default={}) or {}
-    status = {
-        "state": state,
-        "pid": fields.pop("pid", previous.get("pid", os.getpid())),
-        "started": previous.get("started", time.time()),
-        "updated": time.time(),
-    }
-    if state != "running":
-        status["finished"] = time.time()
-    status.update(fields)
-    write_json_atomic(Path(run_dir) / "status.json", status)
-    return status
-
-
 def _pid_alive(pid: Any) -> bool:
     try:
         pid = int(pid)
@@ -138,10 +117,10 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     Returns a dict with at least ``state`` and ``message``. A "running" run whose process is gone
     reads as "failed" (it was killed); a "done" run without its model reads as "failed" too.
     """
-    run_dir = Path(run_dir)
-    status = read_json(run_dir / "status.json", default=None)
-    if not isinstance(status, dict) or status.get("state") not in STATES:
-        if (run_dir / MODEL_FILE).is_file() and (run_dir / "config.json").is_file():
+    folder = RunFolder(run_dir)
+    status = folder.read_status_file()
+    if status is None:
+        if folder.has_model() and folder.config_path.is_file():
             # A run folder made by hand or by an older version: a model and a config are enough.
             return {"state": "done", "message": "finished (no status file)"}
         return {"state": "failed", "message": "the run folder has no readable status.json", "error": "missing status"}
@@ -149,15 +128,11 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     if status["state"] == "running" and not _pid_alive(status.get("pid")):
         status["state"] = "failed"
         status["error"] = status.get("error") or "the training process stopped without finishing (killed or crashed)"
-    if status["state"] == "done" and not (run_dir / MODEL_FILE).is_file():
+    if status["state"] == "done" and not folder.has_model():
         status["state"] = "failed"
-        status["error"] = "model.keras is missing"
+        status["error"] = f"{MODEL_FILE} is missing"
     status.setdefault("message", status.get("error") or status["state"])
     return status
-
-
-def request_cancel_file(run_dir: Path) -> Path:
-    return Path(run_dir) / CANCEL_FILE
 
 
 def read_progress(run_dir: str | os.PathLike) -> dict:
@@ -168,7 +143,7 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
         ``done`` and ``total`` (units of the stage), ``fraction`` (0..1 of the stage), ``eta_s``
         (seconds left in the stage, or None), ``epoch``/``epochs`` and ``message``.
     """
-    events = read_jsonl(Path(run_dir) / "progress.jsonl")
+    events = RunFolder(run_dir).read_progress_events()
     result: dict[str, Any] = {
         "stage": None, "done": 0, "total": 0, "fraction": 0.0, "eta_s": None,
         "epoch": 0, "epochs": 0, "batch": 0, "batches": 0, "message": "", "events": len(events),
@@ -197,40 +172,6 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
     return result
 
 
-HISTORY_COLUMNS = [
-    "phase", "epoch", "loss", "accuracy", "auc", "precision", "recall",
-    "val_loss", "val_accuracy", "val_auc", "val_precision", "val_recall", "seconds",
-]
-
-
-def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Per-epoch history (empty frame with the usual columns when there is none yet)."""
-    path = Path(run_dir) / "history.csv"
-    try:
-        frame = pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
-        return pd.DataFrame(columns=HISTORY_COLUMNS)
-    return frame
-
-
-def read_metrics(run_dir: str | os.PathLike) -> dict | None:
-    metrics = read_json(Path(run_dir) / "metrics.json", default=None)
-    return metrics if isinstance(metrics, dict) else None
-
-
-def read_predictions(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Validation and test predictions of a run: path, y, probability, split."""
-    try:
-        return pd.read_csv(Path(run_dir) / "predictions.csv")
-    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
-        return pd.DataFrame(columns=["path", "y", "probability", "split"])
-
-
-def read_config_dict(run_dir: str | os.PathLike) -> dict:
-    config = read_json(Path(run_dir) / "config.json", default=None)
-    return config if isinstance(config, dict) else {}
-
-
 @dataclass(frozen=True)
 class RunSummary:
     """One row of the runs table."""
@@ -248,23 +189,33 @@ class RunSummary:
     duration_s: float | None
     started: float | None
     is_demo: bool
+    #: The newest evaluation on a data set outside the run's split (the honest figure), if any.
+    external_name: str | None = None
+    external_auc: float | None = None
+    external_accuracy: float | None = None
+    recipe: str = ""
 
     def as_row(self) -> dict:
         return {
-            "run": self.run_id, "status": self.state, "backbone": self.backbone,
+            "run": self.run_id, "status": self.state, "backbone": self.backbone, "recipe": self.recipe,
             "data": Path(self.data_dir).name if self.data_dir else "", "split": self.split,
-            "images": self.n_images, "best val AUC": self.best_val_auc, "test AUC": self.test_auc,
+            "images": self.n_images,
+            "external test set": self.external_name or "", "external AUC": self.external_auc,
+            "external accuracy": self.external_accuracy,
+            "best val AUC": self.best_val_auc, "test AUC": self.test_auc,
             "duration (s)": None if self.duration_s is None else round(self.duration_s, 1),
             "started": None if self.started is None else _dt.datetime.fromtimestamp(self.started).strftime("%Y-%m-%d %H:%M"),
         }
 
 
 def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    run_dir = folder.path
     status = read_status(run_dir)
-    config = read_config_dict(run_dir)
-    metrics = read_metrics(run_dir) or {}
-    history = read_history(run_dir)
+    config = folder.config_or_none()
+    metrics = folder.read_metrics() or {}
+    history = folder.read_history()
+    external_name, external = next(iter(folder.external_evaluations().items()), (None, {}))
     best_val_auc = None
     if "val_auc" in history.columns and len(history):
         values = pd.to_numeric(history["val_auc"], errors="coerce").dropna()
@@ -278,15 +229,19 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         path=run_dir,
         state=status["state"],
         message=str(status.get("message", "")),
-        backbone=str((config.get("model") or {}).get("backbone", "")),
-        data_dir=str((config.get("data") or {}).get("data_dir", "")),
-        split=str((config.get("data") or {}).get("split", "")),
+        backbone=config.model.backbone if config else "",
+        data_dir=config.data.data_dir if config else "",
+        split=config.data.split if config else "",
         n_images=metrics.get("n_images"),
         best_val_auc=best_val_auc,
         test_auc=test_auc,
         duration_s=duration,
         started=started,
         is_demo=run_dir.resolve() == demo_run_dir().resolve(),
+        external_name=external_name,
+        external_auc=external.get("roc_auc"),
+        external_accuracy=external.get("accuracy"),
+        recipe=config.train.recipe if config else "",
     )
 
 
@@ -297,14 +252,9 @@ def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True) 
     summaries = [summarize_run(p) for p in dirs]
     summaries.sort(key=lambda s: (s.started or 0, s.run_id), reverse=True)
     demo = demo_run_dir()
-    if include_demo and (demo / MODEL_FILE).is_file():
+    if include_demo and RunFolder(demo).has_model():
         summaries.append(summarize_run(demo))
     return summaries
-
-
-def finished_runs(root: str | os.PathLike | None = None) -> list[RunSummary]:
-    """Runs that are done and have a model."""
-    return [s for s in list_runs(root) if s.state == "done"]
 
 
 def delete_run(run_dir: str | os.PathLike) -> None:

@@ -8,9 +8,10 @@ import streamlit as st
 from cxr_core import augment
 from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig
 from cxr_core.errors import CxrError
-from pages import ui
+from cxr_core.labels import CLASSES
+from pages.ui import datasets, frame, session
 
-ui.page_header(
+frame.page_header(
     "Augmentation",
     "Augmentation shows the network slightly different copies of each training image, so it learns "
     "the lungs rather than the exact pixels. It must stay **realistic**: a chest X-ray is never taken "
@@ -30,19 +31,19 @@ N_VARIANTS = 7
 
 def seed_widgets() -> None:
     """Give the widgets this session's chosen values (they are forgotten when the page is left)."""
-    chosen = asdict(ui.augment_config())
+    chosen = asdict(session.augment_config())
     for key, name in FIELDS.items():
         if key not in st.session_state:
             value = chosen[name]
             st.session_state[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    st.session_state.setdefault(W_BALANCE, st.session_state.get(ui.KEY_BALANCE, "augment"))
+    st.session_state.setdefault(W_BALANCE, st.session_state.get(session.KEY_BALANCE, "augment"))
 
 
 def reset_to_reference() -> None:
     for key, name in FIELDS.items():
         value = getattr(DEFAULTS, name)
         st.session_state[key] = tuple(value) if isinstance(value, tuple) else value
-    st.session_state[ui.KEY_AUGMENT] = asdict(DEFAULTS)
+    st.session_state[session.KEY_AUGMENT] = asdict(DEFAULTS)
 
 
 def controls() -> AugmentConfig:
@@ -50,8 +51,8 @@ def controls() -> AugmentConfig:
               help="Maximum rotation in degrees. The reference uses ±0.3°: patients are positioned "
                    "carefully, so real films are almost never tilted much.")
     st.toggle("Horizontal flip (mirror left-right)", key=W_FLIP,
-              help="Half of the images are mirrored. A mirrored chest puts the heart on the right: that is dextrocardia, which is rare "
-                   "(about 1 in 10,000). The reference flips anyway; try turning it off.")
+              help="Half of the images are mirrored. A mirrored chest puts the heart on the right: that is "
+                   "dextrocardia, which is rare (about 1 in 10,000). The reference flips anyway; try turning it off.")
     st.slider("Brightness factor range", 0.5, 1.5, step=0.01, key=W_BRIGHT,
               help="Pixel intensities are multiplied by a factor drawn from this range (1.0 = unchanged). "
                    "The reference uses 0.9–1.1, like exposure differences between machines.")
@@ -70,7 +71,7 @@ def controls() -> AugmentConfig:
     except ValueError as error:  # e.g. an impossible brightness range
         st.error(f"These settings cannot be used: {error}")
         config = DEFAULTS
-    st.session_state[ui.KEY_AUGMENT] = asdict(config)
+    st.session_state[session.KEY_AUGMENT] = asdict(config)
     realism_notes(config)
     return config
 
@@ -108,23 +109,23 @@ def synthetic_example() -> np.ndarray:
 
 def choose_source() -> tuple[np.ndarray, str]:
     """The image to augment: one from the chosen data set, else a drawn example."""
-    result = ui.current_scan()
+    result = datasets.current_scan()
     if result is None or result.manifest.empty:
         st.info("No data set chosen, so the preview uses a drawn example. Choose a data set on the "
                 "Dataset page to preview real X-rays.", icon=":material/info:")
         return synthetic_example(), "drawn example (not an X-ray)"
     manifest = result.manifest
     left, right = st.columns([2, 1], vertical_alignment="bottom")
-    label = left.segmented_control("Class", ui.CLASSES, default="NORMAL", key="aug_class") or "NORMAL"
+    label = left.segmented_control("Class", CLASSES, default="NORMAL", key="aug_class") or "NORMAL"
     if right.button("Another image", icon=":material/shuffle:"):
-        st.session_state[ui.KEY_PREVIEW_SEED] = int(np.random.default_rng().integers(1_000_000))
+        st.session_state[session.KEY_PREVIEW_SEED] = int(np.random.default_rng().integers(1_000_000))
     rows = manifest[manifest["label"] == label]
     if rows.empty:
         rows = manifest
-    index = st.session_state.get(ui.KEY_PREVIEW_SEED, 0) % len(rows)
+    index = st.session_state.get(session.KEY_PREVIEW_SEED, 0) % len(rows)
     row = rows.iloc[index]
     try:
-        return ui.thumbnail(row["path"], 512), f"{row['label']}: {row['relpath']}"
+        return datasets.thumbnail(row["path"], 512), f"{row['label']}: {row['relpath']}"
     except CxrError as error:
         st.error(str(error))
         return synthetic_example(), "drawn example (not an X-ray)"
@@ -155,10 +156,10 @@ def balance_section() -> None:
     labels = {"augment": "Augment NORMAL images", "class_weight": "Class weights", "none": "None"}
     strategy = st.radio("Balance strategy (carried to Training)", BALANCE_STRATEGIES, key=W_BALANCE,
                         format_func=labels.get, horizontal=True)
-    st.session_state[ui.KEY_BALANCE] = strategy
+    st.session_state[session.KEY_BALANCE] = strategy
     split = None
     try:
-        split = ui.current_split()
+        split = datasets.current_split()
     except CxrError as error:
         st.error(str(error))
     if split is None:
@@ -172,13 +173,13 @@ def balance_section() -> None:
     except CxrError as error:
         st.error(str(error))
         return
-    mode = st.session_state.get(ui.KEY_SPLIT, "random")
+    mode = st.session_state.get(session.KEY_SPLIT, "random")
     a, b, c = st.columns(3)
     a.metric("NORMAL in training", f"{plan.n_normal:,}")
     b.metric("PNEUMONIA in training", f"{plan.n_pneumonia:,}")
     if strategy == "augment":
         c.metric("Augmented NORMAL added", f"{plan.n_extra:,}")
-        st.caption(f"With the {mode} split of **{st.session_state.get(ui.KEY_DATASET)}**, training sees "
+        st.caption(f"With the {mode} split of **{st.session_state.get(session.KEY_DATASET)}**, training sees "
                    f"{plan.n_normal + plan.n_extra:,} NORMAL and {plan.n_pneumonia:,} PNEUMONIA images. "
                    "Augmented copies are made only inside the training part, never in validation or test.")
     elif strategy == "class_weight" and plan.class_weight:

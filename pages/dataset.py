@@ -8,10 +8,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core import download, practice, stats
+from cxr_core.config import SPLIT_LABELS, SPLIT_MODES
 from cxr_core.errors import CxrError
-from pages import ui
+from cxr_core.labels import CLASSES
+from pages.ui import charts, datasets, frame, session
 
-ui.page_header(
+frame.page_header(
     "Dataset",
     "A model can only be as good as the images it learns from. Before training, check how many images "
     "each class has, how many images come from the same child, and how the images are split into "
@@ -32,26 +34,26 @@ def select_next_run(name: str) -> None:
 def apply_pending() -> None:
     pending = st.session_state.pop(PENDING, None)
     if pending:
-        st.session_state[ui.KEY_DATASET] = pending
+        st.session_state[session.KEY_DATASET] = pending
         st.session_state[W_CHOICE] = pending
 
 
 # --- Choosing -----------------------------------------------------------------------------------
 def folder_tab() -> None:
-    names = ui.list_datasets()
-    root = ui.data_root()
+    names = datasets.list_datasets()
+    root = datasets.data_root()
     if not names:
         st.info(f"There are no data sets in the data folder (`{root}`) yet. Download the Kermany release, "
                 "upload a zip, or make the synthetic practice set in the other tabs.", icon=":material/info:")
         return
-    current = st.session_state.get(ui.KEY_DATASET)
+    current = st.session_state.get(session.KEY_DATASET)
     if st.session_state.get(W_CHOICE) not in names:
         st.session_state[W_CHOICE] = current if current in names else None
     choice = st.selectbox("Data set folder", names, key=W_CHOICE, placeholder="Choose a data set",
-                          on_change=ui.copy_state, args=(W_CHOICE, ui.KEY_DATASET),
-                          format_func=lambda n: f"{n}  (synthetic)" if ui.is_synthetic(root / n) else n,
+                          on_change=session.copy_state, args=(W_CHOICE, session.KEY_DATASET),
+                          format_func=lambda n: f"{n}  (synthetic)" if datasets.is_synthetic(root / n) else n,
                           help=f"Folders under the data folder `{root}` (set CXR_DATA_ROOT to use another).")
-    st.session_state[ui.KEY_DATASET] = choice
+    st.session_state[session.KEY_DATASET] = choice
     st.caption("A folder may hold NORMAL/ and PNEUMONIA/ subfolders, or the Kermany layout "
                "(train/, val/, test/, each with NORMAL/ and PNEUMONIA/).")
 
@@ -62,7 +64,7 @@ def download_tab() -> None:
         "Medical Center, CC BY 4.0 (doi:10.17632/rscbjbr9sj.2). About 1.2 GB; it is checked against its "
         "SHA-256 and unpacked into the data folder. An interrupted download resumes where it stopped."
     )
-    root = ui.data_root()
+    root = datasets.data_root()
     target = root / download.KERMANY_FOLDER
     if target.is_dir() and any(target.iterdir()):
         st.success(f"Already downloaded into `{target.name}`.", icon=":material/check_circle:")
@@ -83,7 +85,7 @@ def download_tab() -> None:
         if total:
             eta = (total - done) / max(rate, 1.0)
             bar.progress(min(1.0, done / total), text=f"Downloaded {done / 1e6:,.0f} of {total / 1e6:,.0f} MB · "
-                                                      f"about {ui.fmt_seconds(eta)} left")
+                                                      f"about {charts.fmt_seconds(eta)} left")
         else:
             bar.progress(0.0, text=f"Downloaded {done / 1e6:,.0f} MB")
 
@@ -107,7 +109,7 @@ def upload_tab() -> None:
     if upload is None:
         return
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(upload.name).stem).strip("-.") or "uploaded"
-    root = ui.data_root()
+    root = datasets.data_root()
     candidate, i = name, 1
     while (root / candidate).exists():
         i += 1
@@ -137,17 +139,17 @@ def practice_tab() -> None:
                  icon=":material/draw:"):
         try:
             with st.spinner("Drawing synthetic images..."):
-                folder = practice.make_practice_dataset(ui.data_root())
+                folder = practice.make_practice_dataset(datasets.data_root())
         except (CxrError, ValueError, OSError) as error:
             st.error(f"The practice set could not be made: {error}")
             return
-        select_next_run(Path(folder).relative_to(ui.data_root()).parts[0])
+        select_next_run(Path(folder).relative_to(datasets.data_root()).parts[0])
 
 
 # --- Looking ----------------------------------------------------------------------------------
-def overview(result, summary: dict, data: dict) -> None:
-    name = st.session_state.get(ui.KEY_DATASET)
-    if ui.is_synthetic(ui.data_root() / name):
+def overview(result, summary: dict) -> None:
+    name = st.session_state.get(session.KEY_DATASET)
+    if datasets.is_synthetic(datasets.data_root() / name):
         st.warning("This is the **synthetic** practice set: drawn images, not X-rays.", icon=":material/science:")
     cols = st.columns(5)
     cols[0].metric("Images", f"{summary['images']:,}")
@@ -164,10 +166,10 @@ def imbalance(summary: dict, data: dict) -> None:
     counts = data["class_counts"]
     left, right = st.columns([1, 1])
     fig = go.Figure(go.Bar(x=list(counts.index), y=counts["count"],
-                           marker_color=[ui.CLASS_COLORS[c] for c in counts.index],
+                           marker_color=[charts.CLASS_COLORS[c] for c in counts.index],
                            text=[f"{c:,} ({s:.0%})" for c, s in zip(counts["count"], counts["share"])],
                            textposition="auto"))
-    left.plotly_chart(ui.style(fig, 280, title="Images per class", yaxis_title="images"), key="class_counts")
+    left.plotly_chart(charts.style(fig, 280, title="Images per class", yaxis_title="images"), key="class_counts")
     majority = counts["share"].max()
     right.markdown(
         f"There are **{summary['imbalance']}**.\n\n"
@@ -177,18 +179,18 @@ def imbalance(summary: dict, data: dict) -> None:
     )
 
 
-def splits(result, data: dict) -> None:
+def splits(data: dict) -> None:
     st.subheader("How the images are split")
-    modes = ["random", "patient"] + (["official"] if data["summary"]["has_official_split"] else [])
-    current = st.session_state.get(ui.KEY_SPLIT, "random")
+    modes = [m for m in SPLIT_MODES if m != "official" or data["summary"]["has_official_split"]]
+    current = st.session_state.get(session.KEY_SPLIT, "random")
     if st.session_state.get(W_SPLIT) not in modes:
         st.session_state[W_SPLIT] = current if current in modes else "random"
     mode = st.segmented_control("Split mode (carried to Training)", modes, key=W_SPLIT, required=True,
-                                on_change=ui.copy_state, args=(W_SPLIT, ui.KEY_SPLIT),
-                                format_func=ui.SPLIT_LABELS.get)
-    st.session_state[ui.KEY_SPLIT] = mode
+                                on_change=session.copy_state, args=(W_SPLIT, session.KEY_SPLIT),
+                                format_func=SPLIT_LABELS.get)
+    st.session_state[session.KEY_SPLIT] = mode
     try:
-        split = ui.current_split(mode)
+        split = datasets.current_split(mode)
     except CxrError as error:
         st.error(str(error), icon=":material/error:")
         return
@@ -197,12 +199,13 @@ def splits(result, data: dict) -> None:
     spread = float(table["share_NORMAL"].max() - table["share_NORMAL"].min())
     left, right = st.columns([1, 1])
     fig = go.Figure()
-    for label in ui.CLASSES:
-        fig.add_bar(x=list(table.index), y=table[f"share_{label}"], name=label, marker_color=ui.CLASS_COLORS[label],
+    for label in CLASSES:
+        fig.add_bar(x=list(table.index), y=table[f"share_{label}"], name=label, marker_color=charts.CLASS_COLORS[label],
                     text=[f"{v:.0%}" for v in table[f"share_{label}"]], textposition="inside")
     fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
-    left.plotly_chart(ui.style(fig, 280, title="Class shares in each part"), key="split_shares")
-    shown = table[["n", "NORMAL", "PNEUMONIA", "share_NORMAL"]].rename(columns={"n": "images", "share_NORMAL": "healthy share"})
+    left.plotly_chart(charts.style(fig, 280, title="Class shares in each part"), key="split_shares")
+    shown = table[["n", "NORMAL", "PNEUMONIA", "share_NORMAL"]].rename(
+        columns={"n": "images", "share_NORMAL": "healthy share"})
     right.dataframe(shown.style.format({"healthy share": "{:.2f}"}), width="stretch")
     texts = {
         "random": "The random split (seed 123, 8:1:1 as the reference) is stratified by class, "
@@ -225,17 +228,17 @@ def composition(data: dict) -> None:
     left, right = st.columns(2)
     sub = data["subtypes"]
     fig = go.Figure(go.Bar(x=sub["label"] + " · " + sub["subtype"], y=sub["count"], text=sub["count"],
-                           marker_color=[ui.CLASS_COLORS.get(l, "#888") for l in sub["label"]]))
-    left.plotly_chart(ui.style(fig, 280, title="Images by subtype (from the file names)"), key="subtypes")
+                           marker_color=[charts.CLASS_COLORS.get(c, "#888") for c in sub["label"]]))
+    left.plotly_chart(charts.style(fig, 280, title="Images by subtype (from the file names)"), key="subtypes")
     left.caption("Bacterial and viral pneumonia look different (a dense lobe versus patchy haze); the model is "
                  "only asked normal versus pneumonia.")
     per = data["per_patient"]
     fig = go.Figure()
-    for label in ui.CLASSES:
+    for label in CLASSES:
         part = per[per["label"] == label]
-        fig.add_bar(x=part["images"], y=part["patients"], name=label, marker_color=ui.CLASS_COLORS[label])
+        fig.add_bar(x=part["images"], y=part["patients"], name=label, marker_color=charts.CLASS_COLORS[label])
     fig.update_layout(barmode="group", xaxis_title="images per patient", yaxis_title="patients")
-    right.plotly_chart(ui.style(fig, 280, title="Images per patient"), key="per_patient")
+    right.plotly_chart(charts.style(fig, 280, title="Images per patient"), key="per_patient")
     p = data["patients"]
     right.caption(f"{p['patients']:,} patients, {p['patients_with_several_images']:,} with several images "
                   f"(up to {p['max_images_per_patient']}). Images of one child look alike, which is why splits "
@@ -259,46 +262,93 @@ def size_scatter(left, sizes: pd.DataFrame) -> None:
     if len(sizes) > 3000:
         sizes = sizes.sample(3000, random_state=0)
     fig = go.Figure()
-    for label in ui.CLASSES:
+    for label in CLASSES:
         part = sizes[sizes["label"] == label]
         fig.add_scatter(x=part["width"], y=part["height"], mode="markers", name=label, opacity=0.5,
-                        marker=dict(color=ui.CLASS_COLORS[label], size=5))
+                        marker=dict(color=charts.CLASS_COLORS[label], size=5))
     fig.update_layout(xaxis_title="width (px)", yaxis_title="height (px)")
-    left.plotly_chart(ui.style(fig, 300, title="Width and height of each image"), key="sizes")
+    left.plotly_chart(charts.style(fig, 300, title="Width and height of each image"), key="sizes")
     left.caption("Every image is resized to a square for the model; very different shapes are stretched differently. "
                  "If the classes differ in size, a model can learn the size instead of the disease.")
 
 
 def hist_panel(right, path: Path) -> None:
     try:
-        hist = ui.intensity_histograms(str(path), ui.fingerprint(path))
+        hist = datasets.intensity_histograms(str(path), datasets.fingerprint(path))
     except CxrError as error:
         right.error(str(error))
         return
     fig = go.Figure()
-    for label in ui.CLASSES:
+    for label in CLASSES:
         fig.add_scatter(x=(hist["bin_start"] + hist["bin_end"]) / 2, y=hist[label], mode="lines", name=label,
-                        line=dict(color=ui.CLASS_COLORS[label]), fill="tozeroy", opacity=0.4)
+                        line=dict(color=charts.CLASS_COLORS[label]), fill="tozeroy", opacity=0.4)
     fig.update_layout(xaxis_title="pixel intensity (0 black – 255 white)", yaxis_title="share of pixels",
                       yaxis_tickformat=".1%")
-    right.plotly_chart(ui.style(fig, 300, title="Intensity histograms per class"), key="intensity")
+    right.plotly_chart(charts.style(fig, 300, title="Intensity histograms per class"), key="intensity")
     n = hist.attrs.get("n_images", {})
     right.caption(f"Averaged over {n.get('NORMAL', 0)} normal and {n.get('PNEUMONIA', 0)} pneumonia images. "
                   "Pneumonia adds bright opacities in the lungs; a large shift between the classes can also come "
                   "from different machines, which a model would happily learn.")
 
 
+SHORTCUT_SAMPLE = 300  # images measured for the pixel properties (sharpness, file size, ...)
+
+
+@st.cache_data(show_spinner="Looking for shortcuts on a sample of images...", max_entries=8)
+def shortcut_report(path: str, fingerprint: str, _result,  # noqa: ARG001 (path, fingerprint: the cache key)
+                    max_images: int = SHORTCUT_SAMPLE) -> list[dict]:
+    """``shortcuts.shortcut_check`` of the chosen data set, once per folder contents."""
+    from cxr_core import shortcuts  # noqa: PLC0415 (imported on first use)
+    return shortcuts.shortcut_check(_result, max_images=max_images)
+
+
+def shortcuts_section(path: Path, result) -> None:
+    st.subheader("Shortcuts: what else predicts the label?")
+    st.markdown(
+        "A model learns whatever separates the classes, not only the disease. If a property that is not the "
+        "disease (the scanner, the hospital, which copy of the data an image came from) also goes with the "
+        "label, a model can score well on its own data by learning that property, and then fail on images "
+        "from elsewhere. Each row says how well one property **alone** predicts pneumonia: an AUC of 0.5 is "
+        "chance, 1.0 is perfect."
+    )
+    try:
+        report = shortcut_report(str(path), datasets.fingerprint(path), result)
+    except (CxrError, ValueError) as error:
+        st.error(str(error), icon=":material/error:")
+        return
+    if not report:
+        st.info("No property besides the images could be compared with the label here.", icon=":material/info:")
+        return
+    from cxr_core import shortcuts  # noqa: PLC0415 (imported on first use)
+    table = shortcuts.report_table(report)
+    shown = table[["property", "auc", "direction", "warning", "measured_on"]].rename(
+        columns={"auc": "AUC", "measured_on": "measured on"})
+    st.dataframe(shown.style.format({"AUC": "{:.2f}"}, na_rep=""), hide_index=True, width="stretch",
+                 key="shortcut_table")
+    warned = [entry for entry in report if entry.get("warning")]
+    for entry in warned:
+        st.warning(f"{entry['warning']} In this data set, {entry['direction']}.", icon=":material/warning:")
+    if not warned:
+        st.success("No property predicts the label well on its own.", icon=":material/check_circle:")
+    st.caption(
+        "Columns of the data set's own manifest.csv (such as a scanner or a source) are measured on every image; "
+        f"sharpness, file size per pixel, JPEG quality, brightness and contrast on up to {SHORTCUT_SAMPLE} images. "
+        "Pixel properties can also change with the disease itself (opacities blur the lung detail), so a warning "
+        "there is a lead to check, not proof; a recorded source or scanner is never the disease."
+    )
+
+
 def sample_grid(result) -> None:
     st.subheader("Sample images")
     c1, c2, c3 = st.columns([1, 1, 1], vertical_alignment="bottom")
-    label = c1.selectbox("Class", ["both", *ui.CLASSES], key="grid_class")
+    label = c1.selectbox("Class", ["both", *CLASSES], key="grid_class")
     subtypes = sorted(result.manifest["subtype"].dropna().astype(str).unique())
     subtype = c2.selectbox("Subtype", ["any", *subtypes], key="grid_subtype")
     if c3.button("Show others", icon=":material/shuffle:", key="grid_shuffle"):
-        st.session_state[ui.KEY_GRID_SEED] = st.session_state.get(ui.KEY_GRID_SEED, 0) + 1
+        st.session_state[session.KEY_GRID_SEED] = st.session_state.get(session.KEY_GRID_SEED, 0) + 1
     rows = stats.sample_images(result, n=12, label=None if label == "both" else label,
                                subtype=None if subtype == "any" else subtype,
-                               seed=st.session_state.get(ui.KEY_GRID_SEED, 0))
+                               seed=st.session_state.get(session.KEY_GRID_SEED, 0))
     if rows.empty:
         st.caption("No image matches these filters.")
         return
@@ -306,7 +356,7 @@ def sample_grid(result) -> None:
     for i, row in rows.iterrows():
         with columns[i % 6]:
             try:
-                st.image(ui.thumbnail(str(row["path"]), 256), width="stretch",
+                st.image(datasets.thumbnail(str(row["path"]), 256), width="stretch",
                          caption=f"{row['label']} · {Path(str(row['path'])).name}")
             except CxrError as error:
                 st.caption(f"{Path(str(row['path'])).name}: {error}")
@@ -348,23 +398,24 @@ with tabs[2]:
 with tabs[3]:
     practice_tab()
 
-path = ui.dataset_path()
+path = datasets.dataset_path()
 if path is None:
     st.info("**Next step:** download the Kermany release (the real data) or choose a folder above. Offline, the "
             "synthetic practice set lets you try every step.", icon=":material/arrow_forward:")
 else:
     st.divider()
     try:
-        result = ui.scan(path)
-        data = ui.dataset_stats(str(path), ui.fingerprint(path))
+        result = datasets.scan(path)
+        data = datasets.dataset_stats(str(path), datasets.fingerprint(path))
     except CxrError as error:
         st.error(str(error), icon=":material/error:")
     else:
-        overview(result, data["summary"], data)
+        overview(result, data["summary"])
         imbalance(data["summary"], data)
-        splits(result, data)
+        splits(data)
         composition(data)
         sizes_and_intensity(path, data)
+        shortcuts_section(path, result)
         sample_grid(result)
         problems(result)
         st.page_link("pages/augmentation.py", label="Next: choose the augmentation", icon=":material/arrow_forward:")

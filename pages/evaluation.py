@@ -6,12 +6,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import evaluate, runs
+from cxr_core import evaluate, external
 from cxr_core.errors import CxrError
+from cxr_core.labels import CLASSES, label_for
 from cxr_core.predict import overlay_heatmap
-from pages import ui
+from cxr_core.run_folder import RunFolder
+from pages.ui import charts, datasets, frame, models
 
-ui.page_header(
+frame.page_header(
     "Evaluation",
     "A model is judged on **test images it never saw during training**. Accuracy alone misleads when "
     "the classes are imbalanced, so look at sensitivity (pneumonias found) and specificity (normal "
@@ -29,36 +31,72 @@ def no_run_message() -> None:
 
 
 def test_predictions(run_dir: Path) -> pd.DataFrame:
-    preds = runs.read_predictions(run_dir)
+    preds = RunFolder(run_dir).read_predictions()
     if "split" in preds.columns:
         preds = preds[preds["split"] == "test"]
     return preds.dropna(subset=["y", "probability"])
 
 
-def headline(metrics: dict) -> None:
-    test = (metrics.get("test") or {}).get("at_threshold") or {}
+def test_sets(summary) -> dict[str, dict]:
+    """The run's test sets, the honest one first: each stored external evaluation (newest first),
+    then the test part of the run's own split."""
+    folder = RunFolder(summary.path)
+    found: dict[str, dict] = {}
+    for name, result in folder.external_evaluations().items():
+        preds = folder.read_evaluation_predictions(name).dropna(subset=["y", "probability"])
+        if preds.empty:
+            continue
+        sampled = f", a sample of {result['n']} of {result['sampled_from']}" if result.get("sampled_from") else ""
+        found[f"external: {name}"] = {
+            "name": name, "external": True, "preds": preds, "threshold": float(result.get("threshold", 0.5)),
+            "at_threshold": result, "at_0.5": result.get("at_0.5"), "rule": None,
+            "caption": f"{result.get('n')} images of the data set {name}{sampled}, none of them in this run's "
+                       "training part.",
+            "prevalence": result.get("prevalence"),
+        }
+    metrics = folder.read_metrics() or {}
+    preds = test_predictions(summary.path)
+    test = metrics.get("test") or {}
+    if metrics and not preds.empty:
+        at = test.get("at_threshold") or {}
+        caption = (f"{at.get('n', len(preds))} images of the run's own {summary.split or ''} split"
+                   + (f" from {metrics['n_patients_test']} patients" if metrics.get("n_patients_test") else "")
+                   + ".")
+        found["internal: the run's own test part"] = {
+            "name": "internal", "external": False, "preds": preds, "threshold": float(metrics.get("threshold", 0.5)),
+            "at_threshold": at, "at_0.5": test.get("at_0.5"), "rule": metrics.get("threshold_rule"),
+            "caption": caption, "prevalence": None,
+        }
+    return found
+
+
+def headline(chosen: dict) -> None:
+    test = chosen["at_threshold"] or {}
     cols = st.columns(5)
-    cols[0].metric("Test ROC AUC", ui.fmt_num(test.get("roc_auc")),
+    where = "External" if chosen["external"] else "Internal"
+    cols[0].metric(f"{where} ROC AUC", charts.fmt_num(test.get("roc_auc")),
                    help="Probability that a random pneumonia image scores higher than a random normal one.")
-    cols[1].metric("Sensitivity", ui.fmt_num(test.get("sensitivity")), help="Share of pneumonias called PNEUMONIA.")
-    cols[2].metric("Specificity", ui.fmt_num(test.get("specificity")), help="Share of normal films called NORMAL.")
-    cols[3].metric("Accuracy", ui.fmt_num(test.get("accuracy")))
-    cols[4].metric("Threshold", ui.fmt_num(metrics.get("threshold")),
-                   help=f"Chosen on the validation images by the {metrics.get('threshold_rule', '?')} rule.")
+    cols[1].metric("Sensitivity", charts.fmt_num(test.get("sensitivity")), help="Share of pneumonias called PNEUMONIA.")
+    cols[2].metric("Specificity", charts.fmt_num(test.get("specificity")), help="Share of normal films called NORMAL.")
+    cols[3].metric("Accuracy", charts.fmt_num(test.get("accuracy")))
+    rule = chosen.get("rule") or "validation"
+    cols[4].metric("Threshold", charts.fmt_num(chosen["threshold"]),
+                   help=f"Chosen on the run's validation images ({rule} rule), never on a test set.")
     n = test.get("n")
     if n:
-        st.caption(f"{n} test images ({test.get('n_positive', '?')} pneumonia, {test.get('n_negative', '?')} normal)"
-                   + (f" from {metrics['n_patients_test']} patients" if metrics.get("n_patients_test") else "")
-                   + ". Few test images mean wide uncertainty: ±0.05 on a metric is noise below a few hundred.")
+        few = (" Few test images mean wide uncertainty: ±0.05 on a metric is noise below a few hundred."
+               if n < 300 else "")
+        st.caption(f"{chosen['caption']} {test.get('n_positive', '?')} pneumonia, {test.get('n_negative', '?')} "
+                   f"normal.{few}")
 
 
 @st.fragment
-def threshold_explorer(y: np.ndarray, p: np.ndarray, metrics: dict, key: str) -> None:
+def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> None:
     """The threshold slider: sensitivity, specificity and the confusion matrix follow it."""
     st.subheader("Choose the threshold")
     st.markdown("Lowering the threshold finds more pneumonias (higher sensitivity) at the price of more "
                 "false alarms (lower specificity). A screening tool wants high sensitivity.")
-    run_threshold = float(metrics.get("threshold", 0.5))
+    run_threshold = float(chosen["threshold"])
     threshold = st.slider("Threshold", 0.0, 1.0, round(run_threshold, 3), 0.001, key=key, format="%.3f",
                           help="An image is called PNEUMONIA when its probability is at or above this.")
     live = evaluate.binary_metrics(y, p, threshold)
@@ -66,21 +104,20 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, metrics: dict, key: str) ->
     with left:
         a, b = st.columns(2)
         a.metric("Sensitivity", f"{live['sensitivity']:.3f}",
-                 delta=f"{live['sensitivity'] - _at(metrics, 'sensitivity'):+.3f} vs run threshold")
+                 delta=f"{live['sensitivity'] - _at(chosen, 'sensitivity'):+.3f} vs run threshold")
         b.metric("Specificity", f"{live['specificity']:.3f}",
-                 delta=f"{live['specificity'] - _at(metrics, 'specificity'):+.3f} vs run threshold")
-        test = metrics.get("test") or {}
-        table = ui.metrics_table({"at 0.5": test.get("at_0.5"), "at run threshold": test.get("at_threshold"),
-                                  f"at {threshold:.3f}": live})
+                 delta=f"{live['specificity'] - _at(chosen, 'specificity'):+.3f} vs run threshold")
+        table = charts.metrics_table({"at 0.5": chosen.get("at_0.5"), "at run threshold": chosen["at_threshold"],
+                                      f"at {threshold:.3f}": live})
         st.dataframe(table, width="stretch")
     with right:
-        st.plotly_chart(ui.confusion_figure(live["confusion_matrix"], f"Confusion matrix at {threshold:.2f}"),
+        st.plotly_chart(charts.confusion_figure(live["confusion_matrix"], f"Confusion matrix at {threshold:.2f}"),
                         key=f"{key}_cm")
     curves(y, p, threshold, live, key)
 
 
-def _at(metrics: dict, name: str) -> float:
-    return float((((metrics.get("test") or {}).get("at_threshold") or {}).get(name)) or 0.0)
+def _at(chosen: dict, name: str) -> float:
+    return float((chosen["at_threshold"] or {}).get(name) or 0.0)
 
 
 def curves(y, p, threshold: float, live: dict, key: str) -> None:
@@ -88,15 +125,15 @@ def curves(y, p, threshold: float, live: dict, key: str) -> None:
     pr = evaluate.pr_points(y, p)
     left, right = st.columns(2)
     fig = go.Figure()
-    fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=f"ROC (AUC {ui.fmt_num(live['roc_auc'])})")
+    fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=f"ROC (AUC {charts.fmt_num(live['roc_auc'])})")
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.add_scatter(x=[1 - live["specificity"]], y=[live["sensitivity"]], mode="markers",
                     marker=dict(size=12, color="#d1495b"), name=f"threshold {threshold:.2f}")
     fig.update_xaxes(title="1 − specificity (false-positive rate)", range=[0, 1])
     fig.update_yaxes(title="sensitivity", range=[0, 1.02])
-    left.plotly_chart(ui.style(fig, 340, title="ROC curve"), key=f"{key}_roc")
+    left.plotly_chart(charts.style(fig, 340, title="ROC curve"), key=f"{key}_roc")
     fig = go.Figure()
-    fig.add_scatter(x=pr["recall"], y=pr["precision"], mode="lines", name=f"PR (AP {ui.fmt_num(live['pr_auc'])})")
+    fig.add_scatter(x=pr["recall"], y=pr["precision"], mode="lines", name=f"PR (AP {charts.fmt_num(live['pr_auc'])})")
     base = float(np.mean(y)) if len(y) else 0.0
     fig.add_scatter(x=[0, 1], y=[base, base], mode="lines", line=dict(dash="dot", color="gray"),
                     name=f"prevalence {base:.2f}")
@@ -104,7 +141,7 @@ def curves(y, p, threshold: float, live: dict, key: str) -> None:
                     marker=dict(size=12, color="#d1495b"), name=f"threshold {threshold:.2f}")
     fig.update_xaxes(title="recall (sensitivity)", range=[0, 1])
     fig.update_yaxes(title="precision", range=[0, 1.02])
-    right.plotly_chart(ui.style(fig, 340, title="Precision-recall curve"), key=f"{key}_pr")
+    right.plotly_chart(charts.style(fig, 340, title="Precision-recall curve"), key=f"{key}_pr")
 
 
 def calibration(y, p) -> None:
@@ -119,16 +156,20 @@ def calibration(y, p) -> None:
                     text=[f"{c} images" for c in bins["count"]], name="this model")
     fig.update_xaxes(title="mean predicted probability", range=[0, 1])
     fig.update_yaxes(title="fraction that really is pneumonia", range=[0, 1.02])
-    left.plotly_chart(ui.style(fig, 320), key="calibration")
+    left.plotly_chart(charts.style(fig, 320), key="calibration")
     right.metric("Brier score", f"{brier:.3f}", help="Mean squared error of the probabilities: 0 is perfect, "
                  "0.25 is what always answering 50 % scores.")
     right.markdown("Points **below** the diagonal: the model is over-confident about pneumonia; "
                    "**above**: under-confident. Marker size shows how many images a bin holds.")
 
 
-def gallery(summary, preds: pd.DataFrame, threshold: float) -> None:
-    st.subheader("Misclassified test images")
-    wrong = preds[(preds["probability"] >= threshold).astype(int) != preds["y"].astype(int)].copy()
+def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
+    st.subheader(f"Misclassified images ({where})")
+    st.markdown("What does the model look at when it fails? On an external test set these mistakes show "
+                "what does not carry over from the training data: a normal film from another scanner or "
+                "copy of the data called pneumonia is the typical sign of a shortcut.")
+    called = preds["probability"].map(lambda p: label_for(p, threshold))
+    wrong = preds[called != preds["y"].astype(int).map(CLASSES.__getitem__)].copy()
     if wrong.empty:
         st.success("Every test image is classified correctly at this threshold.")
         return
@@ -137,27 +178,27 @@ def gallery(summary, preds: pd.DataFrame, threshold: float) -> None:
     kinds = {"false positives (normal called pneumonia)": 0, "false negatives (missed pneumonia)": 1}
     kind = st.radio("Show", list(kinds), horizontal=True, key="eval_gallery_kind")
     chosen = wrong[wrong["y"].astype(int) == kinds[kind]]
-    st.caption(f"{len(wrong)} test images are misclassified at {threshold:.2f}; the most confident mistakes "
+    st.caption(f"{len(wrong)} images are misclassified at {threshold:.2f}; the most confident mistakes "
                f"come first. Grad-CAM shows where the model looked.")
     if chosen.empty:
         st.info("None of this kind.")
         return
     if not st.toggle(f"Compute Grad-CAM for the {min(MAX_GALLERY, len(chosen))} most confident", key="eval_gradcam"):
-        st.dataframe(chosen[["path", "probability"]].head(50).assign(path=lambda f: f["path"].map(lambda s: Path(s).name)),
-                     hide_index=True)
+        shown = chosen[["path", "probability"]].head(50)
+        st.dataframe(shown.assign(path=shown["path"].map(lambda s: Path(s).name)), hide_index=True)
         return
-    stamp = ui.model_stamp(summary.path)
+    stamp = models.model_stamp(summary.path)
     columns = st.columns(3)
     for i, (_, row) in enumerate(chosen.head(MAX_GALLERY).iterrows()):
         with columns[i % 3]:
             try:
-                gray, probability, heatmap = ui.explain_path(str(summary.path), stamp, str(row["path"]))
+                gray, probability, heatmap = models.explain_path(str(summary.path), stamp, str(row["path"]))
             except CxrError as error:
                 st.error(f"{Path(str(row['path'])).name}: {error}")
                 continue
             st.image(overlay_heatmap(gray, heatmap, 0.4), width="stretch",
                      caption=f"{Path(str(row['path'])).name}: p = {probability:.2f} "
-                             f"(truly {'PNEUMONIA' if int(row['y']) else 'NORMAL'})")
+                             f"(truly {CLASSES[int(row['y'])]})")
 
 
 def compare(summary, others: list) -> None:
@@ -167,101 +208,132 @@ def compare(summary, others: list) -> None:
         st.caption("Train a second run to compare it with this one side by side.")
         return
     by_path = {str(s.path): s for s in candidates}
-    other = by_path[st.selectbox("Compare with", list(by_path), format_func=lambda k: ui.run_label(by_path[k]),
+    other = by_path[st.selectbox("Compare with", list(by_path), format_func=lambda k: models.run_label(by_path[k]),
                                  key="eval_compare")]
     table = {}
     fig = go.Figure()
     for s in (summary, other):
-        metrics = runs.read_metrics(s.path) or {}
+        metrics = RunFolder(s.path).read_metrics() or {}
         table[s.run_id] = ((metrics.get("test") or {}).get("at_threshold"))
         preds = test_predictions(s.path)
         if len(preds) and preds["y"].nunique() == 2:
             roc = evaluate.roc_points(preds["y"].to_numpy(), preds["probability"].to_numpy())
             fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=s.run_id)
     left, right = st.columns([1, 1])
-    left.dataframe(ui.metrics_table(table), width="stretch")
+    left.dataframe(charts.metrics_table(table), width="stretch")
     configs = pd.DataFrame({s.run_id: _config_summary(s) for s in (summary, other)})
     left.dataframe(configs, width="stretch")
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.update_xaxes(title="1 − specificity")
     fig.update_yaxes(title="sensitivity")
-    right.plotly_chart(ui.style(fig, 360, title="ROC curves on each run's own test set"), key="compare_roc")
+    right.plotly_chart(charts.style(fig, 360, title="ROC curves on each run's own test set"), key="compare_roc")
     st.caption("Runs tested on different data sets or splits are not directly comparable: an official "
                "Kermany test set is harder than a random split.")
 
 
 def _config_summary(summary) -> dict:
-    c = ui.config_dict(summary)
-    model, data, train = c.get("model", {}), c.get("data", {}), c.get("train", {})
-    return {"backbone": model.get("backbone"), "weights": Path(str(model.get("weights", ""))).name,
-            "image size": model.get("image_size"), "data": Path(str(data.get("data_dir", ""))).name,
-            "split": data.get("split"), "epochs": train.get("epochs"), "balance": train.get("balance"),
-            "fine-tune": f"{train.get('fine_tune_layers')} layers × {train.get('fine_tune_epochs')}"}
+    config = RunFolder(summary.path).config_or_none()
+    if config is None:
+        return {"backbone": None, "weights": "", "image size": None, "data": "", "split": None,
+                "epochs": None, "balance": None, "fine-tune": "None layers × None"}
+    model, data, train = config.model, config.data, config.train
+    return {"backbone": model.backbone, "weights": Path(str(model.weights)).name,
+            "image size": model.image_size, "data": Path(str(data.data_dir)).name,
+            "split": data.split, "epochs": train.epochs, "balance": train.balance,
+            "fine-tune": f"{train.fine_tune_layers} layers × {train.fine_tune_epochs}"}
 
 
-def other_folder(summary, threshold: float) -> None:
+def other_folder(summary) -> None:
     st.subheader("Evaluate on another data set")
     st.markdown("A model that does well on its own test set can fail on images from another hospital or "
-                "machine (a *domain shift*). Run it on any data set under the data root, at the run's threshold.")
-    names = ui.list_datasets()
+                "machine (a *domain shift*). Run it on any data set under the data root, at the run's "
+                "threshold; the result is kept with the run and shown first, as its honest score.")
+    names = datasets.list_datasets()
     if not names:
         st.caption("No data sets under the data root yet; add one on the Dataset page.")
         return
     name = st.selectbox("Data set", names, key="eval_other_dataset")
-    limit = st.number_input("At most this many images (0 = all)", 0, 100_000, 500, 100, key="eval_other_limit",
-                            help="A stratified sample keeps it quick on a laptop.")
+    limit = st.number_input("At most this many images (0 = all)", 0, 100_000, 0, 100, key="eval_other_limit",
+                            help="A stratified sample keeps it quick on a laptop; all images give the real figure.")
     if not st.button("Evaluate on this data set", icon=":material/play_arrow:"):
         return
+    bar = st.progress(0.0, text="Classifying...")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"Classified {done} of {total}")
+
     try:
-        result = ui.scan(ui.data_root() / name)
-        manifest = result.manifest
-        if limit and len(manifest) > limit:
-            from cxr_core import data
-            manifest = data.stratified_subset(manifest, int(limit), seed=123)
-        predictor = ui.load_predictor(summary.path)
-        paths = manifest["path"].tolist()
-        bar = st.progress(0.0, text="Classifying...")
-        outputs = []
-        for start in range(0, len(paths), 64):
-            outputs.extend(predictor.predict_files(paths[start:start + 64]))
-            bar.progress(min(1.0, (start + 64) / len(paths)), text=f"Classified {min(start + 64, len(paths))} of {len(paths)}")
-        bar.empty()
+        result = external.evaluate_folder(summary.path, datasets.data_root() / name,
+                                          predictor=models.load_predictor(summary.path), on_progress=progress,
+                                          limit=int(limit) or None)
     except CxrError as error:
+        bar.empty()
         st.error(str(error))
         return
-    probs = {o["file"]: o.get("probability") for o in outputs}
-    scored = manifest.assign(probability=manifest["path"].map(probs)).dropna(subset=["probability"])
-    failed = len(manifest) - len(scored)
-    if scored.empty:
-        st.error("None of the images could be read.")
+    bar.empty()
+    if result.get("warning"):
+        st.warning(result["warning"], icon=":material/warning:")
+    if result.get("skipped"):
+        st.warning(f"{len(result['skipped'])} image(s) could not be read and were left out.")
+    st.success(f"Evaluated {result['n']} images of {name}: AUC {charts.fmt_num(result['roc_auc'])}, accuracy "
+               f"{charts.fmt_num(result['accuracy'])} at the run's threshold. It is now a test set above.")
+    st.session_state[KEY_SHOW_NEWEST] = True  # show the newest test set, which is this one
+    st.rerun()
+
+
+KEY_TEST_SET = "eval_test_set"
+KEY_SHOW_NEWEST = "eval_show_newest"
+
+
+def prevalence_note(chosen: dict) -> None:
+    shift = chosen.get("prevalence")
+    if not shift:
         return
-    m = evaluate.binary_metrics(scored["y"].to_numpy(), scored["probability"].to_numpy(), threshold)
-    left, right = st.columns(2)
-    left.dataframe(ui.metrics_table({f"{name} at {threshold:.2f}": m}), width="stretch")
-    right.plotly_chart(ui.confusion_figure(m["confusion_matrix"], f"{name}"), key="other_cm")
-    if failed:
-        st.warning(f"{failed} image(s) could not be read and were left out.")
+    with st.expander("Does a new site's prevalence explain the errors?"):
+        st.markdown(
+            f"The run chose its threshold where {shift['validation_prevalence']:.0%} of images were pneumonia. "
+            f"From its probabilities alone (no labels), this set looks like {shift['estimated_prevalence']:.0%} "
+            f"pneumonia (truly {shift['true_prevalence']:.0%}). Moving the threshold to that prevalence "
+            f"(Saerens et al. 2002) gives {charts.fmt_num(shift['threshold'])}: accuracy "
+            f"{charts.fmt_num(shift['at_threshold']['accuracy'])}, sensitivity "
+            f"{charts.fmt_num(shift['at_threshold']['sensitivity'])}, specificity "
+            f"{charts.fmt_num(shift['at_threshold']['specificity'])}. This only helps when the probabilities "
+            "are calibrated on the new images; an over-confident model moves it the wrong way.")
 
 
-summary = ui.run_picker("Run", key="eval_run")
+summary = models.run_picker("Run", key="eval_run")
 if summary is None:
     no_run_message()
 else:
-    metrics = runs.read_metrics(summary.path)
-    preds = test_predictions(summary.path)
-    if not metrics or preds.empty:
+    sets = test_sets(summary)
+    if not sets:
         st.warning(f"Run {summary.run_id} has no test metrics or predictions (metrics.json / predictions.csv); "
-                   "it may have been trained without a test part.")
+                   "it may have been trained without a test part. Evaluate it on another data set below.")
     else:
+        labels = list(sets)
+        if st.session_state.pop(KEY_SHOW_NEWEST, False) or st.session_state.get(KEY_TEST_SET) not in labels:
+            st.session_state[KEY_TEST_SET] = labels[0]
+        choice = st.radio("Test set", labels, key=KEY_TEST_SET, horizontal=True,
+                          help="External test sets come from outside the run's data; they are the honest score.")
+        if len(labels) > 1 or not sets[choice]["external"]:
+            st.caption(
+                "An external test set (another collection, hospital or copy of the data) is the honest score. "
+                "The run's own test part shares patients' hospital, scanners and image preparation with "
+                "training, so it flatters the model: the official Kermany test set is harder than any "
+                "split of the training images.")
+        chosen = sets[choice]
+        preds = chosen["preds"]
         y = preds["y"].astype(int).to_numpy()
         p = preds["probability"].astype(float).to_numpy()
-        headline(metrics)
+        headline(chosen)
+        prevalence_note(chosen)
+        key = f"eval_threshold_{summary.run_id}_{chosen['name']}"
         if len(np.unique(y)) < 2:
             st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")
         else:
-            threshold_explorer(y, p, metrics, key="eval_threshold")
+            threshold_explorer(y, p, chosen, key=key)
             calibration(y, p)
-        gallery(summary, preds, float(st.session_state.get("eval_threshold", metrics.get("threshold", 0.5))))
-        compare(summary, ui.finished_runs())
-        other_folder(summary, float(metrics.get("threshold", 0.5)))
-st.caption(ui.DISCLAIMER)
+        gallery(summary, preds, float(st.session_state.get(key, chosen["threshold"])), choice.split(":")[0])
+        compare(summary, models.finished_runs())
+    other_folder(summary)
+st.caption(frame.DISCLAIMER)

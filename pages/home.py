@@ -1,9 +1,9 @@
 """Home: what the workbench does, the four steps and where this session stands on each."""
 import streamlit as st
 
-from pages import ui
+from pages.ui import datasets, frame, models, session
 
-ui.page_header(
+frame.page_header(
     "Chest X-ray pneumonia workbench",
     "Train and inspect a pneumonia classifier for paediatric chest X-rays, step by step, and see "
     "where such models go wrong. Every step shows what the data and the model really do, so the "
@@ -13,10 +13,10 @@ ui.page_header(
 
 def step_state() -> list[dict]:
     """The four steps with a one-line state for this session."""
-    result = ui.current_scan(where=st.empty()) if ui.dataset_path() is not None else None
+    result = datasets.current_scan(where=st.empty()) if datasets.dataset_path() is not None else None
     if result is not None:
         counts = result.manifest["label"].value_counts()
-        data_state = (f"**{st.session_state[ui.KEY_DATASET]}**: {len(result.manifest):,} images "
+        data_state = (f"**{st.session_state[session.KEY_DATASET]}**: {len(result.manifest):,} images "
                       f"({counts.get('NORMAL', 0):,} normal, {counts.get('PNEUMONIA', 0):,} pneumonia).")
         data_done = True
     else:
@@ -24,9 +24,9 @@ def step_state() -> list[dict]:
         data_done = False
 
     aug_state = ("Reference settings (tiny rotation, horizontal flip, ±10 % brightness, 5 % shifts)."
-                 if ui.augment_is_default() else "Custom settings chosen in this session.")
+                 if session.augment_is_default() else "Custom settings chosen in this session.")
 
-    all_runs = ui.all_runs()
+    all_runs = models.all_runs()
     running = [r for r in all_runs if r.state == "running"]
     user_done = [r for r in all_runs if r.state == "done" and not r.is_demo]
     if running:
@@ -36,15 +36,15 @@ def step_state() -> list[dict]:
     else:
         train_state = "No run trained yet."
 
-    selected = ui.selected_run()
+    selected = models.selected_run()
     if selected is not None:
-        eval_state = f"Ready with **{ui.run_label(selected)}**."
+        eval_state = f"Ready with **{models.run_label(selected)}**."
     else:
         eval_state = "Needs a finished run (train one, or ship the demo run)."
     return [
         dict(n=1, title="Data", page="pages/dataset.py", done=data_done, state=data_state,
              what="Choose a data set; look at class imbalance, patients and splits."),
-        dict(n=2, title="Augmentation", page="pages/augmentation.py", done=not ui.augment_is_default(),
+        dict(n=2, title="Augmentation", page="pages/augmentation.py", done=not session.augment_is_default(),
              state=aug_state, what="Pick realistic augmentation and see it applied live."),
         dict(n=3, title="Training", page="pages/training.py", done=bool(user_done), state=train_state,
              what="Fine-tune a pretrained network in the background; watch the curves."),
@@ -65,7 +65,7 @@ for column, step in zip(columns, step_state()):
 
 with st.container(border=True):
     st.markdown("**Just want to try a model?** ")
-    if ui.demo_available():
+    if models.demo_available():
         st.markdown("A demo run ships with the app: open **Predict** and upload a chest X-ray (JPEG, PNG or DICOM).")
     else:
         st.markdown("No demo model is installed yet: train a quick run on the Training page "
@@ -81,4 +81,4 @@ st.markdown(
     "- **Threshold.** A probability becomes a diagnosis only through a threshold; moving it trades "
     "missed pneumonias against false alarms."
 )
-st.warning(ui.DISCLAIMER, icon=":material/medical_information:")
+st.warning(frame.DISCLAIMER, icon=":material/medical_information:")

@@ -5,10 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from cxr_core.errors import CxrError
+from cxr_core.labels import label_for
 from cxr_core.predict import overlay_heatmap
-from pages import ui
+from pages.ui import charts, frame, models
 
-ui.page_header(
+frame.page_header(
     "Predict",
     "Upload chest X-rays (JPEG, PNG or DICOM) and a trained model gives each one a probability of "
     "pneumonia; the run's threshold turns it into a label. The **Grad-CAM** overlay colours the regions "
@@ -32,7 +33,7 @@ def no_run_message() -> None:
 def run_card(summary) -> float | None:
     """Show the chosen run; returns its threshold (None when the model cannot be loaded)."""
     try:
-        predictor = ui.load_predictor(summary.path)
+        predictor = models.load_predictor(summary.path)
     except CxrError as error:
         st.error(str(error))
         return None
@@ -42,7 +43,7 @@ def run_card(summary) -> float | None:
     c.metric("Threshold", f"{predictor.threshold:.3f}",
              help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
                   "validation images (see the Evaluation page).")
-    d.metric("Test ROC AUC", ui.fmt_num(summary.test_auc))
+    d.metric("Test ROC AUC", charts.fmt_num(summary.test_auc))
     engine = ("It runs on **LiteRT**, without TensorFlow, from the run's model.tflite."
               if predictor.engine == "LiteRT" else
               "It runs on **Keras/TensorFlow** (this run has no current model.tflite; "
@@ -55,19 +56,19 @@ def run_card(summary) -> float | None:
 
 def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
     """Classify every upload; each bad file gets its own one-line error and the rest go on."""
-    stamp = ui.model_stamp(summary.path)
+    stamp = models.model_stamp(summary.path)
     rows = []
     progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
     for i, upload in enumerate(files):
         name = upload.name
         try:
-            gray, probability, heatmap = ui.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
+            gray, probability, heatmap = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
         except CxrError as error:
             rows.append({"file": name, "probability": None, "label": None, "error": str(error)})
             message = str(error) if name in str(error) else f"{name}: {error}"
             st.error(message, icon=":material/broken_image:")
             continue
-        label = "PNEUMONIA" if probability >= threshold else "NORMAL"
+        label = label_for(probability, threshold)
         rows.append({"file": name, "probability": round(probability, 4), "label": label, "error": ""})
         if i < MAX_DETAILED:
             show_one(name, gray, probability, label, heatmap, opacity, threshold)
@@ -97,7 +98,7 @@ def show_one(name, gray, probability, label, heatmap, opacity, threshold) -> Non
         )
 
 
-summary = ui.run_picker("Model (a finished run)", key="predict_run",
+summary = models.run_picker("Model (a finished run)", key="predict_run",
                         help="The shipped demo run is chosen by default; your own finished runs are listed too.")
 if summary is None:
     no_run_message()
@@ -123,5 +124,5 @@ else:
             st.download_button("Download the results as CSV", buffer.getvalue(), file_name="predictions.csv",
                                mime="text/csv", icon=":material/download:")
 
-st.warning(ui.DISCLAIMER + " A probability from this model is not a diagnosis; a clinician reads the film.",
+st.warning(frame.DISCLAIMER + " A probability from this model is not a diagnosis; a clinician reads the film.",
            icon=":material/medical_information:")

@@ -7,12 +7,22 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import jobs, runs
-from cxr_core.config import BACKBONE_INFO, BALANCE_STRATEGIES, SPLIT_MODES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core import jobs, plan, runs
+from cxr_core.backbones import BACKBONES
+from cxr_core.config import (
+    BALANCE_STRATEGIES,
+    SPLIT_LABELS,
+    SPLIT_MODES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
 from cxr_core.errors import CxrError, TrainingBusyError
-from pages import ui
+from cxr_core.run_folder import RunFolder
+from pages.ui import PROJECT_ROOT, charts, datasets, frame, models, session
 
-ui.page_header(
+frame.page_header(
     "Training",
     "Training reuses a network pretrained on everyday photos (**transfer learning**): the frozen backbone "
     "turns each X-ray into features once, then a small head learns to separate normal from pneumonia. "
@@ -22,20 +32,16 @@ ui.page_header(
 
 STAGES = {"scan": "Reading the data set", "split": "Splitting", "extract": "Extracting features",
           "train": "Training the head", "fine_tune": "Fine-tuning", "evaluate": "Testing",
-          "save": "Saving the model", "export": "Exporting for light prediction", "done": "Done", "failed": "Failed", "cancelled": "Cancelled"}
+          "save": "Saving the model", "export": "Exporting for light prediction", "done": "Done", "failed": "Failed",
+          "cancelled": "Cancelled"}
 KEY_LIVE_STATE = "training_live_state"  # {run_dir: last state seen} so a finish refreshes the page once
 SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
 PERSIST = {"persist_state": "session"}
 
 
-def backbone_table() -> dict:
-    """Plain facts about each backbone (from cxr_core.config: no Keras import on this page)."""
-    return BACKBONE_INFO
-
-
 def weight_files() -> list[Path]:
     """Weights files (*.h5) in ./weights or $CXR_WEIGHTS_DIR, for machines without internet."""
-    folders = [ui.PROJECT_ROOT / "weights"]
+    folders = [PROJECT_ROOT / "weights"]
     if os.environ.get("CXR_WEIGHTS_DIR"):
         folders.insert(0, Path(os.environ["CXR_WEIGHTS_DIR"]).expanduser())
     found = []
@@ -45,37 +51,40 @@ def weight_files() -> list[Path]:
     return found
 
 
-def settings_form(n_images: int | None, has_official: bool) -> RunConfig | None:
+def settings_form(has_official: bool) -> RunConfig | None:
     """The run settings; returns a RunConfig (None when the choices are invalid)."""
-    table = backbone_table()
     with st.container(border=True):
         st.markdown("**Model**")
         c1, c2, c3 = st.columns(3)
-        names = list(table)
+        names = list(BACKBONES)
         backbone = c1.selectbox("Backbone", names, index=names.index("inception_v3") if "inception_v3" in names else 0,
-                                format_func=lambda n: table[n]["label"], key="train_backbone", **PERSIST,
+                                format_func=lambda n: BACKBONES[n].label, key="train_backbone", **PERSIST,
                                 help="InceptionV3 at 299 px is the reference (about 8 images/s on a 2-core laptop: "
                                      "the estimate below says how long); MobileNetV2 is several times faster.")
-        info = table[backbone]
+        spec = BACKBONES[backbone]
         matching = [p for p in weight_files() if backbone.split("_")[0] in p.name.lower()]
         others = [p for p in weight_files() if p not in matching]
         # A local weights file made for this backbone first (works offline), then ImageNet (downloads).
         weight_options = [str(p) for p in matching] + ["imagenet", "none"] + [str(p) for p in others]
+        weight_names = {"imagenet": "ImageNet (downloads once; needs internet)",
+                        "none": "None (random: learn from scratch)"}
         weights = c2.selectbox("Starting weights", weight_options, key=f"train_weights_{backbone}",
-                               format_func=lambda w: {"imagenet": "ImageNet (downloads once; needs internet)",
-                                                      "none": "None (random: learn from scratch)"}.get(w, f"File: {Path(w).name}"),
+                               format_func=lambda w: weight_names.get(w, f"File: {Path(w).name}"),
                                help="Pretrained weights make a few epochs enough. Without internet, put a "
                                     "*.weights.h5 file in ./weights (or $CXR_WEIGHTS_DIR).")
-        sizes = sorted({s for s in SIZES if s >= info["min_size"]} | {info["default_size"]})
-        size = c3.select_slider("Image size (pixels)", sizes, value=info["default_size"], key=f"train_size_{backbone}",
+        sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size})
+        size = c3.select_slider("Image size (pixels)", sizes, value=spec.default_size, key=f"train_size_{backbone}",
                                 help="Images are resized to a square of this side. Smaller is much faster "
                                      "and loses fine detail.")
         alpha = 1.0
-        if info["supports_alpha"]:
+        if spec.supports_alpha:
             # A weights file fits one width only; Keras names them ..._<alpha>_<size>_no_top...
-            match = re.search(r"_(0\.35|0\.5|0\.75|1\.0)_", Path(weights).name) if weights not in ("imagenet", "none") else None
-            alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0], value=float(match.group(1)) if match else 1.0,
-                                     key=f"train_alpha_{match.group(1) if match else 'free'}", disabled=match is not None,
+            match = (re.search(r"_(0\.35|0\.5|0\.75|1\.0)_", Path(weights).name)
+                     if weights not in ("imagenet", "none") else None)
+            alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0],
+                                     value=float(match.group(1)) if match else 1.0,
+                                     key=f"train_alpha_{match.group(1) if match else 'free'}",
+                                     disabled=match is not None,
                                      help="MobileNetV2's width multiplier: 0.35 is about 8× smaller and faster. "
                                           "A weights file fixes it.")
         dropout = c2.slider("Dropout before the last layer", 0.0, 0.9, 0.5, 0.05, key="train_dropout", **PERSIST,
@@ -91,7 +100,8 @@ def settings_form(n_images: int | None, has_official: bool) -> RunConfig | None:
                               format_func=lambda v: f"{v:g}", **PERSIST)
         c1, c2, c3 = st.columns(3)
         ft_layers = c1.selectbox("Fine-tune top layers", [0, 10, 20, 40, 80, -1], key="train_ft_layers", **PERSIST,
-                                 format_func=lambda n: {0: "none (frozen backbone)", -1: "all layers"}.get(n, f"top {n}"),
+                                 format_func=lambda n: {0: "none (frozen backbone)",
+                                                        -1: "all layers"}.get(n, f"top {n}"),
                                  help="After the head, unfreeze this many top backbone layers and train on at a low "
                                       "learning rate (1e-5). Slower: the images go through the backbone every epoch.")
         ft_epochs = c2.number_input("Fine-tune epochs", 0, 100, 0 if ft_layers == 0 else 3, key="train_ft_epochs",
@@ -105,30 +115,31 @@ def settings_form(n_images: int | None, has_official: bool) -> RunConfig | None:
 
         st.markdown("**Data**")
         c1, c2, c3 = st.columns(3)
-        current_split = st.session_state.get(ui.KEY_SPLIT, "random")
+        current_split = st.session_state.get(session.KEY_SPLIT, "random")
         split = c1.selectbox("Split", SPLIT_MODES, index=SPLIT_MODES.index(current_split), key="train_split",
-                             format_func=ui.SPLIT_LABELS.get,
+                             format_func=SPLIT_LABELS.get,
                              help="Chosen on the Dataset page by default. A random split by image lets one "
                                   "patient's images land in training and test, which flatters the model.")
-        current_balance = st.session_state.get(ui.KEY_BALANCE, "augment")
+        current_balance = st.session_state.get(session.KEY_BALANCE, "augment")
         balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES, index=BALANCE_STRATEGIES.index(current_balance),
                                key="train_balance", format_func={"augment": "Augment NORMAL (reference)",
                                                                  "class_weight": "Class weights", "none": "None"}.get)
         limit = c3.number_input("Quick demo: use only this many images (0 = all)", 0, 1_000_000, 0, 50,
                                 key="train_limit", **PERSIST,
                                 help="A stratified subset (same class shares) for a fast first run; at least 10.")
-        aug = ui.augment_config()
+        aug = session.augment_config()
         st.caption(
             f"Augmentation from the Augmentation page: rotation ±{aug.rotation_range:g}°, "
-            f"flip {'on' if aug.horizontal_flip else 'off'}, brightness {aug.brightness_range[0]:g}–{aug.brightness_range[1]:g}, "
+            f"flip {'on' if aug.horizontal_flip else 'off'}, "
+            f"brightness {aug.brightness_range[0]:g}–{aug.brightness_range[1]:g}, "
             f"shifts {aug.width_shift:g}/{aug.height_shift:g}, zoom {aug.zoom:g}"
-            + (" (the reference)." if ui.augment_is_default() else ".")
+            + (" (the reference)." if session.augment_is_default() else ".")
         )
     if split == "official" and not has_official:
         st.error("The official split needs the Kermany layout (train/val/test folders); this data set has none. "
                  "Choose the random or patient split.")
         return None
-    path = ui.dataset_path()
+    path = datasets.dataset_path()
     try:
         return RunConfig(
             data=DataConfig(data_dir=str(path) if path else "", split=split, limit=int(limit) or None),
@@ -147,11 +158,10 @@ def settings_form(n_images: int | None, has_official: bool) -> RunConfig | None:
 def launch_section(config: RunConfig | None, n_images: int | None) -> None:
     if config is None or n_images is None:
         return
-    from cxr_core import train
     n = min(n_images, config.data.limit or n_images)
-    seconds = train.estimate_seconds(config, n)
+    seconds = plan.estimate_seconds(config, n)
     left, right = st.columns([3, 1], vertical_alignment="center")
-    left.markdown(f"**Estimated time: about {ui.fmt_seconds(seconds)}** for {n:,} images on this machine "
+    left.markdown(f"**Estimated time: about {charts.fmt_seconds(seconds)}** for {n:,} images on this machine "
                   f"({os.cpu_count()} CPU cores). Features already extracted by an earlier run with the same "
                   "backbone, size and images are reused, so a second run is much faster.")
     if config.model.weights == "imagenet":
@@ -166,7 +176,7 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
         except CxrError as error:
             st.error(str(error))
         else:
-            st.session_state[ui.KEY_LAUNCHED] = str(run_dir)
+            st.session_state[session.KEY_LAUNCHED] = str(run_dir)
             st.session_state.setdefault(KEY_LIVE_STATE, {})[str(run_dir)] = "running"
             st.rerun()
 
@@ -176,7 +186,7 @@ def watched_run() -> Path | None:
     active = jobs.active_run()
     if active is not None:
         return Path(active)
-    launched = st.session_state.get(ui.KEY_LAUNCHED)
+    launched = st.session_state.get(session.KEY_LAUNCHED)
     if launched and Path(launched).is_dir():
         return Path(launched)
     return None
@@ -198,7 +208,7 @@ def render_run(run_dir: Path) -> str:
                 unit = "epoch" if progress.get("stage") in ("train", "fine_tune") else "images"
                 text += f": {done:,} of {total:,} {unit if unit == 'images' else 'epochs'}"
             if progress.get("eta_s") is not None:
-                text += f" · about {ui.fmt_seconds(progress['eta_s'])} left"
+                text += f" · about {charts.fmt_seconds(progress['eta_s'])} left"
             st.progress(float(progress.get("fraction") or 0.0), text=text)
             if progress.get("message"):
                 st.caption(progress["message"])
@@ -207,17 +217,17 @@ def render_run(run_dir: Path) -> str:
                 st.toast("Cancelling: the run stops after the current batch.")
         elif state == "done":
             st.success(f"Finished: {status.get('message', 'done')}.", icon=":material/check_circle:")
-            st.session_state[ui.KEY_RUN] = str(run_dir)
+            st.session_state[session.KEY_RUN] = str(run_dir)
             st.page_link("pages/evaluation.py", label="See its evaluation", icon=":material/analytics:")
         elif state == "cancelled":
             st.info("This run was cancelled.", icon=":material/cancel:")
         else:
             st.error(str(status.get("error") or status.get("message") or "The run failed."), icon=":material/error:")
-            log = run_dir / "train.log"
+            log = RunFolder(run_dir).log_path
             if log.is_file():
                 with st.expander("Last lines of the training log (for bug reports)"):
                     st.code("\n".join(log.read_text(errors="replace").splitlines()[-25:]) or "(empty)")
-        curves(runs.read_history(run_dir), key=run_dir.name)
+        curves(RunFolder(run_dir).read_history(), key=run_dir.name)
     return state
 
 
@@ -240,7 +250,7 @@ def curves(history: pd.DataFrame, key: str) -> None:
             fig.add_vrect(x0=start - 0.5, x1=x[-1] + 0.5, fillcolor="#f3c969", opacity=0.15, line_width=0,
                           annotation_text="fine-tune", annotation_position="top left")
         fig.update_xaxes(title="epoch", dtick=1 if len(x) <= 20 else None)
-        column.plotly_chart(ui.style(fig, 260, title=title), key=f"curve_{key}_{metric}")
+        column.plotly_chart(charts.style(fig, 260, title=title), key=f"curve_{key}_{metric}")
     st.caption("Validation worse than training and getting worse: overfitting. Both flat and poor: underfitting "
                "or too low a learning rate.")
 
@@ -258,7 +268,7 @@ def live_view(run_dir: Path) -> None:
 
 def past_runs() -> None:
     st.subheader("Past runs")
-    summaries = ui.all_runs()
+    summaries = models.all_runs()
     if not summaries:
         st.caption("No runs yet. They are kept in the runs folder and listed here.")
         return
@@ -266,6 +276,8 @@ def past_runs() -> None:
     st.dataframe(table, hide_index=True, column_config={
         "best val AUC": st.column_config.NumberColumn(format="%.3f"),
         "test AUC": st.column_config.NumberColumn(format="%.3f"),
+        "external AUC": st.column_config.NumberColumn(format="%.3f"),
+        "external accuracy": st.column_config.NumberColumn(format="%.3f"),
         "demo": st.column_config.CheckboxColumn("demo", help="The shipped demo run (cannot be deleted)."),
     })
     deletable = [s for s in summaries if not s.is_demo and s.state != "running"]
@@ -273,8 +285,8 @@ def past_runs() -> None:
         return
     by_path = {str(s.path): s for s in deletable}
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    choice = left.selectbox("Delete a run", list(by_path), format_func=lambda p: f"{by_path[p].run_id} ({by_path[p].state})",
-                            key="train_delete_choice")
+    choice = left.selectbox("Delete a run", list(by_path), key="train_delete_choice",
+                            format_func=lambda p: f"{by_path[p].run_id} ({by_path[p].state})")
     with right.popover("Delete...", icon=":material/delete:"):
         st.markdown(f"Delete `{by_path[choice].run_id}` and its model for good?")
         if st.button("Yes, delete it", type="primary", key="train_delete_confirm"):
@@ -283,10 +295,10 @@ def past_runs() -> None:
             except CxrError as error:
                 st.error(str(error))
             else:
-                if st.session_state.get(ui.KEY_RUN) == choice:
-                    st.session_state.pop(ui.KEY_RUN, None)
-                if st.session_state.get(ui.KEY_LAUNCHED) == choice:
-                    st.session_state.pop(ui.KEY_LAUNCHED, None)
+                if st.session_state.get(session.KEY_RUN) == choice:
+                    st.session_state.pop(session.KEY_RUN, None)
+                if st.session_state.get(session.KEY_LAUNCHED) == choice:
+                    st.session_state.pop(session.KEY_LAUNCHED, None)
                 st.rerun()
 
 
@@ -300,7 +312,7 @@ if run_dir is not None:
         render_run(run_dir)
 
 st.subheader("New run")
-result = ui.current_scan()
+result = datasets.current_scan()
 if result is None:
     st.info("Choose a data set on the **Dataset** page first (the synthetic practice set is enough for a first "
             "try). The settings below show what you will be able to choose.", icon=":material/info:")
@@ -309,9 +321,9 @@ if result is None:
 else:
     n_images = len(result.manifest)
     has_official = bool((result.manifest["official_split"] == "test").any())
-    st.markdown(f"Data set **{st.session_state.get(ui.KEY_DATASET)}**: {n_images:,} images.")
+    st.markdown(f"Data set **{st.session_state.get(session.KEY_DATASET)}**: {n_images:,} images.")
 try:
-    config = settings_form(n_images, has_official)
+    config = settings_form(has_official)
 except CxrError as error:
     st.error(str(error))
     config = None

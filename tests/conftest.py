@@ -8,10 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
+from cxr_core.config import ModelConfig
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
+
+# The smallest model the tests train and load: MobileNetV2 at width 0.35, random weights, 32 px.
+TINY_MODEL = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32)
 
 
 def _xray_like(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
@@ -46,7 +51,7 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
 
-    def folder(label: str, index: int, total: int) -> Path:
+    def folder(label: str, index: int) -> Path:
         if layout == "kermany":
             part = "test" if index % 5 == 0 else ("val" if index % 7 == 1 else "train")
             return root / part / label
@@ -55,14 +60,14 @@ def make_dataset(
     for i in range(n_normal):
         patient = i // 2
         name = f"IM-{patient:04d}-{i % 2 + 1:04d}.jpeg"
-        path = folder("NORMAL", i, n_normal) / name
+        path = folder("NORMAL", i) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), _xray_like(rng, size, False))
     for i in range(n_pneumonia):
         patient = i // 3
         kind = "bacteria" if i % 2 else "virus"
         name = f"person{patient}_{kind}_{i}.jpeg"
-        path = folder("PNEUMONIA", i, n_pneumonia) / name
+        path = folder("PNEUMONIA", i) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), _xray_like(rng, size, True))
     return root
@@ -93,6 +98,19 @@ def shared_mobilenet_weights(shared_dir: Path) -> Path:
     path = shared_dir / "weights" / "mobilenet_v2_0.35_224_no_top_imagenet.weights.h5"
     if not path.is_file():
         pytest.skip("../shared MobileNetV2 weights are not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_artifacts(tmp_path_factory) -> Path:
+    """Where tests leave files for a human to look at (render times, screenshots).
+
+    ``$CXR_TEST_ARTIFACTS`` when set (a CI job can keep that folder); otherwise a folder in pytest's
+    temporary directory, so a test run never writes into the project.
+    """
+    chosen = os.environ.get("CXR_TEST_ARTIFACTS")
+    path = Path(chosen) if chosen else tmp_path_factory.getbasetemp() / "test-artifacts"
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -1,7 +1,8 @@
 """AppTest for every page: empty state, with a small data set, and with a finished run.
 
 Each test drives Home.py (the router) and switches to a page, as a user does. Render times of
-every page are printed and written to test-artifacts/render_times.json.
+every page are printed and written to render_times.json in the test artifacts folder
+(``$CXR_TEST_ARTIFACTS``, else pytest's temporary directory; see conftest.py).
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import make_dataset
+from conftest import TINY_MODEL, make_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
 TIMEOUT = 120  # the first Training/Predict render imports TensorFlow
 
-# Keys of pages/ui.py, repeated here on purpose: a renamed key should fail a test.
+# Keys of pages/ui/session.py, repeated here on purpose: a renamed key should fail a test.
 KEY_DATASET, KEY_RUN, KEY_SPLIT, KEY_AUGMENT = "dataset", "run", "split_mode", "augment_config"
 
 RENDER_TIMES: dict[str, float] = {}
@@ -43,11 +44,9 @@ def render(at: AppTest, page: str | None, label: str) -> AppTest:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write_render_times():
+def _write_render_times(test_artifacts):
     yield
-    out = PROJECT_ROOT / "test-artifacts"
-    out.mkdir(exist_ok=True)
-    path = out / "render_times.json"
+    path = test_artifacts / "render_times.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**old, **RENDER_TIMES}, indent=2))
     print("\nAppTest render times (s):", json.dumps(RENDER_TIMES, indent=1))
@@ -77,13 +76,13 @@ def small_kermany() -> str:
 def trained_run(tmp_path_factory) -> Path:
     """A tiny finished run trained in-process with cxr_core.train.train (MobileNetV2 0.35, 32 px)."""
     from cxr_core import train
-    from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from cxr_core.config import DataConfig, RunConfig, TrainConfig
 
     base = tmp_path_factory.mktemp("trained")
     data_dir = make_dataset(base / "tiny", n_normal=20, n_pneumonia=40, size=48)
     config = RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random"),
-        model=ModelConfig(backbone="mobilenet_v2", weights="none", image_size=32, alpha=0.35),
+        model=TINY_MODEL,
         train=TrainConfig(epochs=2, batch_size=16, balance="none", cache_dir=str(base / "cache")),
     )
     run_dir = train.train(config, run_dir=base / "runs" / "tiny-run")
@@ -190,8 +189,9 @@ def test_dataset_download_failure_is_one_sentence(monkeypatch):
     from cxr_core import download
     from cxr_core.errors import DownloadError
 
-    def offline(*args, **kwargs):
-        raise DownloadError("The download failed because the server could not be reached; check the connection and try again.")
+    def offline(*_args, **_kwargs):
+        raise DownloadError(
+            "The download failed because the server could not be reached; check the connection and try again.")
 
     monkeypatch.setattr(download, "download_kermany", offline)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
@@ -248,9 +248,9 @@ def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):
     assert not at.error, [e.value for e in at.error]
     assert any("Finished" in s.value for s in at.success), "the run did not finish in time"
     assert len(at.get("plotly_chart")) >= 3  # loss, accuracy and AUC curves
-    from cxr_core import runs
+    from cxr_core.run_folder import RunFolder
 
-    history = runs.read_history(Path(at.session_state[KEY_RUN]))
+    history = RunFolder(Path(at.session_state[KEY_RUN])).read_history()
     assert len(history) == 2
     assert at.dataframe  # the past-runs table
 
@@ -276,7 +276,8 @@ def test_evaluation_page_shows_the_metrics_of_a_finished_run(finished_run):
 
 
 @pytest.mark.slow
-def test_evaluation_page_evaluates_a_run_on_another_folder(finished_run):
+@pytest.mark.usefixtures("finished_run")
+def test_evaluation_page_evaluates_a_run_on_another_folder():
     make_dataset(data_root() / "other", n_normal=10, n_pneumonia=10, size=40, seed=7)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
@@ -290,7 +291,20 @@ def test_evaluation_page_evaluates_a_run_on_another_folder(finished_run):
 
 
 @pytest.mark.slow
-def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run):
+def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run, monkeypatch):
+    import pandas as pd
+    import streamlit
+
+    from cxr_core.predict import Predictor
+
+    downloads = []
+    real_download_button = streamlit.download_button
+
+    def recording_download_button(label, data, *args, **kwargs):
+        downloads.append((label, data, kwargs))
+        return real_download_button(label, data, *args, **kwargs)
+
+    monkeypatch.setattr(streamlit, "download_button", recording_download_button)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
     render(at, "pages/predict.py", "predict (run, no upload)")
@@ -304,18 +318,35 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run):
     assert "Traceback" not in errors[0]
     table = at.dataframe[0].value
     assert list(table["file"]) == ["chest.png", "broken.jpg"]
-    assert 0.0 <= float(table.loc[0, "probability"]) <= 1.0
-    assert table.loc[0, "label"] in ("NORMAL", "PNEUMONIA")
+    # The page shows what the run's own Predictor says about the same bytes.
+    reference = Predictor.from_run(finished_run)
+    expected = reference.predict_bytes(png_bytes(True), "chest.png")["probability"]
+    expected_label = "PNEUMONIA" if expected >= reference.threshold else "NORMAL"
+    assert float(table.loc[0, "probability"]) == pytest.approx(expected, abs=2e-4)
+    assert table.loc[0, "label"] == expected_label
     assert len(at.image) >= 1  # original and Grad-CAM overlay
-    assert at.download_button
+    # The CSV download holds the same rows, with the run and the threshold used.
+    assert [b.label for b in at.download_button] == ["Download the results as CSV"]
+    assert len(downloads) == 1
+    label, data, kwargs = downloads[0]
+    assert label == "Download the results as CSV"
+    assert kwargs["file_name"] == "predictions.csv" and kwargs["mime"] == "text/csv"
+    csv = pd.read_csv(io.StringIO(data if isinstance(data, str) else data.decode()))
+    assert list(csv["file"]) == ["chest.png", "broken.jpg"]
+    assert csv.loc[0, "probability"] == pytest.approx(expected, abs=2e-4)
+    assert csv.loc[0, "label"] == expected_label
+    assert pd.isna(csv.loc[1, "probability"]) and pd.isna(csv.loc[1, "label"]) and len(str(csv.loc[1, "error"])) > 10
+    assert set(csv["run"]) == {finished_run.name}
+    assert csv.loc[0, "threshold"] == pytest.approx(reference.threshold, abs=1e-6)
 
 
 # --- The shipped demo run ------------------------------------------------------------------------
 def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
     from cxr_core import runs
+    from cxr_core.run_folder import RunFolder
 
     monkeypatch.delenv("CXR_DEMO_RUN")
-    if not (runs.DEMO_RUN_DIR / runs.MODEL_FILE).is_file():
+    if not RunFolder(runs.DEMO_RUN_DIR).has_model():
         pytest.skip("no demo run in artifacts/")
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
@@ -324,4 +355,9 @@ def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
     at.file_uploader(key="predict_upload").set_value([("chest.png", png_bytes(True), "image/png")])
     render(at, None, "predict (demo, 1 upload)")
     table = at.dataframe[0].value
-    assert 0.0 <= float(table.loc[0, "probability"]) <= 1.0
+    from cxr_core.predict import Predictor
+
+    demo = Predictor.from_run(runs.DEMO_RUN_DIR)
+    expected = demo.predict_bytes(png_bytes(True), "chest.png")["probability"]
+    assert float(table.loc[0, "probability"]) == pytest.approx(expected, abs=2e-4)
+    assert table.loc[0, "label"] == ("PNEUMONIA" if expected >= demo.threshold else "NORMAL")

@@ -128,7 +128,8 @@ def test_balance_plan_strategies():
 def _split() -> pd.DataFrame:
     rows = []
     for i in range(5):
-        rows.append({"path": f"/d/NORMAL/n{i}.jpeg", "label": "NORMAL", "y": 0, "split": "train", "sha256": f"{i:064d}"})
+        rows.append({"path": f"/d/NORMAL/n{i}.jpeg", "label": "NORMAL", "y": 0, "split": "train",
+                     "sha256": f"{i:064d}"})
     for i in range(12):
         rows.append({"path": f"/d/PNEUMONIA/p{i}.jpeg", "label": "PNEUMONIA", "y": 1, "split": "train", "sha256": ""})
     rows.append({"path": "/d/NORMAL/val.jpeg", "label": "NORMAL", "y": 0, "split": "val", "sha256": ""})

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import badfiles
-from conftest import make_dataset
+from conftest import TINY_MODEL, make_dataset
 from cxr_core import data, runs
-from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.download import safe_extract_zip
 from cxr_core.errors import BadDatasetError, BadImageError, BadRunError, CxrError
 from cxr_core.images import image_header, load_gray
@@ -34,7 +34,6 @@ from cxr_core.images import image_header, load_gray
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
 TIMEOUT = 120
-TINY_MODEL = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32)
 
 
 def assert_one_sentence(message: str, *names: str) -> None:
@@ -245,7 +244,8 @@ def test_nested_folders_and_symlinked_files_work_and_a_symlink_loop_does_not_han
     relpaths = set(result.manifest["relpath"])
     assert "NORMAL/ward-a/2019/march/IM-0900-0001.png" in relpaths
     assert "PNEUMONIA/person77_virus_1.png" in relpaths
-    assert result.manifest.loc[result.manifest["relpath"] == "PNEUMONIA/person77_virus_1.png", "label"].item() == "PNEUMONIA"
+    manifest = result.manifest
+    assert manifest.loc[manifest["relpath"] == "PNEUMONIA/person77_virus_1.png", "label"].item() == "PNEUMONIA"
     assert len(result.manifest) == 10  # nothing counted twice through the loop
     reasons = dict(zip(result.skipped["path"].map(lambda p: Path(p).name), result.skipped["reason"]))
     for name in ("self.png", "dangling.png"):
@@ -279,7 +279,8 @@ def test_duplicates_are_reported_and_never_on_two_sides_of_a_split(tmp_path, mod
     split = split.assign(actual=split["path"].map(digests))
     assert (split.groupby("actual")["split"].nunique() == 1).all()
     for target in copies:
-        assert str(target.absolute()) not in set(split["path"]) or str(copies[target].absolute()) not in set(split["path"])
+        paths = set(split["path"])
+        assert str(target.absolute()) not in paths or str(copies[target].absolute()) not in paths
 
 
 def test_training_goes_on_past_bad_files_and_lists_them(tmp_path):
@@ -544,15 +545,17 @@ def test_predict_page_one_error_per_bad_upload_and_results_for_the_good(tiny_run
     uploads = {"chest": badfiles.good_png(), **{k: m() for k, m in badfiles.ACCEPTED.items()}}
     refused = {k: m() for k, (m, _) in badfiles.REFUSED.items()}
     files = [(name, payload, "application/octet-stream")
-             for payload, name in [uploads["chest"], *refused.values(), *[v for k, v in uploads.items() if k != "chest"]]]
-    files = files[:2] + files[-len(badfiles.ACCEPTED):] + files[2:-len(badfiles.ACCEPTED)]  # good ones among the first 12
+             for payload, name in [uploads["chest"], *refused.values(),
+                                   *[v for k, v in uploads.items() if k != "chest"]]]
+    n_accepted = len(badfiles.ACCEPTED)
+    files = files[:2] + files[-n_accepted:] + files[2:-n_accepted]  # good ones among the first 12
     at = new_app()
     render(at, "pages/predict.py")
     at.file_uploader(key="predict_upload").set_value(files)
     render(at)
     errors = [str(e.value) for e in at.error]
     assert len(errors) == len(refused), errors
-    for (payload, name), message in zip(refused.values(), errors):
+    for (_payload, name), message in zip(refused.values(), errors):
         assert_one_sentence(message, name)
     table = at.dataframe[0].value
     assert list(table["file"]) == [name for name, _, _ in files]

@@ -2,7 +2,8 @@
 
 It catches what AppTest cannot: the front end rendering each page (charts, images, layout), and
 errors raised while the served app runs. A full-page screenshot of every page is saved under
-test-artifacts/screenshots/ for a human to look at. Skips when Chromium is not installed.
+screenshots/ in the test artifacts folder (``$CXR_TEST_ARTIFACTS``, else pytest's temporary
+directory; see conftest.py) for a human to look at. Skips when Chromium is not installed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # A deep link comes first: the first request to a fresh server must still go through Home.py's router.
 PAGES = {"predict": "predict", "home": "", "dataset": "dataset", "augmentation": "augmentation",
@@ -102,11 +102,12 @@ def _settle(page, timeout_s: float = 60.0) -> None:
         time.sleep(0.25)
 
 
-def test_every_page_renders_in_a_real_browser(served_app):
+def test_every_page_renders_in_a_real_browser(served_app, test_artifacts):
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    screenshots = test_artifacts / "screenshots"
+    screenshots.mkdir(parents=True, exist_ok=True)
     user_data = Path(os.environ["CXR_CACHE_DIR"]).parent / "chromium-profile"
     with playwright.sync_playwright() as p:
         # Playwright passes --user-data-dir itself for a persistent context.
@@ -127,7 +128,7 @@ def test_every_page_renders_in_a_real_browser(served_app):
                     _settle(page)
                 body = page.inner_text("body")
                 _full_height(page)
-                page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+                page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
                 assert page.locator("[data-testid='stException']").count() == 0, f"{name}: an exception is shown"
                 assert "Traceback" not in body, f"{name}: a traceback is shown"
                 assert page.locator("h1").count() >= 1, f"{name}: no title"

@@ -168,7 +168,8 @@ def test_too_large_and_tiny_images_are_listed(tmp_path: Path):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+    huge = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
     (root / "NORMAL" / "huge.png").write_bytes(huge)
     cv2.imwrite(str(root / "NORMAL" / "dot.png"), np.zeros((1, 1), np.uint8))
     result = scan_dataset(root)

@@ -6,15 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from cxr_core import runs
+from cxr_core import run_folder, runs
 from cxr_core.config import RunConfig
+from cxr_core.run_folder import RunFolder
 
 DEMO = runs.DEMO_RUN_DIR
 
 
 @pytest.fixture
 def demo():
-    if not (DEMO / runs.MODEL_FILE).is_file():
+    if not (DEMO / run_folder.MODEL_FILE).is_file():
         pytest.skip("no demo run in artifacts/")
     return DEMO
 
@@ -23,12 +24,12 @@ def test_demo_run_is_complete_small_and_trained_from_scratch(demo):
     assert runs.read_status(demo)["state"] == "done"
     for name in ("config.json", "metrics.json", "history.csv", "split.csv", "predictions.csv", "MODEL_CARD.md"):
         assert (demo / name).is_file(), name
-    assert (demo / runs.MODEL_FILE).stat().st_size < 10 * 1024 * 1024
+    assert (demo / run_folder.MODEL_FILE).stat().st_size < 10 * 1024 * 1024
     config = RunConfig.from_dict(json.loads((demo / "config.json").read_text()))
     # No pretrained file may be embedded in a committed model.
     assert config.model.weights == "none"
     assert config.data.split == "patient"
-    metrics = runs.read_metrics(demo)
+    metrics = RunFolder(demo).read_metrics()
     card = (demo / "MODEL_CARD.md").read_text()
     auc = metrics["test"]["at_threshold"]["roc_auc"]
     assert f"{auc:.3f}" in card, "the model card quotes the test AUC in metrics.json"

@@ -98,7 +98,8 @@ def test_download_with_checksum_and_progress(tmp_path: Path):
     progress: list[tuple[int, int | None]] = []
     dest = tmp_path / "sub" / "file.bin"
     with FileServer(PAYLOAD) as server:
-        result = download_file(server.url, dest, PAYLOAD_SHA, on_progress=lambda d, t: progress.append((d, t)), chunk=8192)
+        result = download_file(server.url, dest, PAYLOAD_SHA, on_progress=lambda d, t: progress.append((d, t)),
+                               chunk=8192)
     assert result == dest and dest.read_bytes() == PAYLOAD
     assert not (tmp_path / "sub" / "file.bin.part").exists()
     assert progress[-1] == (len(PAYLOAD), len(PAYLOAD))
@@ -110,7 +111,7 @@ def test_resume_from_a_partial_file(tmp_path: Path):
     (tmp_path / "file.bin.part").write_bytes(PAYLOAD[:12_345])
     progress: list[int] = []
     with FileServer(PAYLOAD) as server:
-        download_file(server.url, dest, PAYLOAD_SHA, on_progress=lambda d, t: progress.append(d))
+        download_file(server.url, dest, PAYLOAD_SHA, on_progress=lambda d, _total: progress.append(d))
     assert server.ranges == ["bytes=12345-"]
     assert progress[0] == 12_345
     assert dest.read_bytes() == PAYLOAD
@@ -144,9 +145,9 @@ def test_complete_part_file_gets_416_and_is_kept(tmp_path: Path):
 
 def test_checksum_mismatch_removes_the_file(tmp_path: Path):
     dest = tmp_path / "file.bin"
-    with FileServer(PAYLOAD) as server:
-        with pytest.raises(DownloadError, match=r"SHA-256 is .* not the expected 000000000000.*removed"):
-            download_file(server.url, dest, "0" * 64)
+    with FileServer(PAYLOAD) as server, pytest.raises(
+            DownloadError, match=r"SHA-256 is .* not the expected 000000000000.*removed"):
+        download_file(server.url, dest, "0" * 64)
     assert not dest.exists() and not (tmp_path / "file.bin.part").exists()
 
 
@@ -340,9 +341,8 @@ def test_download_kermany_end_to_end(tmp_path: Path):
 
 
 def test_download_kermany_with_a_wrong_checksum(tmp_path: Path):
-    with FileServer(_kermany_zip()) as server:
-        with pytest.raises(DownloadError, match="SHA-256"):
-            download_kermany(tmp_path / "data", url=server.url, sha256="f" * 64)
+    with FileServer(_kermany_zip()) as server, pytest.raises(DownloadError, match="SHA-256"):
+        download_kermany(tmp_path / "data", url=server.url, sha256="f" * 64)
     assert not (tmp_path / "data" / "kermany").exists()
 
 

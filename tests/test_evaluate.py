@@ -184,3 +184,33 @@ def test_metrics_report_layout() -> None:
     assert rep["threshold"] == pytest.approx(0.3) and rep["test"] is None
     rep = metrics_report(None, None, y_test, p_test)
     assert rep["threshold"] == 0.5 and rep["val"] is None
+
+
+def test_prevalence_is_recovered_by_em_on_calibrated_synthetic_scores():
+    from cxr_core.evaluate import estimate_prior_em, shift_probabilities, threshold_for_prior
+
+    rng = np.random.default_rng(0)
+
+    def calibrated_sample(n: int, prior: float) -> tuple[np.ndarray, np.ndarray]:
+        # Scores from two Gaussians; the exact posterior under ``prior`` is the calibrated probability.
+        y = (rng.random(n) < prior).astype(int)
+        x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+        logit = 2.0 * x + np.log(prior / (1 - prior))
+        return y, 1.0 / (1.0 + np.exp(-logit))
+
+    # Probabilities calibrated to a training prevalence of 0.75, applied at a site with 0.40.
+    y_new, _ = calibrated_sample(20000, 0.40)
+    x = rng.normal(np.where(y_new == 1, 1.0, -1.0), 1.0)
+    p_trained = 1.0 / (1.0 + np.exp(-(2.0 * x + np.log(0.75 / 0.25))))
+    estimated = estimate_prior_em(p_trained, train_prior=0.75)
+    assert abs(estimated - 0.40) < 0.02
+    # Shifting to the true prior gives the calibrated posteriors of the new site.
+    shifted = shift_probabilities(p_trained, 0.75, 0.40)
+    exact = 1.0 / (1.0 + np.exp(-(2.0 * x + np.log(0.40 / 0.60))))
+    assert np.allclose(shifted, exact, atol=1e-9)
+    # The moved threshold on the raw probabilities makes exactly the shifted decisions.
+    t = threshold_for_prior(0.5, 0.75, 0.40)
+    assert t > 0.5
+    assert np.mean((p_trained >= t) != (shifted >= 0.5)) < 1e-4
+    # No shift, no change.
+    assert threshold_for_prior(0.3, 0.6, 0.6) == pytest.approx(0.3)

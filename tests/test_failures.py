@@ -24,15 +24,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_dataset
-from cxr_core import jobs, runs
+from conftest import TINY_MODEL, make_dataset
+from cxr_core import jobs, run_folder, runs
 from cxr_core.atomic import read_jsonl
-from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadRunError, CxrError, DiskFullError
+from cxr_core.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
-TINY_MODEL = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32)
 GENEROUS_S = 120  # bounds for a busy 2-core machine; not performance assertions
 
 
@@ -135,12 +135,13 @@ def assert_killed_and_clean(run_dir: Path, process: subprocess.Popen, root: Path
         process.wait(timeout=240)
     except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("the training process was never killed: " + (run_dir / "train.log").read_text()[-2000:])
+        raise AssertionError(
+            "the training process was never killed: " + (run_dir / "train.log").read_text()[-2000:]) from None
     assert process.returncode == -signal.SIGKILL, (run_dir / "train.log").read_text()[-2000:]
     status = runs.read_status(run_dir)
     assert status["state"] == "failed", status
     assert "killed or crashed" in status["error"]
-    assert not (run_dir / runs.MODEL_FILE).exists()
+    assert not (run_dir / run_folder.MODEL_FILE).exists()
     assert all(s.state != "done" for s in runs.list_runs(root, include_demo=False))
     wait_until(lambda: not jobs.is_busy(root), 30, "the jobs lock to be released")
     assert jobs.active_run(root) is None
@@ -231,8 +232,8 @@ def test_cancel_a_background_job(tmp_path):
     wait_until(lambda: runs.read_status(run_dir)["state"] != "running", 60, "the job to stop after the cancel")
     status = runs.read_status(run_dir)
     assert status["state"] == "cancelled", status
-    assert not (run_dir / runs.MODEL_FILE).exists()
-    assert len(runs.read_history(run_dir)) < 500
+    assert not (run_dir / run_folder.MODEL_FILE).exists()
+    assert len(RunFolder(run_dir).read_history()) < 500
     wait_until(lambda: not jobs.is_busy(root), 30, "the jobs lock to be released")
     assert jobs.active_run(root) is None
 
@@ -260,7 +261,7 @@ def _enospc(path) -> OSError:
 
 
 @pytest.mark.parametrize("target", ["model.keras", "metrics.json"])
-def test_disk_full_while_writing_a_run(previous_run, tmp_path, monkeypatch, target):
+def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
     import keras
 
     from cxr_core import atomic, train as train_lib
@@ -269,7 +270,7 @@ def test_disk_full_while_writing_a_run(previous_run, tmp_path, monkeypatch, targ
     data, root, previous = previous_run
     before = snapshot(previous)
     if target == "model.keras":
-        def full_save(self, filepath, *args, **kwargs):
+        def full_save(_self, filepath, *_args, **_kwargs):
             with open(filepath, "wb") as handle:
                 handle.write(b"PK\x03\x04 half a model")  # some bytes made it, then the disk was full
             raise _enospc(filepath)
@@ -296,7 +297,7 @@ def test_disk_full_while_writing_a_run(previous_run, tmp_path, monkeypatch, targ
     status = runs.read_status(run_dir)
     assert status["state"] == "failed"
     assert "The disk is full" in status["message"]
-    assert not (run_dir / runs.MODEL_FILE).exists()
+    assert not (run_dir / run_folder.MODEL_FILE).exists()
     assert not temp_leftovers(run_dir)  # the half-written temporary file was removed
     if target == "metrics.json":
         assert not (run_dir / "metrics.json").exists()
@@ -313,13 +314,13 @@ def test_disk_full_in_the_feature_cache_only_loses_the_cache(tmp_path, monkeypat
 
     data = make_dataset(tmp_path / "data", n_normal=12, n_pneumonia=16, size=32)
 
-    def full(path, vec):
+    def full(path, _vec):
         raise _enospc(path)
 
     monkeypatch.setattr(features, "_write_entry", full)
     run = train(tiny_config(data, tmp_path / "cache"), run_dir=tmp_path / "runs" / "r")
     assert runs.read_status(run)["state"] == "done"
-    assert (run / runs.MODEL_FILE).is_file()
+    assert (run / run_folder.MODEL_FILE).is_file()
     assert not [p for p in (tmp_path / "cache").rglob("*.npy")]
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import TINY_MODEL as CFG
 from cxr_core.augment import augment_image
 from cxr_core.config import AugmentConfig, ModelConfig
 from cxr_core.features import default_cache_dir, entry_key, extract_features, model_key
 from cxr_core.images import load_gray, to_model_input
 from cxr_core.model import build_feature_extractor
 
-CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=32, alpha=0.35)
 AUG = AugmentConfig(rotation_range=10, width_shift=0.1, height_shift=0.1)
 
 
@@ -48,7 +48,8 @@ def test_default_cache_dir(monkeypatch, tmp_path: Path):
 def test_keys_cover_weights_size_and_augmentation(tmp_path: Path):
     assert model_key(CFG, 1) != model_key(CFG, 2)  # random init: the seed is the weights' identity
     assert model_key(CFG, 1) != model_key(ModelConfig(backbone="mobilenet_v2", weights="none", image_size=48), 1)
-    assert model_key(CFG, 1) != model_key(ModelConfig(backbone="mobilenet_v2", weights="none", image_size=32, alpha=0.5), 1)
+    wider = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=32, alpha=0.5)
+    assert model_key(CFG, 1) != model_key(wider, 1)
     w1, w2 = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
     w1.write_bytes(b"one")
     w2.write_bytes(b"two")
@@ -151,7 +152,7 @@ def test_cancellation_between_batches(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset)
     seen: list[int] = []
     result = extract_features(rows, CFG, None, cache_dir=tmp_path, batch_size=4,
-                              on_progress=lambda d, t: seen.append(d), should_stop=lambda: len(seen) >= 2)
+                              on_progress=lambda d, _total: seen.append(d), should_stop=lambda: len(seen) >= 2)
     assert result.cancelled
     assert result.n_computed == 8 and len(result.index) == 8 and len(seen) == 2
     assert len(_entries(tmp_path)) == 8  # what was computed before the stop is cached

@@ -12,14 +12,15 @@ import pytest
 from PIL import Image
 
 import badfiles
-from badfiles import dicom_bytes as _dicom
-from badfiles import gradient as _gradient
-from badfiles import pil_bytes as _save
-from badfiles import png_header_only as _png_header_only
-from badfiles import ramp12 as _ramp12
+from badfiles import (
+    dicom_bytes as _dicom,
+    gradient as _gradient,
+    pil_bytes as _save,
+    png_header_only as _png_header_only,
+    ramp12 as _ramp12,
+)
 from cxr_core.errors import BadImageError
 from cxr_core.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_header, load_gray, to_model_input
-
 
 # ---------------------------------------------------------------------------------------------
 # Formats
@@ -247,7 +248,7 @@ def test_to_model_input_matches_cv2_resize():
     expected = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
     for channel in range(3):
         np.testing.assert_array_equal(out[..., channel], expected)
-    assert 0 <= out.min() and out.max() <= 255
+    assert out.min() >= 0 and out.max() <= 255
 
 
 def test_to_model_input_refuses_colour_arrays():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core import litert, runs
+from cxr_core import hashing, litert, run_folder, runs
 from cxr_core.atomic import write_json_atomic
 from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadRunError, CxrError
@@ -68,10 +68,10 @@ def _copy(run: Path, dest: Path) -> Path:
 
 
 def test_export_writes_model_and_record_of_its_source(exported_run):
-    info = json.loads((exported_run / litert.LITE_INFO_FILE).read_text())
-    assert info["source_sha256"] == litert.file_sha256(exported_run / "model.keras")
+    info = json.loads((exported_run / run_folder.LITE_INFO_FILE).read_text())
+    assert info["source_sha256"] == hashing.file_sha256(exported_run / "model.keras")
     assert info["image_size"] == SIZE and info["last_conv_layer"] == "out_relu"
-    assert (exported_run / litert.LITE_FILE).stat().st_size > 100_000
+    assert (exported_run / run_folder.LITE_FILE).stat().st_size > 100_000
     assert litert.lite_status(exported_run) is None
 
 
@@ -122,7 +122,7 @@ def test_threads_share_one_predictor(exported_run):
         np.testing.assert_allclose(results[k], expected, atol=1e-6)
 
 
-def test_predicting_with_litert_never_imports_tensorflow(exported_run, tmp_path):
+def test_predicting_with_litert_never_imports_tensorflow(exported_run):
     script = (
         "import sys, numpy as np\n"
         "from cxr_core.predict import Predictor\n"
@@ -154,15 +154,15 @@ def test_stale_export_is_not_used(exported_run, tmp_path):
 @pytest.mark.parametrize("damage", ["text", "truncated", "no_info", "bad_info"])
 def test_damaged_export_falls_back_to_keras(exported_run, tmp_path, damage):
     run = _copy(exported_run, tmp_path / "run")
-    lite = run / litert.LITE_FILE
+    lite = run / run_folder.LITE_FILE
     if damage == "text":
         lite.write_text("not a flatbuffer")
     elif damage == "truncated":
         lite.write_bytes(lite.read_bytes()[:5000])
     elif damage == "no_info":
-        (run / litert.LITE_INFO_FILE).unlink()
+        (run / run_folder.LITE_INFO_FILE).unlink()
     else:
-        (run / litert.LITE_INFO_FILE).write_text("{broken")
+        (run / run_folder.LITE_INFO_FILE).write_text("{broken")
     predictor = Predictor.from_run(run)
     assert predictor.engine == "Keras"
     assert 0.0 <= predictor.predict_gray(_images(1)[0]) <= 1.0
@@ -198,7 +198,7 @@ def test_training_exports_litert(tiny_dataset, tmp_path):
 def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
     from cxr_core.train import train
 
-    def refuse(*args, **kwargs):
+    def refuse(*_args, **_kwargs):
         raise CxrError("The model could not be converted to LiteRT (ConverterError).")
 
     monkeypatch.setattr(litert, "export_classifier", refuse)
@@ -206,7 +206,7 @@ def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
                        model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8))
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done"
-    assert not (run / litert.LITE_FILE).exists()
+    assert not (run / run_folder.LITE_FILE).exists()
     events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
     assert any(e["event"] == "warning" and "predicts with Keras" in e["message"] for e in events)
     assert Predictor.from_run(run).engine == "Keras"
@@ -218,7 +218,7 @@ def test_training_without_export(tiny_dataset, tmp_path):
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
                        model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8, export_litert=False))
     run = train(config, run_dir=tmp_path / "run")
-    assert runs.read_status(run)["state"] == "done" and not (run / litert.LITE_FILE).exists()
+    assert runs.read_status(run)["state"] == "done" and not (run / run_folder.LITE_FILE).exists()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -228,8 +228,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_export_and_engine_choice(exported_run, tmp_path):
     run = _copy(exported_run, tmp_path / "run")
-    (run / litert.LITE_FILE).unlink()
-    (run / litert.LITE_INFO_FILE).unlink()
+    (run / run_folder.LITE_FILE).unlink()
+    (run / run_folder.LITE_INFO_FILE).unlink()
     image = tmp_path / "x.png"
     import cv2
 
@@ -240,7 +240,7 @@ def test_cli_export_and_engine_choice(exported_run, tmp_path):
 
     result = _cli("export", "--run", str(run))
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip().splitlines()[-1]) == run / litert.LITE_FILE
+    assert Path(result.stdout.strip().splitlines()[-1]) == run / run_folder.LITE_FILE
     assert litert.lite_status(run) is None
     lite = json.loads(_cli("predict", "--run", str(run), "--engine", "litert", str(image)).stdout)
     keras_ = json.loads(_cli("predict", "--run", str(run), "--engine", "keras", str(image)).stdout)

@@ -12,18 +12,18 @@ import pytest
 import tensorflow as tf
 
 from cxr_core import atomic
+from cxr_core.backbones import BACKBONES
 from cxr_core.config import ModelConfig
-from cxr_core.errors import BadRunError
+from cxr_core.errors import BadRunError, BadSettingError
 from cxr_core.model import (
-    BACKBONES,
     Preprocess,
     build_backbone,
     build_classifier,
     build_feature_extractor,
     build_head,
+    constructor,
     gradcam_parts,
     load_classifier,
-    resolve_image_size,
     unfreeze_top_layers,
 )
 
@@ -66,12 +66,13 @@ def test_table_covers_the_four_backbones():
     assert set(BACKBONES) == set(SMALL)
     assert BACKBONES["inception_v3"].default_size == 299
     assert BACKBONES["mobilenet_v2"].supports_alpha and not BACKBONES["densenet121"].supports_alpha
-    assert resolve_image_size(ModelConfig(backbone="inception_v3")) == 299
-    assert resolve_image_size(ModelConfig(backbone="densenet121", image_size=96)) == 96
-    with pytest.raises(ValueError, match="at least 75"):
-        resolve_image_size(ModelConfig(backbone="inception_v3", image_size=64))
+    assert ModelConfig(backbone="inception_v3").resolved_image_size == 299
+    assert ModelConfig(backbone="densenet121", image_size=96).resolved_image_size == 96
+    # A bad choice is refused when the settings are made, as a one-sentence CxrError (also a ValueError).
+    with pytest.raises(BadSettingError, match="at least 75"):
+        ModelConfig(backbone="inception_v3", image_size=64)
     with pytest.raises(ValueError, match="unknown backbone"):
-        resolve_image_size(ModelConfig(backbone="resnet50"))
+        ModelConfig(backbone="resnet50")
 
 
 @pytest.mark.slow
@@ -203,11 +204,22 @@ def test_shared_mobilenet_weights_load_at_96(shared_mobilenet_weights: Path):
     assert not np.allclose(ours.get_layer("bn_Conv1").moving_variance.numpy(), 1.0)
 
 
-def test_config_knows_every_backbone_without_importing_tensorflow():
-    from cxr_core.config import BACKBONE_INFO, BACKBONE_NAMES
+def test_every_row_names_a_keras_constructor_and_its_weights_file():
+    for spec in BACKBONES.values():
+        assert constructor(spec) is getattr(keras.applications, spec.keras_name)
+        assert spec.imagenet_filename(alpha=0.35, size=224).endswith(".h5")
+    # The file Keras caches for MobileNetV2 names its width and input size.
+    assert BACKBONES["mobilenet_v2"].imagenet_filename(alpha=0.35, size=160) == (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_160_no_top.h5")
+    assert BACKBONES["mobilenet_v2"].imagenet_filename(alpha=1.0, size=299) == (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 
-    assert tuple(BACKBONES) == BACKBONE_NAMES
-    for name, row in BACKBONES.items():
-        info = BACKBONE_INFO[name]
-        assert (info["label"], info["default_size"], info["supports_alpha"], info["min_size"]) == (
-            row.label, row.default_size, row.supports_alpha, row.min_size)
+
+def test_the_table_is_read_without_importing_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; import cxr_core.backbones, cxr_core.config; "
+            "print('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -105,6 +105,7 @@ def test_threshold_override_and_labels(run_dir: Path, predictor: Predictor) -> N
         p.threshold = 1.5
     with pytest.raises(BadRunError):
         Predictor.from_run(run_dir, threshold=-0.2)
+    assert predictor.threshold == pytest.approx(0.37)  # another Predictor's threshold is its own
 
 
 def test_predict_gray_rejects_non_images(predictor: Predictor) -> None:
@@ -193,9 +194,29 @@ def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
     np.testing.assert_allclose(predictor.gradcam(gray), np.clip(expected, 0, 1), atol=1e-4)
 
 
-def test_warmup(predictor: Predictor) -> None:
-    predictor.warmup()  # traces both functions; must not fail on a blank image
-    assert predictor.gradcam(np.zeros((20, 20), np.uint8)).shape == (20, 20)
+def test_warmup(predictor: Predictor, classifier, monkeypatch) -> None:
+    from cxr_core.images import to_model_input
+
+    gray = _xray(4)
+    before = predictor.predict_gray(gray), predictor.gradcam(gray)
+    calls = []
+    real_predict, real_explain = predictor.predict_gray, predictor.explain
+    with monkeypatch.context() as spy:
+        spy.setattr(predictor, "predict_gray", lambda g: calls.append(("predict", g.shape, int(g.max())))
+                    or real_predict(g))
+        spy.setattr(predictor, "explain", lambda g: calls.append(("explain", g.shape, int(g.max())))
+                    or real_explain(g))
+        predictor.warmup()
+    # Both compiled paths (probability, and probability with the map) run once, on a blank image of
+    # the model's input size.
+    assert calls == [("predict", (SIZE, SIZE), 0), ("explain", (SIZE, SIZE), 0)]
+    # Warming up changes nothing: the same image gives the same answers as before.
+    assert predictor.predict_gray(gray) == pytest.approx(before[0], rel=1e-6, abs=1e-7)
+    np.testing.assert_allclose(predictor.gradcam(gray), before[1], atol=1e-6)
+    blank = np.zeros((20, 20), np.uint8)
+    expected = _sigmoid(np.asarray(classifier(to_model_input(blank, SIZE)[None], training=False)).reshape(-1))[0]
+    assert predictor.predict_gray(blank) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    assert predictor.gradcam(blank).shape == (20, 20)
 
 
 def test_gradcam_batch_equals_single(predictor: Predictor) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core import jobs, runs
+from conftest import TINY_MODEL
+from cxr_core import jobs, run_folder, runs
 from cxr_core.atomic import append_jsonl, read_jsonl, write_json_atomic
 from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadRunError, TrainingBusyError
+from cxr_core.run_folder import RunFolder
 
 
 def test_runs_root_uses_env_and_falls_back_when_read_only(tmp_path, monkeypatch):
@@ -56,17 +58,17 @@ def test_running_status_of_a_dead_process_reads_failed(tmp_path):
     run = runs.new_run_dir(tmp_path, "x")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    runs.write_status(run, "running", pid=dead.pid)
+    RunFolder(run).write_status("running", pid=dead.pid)
     status = runs.read_status(run)
     assert status["state"] == "failed"
     assert "stopped without finishing" in status["error"]
-    runs.write_status(run, "running", pid=os.getpid())
+    RunFolder(run).write_status("running", pid=os.getpid())
     assert runs.read_status(run)["state"] == "running"
 
 
 def test_done_without_model_reads_failed(tmp_path):
     run = runs.new_run_dir(tmp_path, "x")
-    runs.write_status(run, "done")
+    RunFolder(run).write_status("done")
     assert runs.read_status(run)["state"] == "failed"
     (run / "model.keras").write_bytes(b"stand-in")
     assert runs.read_status(run)["state"] == "done"
@@ -95,7 +97,7 @@ def test_progress_tolerates_a_torn_last_line(tmp_path):
 def test_list_and_delete_runs(tmp_path):
     first = runs.new_run_dir(tmp_path, "a")
     write_json_atomic(first / "config.json", RunConfig(model=ModelConfig(backbone="mobilenet_v2")).to_dict())
-    runs.write_status(first, "failed", error="boom")
+    RunFolder(first).write_status("failed", error="boom")
     listed = runs.list_runs(tmp_path, include_demo=False)
     assert [s.run_id for s in listed] == [first.name]
     assert listed[0].backbone == "mobilenet_v2" and listed[0].state == "failed"
@@ -107,7 +109,7 @@ def test_list_and_delete_runs(tmp_path):
 
 def test_delete_refuses_a_running_run(tmp_path):
     run = runs.new_run_dir(tmp_path, "a")
-    runs.write_status(run, "running", pid=os.getpid())
+    RunFolder(run).write_status("running", pid=os.getpid())
     with pytest.raises(BadRunError, match="still running"):
         runs.delete_run(run)
 
@@ -115,7 +117,7 @@ def test_delete_refuses_a_running_run(tmp_path):
 def _config(data_dir: Path) -> RunConfig:
     return RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random", limit=None),
-        model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32),
+        model=TINY_MODEL,
         train=TrainConfig(epochs=2, batch_size=8),
     )
 
@@ -125,7 +127,7 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
     # A stand-in "training" that just sleeps: the lock must live as long as the child process.
     real_popen = subprocess.Popen
 
-    def sleeping_child(cmd, **kwargs):
+    def sleeping_child(_cmd, **kwargs):
         return real_popen([sys.executable, "-c", "import time; time.sleep(3)"], **kwargs)
 
     monkeypatch.setattr(jobs.subprocess, "Popen", sleeping_child)
@@ -160,7 +162,7 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
 def test_request_cancel_writes_the_cancel_file(tmp_path):
     run = runs.new_run_dir(tmp_path, "a")
     jobs.request_cancel(run)
-    assert (run / runs.CANCEL_FILE).read_text() == "cancel\n"
+    assert (run / run_folder.CANCEL_FILE).read_text() == "cancel\n"
 
 
 def test_progress_moves_within_an_epoch(tmp_path):

@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import TINY_MODEL
 from cxr_core import runs
-from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadDatasetError
+from cxr_core.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32)
 
 
 def tiny_config(data_dir: Path, **train) -> RunConfig:
@@ -46,7 +47,7 @@ def trained_run(tmp_path_factory) -> Path:
     # Module-scoped: runs before the autouse per-test isolation, so it names its own cache.
     run = train(
         tiny_config(data, cache_dir=str(base / "cache")),
-        on_epoch_end=lambda epoch, logs: epochs_seen.append(epoch),
+        on_epoch_end=lambda epoch, _logs: epochs_seen.append(epoch),
         run_dir=base / "runs" / "r1",
     )
     assert epochs_seen == [1, 2, 3]
@@ -58,7 +59,7 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
                  "predictions.csv", "model.keras", "skipped.csv"):
         assert (trained_run / name).is_file(), name
     assert runs.read_status(trained_run)["state"] == "done"
-    history = runs.read_history(trained_run)
+    history = RunFolder(trained_run).read_history()
     assert list(history["epoch"]) == [1, 2, 3]
     for column in ("loss", "accuracy", "auc", "precision", "recall", "val_loss", "val_auc"):
         assert history[column].notna().all(), column
@@ -114,7 +115,7 @@ def test_cancel_marks_the_run_cancelled_without_a_model(tiny_dataset, tmp_path):
     run = train(tiny_config(tiny_dataset, epochs=50), should_stop=stop_after_first_epoch, run_dir=run_dir)
     assert runs.read_status(run)["state"] == "cancelled"
     assert not (run / "model.keras").exists()
-    assert len(runs.read_history(run)) < 50
+    assert len(RunFolder(run).read_history()) < 50
 
 
 def test_single_class_folder_fails_with_one_sentence(tmp_path):
@@ -142,7 +143,7 @@ def test_fine_tune_from_scratch_streams_images(tiny_dataset, tmp_path):
     )
     run = train(config, run_dir=tmp_path / "ft")
     assert runs.read_status(run)["state"] == "done"
-    history = runs.read_history(run)
+    history = RunFolder(run).read_history()
     assert list(history["phase"]) == ["fine_tune"]
 
 

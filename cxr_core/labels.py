@@ -1,0 +1,60 @@
+"""The task's classes and the rules that turn a model output into a label, defined once.
+
+``NORMAL`` is 0 and ``PNEUMONIA`` is 1, the positive class. The model outputs a logit; the
+probability of PNEUMONIA is its sigmoid, and an image is called PNEUMONIA when that probability
+reaches the run's threshold (chosen on validation by one of ``THRESHOLD_RULES``).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from .errors import BadDatasetError
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+NEGATIVE, POSITIVE = CLASSES
+LABEL_TO_Y = {label: index for index, label in enumerate(CLASSES)}
+#: The parts of a split, in the order they are shown.
+SPLITS = ("train", "val", "test")
+#: How a run chooses its decision threshold on validation (see ``evaluate.choose_threshold``):
+#: ``youden`` maximises sensitivity + specificity; ``sensitivity`` keeps a target sensitivity.
+THRESHOLD_RULES = ("youden", "sensitivity")
+DEFAULT_THRESHOLD = 0.5
+
+
+def sigmoid(logits: Iterable[float] | np.ndarray) -> np.ndarray:
+    """Probabilities from logits: float64, the two-sided form, exact for large |logit| without
+    overflow warnings."""
+    z = np.asarray(logits, dtype=np.float64)
+    out = np.empty_like(z)
+    pos = z >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def label_for(probability: float, threshold: float) -> str:
+    """``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``."""
+    return POSITIVE if float(probability) >= float(threshold) else NEGATIVE
+
+
+def require_both_classes(labels: Iterable, where: str, advice: str) -> None:
+    """Raise one sentence when ``labels`` (names or 0/1) lack a class.
+
+    Args:
+        labels: the labels of one part of the data.
+        where: what holds them, for the sentence ("the val part of the patient split").
+        advice: what to do, for the sentence.
+
+    Raises:
+        BadDatasetError: "<where> has no NORMAL images (n images in it); <advice>."
+    """
+    values = list(labels)
+    names = {CLASSES[int(v)] if not isinstance(v, str) else v for v in values}
+    missing = [name for name in CLASSES if name not in names]
+    if missing:
+        raise BadDatasetError(
+            f"{where[:1].upper()}{where[1:]} has no {' and '.join(missing)} images ({len(values)} images in it); "
+            f"{advice}.")

@@ -1,0 +1,105 @@
+"""What a run will train on, and how long it will take, before any network is built.
+
+``plan_run(config, manifest)`` is the single answer to "which images go where": the ``limit``
+subset, the split, the balance plan and the augmented NORMAL rows. Training follows it, and the
+Augmentation and Training pages show its numbers, so the page and the run can never disagree.
+No TensorFlow here: the pages call it on every rerun.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import augment, data
+from .backbones import get_backbone
+from .config import RunConfig
+from .labels import CLASSES, SPLITS
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The images of a run before training.
+
+    Attributes:
+        rows: every image with ``split`` (train/val/test), ``augment_seed`` (-1 for an original)
+            and ``is_augmented``; the augmented NORMAL rows come last, in the training part only.
+        balance: the balance plan of the training part.
+        n_images: original images used (after ``limit``).
+        counts: originals per part and class: ``{"train": {"NORMAL": n, "PNEUMONIA": n}, ...}``.
+    """
+
+    rows: pd.DataFrame
+    balance: augment.BalancePlan
+    n_images: int
+    counts: dict[str, dict[str, int]]
+
+    @property
+    def n_train(self) -> int:
+        """Training rows, augmented ones included."""
+        return int((self.rows["split"] == "train").sum())
+
+    def describe(self) -> str:
+        """One line: train (augmented), val and test sizes."""
+        parts = self.rows["split"]
+        return (f"train {self.n_train} (of which {self.balance.n_extra} augmented), "
+                f"val {int((parts == 'val').sum())}, test {int((parts == 'test').sum())}")
+
+
+def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
+    """Subset, split and balance ``manifest`` exactly as training will.
+
+    Args:
+        config: the run's settings (data: limit, split, seed, fractions; train: balance, seed).
+        manifest: ``data.scan_dataset(...).manifest``.
+
+    Returns:
+        The plan.
+
+    Raises:
+        BadDatasetError: one sentence when the data cannot be split or balanced.
+    """
+    if config.data.limit is not None and config.data.limit < len(manifest):
+        manifest = data.stratified_subset(manifest, config.data.limit, seed=config.data.seed)
+    split = data.make_split(
+        manifest, mode=config.data.split, seed=config.data.seed,
+        val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+    )
+    train_part = split[split["split"] == "train"]
+    balance = augment.balance_plan(train_part["label"].tolist(), config.train.balance)
+    rows = augment.with_augmented_rows(split, balance.n_extra, seed=config.train.seed)
+    counts = {
+        part: {label: int(((split["split"] == part) & (split["label"] == label)).sum()) for label in CLASSES}
+        for part in SPLITS
+    }
+    return RunPlan(rows=rows, balance=balance, n_images=int(len(split)), counts=counts)
+
+
+def estimate_seconds(config: RunConfig, n_images: int, cached_fraction: float = 0.0) -> float:
+    """A rough duration of a run on a 2-core CPU, for the Training page.
+
+    Args:
+        config: the run's settings.
+        n_images: images in the data set (after ``limit``), before balancing.
+        cached_fraction: share of the features already in the cache (0..1).
+
+    Returns:
+        Estimated seconds.
+    """
+    spec = get_backbone(config.model.backbone)
+    speed = spec.throughput_at(config.model.resolved_image_size, config.model.alpha)
+    n_train = n_images * (1 - config.data.val_fraction - config.data.test_fraction)
+    extra = 0.0
+    if config.train.balance == "augment":
+        # Kermany is about 27:73, so balancing adds about 46% of the training part.
+        extra = 0.46 * n_train
+    seconds = 5.0
+    if config.train.export_litert:
+        seconds += spec.export_seconds
+    if config.train.epochs:
+        seconds += (n_images + extra) * (1 - cached_fraction) / speed + 0.3 * config.train.epochs
+    if config.train.fine_tune_epochs and config.train.fine_tune_layers:
+        # Training passes cost about three forward passes; validation and test are predicted each time.
+        per_epoch = (n_train + extra) * 3 / speed + n_images * 0.1 / speed
+        seconds += per_epoch * config.train.fine_tune_epochs + n_images * 0.2 / speed
+    return float(seconds)

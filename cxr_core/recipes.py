@@ -1,0 +1,96 @@
+"""Named training recipes: every training choice except the data, the backbone, its width and
+its weights, which stay the user's.
+
+``apply_recipe(config, name)`` returns ``config`` with the recipe's settings; the command line
+and the Training page then apply the choices a person made explicitly, so explicit flags
+override the recipe. Every run records its recipe in ``config.json`` (``train.recipe``).
+Measured figures of each recipe are in benchmarks/ACCURACY.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import RunConfig
+from .errors import BadSettingError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of settings.
+
+    Attributes:
+        name: the key (``train --recipe NAME``).
+        label: one line for people.
+        purpose: when to use it, in a sentence.
+        settings: section -> field -> value, applied over a ``RunConfig``.
+        expected: measured figures to show beside the choice (from benchmarks/ACCURACY.md), as
+            plain text; empty when none were measured.
+    """
+
+    name: str
+    label: str
+    purpose: str
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    expected: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "reference", "The reference notebook",
+            "The notebook's recipe exactly: frozen backbone, the head for 10 epochs, a random 8:1:1 split by "
+            "image, the training part balanced with augmented NORMAL images.",
+            {
+                "data": {"split": "random", "seed": 123, "val_fraction": 0.1, "test_fraction": 0.1},
+                "augment": {"rotation_range": 0.3, "horizontal_flip": True, "brightness_range": (0.9, 1.1),
+                            "width_shift": 0.05, "height_shift": 0.05, "zoom": 0.0},
+                "model": {"image_size": None, "dropout": 0.5},
+                "train": {"epochs": 10, "batch_size": 32, "learning_rate": 1e-3, "balance": "augment",
+                          "fine_tune_layers": 0, "fine_tune_epochs": 0, "online_augment": False,
+                          "threshold_rule": "youden"},
+            },
+        ),
+        Recipe(
+            "quick", "Quick classroom demo",
+            "A demonstration that finishes in about a minute on a laptop: 600 images at 128 pixels, split "
+            "by patient, the head only.",
+            {
+                "data": {"split": "patient", "limit": 600},
+                "augment": {"rotation_range": 5.0, "horizontal_flip": False},
+                "model": {"image_size": 128},
+                "train": {"epochs": 8, "batch_size": 32, "learning_rate": 1e-3, "balance": "class_weight",
+                          "fine_tune_layers": 0, "fine_tune_epochs": 0, "online_augment": False},
+            },
+        ),
+    )
+}
+RECIPE_NAMES = tuple(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; BadSettingError naming the known ones otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise BadSettingError(f"There is no recipe {name!r}; choose one of {', '.join(RECIPES)}.") from None
+
+
+def apply_recipe(config: RunConfig, name: str) -> RunConfig:
+    """``config`` with the recipe's settings and ``train.recipe`` set to ``name``.
+
+    The data folder, backbone, alpha and weights are never changed by a recipe.
+    """
+    recipe = get_recipe(name)
+    sections = {}
+    for section_name in ("data", "augment", "model", "train"):
+        section = getattr(config, section_name)
+        values = dict(recipe.settings.get(section_name, {}))
+        if section_name == "train":
+            values["recipe"] = name
+        for kept in ("data_dir", "backbone", "alpha", "weights", "cache_dir"):
+            values.pop(kept, None)
+        sections[section_name] = dataclasses.replace(section, **values)
+    return dataclasses.replace(config, **sections)

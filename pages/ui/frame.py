@@ -1,0 +1,83 @@
+"""Routing and the page frame: the page list, the header every page starts with and the sidebar."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from cxr_core.errors import CxrError
+from pages.ui.datasets import data_root, dataset_path, is_synthetic
+from pages.ui.models import runs_root_info, selected_run
+from pages.ui.session import KEY_DATASET, KEY_ROUTED, KEY_SPLIT
+
+DISCLAIMER = (
+    "Research and teaching tool, **not a medical device**: its outputs must not be used to "
+    "diagnose or treat anyone."
+)
+
+
+def app_pages() -> list:
+    """The app's pages, in menu order (paths are relative to Home.py)."""
+    return [
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/dataset.py", title="Dataset", icon=":material/folder_open:", url_path="dataset"),
+        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/tune:", url_path="augmentation"),
+        st.Page("pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
+        st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:", url_path="evaluation"),
+        st.Page("pages/predict.py", title="Predict", icon=":material/radiology:", url_path="predict"),
+    ]
+
+
+def ensure_routed() -> None:
+    """Make sure Home.py's router is in charge.
+
+    Streamlit treats a folder named ``pages/`` next to the entry point as an old-style page folder
+    until the first ``st.navigation`` call in the server process. A deep link (``/dataset``) as the
+    very first request after a (re)start would then run the page file alone, with an automatic
+    menu that lists every file. Registering the real pages and rerunning puts the router in charge
+    for good, keeping the URL.
+    """
+    if not st.session_state.get(KEY_ROUTED):
+        st.session_state[KEY_ROUTED] = True
+        st.navigation(app_pages())
+        st.rerun()
+
+
+def page_header(title: str, intro: str) -> None:
+    """Title, the page's short teaching introduction, and the shared sidebar."""
+    ensure_routed()
+    st.title(title)
+    st.markdown(intro)
+    sidebar()
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        with st.container(border=True):
+            st.markdown("**Data set**")
+            name = st.session_state.get(KEY_DATASET)
+            if dataset_path(name) is not None:
+                st.markdown(f":material/folder: `{name}`")
+                if is_synthetic(data_root() / name):
+                    st.caption(":orange[synthetic practice images, not X-rays]")
+                st.caption(f"Split: {st.session_state.get(KEY_SPLIT, 'random')}")
+            else:
+                st.caption("None chosen yet. Choose one on the Dataset page.")
+            st.markdown("**Run**")
+            summary = selected_run()
+            if summary is not None:
+                st.markdown(f":material/model_training: `{summary.run_id}`")
+                st.caption(f"{summary.backbone} · {'demo run' if summary.is_demo else summary.state}")
+            else:
+                st.caption("No finished run yet. Train one on the Training page.")
+            try:
+                from cxr_core import jobs  # noqa: PLC0415 (imported on first use)
+                active = jobs.active_run()
+            except (ImportError, OSError, CxrError):
+                active = None
+            if active is not None:
+                st.caption(f":material/sync: Training now: `{Path(active).name}`")
+        st.caption(DISCLAIMER)
+        root = runs_root_info()
+        if root is not None and root.fallback:
+            st.info(root.reason, icon=":material/info:")

@@ -1,0 +1,123 @@
+"""Runs and trained models: run lists and the run picker, the cached predictor and Grad-CAM caches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from cxr_core import runs
+from cxr_core.run_folder import RunFolder
+from pages.ui.datasets import downscale
+from pages.ui.session import KEY_RUN, copy_state
+
+
+def all_runs() -> list:
+    try:
+        return runs.list_runs()
+    except OSError:
+        return []
+
+
+def finished_runs() -> list:
+    return [r for r in all_runs() if r.state == "done"]
+
+
+def demo_available() -> bool:
+    return RunFolder(runs.demo_run_dir()).has_model()
+
+
+def runs_root_info():
+    """Where runs are kept (``runs.runs_root()``), or None when it cannot be determined."""
+    try:
+        return runs.runs_root()
+    except OSError:
+        return None
+
+
+def selected_run(candidates: list | None = None):
+    """The run chosen in this session, else the demo run, else the newest finished run."""
+    candidates = finished_runs() if candidates is None else candidates
+    if not candidates:
+        return None
+    wanted = st.session_state.get(KEY_RUN)
+    for summary in candidates:
+        if str(summary.path) == wanted:
+            return summary
+    for summary in candidates:
+        if summary.is_demo:
+            return summary
+    return candidates[0]
+
+
+def run_label(summary) -> str:
+    auc = f", test AUC {summary.test_auc:.3f}" if summary.test_auc is not None else ""
+    data_name = Path(summary.data_dir).name if summary.data_dir else "?"
+    demo = "demo run: " if summary.is_demo else ""
+    return f"{demo}{summary.run_id} ({summary.backbone or '?'} on {data_name}{auc})"
+
+
+def run_picker(label: str = "Run", key: str = "run_picker", help: str | None = None):
+    """A selectbox over finished runs; the choice becomes the session's selected run."""
+    candidates = finished_runs()
+    if not candidates:
+        return None
+    current = selected_run(candidates)
+    paths = [str(s.path) for s in candidates]
+    by_path = {str(s.path): s for s in candidates}
+    index = paths.index(str(current.path)) if current is not None else 0
+    if st.session_state.get(key) not in paths:
+        st.session_state[key] = paths[index]
+    choice = st.selectbox(label, paths, format_func=lambda p: run_label(by_path[p]), key=key, help=help,
+                          on_change=copy_state, args=(key, KEY_RUN))
+    st.session_state[KEY_RUN] = choice
+    return by_path[choice]
+
+
+def model_stamp(run_dir: str | Path) -> float:
+    """Changes when the run's model or its LiteRT export changes (part of every model cache key)."""
+    return RunFolder(run_dir).model_stamp()
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=3)
+def _predictor_cached(run_dir: str, stamp: float):  # noqa: ARG001 (stamp: part of the cache key)
+    from cxr_core.predict import Predictor  # noqa: PLC0415 (TensorFlow may come with it)
+    return Predictor.from_run(run_dir)
+
+
+def load_predictor(run_dir: str | Path):
+    """A cached ``cxr_core.predict.Predictor``; raises CxrError."""
+    return _predictor_cached(str(run_dir), model_stamp(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[np.ndarray, float, np.ndarray]:
+    """Decode an upload and return (display-sized gray, probability, Grad-CAM at display size).
+
+    Cached by run and file contents, so moving the opacity slider does not rerun the model.
+    Raises CxrError for a file that is not a usable image.
+    """
+    from cxr_core import images  # noqa: PLC0415 (imported on first use)
+    gray = images.load_gray(data, name)
+    predictor = _predictor_cached(run_dir, stamp)
+    probability, heatmap = predictor.explain(gray)
+    small = downscale(gray, 640)
+    return small, float(probability), _resize_map(heatmap, small.shape)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def explain_path(run_dir: str, stamp: float, path: str) -> tuple[np.ndarray, float, np.ndarray]:
+    """Like ``explain_bytes`` for an image file on the server (Evaluation's gallery)."""
+    from cxr_core import images  # noqa: PLC0415 (imported on first use)
+    gray = images.load_gray(path)
+    predictor = _predictor_cached(run_dir, stamp)
+    probability, heatmap = predictor.explain(gray)
+    small = downscale(gray, 512)
+    return small, float(probability), _resize_map(heatmap, small.shape)
+
+
+def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    ys = np.minimum((np.arange(h) * heatmap.shape[0] / h).astype(int), heatmap.shape[0] - 1)
+    xs = np.minimum((np.arange(w) * heatmap.shape[1] / w).astype(int), heatmap.shape[1] - 1)
+    return np.ascontiguousarray(heatmap[ys][:, xs]).astype(np.float32)

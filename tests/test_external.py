@@ -1,0 +1,151 @@
+"""External evaluation: stored in the run folder, shown first, and warned about when the images
+were in the run's own training part; named recipes and how flags override them."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_MODEL, make_dataset
+from cxr_core import runs
+from cxr_core.cli import _parser, build_config, main
+from cxr_core.config import DataConfig, RunConfig
+from cxr_core.data import scan_dataset
+from cxr_core.errors import BadSettingError
+from cxr_core.evaluate import binary_metrics
+from cxr_core.external import evaluate_folder, overlap_warning
+from cxr_core.recipes import RECIPES, apply_recipe
+from cxr_core.run_folder import RunFolder, evaluation_name
+
+
+@pytest.fixture(scope="module")
+def run_with_split(tmp_path_factory) -> tuple[Path, Path]:
+    """A run (untrained tiny classifier, threshold 0.4) whose split.csv lists the images of a
+    training data set; returns (run folder, that data set)."""
+    from cxr_core.model import build_classifier
+
+    base = tmp_path_factory.mktemp("ext")
+    train_data = make_dataset(base / "trainset", n_normal=6, n_pneumonia=8, seed=1)
+    folder = RunFolder(base / "runs" / "run-a")
+    folder.path.mkdir(parents=True)
+    classifier = build_classifier(TINY_MODEL, seed=3)
+    logit = classifier.get_layer("logit")
+    kernel, bias = logit.get_weights()
+    logit.set_weights([kernel * 20.0, bias])  # spread the probabilities
+    folder.save_model(classifier)
+    folder.write_config(RunConfig(data=DataConfig(data_dir=str(train_data)), model=TINY_MODEL))
+    folder.write_metrics({"threshold": 0.4, "threshold_rule": "youden"})
+    manifest = scan_dataset(train_data).manifest.assign(split="train", augment_seed=-1, is_augmented=False)
+    folder.write_split(manifest)
+    folder.write_status("done", message="test run")
+    return folder.path, train_data
+
+
+def test_external_evaluation_is_stored_and_matches_the_predictions(run_with_split, tmp_path):
+    run, _ = run_with_split
+    outside = make_dataset(tmp_path / "site-b", n_normal=5, n_pneumonia=7, seed=9)
+    result = evaluate_folder(run, outside, engine="keras")
+    folder = RunFolder(run)
+    stored = folder.read_evaluations()["site-b"]
+    assert stored["roc_auc"] == result["roc_auc"] and stored["n"] == 12 and stored["name"] == "site-b"
+    predictions = folder.read_evaluation_predictions("site-b")
+    assert len(predictions) == 12
+    expected = binary_metrics(predictions["y"], predictions["probability"], threshold=0.4)
+    assert result["threshold"] == 0.4
+    assert result["confusion_matrix"] == expected["confusion_matrix"]
+    assert result["at_0.5"]["confusion_matrix"] == binary_metrics(
+        predictions["y"], predictions["probability"], 0.5)["confusion_matrix"]
+    assert result["overlap"] == {"train": 0, "val": 0, "test": 0} and result["warning"] is None
+    # The runs table and the pages show this figure first.
+    summary = runs.summarize_run(run)
+    assert (summary.external_name, summary.external_auc) == ("site-b", result["roc_auc"])
+    assert summary.as_row()["external test set"] == "site-b"
+
+
+def test_images_from_the_training_part_are_warned_about_and_not_called_external(run_with_split, tmp_path):
+    run, train_data = run_with_split
+    mixed = tmp_path / "mixed"
+    make_dataset(mixed, n_normal=3, n_pneumonia=3, seed=5)
+    # Two NORMAL and one PNEUMONIA image copied from the training data, under new names.
+    for i, source in enumerate(sorted((train_data / "NORMAL").glob("*.jpeg"))[:2]):
+        (mixed / "NORMAL" / f"IM-{900 + i:04d}-0001.jpeg").write_bytes(source.read_bytes())
+    source = sorted((train_data / "PNEUMONIA").glob("*.jpeg"))[0]
+    (mixed / "PNEUMONIA" / "person900_bacteria_1.jpeg").write_bytes(source.read_bytes())
+    result = evaluate_folder(run, mixed, engine="keras")
+    assert result["overlap"]["train"] == 3
+    assert result["warning"].startswith("3 of these 9 images were in this run's training part")
+    folder = RunFolder(run)
+    assert "mixed" in folder.read_evaluations()
+    assert "mixed" not in folder.external_evaluations()
+    assert runs.summarize_run(run).external_name != "mixed"
+
+
+def test_cli_evaluate_stores_unless_asked_not_to(run_with_split, tmp_path, capsys):
+    run, _ = run_with_split
+    other = make_dataset(tmp_path / "site-c", n_normal=4, n_pneumonia=4, seed=11)
+    assert main(["evaluate", "--run", str(run), "--data", str(other), "--engine", "keras", "--no-store"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n"] == 8 and "site-c" not in RunFolder(run).read_evaluations()
+    assert main(["evaluate", "--run", str(run), "--data", str(other), "--engine", "keras"]) == 0
+    assert RunFolder(run).read_evaluations()["site-c"]["n"] == 8
+
+
+def test_evaluation_names_are_safe_file_names():
+    assert evaluation_name("/data/kermany224-test-dev") == "kermany224-test-dev"
+    assert evaluation_name("/data/my set (2)") == "my-set-2"
+    assert overlap_warning({"train": 0}, 10) is None
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return _parser().parse_args(["train", *argv])
+
+
+def test_recipe_sets_training_choices_and_explicit_flags_override(tmp_path):
+    data = str(tmp_path)
+    config = build_config(_args("--data", data, "--recipe", "reference", "--backbone", "mobilenet_v2",
+                                "--alpha", "0.35"))
+    assert config.train.recipe == "reference"
+    assert (config.data.split, config.train.epochs, config.train.balance) == ("random", 10, "augment")
+    assert config.augment.rotation_range == 0.3 and config.augment.horizontal_flip is True
+    # The recipe never changes the data, backbone, alpha or weights.
+    assert (config.model.backbone, config.model.alpha) == ("mobilenet_v2", 0.35)
+    overridden = build_config(_args("--data", data, "--recipe", "reference", "--epochs", "3", "--split", "patient",
+                                    "--no-flip"))
+    assert (overridden.train.epochs, overridden.data.split, overridden.augment.horizontal_flip) == (3, "patient", False)
+    assert overridden.train.recipe == "reference"
+    quick = build_config(_args("--data", data, "--recipe", "quick"))
+    assert quick.data.limit == 600 and quick.model.image_size == 128
+    assert build_config(_args("--data", data)).train.recipe == ""
+
+
+def test_every_recipe_makes_a_valid_config_and_unknown_ones_are_refused():
+    for name in RECIPES:
+        config = apply_recipe(RunConfig(), name)
+        assert config.train.recipe == name
+        assert config.model.backbone == RunConfig().model.backbone
+    with pytest.raises(BadSettingError, match="no recipe 'fastest'"):
+        apply_recipe(RunConfig(), "fastest")
+
+
+def test_bad_settings_exit_2_with_one_sentence(tmp_path, capsys):
+    make_dataset(tmp_path / "d", n_normal=4, n_pneumonia=4)
+    code = main(["train", "--data", str(tmp_path / "d"), "--backbone", "inception_v3", "--image-size", "64",
+                 "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "error: InceptionV3 (reference) needs images of at least 75 pixels; got 64."
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_stored_evaluation_survives_a_torn_neighbour(run_with_split):
+    run, _ = run_with_split
+    folder = RunFolder(run)
+    (folder.path / "evaluations").mkdir(exist_ok=True)
+    (folder.path / "evaluations" / "torn.json").write_text("{not json")
+    assert "torn" not in folder.read_evaluations()
+    frame = folder.read_evaluation_predictions("does-not-exist")
+    assert isinstance(frame, pd.DataFrame) and frame.empty and np.array_equal(frame.columns, ["path", "y", "probability"])
