@@ -198,7 +198,7 @@ def extract_bare(args: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def make_run_folder(args: dict) -> dict:
     """A finished run folder holding an untrained classifier (enough for latency: same graph)."""
-    from cxr_core import model as model_lib, runs
+    from cxr_core import model as model_lib
     from cxr_core.atomic import write_json_atomic
     from cxr_core.config import ModelConfig, RunConfig
 

@@ -52,6 +52,24 @@ def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndar
     flip = bool(rng.uniform() < 0.5) and params.horizontal_flip
     low, high = params.brightness_range
     brightness = rng.uniform(low, high)
+    # The robustness draws come after the reference's, so the reference's images for a seed never change.
+    apply = rng.uniform(size=6) < 0.5  # blur, downscale, jpeg, contrast, gamma, noise: half of the images each
+    sigma = rng.uniform(0.0, params.blur)
+    shrink = rng.uniform(1.0 - params.downscale, 1.0)
+    quality = int(rng.integers(params.jpeg_quality, 96)) if params.jpeg_quality else 95
+    contrast = rng.uniform(1.0 - params.contrast, 1.0 + params.contrast)
+    gamma = float(np.exp(rng.uniform(-params.gamma, params.gamma)))
+    noise_sd = rng.uniform(0.0, params.noise)
+    noise_seed = int(rng.integers(2**31 - 1))
+
+    # Degradations first, as a different scanner or copy of the data would have made the film.
+    if params.jpeg_quality and apply[2]:
+        gray = cv2.imdecode(cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_GRAYSCALE)
+    if params.downscale and apply[1] and shrink < 1.0:
+        small = (max(8, round(w * shrink)), max(8, round(h * shrink)))
+        gray = cv2.resize(cv2.resize(gray, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+    if params.blur and apply[0] and sigma > 0.05:
+        gray = cv2.GaussianBlur(gray, (0, 0), sigma)
 
     # Build the map from output pixel to input pixel (as ImageDataGenerator's transform matrix):
     # about the image centre, rotate and scale (zoom > 1 shows more of the image, i.e. zooms out),
@@ -76,6 +94,17 @@ def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndar
         # A lookup table is exact and faster than float arithmetic on the whole image.
         lut = np.clip(np.arange(256, dtype=np.float64) * brightness + 0.5, 0, 255).astype(np.uint8)
         out = cv2.LUT(out, lut)
+    if (params.gamma and apply[4]) or (params.contrast and apply[3]):
+        levels = np.arange(256, dtype=np.float64)
+        if params.gamma and apply[4]:
+            levels = 255.0 * (levels / 255.0) ** gamma
+        if params.contrast and apply[3]:
+            mean = float(out.mean())
+            levels = (levels - mean) * contrast + mean
+        out = cv2.LUT(out, np.clip(levels + 0.5, 0, 255).astype(np.uint8))
+    if params.noise and apply[5] and noise_sd > 0:
+        noisy = out + np.random.default_rng(noise_seed).normal(0.0, noise_sd, out.shape)
+        out = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
     return out
 
 
@@ -84,9 +113,15 @@ def augment_variants(gray: np.ndarray, params: AugmentConfig, seed: int, n: int)
     return [augment_image(gray, params, seed + i) for i in range(n)]
 
 
+#: Options added after the first cache keys were made: left out of a key while off, so features
+#: cached by earlier versions stay valid.
+_LATER_OPTIONS = {"blur": 0.0, "downscale": 0.0, "jpeg_quality": 0, "contrast": 0.0, "gamma": 0.0, "noise": 0.0}
+
+
 def params_key(params: AugmentConfig) -> str:
     """A stable text form of ``params`` (for cache keys)."""
-    return json.dumps(asdict(params), sort_keys=True)
+    values = {k: v for k, v in asdict(params).items() if not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])}
+    return json.dumps(values, sort_keys=True)
 
 
 @dataclass
@@ -133,12 +168,14 @@ def balance_plan(train_labels: Sequence[str], strategy: str) -> BalancePlan:
     class_weight = None
     if strategy == "augment":
         if n_normal == 0 and n_pneumonia > 0:
-            raise BadDatasetError("The training part has no NORMAL images to augment; add NORMAL images or choose another balance.")
+            raise BadDatasetError(
+                "The training part has no NORMAL images to augment; add NORMAL images or choose another balance."
+            )
         n_extra = max(0, n_pneumonia - n_normal)
     elif strategy == "class_weight":
         if n_normal == 0 or n_pneumonia == 0:
             raise BadDatasetError("Class weights need both NORMAL and PNEUMONIA images in the training part.")
-        from sklearn.utils.class_weight import compute_class_weight
+        from sklearn.utils.class_weight import compute_class_weight  # noqa: PLC0415 - scikit-learn only for this balance
 
         y = np.array([CLASSES.index(name) for name in names])
         weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
@@ -179,7 +216,9 @@ def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int) -> pd.Dat
         empty["is_augmented"] = pd.Series(dtype=bool)
         return empty.reset_index(drop=True)
     if normal.empty:
-        raise BadDatasetError("The training part has no NORMAL images to augment; add NORMAL images or choose another balance.")
+        raise BadDatasetError(
+            "The training part has no NORMAL images to augment; add NORMAL images or choose another balance."
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(normal))
     sources = order[np.arange(n_extra) % len(normal)]

@@ -17,11 +17,11 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from .backbones import BACKBONE_NAMES  # noqa: E402
-from .config import BALANCE_STRATEGIES, SPLIT_MODES, RunConfig  # noqa: E402
-from .errors import CxrError  # noqa: E402
-from .labels import THRESHOLD_RULES  # noqa: E402
-from .recipes import RECIPE_NAMES, apply_recipe  # noqa: E402
+from .backbones import BACKBONE_NAMES
+from .config import BALANCE_STRATEGIES, SPLIT_MODES, RunConfig
+from .errors import CxrError
+from .labels import THRESHOLD_RULES
+from .recipes import RECIPE_NAMES, apply_recipe
 
 log = logging.getLogger("cxr_core")
 
@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--export-litert", action=argparse.BooleanOptionalAction, default=None,
                    help="also write model.tflite for TensorFlow-free prediction (default: yes)")
 
-    e = sub.add_parser("evaluate", parents=[common], help="metrics of a run over every image in a folder (one JSON object)")
+    e = sub.add_parser("evaluate", parents=[common],
+                       help="metrics of a run over every image in a folder (one JSON object)")
     e.add_argument("--run", required=True, help="run folder")
     e.add_argument("--data", required=True, help="data set folder")
     e.add_argument("--threshold", type=float, help="override the run's chosen threshold")

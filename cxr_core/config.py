@@ -67,6 +67,17 @@ class AugmentConfig:
         width_shift: maximum horizontal shift as a fraction of the width.
         height_shift: maximum vertical shift as a fraction of the height.
         zoom: maximum zoom in or out as a fraction (0 = none).
+
+    Robustness to another scanner or copy of the data (all off by default, as in the reference;
+    each is applied to half of the images, with a strength drawn up to the given maximum):
+
+        blur: maximum Gaussian blur, sigma in pixels.
+        downscale: maximum loss of resolution: the image is shrunk by a factor drawn in
+            [1 - downscale, 1] and enlarged back (a lower-resolution copy of the same film).
+        jpeg_quality: lowest JPEG quality of a re-compression (0 = none; e.g. 40 draws 40..95).
+        contrast: maximum change of contrast about the mean, as a fraction.
+        gamma: maximum change of gamma: the exponent is exp(U(-gamma, gamma)).
+        noise: maximum standard deviation of added Gaussian noise, in grey levels.
     """
 
     rotation_range: float = 0.3
@@ -75,19 +86,35 @@ class AugmentConfig:
     width_shift: float = 0.05
     height_shift: float = 0.05
     zoom: float = 0.0
+    blur: float = 0.0
+    downscale: float = 0.0
+    jpeg_quality: int = 0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON turns tuples into lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "brightness_range", tuple(float(v) for v in self.brightness_range))
         low, high = self.brightness_range
         if not (0 < low <= high):
-            raise BadSettingError(f"brightness_range must be two positive numbers, low <= high; got {self.brightness_range}.")
+            raise BadSettingError(
+                f"brightness_range must be two positive numbers, low <= high; got {self.brightness_range}."
+            )
         if not (0 <= self.rotation_range <= 180):
             raise BadSettingError(f"rotation_range is in degrees, 0 to 180; got {self.rotation_range}.")
-        for name in ("width_shift", "height_shift", "zoom"):
+        for name in ("width_shift", "height_shift", "zoom", "downscale", "contrast"):
             value = getattr(self, name)
             if not (0 <= value < 1):
                 raise BadSettingError(f"{name} is a fraction between 0 and 1; got {value}.")
+        if not (0 <= self.blur <= 10):
+            raise BadSettingError(f"blur is a Gaussian sigma of 0 to 10 pixels; got {self.blur}.")
+        if not (self.jpeg_quality == 0 or 5 <= self.jpeg_quality <= 95):
+            raise BadSettingError(f"jpeg_quality is 0 (off) or a lowest quality of 5 to 95; got {self.jpeg_quality}.")
+        if not (0 <= self.gamma <= 1):
+            raise BadSettingError(f"gamma is between 0 and 1; got {self.gamma}.")
+        if not (0 <= self.noise <= 50):
+            raise BadSettingError(f"noise is a standard deviation of 0 to 50 grey levels; got {self.noise}.")
 
 
 @dataclass(frozen=True)
@@ -172,7 +199,9 @@ class TrainConfig:
         if self.balance not in BALANCE_STRATEGIES:
             raise BadSettingError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
         if self.threshold_rule not in THRESHOLD_RULES:
-            raise BadSettingError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}.")
+            raise BadSettingError(
+                f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}."
+            )
         if self.epochs < 0 or self.fine_tune_epochs < 0:
             raise BadSettingError("epochs cannot be negative.")
         if self.epochs == 0 and self.fine_tune_epochs == 0:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import BadDatasetError, BadImageError
 from .config import SPLIT_MODES
+from .errors import BadDatasetError, BadImageError
 from .hashing import bytes_sha256
 from .images import IMAGE_SUFFIXES, image_header
 from .labels import CLASSES, LABEL_TO_Y, SPLITS, require_both_classes
@@ -308,7 +308,8 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
     for label, official, class_dir in parts:
         for path in _walk_files(class_dir, visited, class_keys):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append({"path": str(path.absolute()), "reason": f"The file {path.name} is not an image file type."})
+                skipped.append({"path": str(path.absolute()),
+                                "reason": f"The file {path.name} is not an image file type."})
                 continue
             candidates.append((path, label, official))
 
@@ -340,7 +341,7 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
     if len(extra.columns):
         manifest = pd.concat([manifest, extra.set_index(manifest.index)], axis=1)
     skipped_df = pd.DataFrame(skipped, columns=["path", "reason"]).sort_values("path", ignore_index=True)
-    _check_classes(manifest, dataset_root, len(skipped_df), len(duplicates))
+    _check_classes(manifest, dataset_root, len(skipped_df))
     log.info(
         "Scanned %s (%s): %d images, %d skipped, %d duplicates",
         dataset_root, layout, len(manifest), len(skipped_df), len(duplicates),
@@ -423,7 +424,7 @@ def _drop_duplicates(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return manifest, pd.DataFrame(duplicates, columns=["path", "duplicate_of", "label_conflict"])
 
 
-def _check_classes(manifest: pd.DataFrame, root: Path, n_skipped: int, n_duplicates: int) -> None:
+def _check_classes(manifest: pd.DataFrame, root: Path, n_skipped: int) -> None:
     if manifest.empty:
         extra = f" ({n_skipped} files could not be read)" if n_skipped else ""
         raise BadDatasetError(
@@ -447,7 +448,9 @@ def _check_classes(manifest: pd.DataFrame, root: Path, n_skipped: int, n_duplica
 
 def _check_manifest(manifest: pd.DataFrame, needed: tuple[str, ...] = ("y",)) -> None:
     if not isinstance(manifest, pd.DataFrame):
-        raise BadDatasetError(f"Expected a manifest table but received a {type(manifest).__name__}; scan the folder first.")
+        raise BadDatasetError(
+            f"Expected a manifest table but received a {type(manifest).__name__}; scan the folder first."
+        )
     missing = [column for column in needed if column not in manifest.columns]
     if missing:
         raise BadDatasetError(f"The manifest lacks the column(s) {', '.join(missing)}; build it with scan_dataset.")
@@ -460,7 +463,7 @@ def _check_manifest(manifest: pd.DataFrame, needed: tuple[str, ...] = ("y",)) ->
 
 
 def _random_split(y: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - scikit-learn only when splitting
 
     index = np.arange(len(y))
     # The reference: 80/20 stratified, then the 20% halved, both with random_state=seed.
@@ -525,7 +528,9 @@ def _patient_groups(manifest: pd.DataFrame) -> np.ndarray:
     return np.asarray([parse_patient_id(p) for p in manifest["path"].astype(str)])
 
 
-def _patient_split(y: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+def _patient_split(
+    y: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+) -> np.ndarray:
     return _grouped_parts(y, groups, {"test": test_fraction, "val": val_fraction}, seed)
 
 
@@ -603,8 +608,8 @@ def _official_split(manifest: pd.DataFrame, y: np.ndarray, seed: int, val_fracti
 
 def _check_parts(result: pd.DataFrame, mode: str) -> None:
     for part in SPLITS:
-        require_both_classes(result.loc[result["split"] == part, "y"].astype(int), f"the {part} part of the {mode} split",
-                             "add more images or use a larger limit")
+        require_both_classes(result.loc[result["split"] == part, "y"].astype(int),
+                             f"the {part} part of the {mode} split", "add more images or use a larger limit")
 
 
 def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123) -> pd.DataFrame:

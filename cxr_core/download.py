@@ -102,7 +102,8 @@ def _resume_offset(response, offset: int) -> int:
         match = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
         if match and int(match.group(1)) == offset:
             return offset
-        log.warning("The server answered the range request with %r; starting again", response.headers.get("Content-Range"))
+        log.warning("The server answered the range request with %r; starting again",
+                    response.headers.get("Content-Range"))
         raise _RestartNeeded
     return 0
 
@@ -219,7 +220,9 @@ def download_file(
             part.unlink(missing_ok=True)
             attempt += 1
             if attempt > retries:
-                raise DownloadError(f"The server at {url} kept sending the wrong part of the file; try again later.")
+                raise DownloadError(
+                    f"The server at {url} kept sending the wrong part of the file; try again later."
+                ) from None
         except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as error:
             attempt += 1
             if isinstance(error, urllib.error.HTTPError) and error.code < 500 and error.code != 408:
@@ -372,7 +375,9 @@ def safe_extract_zip(
             raise BadDatasetError(f"{label} is damaged or encrypted and could not be extracted ({error}).") from error
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BadDatasetError(f"Extracting {label} failed ({error.strerror or error}); check the disk space.") from error
+            raise BadDatasetError(
+                f"Extracting {label} failed ({error.strerror or error}); check the disk space."
+            ) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -413,7 +418,7 @@ def download_kermany(
         DownloadError: the download failed, was stopped or did not match its checksum.
         BadDatasetError: the archive is unsafe or does not hold the expected layout.
     """
-    from .data import find_dataset_root  # local: data imports images (PIL); keep this import cheap
+    from .data import find_dataset_root  # noqa: PLC0415 - data imports images (PIL); keep this import cheap
 
     data_root = Path(os.path.expanduser(os.fspath(data_root)))
     target = data_root / KERMANY_FOLDER

@@ -219,13 +219,11 @@ def choose_threshold(
         return 0.5
     # Keep every point: the chosen threshold must be an exact operating point of the curve.
     fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
-    if rule == "youden":
-        # thresholds decrease along the curve; argmax takes the first maximum = the highest threshold.
-        index = int(np.argmax(tpr - fpr))
-    else:
-        # tpr is non-decreasing; the first index reaching the target is the highest such threshold.
-        # A small tolerance so that e.g. 19/20 = 0.95 counts as reaching 0.95.
-        index = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))
+    # youden: thresholds decrease along the curve; argmax takes the first maximum = the highest threshold.
+    # sensitivity: tpr is non-decreasing; the first index reaching the target is the highest such threshold.
+    # A small tolerance so that e.g. 19/20 = 0.95 counts as reaching 0.95.
+    index = (int(np.argmax(tpr - fpr)) if rule == "youden"
+             else int(np.argmax(tpr >= float(target_sensitivity) - 1e-12)))
     # Index 0 is sklearn's +inf point (call nothing positive); 1.0 is the nearest usable threshold.
     return float(min(thr[index], 1.0))
 

@@ -21,6 +21,7 @@ writer thread, so the model, not the pipeline, sets the pace.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import logging
@@ -151,9 +152,8 @@ def _read_entry(path: Path, dim: int) -> np.ndarray | None:
 
 
 def _write_entry(path: Path, vec: np.ndarray) -> None:
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
 
 
 class _Writer:
@@ -240,7 +240,7 @@ def extract_features(
     dim = int(meta["feature_dim"]) if isinstance(meta, dict) and isinstance(meta.get("feature_dim"), int) else 0
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     stop = should_stop or (lambda: False)
-    progress = on_progress or (lambda done, total_: None)
+    progress = on_progress or (lambda _done, _total: None)
 
     # The whole row list in one read when a previous run packed it (keys need every image's hash).
     keys = ([entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
@@ -399,10 +399,8 @@ def _read_pack(path: Path, keys: list[str], dim: int) -> np.ndarray | None:
             or not np.isfinite(features).all()):
         log.info("feature pack %s does not match its rows; reading the entries", path.name)
         return None
-    try:
+    with contextlib.suppress(OSError):
         os.utime(path)  # most recently used: kept when old packs are pruned
-    except OSError:
-        pass
     return features
 
 
@@ -411,9 +409,8 @@ def _write_pack(path: Path, keys: list[str], features: np.ndarray, replace: bool
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if replace or not path.is_file():
-            with atomic.atomic_path(path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, keys=np.array(keys), features=np.ascontiguousarray(features, np.float32))
+            with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, keys=np.array(keys), features=np.ascontiguousarray(features, np.float32))
         packs = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in packs[_PACKS_KEPT:]:
             old.unlink(missing_ok=True)

@@ -123,7 +123,9 @@ def _open_pil(data: bytes, label: str) -> Image.Image:
             f"The file {label} is not an image this program can read; use a JPEG, PNG, BMP, TIFF or DICOM file."
         ) from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(f"The image {label} is damaged and cannot be opened ({error}); use another copy.") from error
+        raise BadImageError(
+            f"The image {label} is damaged and cannot be opened ({error}); use another copy."
+        ) from error
     # Check the declared size before anything that may decode: Pillow's PNG getexif() loads every
     # pixel to look for an eXIf chunk after the image data. The checks do not depend on orientation.
     _check_size(img.width, img.height, label)
@@ -201,8 +203,8 @@ def _stretch(arr: np.ndarray, low: float | None = None, high: float | None = Non
 
 
 def _read_dicom(data: bytes, label: str, stop_before_pixels: bool):
-    import pydicom  # lazy: only DICOM uploads pay for it
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415 - as above
 
     try:
         # force=True: many exported files lack the 128-byte preamble but are valid datasets.
@@ -227,7 +229,7 @@ def _dicom_size(ds, label: str) -> tuple[int, int]:
 
 
 def _dicom_gray(data: bytes, label: str) -> np.ndarray:
-    from pydicom import pixels
+    from pydicom import pixels  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
 
     ds = _read_dicom(data, label, stop_before_pixels=False)
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -331,10 +333,7 @@ def load_gray(source: str | os.PathLike | bytes, name: str | None = None) -> np.
     """
     label = _display_name(source, name)
     data = _read_source(source, label)
-    if _is_dicom(data, source, name):
-        gray = _dicom_gray(data, label)
-    else:
-        gray = _pil_to_gray(_open_pil(data, label), label)
+    gray = _dicom_gray(data, label) if _is_dicom(data, source, name) else _pil_to_gray(_open_pil(data, label), label)
     return np.ascontiguousarray(gray)
 
 

@@ -168,7 +168,9 @@ class LiteEngine:
             inputs = self._interpreter.get_input_details()
             outputs = self._interpreter.get_output_details()
         except Exception as error:  # a damaged flatbuffer raises ValueError or RuntimeError
-            raise BadRunError(f"{self.path.name} in {self.path.parent} is not a LiteRT model this version can run.") from error
+            raise BadRunError(
+                f"{self.path.name} in {self.path.parent} is not a LiteRT model this version can run."
+            ) from error
         # The graph is converted without a signature, so the outputs are told apart by rank:
         # the logit is (n,), the CAM is (n, h', w').
         by_rank = {len(detail["shape_signature"]): detail["index"] for detail in outputs}

@@ -155,7 +155,9 @@ def build_classifier(
     if head is not None:
         source = head.get_layer("logit").get_weights()
         if [w.shape for w in source] != [w.shape for w in logit_layer.get_weights()]:
-            raise ValueError("the head's feature size does not match this backbone's; train the head on this backbone's features.")
+            raise ValueError(
+                "the head's feature size does not match this backbone's; train the head on this backbone's features."
+            )
         logit_layer.set_weights(source)
     return model
 
@@ -164,7 +166,8 @@ def unfreeze_top_layers(classifier: keras.Model, n: int, include_batchnorm: bool
     """Make the top ``n`` layers of the classifier's backbone trainable (-1 = all, 0 = none).
 
     BatchNormalization layers stay frozen, as the Keras fine-tuning guide advises (their statistics
-    would be spoilt by small batches), unless ``include_batchnorm`` (training from scratch). Recompile the classifier afterwards for the change to apply.
+    would be spoilt by small batches), unless ``include_batchnorm`` (training from scratch). Recompile the
+    classifier afterwards for the change to apply.
     """
     if n < -1:
         raise ValueError(f"n must be -1 (all), 0 or a positive number of layers; got {n}.")
@@ -178,7 +181,7 @@ def unfreeze_top_layers(classifier: keras.Model, n: int, include_batchnorm: bool
     for i, layer in enumerate(layers):
         frozen = i < first or (isinstance(layer, keras.layers.BatchNormalization) and not include_batchnorm)
         layer.trainable = not frozen
-    log.info("unfroze %d of %d backbone layers", sum(l.trainable for l in layers), len(layers))
+    log.info("unfroze %d of %d backbone layers", sum(layer.trainable for layer in layers), len(layers))
 
 
 def load_classifier(path: str | Path) -> keras.Model:

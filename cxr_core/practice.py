@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from .atomic import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .errors import BadDatasetError, BadSettingError
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ def make_practice_dataset(
         The data set folder (holding NORMAL/, PNEUMONIA/ and README.txt), ready for ``scan_dataset``.
     """
     if n_normal < 10 or n_pneumonia < 10:
-        raise ValueError(f"The practice set needs at least 10 images per class; got {n_normal} and {n_pneumonia}.")
+        raise BadSettingError(f"The practice set needs at least 10 images per class; got {n_normal} and {n_pneumonia}.")
     if not 32 <= size <= 1024:
-        raise ValueError(f"size must be between 32 and 1024 pixels; got {size}.")
+        raise BadSettingError(f"The practice images' size must be between 32 and 1024 pixels; got {size}.")
     dest = Path(os.path.expanduser(os.fspath(dest)))
     folder = dest if "synthetic" in dest.name.lower() else dest / PRACTICE_FOLDER_NAME
     settings = {
@@ -81,7 +82,7 @@ def make_practice_dataset(
         log.info("The practice data set in %s is already made", folder)
         return folder
     if folder.exists() and any(folder.iterdir()) and read_json(folder / MARKER_FILE) is None:
-        raise ValueError(f"{folder} already holds other files; choose an empty folder for the practice data set.")
+        raise BadDatasetError(f"{folder} already holds other files; choose an empty folder for the practice data set.")
 
     # Build beside the final folder, then swap it in: a killed run leaves no half-made data set.
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import cv2
 import numpy as np
 
+from . import litert
+from .backbones import BACKBONES
 from .config import RunConfig
 from .errors import BadImageError, BadRunError, CxrError
+from .images import load_gray, to_model_input
 from .labels import DEFAULT_THRESHOLD, label_for, sigmoid
 from .run_folder import MODEL_FILE, RunFolder, check_threshold
 
@@ -66,7 +69,7 @@ class KerasEngine:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         if self._predict_fn is None:
-            import tensorflow as tf
+            import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
 
             model = self.classifier
             # One trace for any batch size; training=False keeps Dropout and BatchNorm in inference mode.
@@ -153,10 +156,7 @@ class Predictor:
         folder = RunFolder(run_dir)
         run_dir = folder.path
         config = folder.read_config()
-        if threshold is not None:
-            chosen = check_threshold(threshold, "asked for")
-        else:
-            chosen = folder.read_threshold()
+        chosen = check_threshold(threshold, "asked for") if threshold is not None else folder.read_threshold()
 
         model_path = folder.model_path
         if not model_path.is_file():
@@ -165,8 +165,6 @@ class Predictor:
             )
         runner = None
         if engine != "keras":
-            from . import litert
-
             reason = litert.lite_status(run_dir)
             if reason is None:
                 try:
@@ -175,16 +173,19 @@ class Predictor:
                     reason = str(error)
             if runner is None:
                 if engine == "litert":
-                    raise BadRunError(f"The run folder {run_dir} cannot be run with LiteRT: {_lower_first(reason).rstrip('.')}.")
+                    raise BadRunError(
+                        f"The run folder {run_dir} cannot be run with LiteRT: {_lower_first(reason).rstrip('.')}."
+                    )
                 logger.info("Run %s: using Keras because %s.", run_dir, reason)
         if runner is None:
-            from .model import load_classifier
+            from .model import load_classifier  # noqa: PLC0415 - model imports Keras
 
             try:
                 classifier = load_classifier(model_path)
             except CxrError as error:
                 raise BadRunError(
-                    f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; the file is damaged or not a model."
+                    f"The {MODEL_FILE} in run folder {run_dir} cannot be loaded as a Keras model; "
+                    "the file is damaged or not a model."
                 ) from error
             runner = KerasEngine(classifier, config, f"run folder {run_dir}")
         predictor = cls(runner, config, threshold=chosen, run_dir=run_dir)
@@ -215,8 +216,6 @@ class Predictor:
     # -- probabilities -------------------------------------------------------------------------
 
     def _inputs(self, grays: Sequence[np.ndarray]) -> np.ndarray:
-        from .images import to_model_input
-
         return np.stack([to_model_input(_gray_checked(g), self.image_size) for g in grays]).astype(np.float32)
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
@@ -270,8 +269,6 @@ class Predictor:
         Raises:
             BadImageError: when the bytes are not a usable image.
         """
-        from .images import load_gray
-
         gray = load_gray(data, name)
         return self._result(name or "upload", self.predict_gray(gray))
 
@@ -285,8 +282,6 @@ class Predictor:
             one dict per path, in order: {"file", "probability", "label"} or {"file", "error"}
             where error is a one-sentence explanation.
         """
-        from .images import load_gray
-
         paths = [str(p) for p in paths]
         results: list[dict[str, Any] | None] = [None] * len(paths)
         # Decode a chunk, predict it, move on: memory stays bounded for thousands of files.
@@ -302,7 +297,8 @@ class Predictor:
                     results[i] = {"file": paths[i], "error": str(error)}
                 except Exception as error:  # a decoder bug must not lose the rest of the batch
                     logger.exception("Unexpected error reading %s", paths[i])
-                    results[i] = {"file": paths[i], "error": f"This file could not be read as an image ({type(error).__name__})."}
+                    results[i] = {"file": paths[i],
+                                  "error": f"This file could not be read as an image ({type(error).__name__})."}
             if good:
                 probs = self.predict_batch(np.stack(inputs))
                 for i, p in zip(good, probs):
@@ -382,10 +378,9 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
 
     Built once per predictor; the fixed input signature means one trace for every batch size.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
 
-    from .backbones import BACKBONES
-    from .model import gradcam_parts
+    from .model import gradcam_parts  # noqa: PLC0415 - model imports Keras
 
     spec = BACKBONES.get(config.model.backbone)
     try:

@@ -20,6 +20,7 @@ export, the job launcher, the command line and the pages read through it. Every 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,15 @@ from typing import Any
 
 import pandas as pd
 
-from .atomic import append_jsonl, atomic_path, read_json, read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .atomic import (
+    append_jsonl,
+    atomic_path,
+    read_json,
+    read_jsonl,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .config import RunConfig
 from .errors import BadRunError
 from .labels import DEFAULT_THRESHOLD
@@ -118,10 +127,8 @@ class RunFolder:
         """Changes whenever the model or its LiteRT export changes (for caches of loaded models)."""
         stamps = []
         for path in (self.model_path, self.lite_info_path):
-            try:
+            with contextlib.suppress(OSError):
                 stamps.append(path.stat().st_mtime)
-            except OSError:
-                pass
         return max(stamps, default=0.0)
 
     # -- config --------------------------------------------------------------------------------
@@ -143,7 +150,8 @@ class RunFolder:
             raw = json.loads(self.config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise BadRunError(
-                f"The run folder {self.path} has a {CONFIG_FILE} that is not valid JSON, so its settings cannot be read."
+                f"The run folder {self.path} has a {CONFIG_FILE} that is not valid JSON, "
+                "so its settings cannot be read."
             ) from error
         try:
             return RunConfig.from_dict(raw)
@@ -250,7 +258,8 @@ class RunFolder:
             metrics = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise BadRunError(
-                f"The run folder {self.path} has a {METRICS_FILE} that is not valid JSON, so its threshold cannot be read."
+                f"The run folder {self.path} has a {METRICS_FILE} that is not valid JSON, "
+                "so its threshold cannot be read."
             ) from error
         if not isinstance(metrics, dict) or metrics.get("threshold") is None:
             log.warning("Run folder %s: %s holds no threshold; using %.1f.", self.path, METRICS_FILE, DEFAULT_THRESHOLD)

@@ -51,8 +51,8 @@ class RunsRoot:
 def _writable(directory: Path) -> bool:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True):
+            pass
         return True
     except OSError:
         return False
@@ -204,7 +204,8 @@ class RunSummary:
             "external accuracy": self.external_accuracy,
             "best val AUC": self.best_val_auc, "test AUC": self.test_auc,
             "duration (s)": None if self.duration_s is None else round(self.duration_s, 1),
-            "started": None if self.started is None else _dt.datetime.fromtimestamp(self.started).strftime("%Y-%m-%d %H:%M"),
+            "started": (None if self.started is None
+                        else _dt.datetime.fromtimestamp(self.started).strftime("%Y-%m-%d %H:%M")),
         }
 
 

@@ -36,8 +36,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import data, features, litert, runs
-from . import model as model_lib
+from . import data, features, litert, model as model_lib, runs
 from .augment import augment_image
 from .config import RunConfig
 from .errors import CxrError, DiskFullError
@@ -435,11 +434,11 @@ class EpochRecorder(keras.callbacks.Callback):
         self._t_epoch = time.time()
         self._t_batch_report = 0.0
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None):  # noqa: ARG002 - Keras passes logs= by keyword
         self._t_epoch = time.time()
         self._epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):  # noqa: ARG002 - Keras passes logs= by keyword
         if self.ctx.stop_requested():
             self.cancelled = True
             self.model.stop_training = True

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from cxr_core import augment
-from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig
+from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import CxrError
 from cxr_core.labels import CLASSES
 from pages.ui import datasets, frame, session
@@ -157,23 +157,23 @@ def balance_section() -> None:
     strategy = st.radio("Balance strategy (carried to Training)", BALANCE_STRATEGIES, key=W_BALANCE,
                         format_func=labels.get, horizontal=True)
     st.session_state[session.KEY_BALANCE] = strategy
-    split = None
+    mode = st.session_state.get(session.KEY_SPLIT, "random")
+    limit = int(st.session_state.get(session.KEY_LIMIT) or 0) or None
+    settings = RunConfig(data=DataConfig(data_dir=str(datasets.dataset_path() or ""), split=mode, limit=limit),
+                         train=TrainConfig(balance=strategy))
     try:
-        split = datasets.current_split()
+        planned = datasets.run_plan(settings)
     except CxrError as error:
         st.error(str(error))
-    if split is None:
+        return
+    if planned is None:
         st.info("Choose a data set on the Dataset page to see the plan for its training part. On the full "
                 "Kermany release with the reference split, *augment* adds 2,152 augmented NORMAL images.",
                 icon=":material/info:")
         return
-    train_labels = split.loc[split["split"] == "train", "label"].tolist()
-    try:
-        plan = augment.balance_plan(train_labels, strategy)
-    except CxrError as error:
-        st.error(str(error))
-        return
-    mode = st.session_state.get(session.KEY_SPLIT, "random")
+    plan = planned.balance
+    if limit:
+        st.caption(f"As the Training page will use it: a stratified subset of {planned.n_images:,} images.")
     a, b, c = st.columns(3)
     a.metric("NORMAL in training", f"{plan.n_normal:,}")
     b.metric("PNEUMONIA in training", f"{plan.n_pneumonia:,}")

@@ -140,7 +140,7 @@ def practice_tab() -> None:
         try:
             with st.spinner("Drawing synthetic images..."):
                 folder = practice.make_practice_dataset(datasets.data_root())
-        except (CxrError, ValueError, OSError) as error:
+        except (CxrError, OSError) as error:
             st.error(f"The practice set could not be made: {error}")
             return
         select_next_run(Path(folder).relative_to(datasets.data_root()).parts[0])

@@ -187,6 +187,12 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
         shown = chosen[["path", "probability"]].head(50)
         st.dataframe(shown.assign(path=shown["path"].map(lambda s: Path(s).name)), hide_index=True)
         return
+    present = chosen[chosen["path"].map(lambda p: Path(str(p)).is_file())]
+    if present.empty:
+        st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
+                "Grad-CAM cannot be drawn here.", icon=":material/info:")
+        return
+    chosen = present
     stamp = models.model_stamp(summary.path)
     columns = st.columns(3)
     for i, (_, row) in enumerate(chosen.head(MAX_GALLERY).iterrows()):

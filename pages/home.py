@@ -1,7 +1,8 @@
 """Home: what the workbench does, the four steps and where this session stands on each."""
 import streamlit as st
 
-from pages.ui import datasets, frame, models, session
+from cxr_core.run_folder import RunFolder
+from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(
     "Chest X-ray pneumonia workbench",
@@ -63,6 +64,38 @@ for column, step in zip(columns, step_state()):
         st.markdown(step["state"])
         st.page_link(step["page"], label=f"Open {step['title'].split(' ')[0]}", icon=":material/arrow_forward:")
 
+def honest_score() -> None:
+    """The selected run's figures: on an external test set first, on its own split second."""
+    summary = models.selected_run()
+    if summary is None:
+        return
+    folder = RunFolder(summary.path)
+    external = folder.external_evaluations()
+    internal = ((folder.read_metrics() or {}).get("test") or {}).get("at_threshold") or {}
+    st.subheader("How good is the model, honestly?")
+    who = "The demo model" if summary.is_demo else f"Run {summary.run_id}"
+    if external:
+        name, result = next(iter(external.items()))
+        cols = st.columns(4)
+        cols[0].metric(f"AUC on {name}", charts.fmt_num(result.get("roc_auc")))
+        cols[1].metric("Accuracy", charts.fmt_num(result.get("accuracy")))
+        cols[2].metric("Sensitivity", charts.fmt_num(result.get("sensitivity")))
+        cols[3].metric("Specificity", charts.fmt_num(result.get("specificity")))
+        st.markdown(
+            f"{who} on **{result.get('n')} images of {name}**, a test set from outside its training data, at its "
+            f"own threshold. On the test part of its own split it scores AUC {charts.fmt_num(internal.get('roc_auc'))}"
+            f" and accuracy {charts.fmt_num(internal.get('accuracy'))}: a split of one collection shares "
+            "patients' hospital, scanners and image preparation with training, so it flatters every model; "
+            "the first figure is the one to believe.")
+    elif internal:
+        st.markdown(
+            f"{who} scores AUC **{charts.fmt_num(internal.get('roc_auc'))}** and accuracy "
+            f"**{charts.fmt_num(internal.get('accuracy'))}** on the test part of its own split. That figure is "
+            "optimistic: evaluate the run on a data set from elsewhere (the Evaluation page) for its honest score.")
+
+
+honest_score()
+
 with st.container(border=True):
     st.markdown("**Just want to try a model?** ")
     if models.demo_available():
@@ -79,6 +112,9 @@ st.markdown(
     "- **Leakage.** Many patients have several images. A random split by image puts the same child "
     "in training and test, which overstates accuracy; split by patient, or use the official test set.\n"
     "- **Threshold.** A probability becomes a diagnosis only through a threshold; moving it trades "
-    "missed pneumonias against false alarms."
+    "missed pneumonias against false alarms.\n"
+    "- **Shortcuts.** A model learns whatever separates the classes in its training data, including "
+    "things that are not the disease (which copy of the data, which scanner). The official Kermany test "
+    "set is harder than any split of the training images; the Dataset page checks for such shortcuts."
 )
 st.warning(frame.DISCLAIMER, icon=":material/medical_information:")

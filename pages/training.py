@@ -1,6 +1,8 @@
 """Training: configure a run, launch it in the background, watch it live, manage past runs."""
+import dataclasses
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,12 +15,10 @@ from cxr_core.config import (
     BALANCE_STRATEGIES,
     SPLIT_LABELS,
     SPLIT_MODES,
-    DataConfig,
-    ModelConfig,
     RunConfig,
-    TrainConfig,
 )
 from cxr_core.errors import CxrError, TrainingBusyError
+from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
 from pages.ui import PROJECT_ROOT, charts, datasets, frame, models, session
 
@@ -37,6 +37,8 @@ STAGES = {"scan": "Reading the data set", "split": "Splitting", "extract": "Extr
 KEY_LIVE_STATE = "training_live_state"  # {run_dir: last state seen} so a finish refreshes the page once
 SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
 PERSIST = {"persist_state": "session"}
+# Widget defaults, given through Session State (a recipe fills the same keys).
+FORM_DEFAULTS = {"train_epochs": 10, "train_batch": 32, "train_lr": 1e-3, "train_dropout": 0.5, session.KEY_LIMIT: 0}
 
 
 def weight_files() -> list[Path]:
@@ -51,8 +53,60 @@ def weight_files() -> list[Path]:
     return found
 
 
+def _fill_from_recipe() -> None:
+    """Widget callback: put the chosen recipe's settings into the form (the person may then change any)."""
+    name = st.session_state.get(session.KEY_RECIPE) or ""
+    if not name:
+        return
+    config = apply_recipe(RunConfig(), name)
+    backbone = st.session_state.get("train_backbone", "inception_v3")
+    values = {
+        "train_epochs": config.train.epochs, "train_batch": config.train.batch_size,
+        "train_lr": config.train.learning_rate, "train_ft_layers": config.train.fine_tune_layers,
+        "train_ft_epochs": config.train.fine_tune_epochs, "train_rule": config.train.threshold_rule,
+        "train_split": config.data.split, "train_balance": config.train.balance,
+        session.KEY_LIMIT: config.data.limit or 0, "train_dropout": config.model.dropout,
+        f"train_size_{backbone}": config.model.image_size or BACKBONES[backbone].default_size,
+    }
+    for key, value in values.items():
+        st.session_state[key] = value
+    st.session_state[session.KEY_SPLIT] = config.data.split
+    st.session_state[session.KEY_BALANCE] = config.train.balance
+    st.session_state[session.KEY_AUGMENT] = asdict(config.augment)
+    for key in [k for k in st.session_state if str(k).startswith("aug_")]:
+        del st.session_state[key]  # the Augmentation page's widgets take the recipe's values anew
+
+
+def recipe_choice() -> str:
+    """The recipe the settings start from, with what it is for and what it measured."""
+    names = ["", *RECIPES]
+    if st.session_state.get(session.KEY_RECIPE) not in names:
+        st.session_state[session.KEY_RECIPE] = ""
+    left, right = st.columns([1, 2])
+    name = left.selectbox("Recipe", names, key=session.KEY_RECIPE, on_change=_fill_from_recipe,
+                          format_func=lambda n: RECIPES[n].label if n else "None: my own settings",
+                          help="A named set of training choices, measured in benchmarks/ACCURACY.md. It fills "
+                               "in the settings below; change any of them and the change wins.")
+    if name:
+        recipe = RECIPES[name]
+        right.markdown(recipe.purpose)
+        if recipe.expected:
+            right.caption(f"Measured: {recipe.expected}")
+    else:
+        right.caption("Choose a recipe to start from measured settings, or set everything yourself.")
+    return name
+
+
+def _options(values: list, current) -> list:
+    """Slider options that include a value a recipe put into the form."""
+    return sorted(set(values) | ({current} if current is not None else set()))
+
+
 def settings_form(has_official: bool) -> RunConfig | None:
     """The run settings; returns a RunConfig (None when the choices are invalid)."""
+    recipe = recipe_choice()
+    for key, value in FORM_DEFAULTS.items():
+        st.session_state.setdefault(key, value)
     with st.container(border=True):
         st.markdown("**Model**")
         c1, c2, c3 = st.columns(3)
@@ -72,8 +126,10 @@ def settings_form(has_official: bool) -> RunConfig | None:
                                format_func=lambda w: weight_names.get(w, f"File: {Path(w).name}"),
                                help="Pretrained weights make a few epochs enough. Without internet, put a "
                                     "*.weights.h5 file in ./weights (or $CXR_WEIGHTS_DIR).")
-        sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size})
-        size = c3.select_slider("Image size (pixels)", sizes, value=spec.default_size, key=f"train_size_{backbone}",
+        sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size}
+                       | {st.session_state.get(f"train_size_{backbone}") or spec.default_size})
+        st.session_state.setdefault(f"train_size_{backbone}", spec.default_size)
+        size = c3.select_slider("Image size (pixels)", sizes, key=f"train_size_{backbone}",
                                 help="Images are resized to a square of this side. Smaller is much faster "
                                      "and loses fine detail.")
         alpha = 1.0
@@ -87,24 +143,30 @@ def settings_form(has_official: bool) -> RunConfig | None:
                                      disabled=match is not None,
                                      help="MobileNetV2's width multiplier: 0.35 is about 8× smaller and faster. "
                                           "A weights file fixes it.")
-        dropout = c2.slider("Dropout before the last layer", 0.0, 0.9, 0.5, 0.05, key="train_dropout", **PERSIST,
+        dropout = c2.slider("Dropout before the last layer", 0.0, 0.9, step=0.05, key="train_dropout", **PERSIST,
                             help="Randomly silences this share of features while training (0.5 in the reference), "
                                  "which fights overfitting.")
 
         st.markdown("**Training**")
         c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Epochs", 0, 200, 10, key="train_epochs", **PERSIST,
+        epochs = c1.number_input("Epochs", 0, 200, key="train_epochs", **PERSIST,
                                  help="Passes over the training images for the head (fast: on cached features).")
-        batch = c2.select_slider("Batch size", [8, 16, 32, 64, 128], value=32, key="train_batch", **PERSIST)
-        lr = c3.select_slider("Learning rate", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], value=1e-3, key="train_lr",
-                              format_func=lambda v: f"{v:g}", **PERSIST)
+        batches = _options([8, 16, 32, 64, 128], st.session_state.get("train_batch"))
+        batch = c2.select_slider("Batch size", batches, key="train_batch", **PERSIST)
+        rates = _options([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], st.session_state.get("train_lr"))
+        lr = c3.select_slider("Learning rate", rates, key="train_lr", format_func=lambda v: f"{v:g}",
+                              **PERSIST)
         c1, c2, c3 = st.columns(3)
-        ft_layers = c1.selectbox("Fine-tune top layers", [0, 10, 20, 40, 80, -1], key="train_ft_layers", **PERSIST,
+        layer_choices = [0, 10, 20, 40, 80, -1]
+        if st.session_state.get("train_ft_layers") not in (None, *layer_choices):
+            layer_choices.insert(-1, st.session_state["train_ft_layers"])
+        ft_layers = c1.selectbox("Fine-tune top layers", layer_choices, key="train_ft_layers", **PERSIST,
                                  format_func=lambda n: {0: "none (frozen backbone)",
                                                         -1: "all layers"}.get(n, f"top {n}"),
                                  help="After the head, unfreeze this many top backbone layers and train on at a low "
                                       "learning rate (1e-5). Slower: the images go through the backbone every epoch.")
-        ft_epochs = c2.number_input("Fine-tune epochs", 0, 100, 0 if ft_layers == 0 else 3, key="train_ft_epochs",
+        st.session_state.setdefault("train_ft_epochs", 3)
+        ft_epochs = c2.number_input("Fine-tune epochs", 0, 100, key="train_ft_epochs",
                                     disabled=ft_layers == 0)
         threshold_rule = c3.selectbox("Threshold rule", ["youden", "sensitivity"], key="train_rule", **PERSIST,
                                       format_func={"youden": "Youden (balance both)",
@@ -116,16 +178,18 @@ def settings_form(has_official: bool) -> RunConfig | None:
         st.markdown("**Data**")
         c1, c2, c3 = st.columns(3)
         current_split = st.session_state.get(session.KEY_SPLIT, "random")
-        split = c1.selectbox("Split", SPLIT_MODES, index=SPLIT_MODES.index(current_split), key="train_split",
+        st.session_state.setdefault("train_split", current_split)
+        split = c1.selectbox("Split", SPLIT_MODES, key="train_split",
                              format_func=SPLIT_LABELS.get,
                              help="Chosen on the Dataset page by default. A random split by image lets one "
                                   "patient's images land in training and test, which flatters the model.")
         current_balance = st.session_state.get(session.KEY_BALANCE, "augment")
-        balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES, index=BALANCE_STRATEGIES.index(current_balance),
+        st.session_state.setdefault("train_balance", current_balance)
+        balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES,
                                key="train_balance", format_func={"augment": "Augment NORMAL (reference)",
                                                                  "class_weight": "Class weights", "none": "None"}.get)
-        limit = c3.number_input("Quick demo: use only this many images (0 = all)", 0, 1_000_000, 0, 50,
-                                key="train_limit", **PERSIST,
+        limit = c3.number_input("Quick demo: use only this many images (0 = all)", 0, 1_000_000, step=50,
+                                key=session.KEY_LIMIT, **PERSIST,
                                 help="A stratified subset (same class shares) for a fast first run; at least 10.")
         aug = session.augment_config()
         st.caption(
@@ -140,15 +204,20 @@ def settings_form(has_official: bool) -> RunConfig | None:
                  "Choose the random or patient split.")
         return None
     path = datasets.dataset_path()
+    # The recipe gives every choice the form does not show (e.g. the fine-tuning learning rate);
+    # the form's values win for the rest.
+    base = apply_recipe(RunConfig(), recipe) if recipe else RunConfig()
     try:
         return RunConfig(
-            data=DataConfig(data_dir=str(path) if path else "", split=split, limit=int(limit) or None),
+            data=dataclasses.replace(base.data, data_dir=str(path) if path else "", split=split,
+                                     limit=int(limit) or None),
             augment=aug,
-            model=ModelConfig(backbone=backbone, weights=weights, image_size=int(size), alpha=float(alpha),
-                              dropout=float(dropout)),
-            train=TrainConfig(epochs=int(epochs), batch_size=int(batch), learning_rate=float(lr), balance=balance,
-                              fine_tune_layers=int(ft_layers), fine_tune_epochs=int(ft_epochs) if ft_layers else 0,
-                              threshold_rule=threshold_rule),
+            model=dataclasses.replace(base.model, backbone=backbone, weights=weights, image_size=int(size),
+                                      alpha=float(alpha), dropout=float(dropout)),
+            train=dataclasses.replace(base.train, epochs=int(epochs), batch_size=int(batch), learning_rate=float(lr),
+                                      balance=balance, fine_tune_layers=int(ft_layers),
+                                      fine_tune_epochs=int(ft_epochs) if ft_layers else 0,
+                                      threshold_rule=threshold_rule),
         )
     except ValueError as error:
         st.error(f"These settings cannot be used: {error}")

@@ -262,10 +262,15 @@ def test_evaluation_page_shows_the_metrics_of_a_finished_run(finished_run):
     render(at, None, "router")
     render(at, "pages/evaluation.py", "evaluation (finished run)")
     metrics = {m.label: m.value for m in at.metric}
-    assert {"Test ROC AUC", "Sensitivity", "Specificity", "Threshold", "Brier score"} <= set(metrics)
+    # No external evaluation yet: the run's own test part is the only test set, labelled as internal.
+    assert {"Internal ROC AUC", "Sensitivity", "Specificity", "Threshold", "Brier score"} <= set(metrics)
     assert at.session_state[KEY_RUN] == str(finished_run)
     assert len(at.get("plotly_chart")) >= 4  # confusion matrix, ROC, PR, calibration
-    at.slider(key="eval_threshold").set_value(0.0)
+    slider = next(s for s in at.slider if s.label == "Threshold")
+    # The slider starts at this run's own threshold (it follows the run, not an earlier choice).
+    threshold = json.loads((finished_run / "metrics.json").read_text())["threshold"]
+    assert slider.value == pytest.approx(round(threshold, 3))
+    slider.set_value(0.0)
     render(at, None, "evaluation (threshold 0)")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Sensitivity"] == "1.000"  # everything is called pneumonia at threshold 0
@@ -276,8 +281,7 @@ def test_evaluation_page_shows_the_metrics_of_a_finished_run(finished_run):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("finished_run")
-def test_evaluation_page_evaluates_a_run_on_another_folder():
+def test_evaluation_page_evaluates_a_run_on_another_folder_and_shows_it_first(finished_run):
     make_dataset(data_root() / "other", n_normal=10, n_pneumonia=10, size=40, seed=7)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
@@ -286,8 +290,15 @@ def test_evaluation_page_evaluates_a_run_on_another_folder():
     next(b for b in at.button if b.label == "Evaluate on this data set").click()
     render(at, None, "evaluation (another folder)")
     assert not at.error, [e.value for e in at.error]
-    table = at.dataframe[-1].value
-    assert table.iloc[-1, 0] == "20"  # the "Images" row: all 20 images were classified
+    # Stored with the run, and now the first test set the page shows: the honest score.
+    stored = json.loads((finished_run / "evaluations" / "other.json").read_text())
+    assert stored["n"] == 20
+    assert at.radio(key="eval_test_set").value == "external: other"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["External ROC AUC"] == f"{stored['roc_auc']:.3f}"
+    assert any("20 images of the data set other" in c.value for c in at.caption)
+    # The run's own test part is still there, second.
+    assert at.radio(key="eval_test_set").options[-1] == "internal: the run's own test part"
 
 
 @pytest.mark.slow

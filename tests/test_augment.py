@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -163,3 +164,66 @@ def test_augmented_rows_empty_and_combined():
     assert (both["augment_seed"][len(split):] >= 0).all()
     with pytest.raises(BadDatasetError):
         augmented_rows(split[split["label"] == "PNEUMONIA"], 3, seed=1)
+
+
+def _texture(h: int = 95, w: int = 80) -> np.ndarray:
+    # 5-pixel blocks, which do not line up with JPEG's 8-pixel blocks.
+    rng = np.random.default_rng(3)
+    img = np.kron(rng.integers(30, 220, (h // 5, w // 5)), np.ones((5, 5))).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def test_robustness_options_are_off_by_default_and_keep_the_reference_draws():
+    from cxr_core.augment import params_key
+
+    gray = _texture()
+    reference = AugmentConfig(rotation_range=5, zoom=0.1)
+    # An option's strength changes only its own effect: with every robustness option at zero the
+    # images are those of the reference settings, seed for seed, and so are the cache keys.
+    for seed in range(5):
+        assert np.array_equal(augment_image(gray, reference, seed),
+                              augment_image(gray, AugmentConfig(rotation_range=5, zoom=0.1, blur=0.0), seed))
+    assert params_key(reference) == params_key(AugmentConfig(rotation_range=5, zoom=0.1, noise=0.0))
+    assert "blur" not in params_key(reference)
+    assert params_key(AugmentConfig(blur=1.0)) != params_key(AugmentConfig())
+
+
+def test_blur_downscale_and_jpeg_remove_fine_detail_on_the_images_they_touch():
+    gray = _texture()
+    still = AugmentConfig(rotation_range=0, horizontal_flip=False, brightness_range=(1, 1), width_shift=0,
+                          height_shift=0)
+
+    def sharpness(img):
+        return float(cv2.Laplacian(img, cv2.CV_64F).var())
+
+    untouched = augment_image(gray, still, 0)
+    base = sharpness(untouched)
+    for option in ({"blur": 2.0}, {"downscale": 0.6}, {"jpeg_quality": 5}):
+        params = AugmentConfig(**{**still.__dict__, **option})
+        images = [augment_image(gray, params, seed) for seed in range(12)]
+        touched = [img for img in images if not np.array_equal(img, untouched)]
+        # About half of the images are degraded; the rest stay exactly as they were.
+        assert 2 <= len(touched) <= 10, option
+        if "jpeg_quality" not in option:  # (JPEG's ringing may add high frequencies)
+            # A blurred or lower-resolution film loses detail, it never gains it.
+            assert all(sharpness(img) < base for img in touched), option
+
+
+def test_gamma_contrast_and_noise_keep_shape_and_type_and_are_repeatable():
+    gray = _texture()
+    params = AugmentConfig(gamma=0.4, contrast=0.3, noise=8.0)
+    for seed in range(6):
+        out = augment_image(gray, params, seed)
+        assert out.shape == gray.shape and out.dtype == np.uint8
+        assert np.array_equal(out, augment_image(gray, params, seed))
+    assert any(not np.array_equal(augment_image(gray, params, s), augment_image(gray, AugmentConfig(), s))
+               for s in range(6))
+
+
+def test_robustness_options_are_checked():
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        AugmentConfig(jpeg_quality=3)
+    with pytest.raises(ValueError, match="blur"):
+        AugmentConfig(blur=-1)
+    with pytest.raises(ValueError, match="downscale is a fraction"):
+        AugmentConfig(downscale=1.0)

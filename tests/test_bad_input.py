@@ -283,6 +283,7 @@ def test_duplicates_are_reported_and_never_on_two_sides_of_a_split(tmp_path, mod
         assert str(target.absolute()) not in paths or str(copies[target].absolute()) not in paths
 
 
+@pytest.mark.slow
 def test_training_goes_on_past_bad_files_and_lists_them(tmp_path):
     """A data set with every bad file in it still trains; each bad file is listed with its sentence."""
     from cxr_core.train import train
@@ -465,6 +466,7 @@ def test_model_with_a_lambda_layer_is_refused_and_its_code_never_runs(run_copy, 
 # =============================================================================================
 
 
+@pytest.mark.slow  # a CLI process that loads TensorFlow
 def test_cli_predict_answers_every_good_file_and_one_line_per_bad_file(tiny_run, tmp_path):
     good = write_all(tmp_path / "good", {"chest": badfiles.good_png, **badfiles.ACCEPTED})
     bad = write_all(tmp_path / "bad", badfiles.REFUSED)
@@ -497,6 +499,7 @@ def test_cli_predict_with_a_bad_run_folder(run_copy, tmp_path):
     assert "has no model.keras" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a `python -m cxr_core train` process each
 @pytest.mark.parametrize("key", ["missing", "empty", "one_class", "unknown_class_names", "only_unreadable_images"])
 def test_cli_train_on_a_bad_folder_exits_2_with_one_line(key, tmp_path):
     make, pattern = BAD_FOLDERS[key]

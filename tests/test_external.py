@@ -148,4 +148,5 @@ def test_a_stored_evaluation_survives_a_torn_neighbour(run_with_split):
     (folder.path / "evaluations" / "torn.json").write_text("{not json")
     assert "torn" not in folder.read_evaluations()
     frame = folder.read_evaluation_predictions("does-not-exist")
-    assert isinstance(frame, pd.DataFrame) and frame.empty and np.array_equal(frame.columns, ["path", "y", "probability"])
+    assert isinstance(frame, pd.DataFrame) and frame.empty
+    assert np.array_equal(frame.columns, ["path", "y", "probability"])

@@ -34,6 +34,8 @@ from cxr_core.run_folder import RunFolder
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
 GENEROUS_S = 120  # bounds for a busy 2-core machine; not performance assertions
+# Every test here trains (in-process or a training process) to break it: the slow lane.
+pytestmark = pytest.mark.slow
 
 
 def tiny_config(data_dir: Path, cache_dir: Path, **train) -> RunConfig:

@@ -13,14 +13,14 @@ from conftest import TINY_MODEL
 from cxr_core.config import DataConfig, RunConfig, TrainConfig
 
 
-def _separable_dataset(root: Path, n_per_class: int = 40, size: int = 48, seed: int = 5) -> Path:
+def _separable_dataset(root: Path, n_per_class: int = 100, size: int = 48, seed: int = 5) -> Path:
     """NORMAL: dark noise. PNEUMONIA: the same noise with one large bright disc somewhere in the middle."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     for label in ("NORMAL", "PNEUMONIA"):
         (root / label).mkdir(parents=True)
         for i in range(n_per_class):
-            img = rng.normal(60, 10, (size, size))
+            img = rng.normal(60, 3, (size, size))
             if label == "PNEUMONIA":
                 cx, cy = rng.uniform(0.35, 0.65, 2) * size
                 img[(xx - cx) ** 2 + (yy - cy) ** 2 < (0.3 * size) ** 2] = 220
@@ -74,6 +74,6 @@ def test_a_short_training_separates_separable_images(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]["at_threshold"]
     # Chance is 0.5; these images are easy.
-    assert test["n"] == 8  # 10 % of 80 images, stratified: 4 of each class
+    assert test["n"] == 20  # 10 % of 200 images, stratified: 10 of each class
     assert test["roc_auc"] >= 0.9, metrics["test"]
     assert test["accuracy"] >= 0.75, metrics["test"]

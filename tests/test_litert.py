@@ -182,6 +182,7 @@ def test_unknown_engine_is_refused(exported_run):
         Predictor.from_run(exported_run, engine="onnx")
 
 
+@pytest.mark.slow
 def test_training_exports_litert(tiny_dataset, tmp_path):
     from cxr_core.train import train
 
@@ -195,6 +196,7 @@ def test_training_exports_litert(tiny_dataset, tmp_path):
     assert stages.index("export") > stages.index("save")
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
     from cxr_core.train import train
 
@@ -212,6 +214,7 @@ def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
     assert Predictor.from_run(run).engine == "Keras"
 
 
+@pytest.mark.slow
 def test_training_without_export(tiny_dataset, tmp_path):
     from cxr_core.train import train
 
@@ -226,6 +229,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow  # four CLI processes that load TensorFlow
 def test_cli_export_and_engine_choice(exported_run, tmp_path):
     run = _copy(exported_run, tmp_path / "run")
     (run / run_folder.LITE_FILE).unlink()

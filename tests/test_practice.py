@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cxr_core.data import make_split, scan_dataset
+from cxr_core.errors import BadDatasetError, BadSettingError
 from cxr_core.images import load_gray
 from cxr_core.practice import PRACTICE_FOLDER_NAME, make_practice_dataset
 
@@ -65,12 +66,12 @@ def test_refuses_a_folder_with_other_files_and_bad_arguments(tmp_path: Path):
     target = tmp_path / "synthetic"
     target.mkdir()
     (target / "mine.txt").write_text("precious")
-    with pytest.raises(ValueError, match="already holds other files"):
+    with pytest.raises(BadDatasetError, match="already holds other files"):
         make_practice_dataset(target)
     assert (target / "mine.txt").read_text() == "precious"
-    with pytest.raises(ValueError, match="at least 10 images per class"):
+    with pytest.raises(BadSettingError, match="at least 10 images per class"):
         make_practice_dataset(tmp_path, n_normal=3)
-    with pytest.raises(ValueError, match="size must be between 32 and 1024"):
+    with pytest.raises(BadSettingError, match="size must be between 32 and 1024"):
         make_practice_dataset(tmp_path, size=8)
 
 

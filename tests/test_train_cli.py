@@ -20,6 +20,8 @@ from cxr_core.errors import BadDatasetError
 from cxr_core.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Every test here trains (in-process or a `python -m cxr_core train` process): the slow lane.
+pytestmark = pytest.mark.slow
 
 
 def tiny_config(data_dir: Path, **train) -> RunConfig:

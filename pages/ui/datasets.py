@@ -135,3 +135,20 @@ def thumbnail(path: str, size: int = 256) -> np.ndarray:
     """A small grayscale copy of an image file for grids (aspect ratio kept); raises CxrError."""
     from cxr_core import images  # noqa: PLC0415 (imported on first use)
     return downscale(images.load_gray(path), size)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _plan_cached(path: str, fingerprint: str, config_dict: dict):
+    from cxr_core import plan  # noqa: PLC0415 (imported on first use)
+    from cxr_core.config import RunConfig  # noqa: PLC0415
+
+    return plan.plan_run(RunConfig.from_dict(config_dict), _scan_cached(path, fingerprint).manifest)
+
+
+def run_plan(config) -> Any:
+    """``cxr_core.plan.plan_run`` for the chosen data set (what training will use), cached;
+    None when no data set is chosen. Raises CxrError."""
+    path = dataset_path()
+    if path is None:
+        return None
+    return _plan_cached(str(path), fingerprint(path), config.to_dict())

@@ -14,6 +14,8 @@ KEY_LAUNCHED = "launched_run"      # str: path of the run this session launched 
 KEY_PREVIEW_SEED = "preview_seed"  # int: seed of the augmentation preview
 KEY_GRID_SEED = "grid_seed"        # int: seed of the Dataset page's sample grid
 KEY_ROUTED = "routed"              # bool: Home.py's router has run in this session
+KEY_LIMIT = "train_limit"          # int: the Training page's "use only this many images" (0 = all)
+KEY_RECIPE = "train_recipe"        # str: the recipe the Training page's settings start from ("" = none)
 
 
 def copy_state(source: str, target: str) -> None:
