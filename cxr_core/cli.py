@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .backbones import BACKBONE_NAMES
-from .config import BALANCE_STRATEGIES, SPLIT_MODES, RunConfig
+from .config import BALANCE_STRATEGIES, SCHEDULES, SPLIT_MODES, RunConfig
 from .errors import CxrError
 from .labels import THRESHOLD_RULES
 from .recipes import RECIPE_NAMES, apply_recipe
@@ -66,7 +66,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="augment training images anew every fine-tuning epoch")
     t.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     t.add_argument("--target-sensitivity", type=float)
+    t.add_argument("--label-smoothing", type=float, help="pull training targets towards 0.5 by this much (0-0.5)")
+    t.add_argument("--warmup-epochs", type=int, help="fine-tuning epochs of linear learning-rate warm-up")
+    t.add_argument("--schedule", choices=SCHEDULES, help="fine-tuning learning rate: constant or cosine decay")
+    t.add_argument("--balance-by", metavar="COLUMN",
+                   help="a manifest column (e.g. source_resolution) the model must not learn: training images are "
+                        "weighted so that it tells nothing about the label")
     t.add_argument("--rotation-range", type=float, help="degrees (reference: 0.3)")
+    t.add_argument("--shift", type=float, help="maximum width and height shift, as a fraction (reference: 0.05)")
+    t.add_argument("--zoom", type=float, help="maximum zoom in or out, as a fraction")
+    t.add_argument("--blur", type=float, help="robustness: maximum Gaussian blur sigma, in pixels")
+    t.add_argument("--downscale", type=float, help="robustness: maximum loss of resolution, as a fraction")
+    t.add_argument("--jpeg-quality", type=int, help="robustness: lowest JPEG re-compression quality (0 = off)")
+    t.add_argument("--contrast", type=float, help="robustness: maximum change of contrast, as a fraction")
+    t.add_argument("--gamma", type=float, help="robustness: maximum change of gamma (log of the exponent)")
     t.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     t.add_argument("--limit", type=int, help="stratified subset of N images, for quick demos")
     t.add_argument("--seed", type=int, help="seed of split, augmentation and training (default 123)")
@@ -120,7 +133,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         data = pick(base.data, data_dir=str(Path(data_dir).expanduser().resolve()), split=args.split, seed=args.seed,
                     val_fraction=args.val_fraction, test_fraction=args.test_fraction, limit=args.limit)
         augment = pick(base.augment, rotation_range=args.rotation_range,
-                       horizontal_flip=False if args.no_flip else None)
+                       horizontal_flip=False if args.no_flip else None, width_shift=args.shift,
+                       height_shift=args.shift, zoom=args.zoom, blur=args.blur, downscale=args.downscale,
+                       jpeg_quality=args.jpeg_quality, contrast=args.contrast, gamma=args.gamma)
         weights = args.weights
         if weights and weights.lower() not in ("imagenet", "none"):
             if not Path(weights).expanduser().is_file():
@@ -135,7 +150,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
                      online_augment=args.online_augment, threshold_rule=args.threshold_rule,
                      target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
-                     export_litert=args.export_litert)
+                     export_litert=args.export_litert, label_smoothing=args.label_smoothing,
+                     warmup_epochs=args.warmup_epochs, schedule=args.schedule, balance_by=args.balance_by)
     except CxrError:
         raise
     except (TypeError, ValueError) as error:  # a section rejected a combination the flags allowed

@@ -24,6 +24,7 @@ SPLIT_LABELS = {
 }
 SPLIT_MODES = tuple(SPLIT_LABELS)
 BALANCE_STRATEGIES = ("augment", "class_weight", "none")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,14 @@ class TrainConfig:
         export_litert: also write ``model.tflite`` (LiteRT), with which the app predicts and explains
             without loading TensorFlow (a server of about 200 MB instead of 800 MB).
         recipe: the named recipe these settings started from (``cxr_core.recipes``), or "" for none.
+        balance_by: a column of the data set's manifest (e.g. ``source_resolution``: which scanner,
+            site or copy of the data an image came from) that must tell the model nothing: training
+            images are weighted so that, within every value of it, the classes weigh as in the whole
+            training part (on top of the class balance). "" for none.
+        label_smoothing: pull the training targets this far towards 0.5 (0 = none); tempers
+            over-confident probabilities, which matters when the test images look different.
+        warmup_epochs: fine-tuning epochs over which the learning rate rises from near 0.
+        schedule: ``constant`` or ``cosine`` (the fine-tuning learning rate decays to 0 by the last epoch).
     """
 
     epochs: int = 10
@@ -194,6 +203,10 @@ class TrainConfig:
     cache_dir: str | None = None
     export_litert: bool = True
     recipe: str = ""
+    balance_by: str = ""
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_STRATEGIES:
@@ -206,6 +219,14 @@ class TrainConfig:
             raise BadSettingError("epochs cannot be negative.")
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise BadSettingError("at least one epoch of training is needed (epochs or fine_tune_epochs).")
+        if not (0 <= self.label_smoothing < 0.5):
+            raise BadSettingError(f"label_smoothing must be at least 0 and below 0.5; got {self.label_smoothing}.")
+        if self.schedule not in SCHEDULES:
+            raise BadSettingError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
+        if not (0 <= self.warmup_epochs <= max(self.fine_tune_epochs, 0)):
+            raise BadSettingError(
+                f"warmup_epochs must be between 0 and the fine-tuning epochs ({self.fine_tune_epochs}); "
+                f"got {self.warmup_epochs}.")
         if self.batch_size < 1:
             raise BadSettingError(f"batch_size must be at least 1; got {self.batch_size}.")
         if not (0 < self.learning_rate < 1 and 0 < self.fine_tune_learning_rate < 1):

@@ -14,7 +14,11 @@ import pandas as pd
 from . import augment, data
 from .backbones import get_backbone
 from .config import RunConfig
+from .errors import BadDatasetError
 from .labels import CLASSES, SPLITS
+
+# Columns every scan makes; a data set's own manifest.csv adds the others (see data.scan_dataset).
+_SCAN_COLUMNS = set(data.MANIFEST_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
     Raises:
         BadDatasetError: one sentence when the data cannot be split or balanced.
     """
+    column = config.train.balance_by
+    if column and column not in manifest.columns:
+        extra = [c for c in manifest.columns if c not in _SCAN_COLUMNS]
+        raise BadDatasetError(
+            f"The data set has no column {column!r} to balance by; "
+            + (f"its manifest.csv has {', '.join(extra)}." if extra else "add a manifest.csv that has it."))
     if config.data.limit is not None and config.data.limit < len(manifest):
         manifest = data.stratified_subset(manifest, config.data.limit, seed=config.data.seed)
     split = data.make_split(

@@ -105,6 +105,20 @@ class TrainingContext:
         weights = self.plan.balance.class_weight if self.plan is not None else None
         return dict(weights) if weights else None
 
+    def sample_weights(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """Per-image training weights when a property must tell the model nothing (``balance_by``):
+        within each of its values the classes weigh as in the whole part, times the class weights.
+        None when the plain class weights (or none) apply."""
+        column = self.config.train.balance_by
+        if not column:
+            return None
+        from .shortcuts import balancing_weights  # noqa: PLC0415 (only runs that balance a property)
+
+        weights = balancing_weights(rows["y"].to_numpy(), rows[column].to_numpy())
+        if self.class_weight:
+            weights = weights * rows["y"].map(self.class_weight).to_numpy(dtype=np.float64)
+        return (weights / weights.mean()).astype(np.float32)
+
     @property
     def fine_tunes(self) -> bool:
         return self.config.train.fine_tune_epochs > 0 and self.config.train.fine_tune_layers != 0
@@ -258,16 +272,18 @@ def _train_head(ctx: TrainingContext) -> None:
     head = model_lib.build_head(ctx.features.shape[1], config.model.dropout, seed=config.train.seed)
     # A head step on in-memory features costs microseconds; running many steps per call removes the
     # per-step Python overhead that would otherwise dominate an epoch.
-    _compile(head, config.train.learning_rate, steps_per_execution=32)
+    _compile(head, config.train.learning_rate, config.train.label_smoothing, steps_per_execution=32)
     ctx.report("stage", stage="train", total=config.train.epochs,
                message=f"training the head for {config.train.epochs} epochs on cached features")
     n_batches = math.ceil(train_mask.sum() / config.train.batch_size)
     recorder = EpochRecorder(ctx, "head", config.train.epochs, n_batches)
+    weights = ctx.sample_weights(rows[train_mask])
     head.fit(
         ctx.features[train_mask], y[train_mask],
         validation_data=(ctx.features[val_mask], y[val_mask]),
         epochs=config.train.epochs, batch_size=config.train.batch_size, shuffle=True,
-        class_weight=ctx.class_weight, callbacks=[recorder], verbose=0,
+        class_weight=ctx.class_weight if weights is None else None, sample_weight=weights,
+        callbacks=[recorder], verbose=0,
     )
     recorder.finish(head)
     ctx.head = head
@@ -298,17 +314,19 @@ def _fine_tune(ctx: TrainingContext) -> None:
         for layer in classifier.get_layer("backbone").layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = 0.9
-    _compile(classifier, config.train.fine_tune_learning_rate)
     epochs = config.train.fine_tune_epochs
+    train_rows = rows[rows["split"] == "train"]
+    weights = ctx.sample_weights(train_rows)
+    train_data = ImageBatches(train_rows, config, config.train.batch_size, shuffle=True,
+                              online_augment=config.train.online_augment, weights=weights)
+    _compile(classifier, _learning_rate(config, len(train_data)), config.train.label_smoothing)
     ctx.report("stage", stage="fine_tune", total=epochs,
                message=f"fine-tuning {'all' if config.train.fine_tune_layers < 0 else config.train.fine_tune_layers} "
                        f"backbone layers for {epochs} epochs on streamed images")
-    train_data = ImageBatches(rows[rows["split"] == "train"], config, config.train.batch_size, shuffle=True,
-                              online_augment=config.train.online_augment)
     val_data = ImageBatches(rows[rows["split"] == "val"], config, config.train.batch_size)
     recorder = EpochRecorder(ctx, "fine_tune", epochs, len(train_data))
-    classifier.fit(train_data, validation_data=val_data, epochs=epochs, class_weight=ctx.class_weight,
-                   callbacks=[recorder], verbose=0)
+    classifier.fit(train_data, validation_data=val_data, epochs=epochs,
+                   class_weight=ctx.class_weight if weights is None else None, callbacks=[recorder], verbose=0)
     recorder.finish(classifier)
 
 
@@ -480,11 +498,24 @@ class EpochRecorder(keras.callbacks.Callback):
             model.set_weights(self.best_weights)
 
 
-def _compile(model, learning_rate: float, steps_per_execution: int = 1) -> None:
+def _learning_rate(config: RunConfig, steps_per_epoch: int):
+    """The fine-tuning learning rate: a number, or a schedule (linear warm-up, then constant or cosine)."""
+    rate = config.train.fine_tune_learning_rate
+    warmup = config.train.warmup_epochs * steps_per_epoch
+    total = config.train.fine_tune_epochs * steps_per_epoch
+    if not warmup and config.train.schedule == "constant":
+        return rate
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=rate / 100 if warmup else rate, decay_steps=max(total - warmup, 1),
+        alpha=1.0 if config.train.schedule == "constant" else 0.0,
+        warmup_target=rate if warmup else None, warmup_steps=warmup)
+
+
+def _compile(model, learning_rate, label_smoothing: float = 0.0, steps_per_execution: int = 1) -> None:
     # The model outputs logits; thresholds at 0 on a logit are 0.5 on a probability.
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0),
             keras.metrics.AUC(name="auc", from_logits=True),
@@ -500,7 +531,7 @@ class ImageBatches(keras.utils.PyDataset):
     """Batches decoded from disk in worker threads (never the whole set in memory)."""
 
     def __init__(self, rows: pd.DataFrame, config: RunConfig, batch_size: int, shuffle: bool = False,
-                 online_augment: bool = False, with_labels: bool = True) -> None:
+                 online_augment: bool = False, with_labels: bool = True, weights: np.ndarray | None = None) -> None:
         super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
         self.config, self.batch_size = config, batch_size
         self.shuffle, self.online_augment, self.with_labels = shuffle, online_augment, with_labels
@@ -509,6 +540,7 @@ class ImageBatches(keras.utils.PyDataset):
         self.seeds = (rows["augment_seed"].fillna(-1).astype(int).tolist() if "augment_seed" in rows
                       else [-1] * len(rows))
         self.labels = rows["y"].to_numpy(dtype=np.float32)
+        self.weights = weights
         self.order = np.arange(len(self.paths))
         self.epoch = 0
         self._shuffle()
@@ -532,7 +564,11 @@ class ImageBatches(keras.utils.PyDataset):
                 gray = augment_image(gray, self.config.augment, seed)
             images.append(to_model_input(gray, self.size))
         batch = np.stack(images).astype(np.float32)
-        return (batch, self.labels[chosen]) if self.with_labels else (batch,)
+        if not self.with_labels:
+            return (batch,)
+        if self.weights is not None:
+            return batch, self.labels[chosen], self.weights[chosen]
+        return batch, self.labels[chosen]
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

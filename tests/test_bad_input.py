@@ -543,6 +543,7 @@ def data_root() -> Path:
     return Path(os.environ["CXR_DATA_ROOT"])
 
 
+@pytest.mark.slow  # about 7 s: every bad upload through the Predict page
 def test_predict_page_one_error_per_bad_upload_and_results_for_the_good(tiny_run):
     shutil.copytree(tiny_run, Path(os.environ["CXR_RUNS_DIR"]) / tiny_run.name)
     uploads = {"chest": badfiles.good_png(), **{k: m() for k, m in badfiles.ACCEPTED.items()}}

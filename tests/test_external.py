@@ -150,3 +150,84 @@ def test_a_stored_evaluation_survives_a_torn_neighbour(run_with_split):
     frame = folder.read_evaluation_predictions("does-not-exist")
     assert isinstance(frame, pd.DataFrame) and frame.empty
     assert np.array_equal(frame.columns, ["path", "y", "probability"])
+
+
+def test_balance_by_weights_make_a_confounded_property_uninformative(tmp_path):
+    from cxr_core.plan import plan_run
+    from cxr_core.train import TrainingContext
+
+    root = make_dataset(tmp_path / "site", n_normal=12, n_pneumonia=24, seed=2)
+    scan = scan_dataset(root)
+    # A "scanner" column confounded with the label: most pneumonia images from scanner B.
+    rng = np.random.default_rng(0)
+    scanner = np.where(scan.manifest["y"] == 1, np.where(rng.random(len(scan.manifest)) < 0.8, "B", "A"),
+                       np.where(rng.random(len(scan.manifest)) < 0.8, "A", "B"))
+    pd.DataFrame({"path": scan.manifest["relpath"], "scanner": scanner}).to_csv(root / "manifest.csv", index=False)
+    config = build_config(_args("--data", str(root), "--balance", "class_weight", "--balance-by", "scanner",
+                                "--split", "random"))
+    plan = plan_run(config, scan_dataset(root).manifest)
+    ctx = TrainingContext(config=config, folder=RunFolder(tmp_path / "run"), report=None, plan=plan)
+    train = plan.rows[plan.rows["split"] == "train"]
+    weights = ctx.sample_weights(train)
+    assert weights is not None and weights.mean() == pytest.approx(1.0)
+    frame = train.assign(w=weights)
+    # Weighted, each scanner has the same share of pneumonia, and the classes weigh the same overall.
+    share = frame.groupby("scanner").apply(lambda g: (g["w"] * g["y"]).sum() / g["w"].sum(), include_groups=False)
+    assert share["A"] == pytest.approx(share["B"], abs=1e-6)
+    assert (frame["w"] * frame["y"]).sum() == pytest.approx((frame["w"] * (1 - frame["y"])).sum())
+    # Without balance_by, plain class weights apply.
+    plain = TrainingContext(config=build_config(_args("--data", str(root))), folder=RunFolder(tmp_path / "r2"),
+                            report=None, plan=plan)
+    assert plain.sample_weights(train) is None
+
+
+def test_balance_by_a_missing_column_is_one_sentence(tmp_path):
+    from cxr_core.errors import BadDatasetError
+    from cxr_core.plan import plan_run
+
+    root = make_dataset(tmp_path / "d", n_normal=12, n_pneumonia=12)
+    config = build_config(_args("--data", str(root), "--balance-by", "scanner"))
+    with pytest.raises(BadDatasetError, match="no column 'scanner' to balance by"):
+        plan_run(config, scan_dataset(root).manifest)
+
+
+def test_fine_tuning_learning_rate_schedules():
+    from cxr_core.train import _learning_rate
+
+    def config(**train):
+        return build_config(_args("--data", ".", "--fine-tune-layers", "-1", "--fine-tune-epochs", "5",
+                                  "--fine-tune-learning-rate", "0.001", *[x for k, v in train.items()
+                                                                          for x in (f"--{k}", str(v))]))
+
+    assert _learning_rate(config(), 10) == 0.001
+    cosine = _learning_rate(config(**{"warmup-epochs": 1, "schedule": "cosine"}), 10)
+    rates = [float(cosine(step)) for step in (0, 10, 30, 49)]
+    assert rates[0] < 1e-4 and rates[1] == pytest.approx(0.001) and rates[1] > rates[2] > rates[3]
+    flat = _learning_rate(config(**{"warmup-epochs": 2}), 10)
+    assert float(flat(0)) < 1e-4 and float(flat(20)) == pytest.approx(0.001) == pytest.approx(float(flat(45)))
+    with pytest.raises(BadSettingError, match="warmup_epochs"):
+        config(**{"warmup-epochs": 6})
+
+
+@pytest.mark.slow
+def test_a_run_with_every_robustness_choice_trains_and_records_them(tmp_path):
+    from cxr_core.train import train
+
+    root = make_dataset(tmp_path / "site", n_normal=16, n_pneumonia=24, size=40, seed=4)
+    scan = scan_dataset(root)
+    pd.DataFrame({"path": scan.manifest["relpath"], "copy": np.arange(len(scan.manifest)) % 2}).to_csv(
+        root / "manifest.csv", index=False)
+    config = build_config(_args(
+        "--data", str(root), "--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none",
+        "--image-size", "32", "--epochs", "2", "--fine-tune-layers", "-1", "--fine-tune-epochs", "2",
+        "--warmup-epochs", "1", "--schedule", "cosine", "--label-smoothing", "0.1", "--balance-by", "copy",
+        "--balance", "class_weight", "--online-augment", "--blur", "1.0", "--downscale", "0.3",
+        "--jpeg-quality", "40", "--contrast", "0.2", "--gamma", "0.2", "--split", "random",
+        "--no-export-litert"))
+    run = train(config, run_dir=tmp_path / "run")
+    assert runs.read_status(run)["state"] == "done"
+    saved = RunFolder(run).read_config()
+    assert (saved.train.balance_by, saved.train.schedule, saved.train.label_smoothing) == ("copy", "cosine", 0.1)
+    assert saved.augment.jpeg_quality == 40
+    history = RunFolder(run).read_history()
+    assert list(history["phase"]) == ["head", "head", "fine_tune", "fine_tune"]

@@ -251,6 +251,7 @@ def test_cli_export_and_engine_choice(exported_run, tmp_path):
     assert abs(lite["probability"] - keras_["probability"]) < 1e-5
 
 
+@pytest.mark.slow  # a CLI process
 def test_cli_export_of_an_unfinished_run_is_one_sentence(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
