@@ -220,6 +220,37 @@ def test_augmentation_preview_follows_the_sliders(small_kermany):
     assert "rotation ±20°" in text_of(at)
 
 
+def test_training_page_recipe_fills_the_form_and_the_augmentation_plan_follows_the_limit(small_kermany):
+    from cxr_core.recipes import RECIPES
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_DATASET] = small_kermany
+    render(at, "pages/training.py", "training (data set chosen)")
+    at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at, None, "training (backbone chosen)")
+    at.selectbox(key="train_recipe").set_value("quick")
+    render(at, None, "training (recipe chosen)")
+    assert not at.warning or all("Session State" not in w.value for w in at.warning)
+    quick = RECIPES["quick"].settings
+    assert at.number_input(key="train_limit").value == quick["data"]["limit"]
+    assert at.select_slider(key="train_size_mobilenet_v2").value == quick["model"]["image_size"]
+    assert at.number_input(key="train_epochs").value == quick["train"]["epochs"]
+    assert at.selectbox(key="train_split").value == quick["data"]["split"]
+    assert RECIPES["quick"].purpose in text_of(at)
+    # A person's change wins over the recipe.
+    at.number_input(key="train_epochs").set_value(3)
+    render(at, None, "training (recipe overridden)")
+    assert at.number_input(key="train_epochs").value == 3
+    # The Augmentation page plans the same images as training: the limit applies there too.
+    at.number_input(key="train_limit").set_value(30)
+    render(at, None, "training (limit)")
+    render(at, "pages/augmentation.py", "augmentation (limit)")
+    assert any("stratified subset of 30 images" in c.value for c in at.caption)
+    normal, pneumonia = (int(m.value.replace(",", "")) for m in at.metric[:2])
+    assert normal + pneumonia < 30  # the training part of 30 images, not of all 60
+
+
 # --- Training: launch a tiny background run and watch it finish ----------------------------------
 @pytest.mark.slow
 def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):

@@ -43,8 +43,9 @@ def test_demo_run_predicts_and_explains(demo):
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (300, 260), dtype=np.uint8)
     probability, heatmap = predictor.explain(gray)
-    assert 0.0 <= probability <= 1.0
+    assert probability == pytest.approx(predictor.predict_gray(gray), abs=1e-6)
     assert heatmap.shape == gray.shape and 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
+    np.testing.assert_allclose(heatmap, predictor.gradcam(gray), atol=1e-5)
 
 
 def test_demo_run_separates_real_images(demo, shared_dir):

@@ -77,7 +77,10 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
     sides = originals.groupby("patient_id")["split"].nunique()
     assert (sides == 1).all()
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert 0 <= metrics["threshold"] <= 1
+    from cxr_core.evaluate import choose_threshold
+
+    val = pd.read_csv(trained_run / "predictions.csv").query("split == 'val'")
+    assert metrics["threshold"] == pytest.approx(choose_threshold(val["y"], val["probability"], "youden"))
     assert metrics["test"]["at_0.5"]["threshold"] == 0.5
     assert metrics["n_images"] == len(originals)
     events = [json.loads(line)["event"] for line in (trained_run / "progress.jsonl").read_text().splitlines()]
@@ -173,8 +176,12 @@ def test_cli_train_evaluate_predict(tiny_dataset, tmp_path):
     result = run_cli("predict", "--run", str(run_dir), str(good), str(bad), "--gradcam", str(tmp_path / "cams"))
     assert result.returncode == 2
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[0]["file"] == str(good) and 0 <= lines[0]["probability"] <= 1
-    assert lines[0]["label"] in ("NORMAL", "PNEUMONIA")
+    from cxr_core.predict import Predictor
+
+    (expected,) = Predictor.from_run(run_dir).predict_files([good])
+    assert lines[0]["file"] == str(good)
+    assert lines[0]["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+    assert lines[0]["label"] == expected["label"]
     assert lines[1]["file"] == str(bad) and "error" in lines[1]
     assert Path(lines[0]["gradcam"]).is_file()
     assert "Traceback" not in result.stderr

@@ -51,7 +51,14 @@ def selected_run(candidates: list | None = None):
 
 
 def run_label(summary) -> str:
-    auc = f", test AUC {summary.test_auc:.3f}" if summary.test_auc is not None else ""
+    """The run's name, backbone and data set, with its honest figure first: the AUC on an external
+    test set when it has one, else the AUC on its own split's test part (said to be internal)."""
+    if summary.external_auc is not None:
+        auc = f", AUC {summary.external_auc:.3f} on {summary.external_name}"
+    elif summary.test_auc is not None:
+        auc = f", internal test AUC {summary.test_auc:.3f}"
+    else:
+        auc = ""
     data_name = Path(summary.data_dir).name if summary.data_dir else "?"
     demo = "demo run: " if summary.is_demo else ""
     return f"{demo}{summary.run_id} ({summary.backbone or '?'} on {data_name}{auc})"
