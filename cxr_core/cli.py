@@ -1,4 +1,4 @@
-"""Command line: ``python -m cxr_core train | evaluate | predict | export``.
+"""Command line: ``python -m cxr_core train | evaluate | predict | export | ensemble``.
 
 Exit codes: 0 ok; 2 bad input (one sentence on stderr, no traceback); 3 training cancelled;
 1 unexpected failure.
@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", parents=[common],
                        help="write model.tflite (LiteRT) for a run, so the app predicts without TensorFlow")
     x.add_argument("--run", required=True, help="run folder")
+
+    n = sub.add_parser("ensemble", parents=[common],
+                       help="combine finished runs into one run (mean of their probabilities); prints its folder")
+    n.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="two or more finished run folders with the same image size and split")
+    n.add_argument("--out", help="the new run folder (default: a new folder under $CXR_RUNS_DIR or artifacts/runs)")
+    n.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="default: the first run's rule")
     return parser
 
 
@@ -228,6 +235,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import make_ensemble  # noqa: PLC0415
+
+    print(make_ensemble(args.runs, out_dir=args.out, threshold_rule=args.threshold_rule))
+    return EXIT_OK
+
+
 def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> str:
     import cv2  # noqa: PLC0415
 
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-                "export": _cmd_export}
+                "export": _cmd_export, "ensemble": _cmd_ensemble}
     started = time.time()
     try:
         return handlers[args.command](args)

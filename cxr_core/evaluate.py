@@ -197,8 +197,11 @@ def choose_threshold(
     Args:
         y_true: validation labels, 0 or 1.
         prob: validation probabilities of class 1.
-        rule: ``youden`` (maximise sensitivity + specificity - 1, the highest such threshold on ties)
-            or ``sensitivity`` (the highest threshold whose sensitivity reaches ``target_sensitivity``).
+        rule: ``youden`` (maximise sensitivity + specificity - 1, the highest such threshold on ties),
+            ``sensitivity`` (the highest threshold whose sensitivity reaches ``target_sensitivity``) or
+            ``midpoint`` (halfway, in logit space, between the median validation logits of the two
+            classes: it uses every validation image rather than the few at the boundary, and does not
+            depend on the validation prevalence, so it moves less when a new site's images shift).
         target_sensitivity: used by the ``sensitivity`` rule, in (0, 1].
 
     Returns:
@@ -217,6 +220,10 @@ def choose_threshold(
             "Validation labels hold one class only; the threshold cannot be tuned and stays at 0.5."
         )
         return 0.5
+    if rule == "midpoint":
+        logits = np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1 - 1e-7))
+        middle = 0.5 * (float(np.median(logits[y == 0])) + float(np.median(logits[y == 1])))
+        return float(1.0 / (1.0 + np.exp(-middle)))
     # Keep every point: the chosen threshold must be an exact operating point of the curve.
     fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
     # youden: thresholds decrease along the curve; argmax takes the first maximum = the highest threshold.

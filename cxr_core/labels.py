@@ -18,8 +18,9 @@ LABEL_TO_Y = {label: index for index, label in enumerate(CLASSES)}
 #: The parts of a split, in the order they are shown.
 SPLITS = ("train", "val", "test")
 #: How a run chooses its decision threshold on validation (see ``evaluate.choose_threshold``):
-#: ``youden`` maximises sensitivity + specificity; ``sensitivity`` keeps a target sensitivity.
-THRESHOLD_RULES = ("youden", "sensitivity")
+#: ``youden`` maximises sensitivity + specificity; ``sensitivity`` keeps a target sensitivity;
+#: ``midpoint`` lies halfway between the classes' median logits.
+THRESHOLD_RULES = ("youden", "sensitivity", "midpoint")
 DEFAULT_THRESHOLD = 0.5
 
 

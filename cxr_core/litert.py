@@ -12,7 +12,8 @@ The exported graph has two outputs computed in one forward pass:
   kernel. Every classifier here is backbone -> GlobalAveragePooling -> Dropout -> Dense(1), so the
   Grad-CAM weights (the spatial mean of d logit / d A_k) are exactly w_k / (h' w'): Grad-CAM equals
   this class-activation map up to a positive factor, which the [0, 1] normalisation removes.
-  No gradient is needed at prediction time.
+  No gradient is needed at prediction time. For an ensemble (``model.build_ensemble``) the CAM is
+  the members' CAMs, each weighted by d logit / d member logit and summed on the largest member grid.
 
 ``model.tflite.json`` beside it records the SHA-256 of the ``model.keras`` it was made from; a
 predictor uses the LiteRT file only when that still matches, so a replaced ``model.keras`` is never
@@ -71,7 +72,7 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
     import tensorflow as tf  # noqa: PLC0415
 
     from .backbones import BACKBONES  # noqa: PLC0415
-    from .model import gradcam_parts  # noqa: PLC0415
+    from .model import EnsembleGradcamParts, gradcam_parts  # noqa: PLC0415
 
     folder = RunFolder(run_dir)
     run_dir = folder.path
@@ -82,13 +83,17 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
     spec = BACKBONES.get(backbone) if backbone else None
     parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
     size = int(classifier.input_shape[1])
-    kernel = tf.constant(np.asarray(parts.logit.get_weights()[0])[:, 0], tf.float32)
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]
+    if isinstance(parts, EnsembleGradcamParts):
+        serve = _ensemble_serve(parts, signature)
+    else:
+        kernel = tf.constant(np.asarray(parts.logit.get_weights()[0])[:, 0], tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
-    def serve(images):
-        conv, logits = parts.forward(images)
-        cam = tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))
-        return {"logit": tf.reshape(logits, [-1]), "cam": cam}
+        @tf.function(input_signature=signature)
+        def serve(images):
+            conv, logits = parts.forward(images)
+            cam = tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))
+            return {"logit": tf.reshape(logits, [-1]), "cam": cam}
 
     try:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], classifier)
@@ -105,7 +110,10 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
         "source_sha256": file_sha256(source),
         "image_size": size,
         "last_conv_layer": parts.last_conv_layer,
-        "outputs": {"logit": "the classifier's logit", "cam": "ReLU(sum_k w_k A_k) at the last conv layer"},
+        "outputs": {"logit": "the classifier's logit", "cam": "ReLU(sum_k w_k A_k) at the last conv layer"
+                    if not isinstance(parts, EnsembleGradcamParts) else
+                    "sum over members of g_i ReLU(sum_k w_ik A_ik), g_i = d logit / d member logit, "
+                    "on the largest member grid"},
         "tensorflow": tf.__version__,
         "seconds": round(time.time() - t0, 2),
     }
@@ -113,6 +121,24 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
     folder.write_export(flatbuffer, info)
     log.info("Exported %s (%.1f MB) in %.1f s.", target, len(flatbuffer) / 1e6, info["seconds"])
     return target
+
+
+def _ensemble_serve(parts, signature):
+    """The exported function of an ensemble: its logit and the members' CAMs, each weighted by
+    ``d logit / d member logit`` and summed on the largest grid (``model.EnsembleGradcamParts``)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    kernels = [tf.constant(np.asarray(part.logit.get_weights()[0])[:, 0], tf.float32) for part in parts.members]
+
+    @tf.function(input_signature=signature)
+    def serve(images):
+        convs, member_logits, logits = parts.forward(images)
+        weights = parts.combine.gradient_weights(member_logits)  # (n, members)
+        maps = [tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]])) * weights[:, i, None, None]
+                for i, (conv, kernel) in enumerate(zip(convs, kernels))]
+        return {"logit": tf.reshape(logits, [-1]), "cam": parts.combine_maps(maps)}
+
+    return serve
 
 
 def export_run(run_dir: str | Path) -> Path:

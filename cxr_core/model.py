@@ -5,6 +5,10 @@ Every model takes float32 images in 0..255, shape ``(size, size, 3)``; the backb
 so saved models load with ``safe_mode=True``. The classifier is the reference head:
 
     Input -> Preprocess -> backbone(training=False) -> GlobalAveragePooling2D -> Dropout -> Dense(1) logit
+
+An ensemble (``build_ensemble``) is a classifier too: the image goes to each member classifier
+(nested models ``member_0``, ``member_1``, ...) and a registered ``MeanProbabilityLogit`` layer
+(``ensemble``) turns their logits into the logit of the mean of their probabilities.
 """
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ from .errors import BadRunError
 from .run_folder import MODEL_FILE
 
 log = logging.getLogger(__name__)
+
+#: The name of an ensemble's i-th member model is MEMBER_PREFIX + str(i).
+MEMBER_PREFIX = "member_"
+#: An ensemble's logit is kept within +-ENSEMBLE_LOGIT_LIMIT so that it is always finite
+#: (sigmoid(60) is 1 - 9e-27: no probability a float32 holds is lost).
+ENSEMBLE_LOGIT_LIMIT = 60.0
 
 # ImageNet statistics used by the "torch" preprocessing mode (DenseNet).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,6 +69,43 @@ class Preprocess(keras.layers.Layer):
         config = super().get_config()
         config["mode"] = self.mode
         return config
+
+
+@keras.saving.register_keras_serializable(package="cxr_core")
+class MeanProbabilityLogit(keras.layers.Layer):
+    """Several logits ``(n, 1)`` -> the logit ``(n, 1)`` of the mean of their sigmoids (an ensemble).
+
+    With ``s_i = sigmoid(l_i)`` and ``p = mean_i s_i`` the output is ``log(p / (1 - p))``, computed in
+    log space (``log p = logsumexp_i(-softplus(-l_i)) - log N``) so that it stays exact for confident
+    members, and clipped to ``+-ENSEMBLE_LOGIT_LIMIT`` so that it is always finite.
+    """
+
+    def call(self, inputs):
+        raw = self._parts(inputs)[2]
+        return keras.ops.clip(raw, -ENSEMBLE_LOGIT_LIMIT, ENSEMBLE_LOGIT_LIMIT)
+
+    def _parts(self, inputs):
+        logits = keras.ops.concatenate([keras.ops.cast(x, self.compute_dtype) for x in inputs], axis=-1)
+        log_n = keras.ops.log(keras.ops.cast(len(inputs), logits.dtype))
+        log_p = keras.ops.logsumexp(-keras.ops.softplus(-logits), axis=-1, keepdims=True) - log_n
+        log_q = keras.ops.logsumexp(-keras.ops.softplus(logits), axis=-1, keepdims=True) - log_n
+        return log_p, log_q, log_p - log_q
+
+    def gradient_weights(self, inputs):
+        """``d ensemble logit / d l_i`` for the members' logits ``inputs`` (a list of ``(n, 1)``): ``(n, N)``.
+
+        It is ``sigmoid'(l_i) / (N p (1 - p))``, positive, computed in log space; zero where the
+        output is clipped (as the clipped output's gradient is).
+        """
+        logits = keras.ops.concatenate([keras.ops.cast(x, self.compute_dtype) for x in inputs], axis=-1)
+        log_p, log_q, raw = self._parts(inputs)
+        log_n = keras.ops.log(keras.ops.cast(len(inputs), logits.dtype))
+        log_slope = -keras.ops.softplus(-logits) - keras.ops.softplus(logits)  # log s (1 - s)
+        inside = keras.ops.cast(keras.ops.abs(raw) <= ENSEMBLE_LOGIT_LIMIT, logits.dtype)
+        return keras.ops.exp(log_slope - log_n - log_p - log_q) * inside
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], 1)
 
 
 def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
@@ -162,6 +209,44 @@ def build_classifier(
     return model
 
 
+def build_ensemble(members: list[keras.Model]) -> keras.Model:
+    """One classifier whose logit is the logit of the mean of the members' probabilities.
+
+    Image (0..255) -> each member (renamed ``member_0``, ``member_1``, ..., frozen, called with
+    ``training=False``) -> ``MeanProbabilityLogit`` (layer ``ensemble``) -> logit. Saves and loads
+    with ``safe_mode=True`` like any classifier here.
+
+    Raises:
+        ValueError: with fewer than two members or when their input shapes differ (checked by the caller
+            with a sentence for a person; this is the programming-error guard).
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members; got {len(members)}.")
+    shapes = {tuple(m.input_shape[1:]) for m in members}
+    if len(shapes) != 1:
+        raise ValueError(f"the members take different input shapes: {sorted(shapes)}.")
+    inputs = keras.Input(shapes.pop(), dtype="float32", name="image")
+    logits = []
+    for i, member in enumerate(members):
+        member.name = f"{MEMBER_PREFIX}{i}"
+        member.trainable = False
+        logits.append(member(inputs, training=False))
+    outputs = MeanProbabilityLogit(name="ensemble")(logits)
+    return keras.Model(inputs, outputs, name="ensemble")
+
+
+def ensemble_members(classifier: keras.Model) -> list[keras.Model]:
+    """The member classifiers of an ensemble built by ``build_ensemble``, in order; [] for a single classifier."""
+    if not any(isinstance(layer, MeanProbabilityLogit) for layer in classifier.layers):
+        return []
+    found = {}
+    for layer in classifier.layers:
+        suffix = layer.name[len(MEMBER_PREFIX):]
+        if isinstance(layer, keras.Model) and layer.name.startswith(MEMBER_PREFIX) and suffix.isdigit():
+            found[int(suffix)] = layer
+    return [found[i] for i in sorted(found)]
+
+
 def unfreeze_top_layers(classifier: keras.Model, n: int, include_batchnorm: bool = False) -> None:
     """Make the top ``n`` layers of the classifier's backbone trainable (-1 = all, 0 = none).
 
@@ -228,12 +313,71 @@ class GradcamParts:
         return conv, self.logit(self.pool(features))
 
 
-def gradcam_parts(classifier: keras.Model, last_conv_layer: str | None = None) -> GradcamParts:
+@dataclass
+class EnsembleGradcamParts:
+    """What Grad-CAM needs from an ensemble (``build_ensemble``): each member's parts and the combiner.
+
+    The ensemble's map is the sum over members of ``g_i * ReLU(sum_k w_ik A_ik)``, each resized
+    (bilinear) to the largest member grid, where ``w_i`` is member i's final Dense kernel, ``A_i``
+    its last conv maps and ``g_i = d ensemble logit / d l_i = sigmoid'(l_i) / (N p (1 - p))``
+    (``MeanProbabilityLogit.gradient_weights``). That is Grad-CAM of the ensemble logit, each member's
+    spatial-mean gradient taken per unit of image area (times its grid's cell count) so that members
+    with coarser grids are not favoured.
+
+    Attributes:
+        members: each member's ``GradcamParts``.
+        combine: the ensemble's ``MeanProbabilityLogit`` layer.
+        last_conv_layer: the members' layer names, comma-separated (one name when they agree).
+    """
+
+    members: list[GradcamParts]
+    combine: MeanProbabilityLogit
+    last_conv_layer: str
+
+    def forward(self, images):
+        """Return ``(convs, member_logits, logit)`` for a batch; call under a GradientTape for gradients.
+
+        ``convs``: each member's last conv output; ``member_logits``: each member's ``(n, 1)`` logit;
+        ``logit``: the ensemble's ``(n, 1)`` logit.
+        """
+        convs, logits = [], []
+        for part in self.members:
+            conv, logit = part.forward(images)
+            convs.append(conv)
+            logits.append(logit)
+        return convs, logits, self.combine(logits)
+
+    def combine_maps(self, maps: list):
+        """Sum member maps ``(n, h_i, w_i)`` (already weighted) after resizing each to the largest grid."""
+        height = max(int(m.shape[1]) for m in maps)
+        width = max(int(m.shape[2]) for m in maps)
+        total = None
+        for cam in maps:
+            if (int(cam.shape[1]), int(cam.shape[2])) != (height, width):
+                cam = keras.ops.image.resize(cam[..., None], (height, width), interpolation="bilinear")[..., 0]
+            total = cam if total is None else total + cam
+        return total
+
+
+def gradcam_parts(
+    classifier: keras.Model, last_conv_layer: str | None = None
+) -> GradcamParts | EnsembleGradcamParts:
     """Split ``classifier`` into the pieces a Grad-CAM forward pass under a GradientTape needs.
 
     ``last_conv_layer`` defaults to the table's layer for the backbone found inside the classifier
-    (or the backbone's last layer when none matches).
+    (or the backbone's last layer when none matches). For an ensemble the result is an
+    ``EnsembleGradcamParts``; ``last_conv_layer`` is then used for the members whose backbone has a
+    layer of that name, the table's layer for the others.
     """
+    members = ensemble_members(classifier)
+    if members:
+        parts = []
+        for member in members:
+            names = {layer.name for layer in member.get_layer("backbone").layers}
+            parts.append(gradcam_parts(member, last_conv_layer if last_conv_layer in names else None))
+        used = list(dict.fromkeys(part.last_conv_layer for part in parts))
+        return EnsembleGradcamParts(members=parts, combine=classifier.get_layer("ensemble"),
+                                    last_conv_layer=", ".join(used))
     base = classifier.get_layer("backbone")
     names = {layer.name for layer in base.layers}
     if last_conv_layer is None:

@@ -380,13 +380,15 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
     """
     import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
 
-    from .model import gradcam_parts  # noqa: PLC0415 - model imports Keras
+    from .model import EnsembleGradcamParts, gradcam_parts  # noqa: PLC0415 - model imports Keras
 
     spec = BACKBONES.get(config.model.backbone)
     try:
         parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
     except (ValueError, KeyError, AttributeError) as error:
         raise BadRunError(f"The model in {where} lacks the layers Grad-CAM needs ({error}).") from error
+    if isinstance(parts, EnsembleGradcamParts):
+        return _make_ensemble_explain_fn(parts, size)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def explain(images):
@@ -400,6 +402,32 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
         cams = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1))
         return logits, cams
+
+    return explain
+
+
+def _make_ensemble_explain_fn(parts, size: int):
+    """The compiled explain function of an ensemble (``model.EnsembleGradcamParts``).
+
+    Grad-CAM of the ensemble's logit at every member's last conv layer: each member's weights are
+    the spatial mean of the gradient times its grid's cell count (per unit of image area, so grids
+    of different sizes weigh alike), its map is ReLU'd, and the maps are summed on the largest grid.
+    """
+    import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def explain(images):
+        with tf.GradientTape() as tape:
+            convs, _, logits = parts.forward(images)
+            logits = tf.reshape(logits, [-1])
+            total = tf.reduce_sum(logits)  # per-image gradients, as in the single-model function
+        grads = tape.gradient(total, convs)
+        maps = []
+        for conv, grad in zip(convs, grads):
+            cells = float(conv.shape[1] * conv.shape[2])
+            weights = tf.reduce_mean(grad, axis=[1, 2], keepdims=True) * cells
+            maps.append(tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1)))
+        return logits, parts.combine_maps(maps)
 
     return explain
 

@@ -14,6 +14,7 @@ export, the job launcher, the command line and the pages read through it. Every 
     predictions.csv   validation and test images: path, y, probability, split, label, patient_id
     model.keras       the classifier; written after metrics.json
     model.tflite      its LiteRT export (outputs: logit, CAM); model.tflite.json names the source's sha256
+    members.json      an ensemble's member run folders ({"members": [absolute paths]}); absent for other runs
     evaluations/      one JSON per external data set the run was evaluated on (<name>.json)
     cancel.request    present when a person asked the job to stop
     train.log         the background job's stdout and stderr
@@ -58,6 +59,7 @@ PREDICTIONS_FILE = "predictions.csv"
 MODEL_FILE = "model.keras"
 LITE_FILE = "model.tflite"
 LITE_INFO_FILE = "model.tflite.json"
+MEMBERS_FILE = "members.json"
 EVALUATIONS_DIR = "evaluations"
 CANCEL_FILE = "cancel.request"
 LOG_FILE = "train.log"
@@ -286,6 +288,31 @@ class RunFolder:
         if not self.lite_info_path.is_file():
             return None
         return json.loads(self.lite_info_path.read_text(encoding="utf-8"))
+
+    # -- ensembles -----------------------------------------------------------------------------
+    def write_members(self, members: list[str | os.PathLike]) -> None:
+        """Record an ensemble's member run folders (as absolute paths) in members.json."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        paths = [str(Path(os.fspath(m)).expanduser().resolve()) for m in members]
+        write_json_atomic(self.path / MEMBERS_FILE, {"members": paths})
+
+    def read_members(self) -> list[Path]:
+        """An ensemble's member run folders, in order; [] for a run that is not an ensemble.
+
+        Raises:
+            BadRunError: when members.json exists but does not hold a list of folder names.
+        """
+        path = self.path / MEMBERS_FILE
+        if not path.is_file():
+            return []
+        raw = read_json(path, default=None)
+        members = raw.get("members") if isinstance(raw, dict) else None
+        if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+            raise BadRunError(f"The run folder {self.path} has a {MEMBERS_FILE} that does not list its member runs.")
+        return [Path(m) for m in members]
+
+    def is_ensemble(self) -> bool:
+        return (self.path / MEMBERS_FILE).is_file()
 
     # -- external evaluations ------------------------------------------------------------------
     def write_evaluation(self, name: str, result: dict, predictions: pd.DataFrame | None = None) -> Path:

@@ -18,6 +18,7 @@ from cxr_core.config import (
     RunConfig,
 )
 from cxr_core.errors import CxrError, TrainingBusyError
+from cxr_core.labels import THRESHOLD_RULES
 from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
 from pages.ui import PROJECT_ROOT, charts, datasets, frame, models, session
@@ -168,12 +169,15 @@ def settings_form(has_official: bool) -> RunConfig | None:
         st.session_state.setdefault("train_ft_epochs", 3)
         ft_epochs = c2.number_input("Fine-tune epochs", 0, 100, key="train_ft_epochs",
                                     disabled=ft_layers == 0)
-        threshold_rule = c3.selectbox("Threshold rule", ["youden", "sensitivity"], key="train_rule", **PERSIST,
+        threshold_rule = c3.selectbox("Threshold rule", THRESHOLD_RULES, key="train_rule", **PERSIST,
                                       format_func={"youden": "Youden (balance both)",
-                                                   "sensitivity": "95 % sensitivity (screening)"}.get,
+                                                   "sensitivity": "95 % sensitivity (screening)",
+                                                   "midpoint": "Midpoint (robust to a new site)"}.get,
                                       help="How the decision threshold is chosen on the validation images: "
                                            "Youden maximises sensitivity + specificity; the screening rule "
-                                           "takes the highest threshold that still finds 95 % of pneumonias.")
+                                           "takes the highest threshold that still finds 95 % of pneumonias; "
+                                           "the midpoint lies halfway between the two classes' typical scores, "
+                                           "so it moves less when images from elsewhere score differently.")
 
         st.markdown("**Data**")
         c1, c2, c3 = st.columns(3)

@@ -214,3 +214,18 @@ def test_prevalence_is_recovered_by_em_on_calibrated_synthetic_scores():
     assert np.mean((p_trained >= t) != (shifted >= 0.5)) < 1e-4
     # No shift, no change.
     assert threshold_for_prior(0.3, 0.6, 0.6) == pytest.approx(0.3)
+
+
+def test_midpoint_rule_lies_halfway_between_the_class_medians_in_logit_space():
+    from cxr_core.evaluate import choose_threshold
+
+    logits = np.array([-4.0, -3.0, -2.0, -1.0, 2.0, 3.0, 6.0, 7.0, 8.0])
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    p = 1.0 / (1.0 + np.exp(-logits))
+    # medians: NORMAL -2.5, PNEUMONIA 6.0 -> 1.75
+    assert choose_threshold(y, p, rule="midpoint") == pytest.approx(1.0 / (1.0 + np.exp(-1.75)))
+    # It does not depend on how many images of each class validation holds.
+    more_normal = np.concatenate([y, [0, 0, 0, 0]]), np.concatenate([p, p[:4]])
+    assert choose_threshold(*more_normal, rule="midpoint") == pytest.approx(1.0 / (1.0 + np.exp(-1.75)))
+    # Youden takes the edge of the gap instead.
+    assert choose_threshold(y, p, rule="youden") == pytest.approx(p[4])

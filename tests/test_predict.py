@@ -286,7 +286,7 @@ def test_garbage_config(run_dir: Path, tmp_path: Path, content: str) -> None:
     assert str(run) in str(info.value)
 
 
-def test_older_config_still_loads(run_dir: Path, tmp_path: Path) -> None:
+def test_older_config_still_loads(run_dir: Path, predictor: Predictor, tmp_path: Path) -> None:
     run = _copy_run(run_dir, tmp_path / "r", skip=("config.json",))
     old = RUN_CFG.to_dict()
     del old["version"]
@@ -297,7 +297,7 @@ def test_older_config_still_loads(run_dir: Path, tmp_path: Path) -> None:
     (run / "config.json").write_text(json.dumps(old))
     p = Predictor.from_run(run)
     assert p.config.model.backbone == "mobilenet_v2" and p.config.version == 0
-    assert p.predict_gray(_xray(0)) == pytest.approx(Predictor.from_run(run_dir).predict_gray(_xray(0)), abs=1e-6)
+    assert p.predict_gray(_xray(0)) == pytest.approx(predictor.predict_gray(_xray(0)), abs=1e-6)  # the same network
 
 
 def test_metrics_absent_or_damaged(run_dir: Path, tmp_path: Path) -> None:
