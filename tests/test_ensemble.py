@@ -163,6 +163,7 @@ def test_combine_maps_resizes_to_the_largest_grid():
 # -- the run folder ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_folder_records_members_recipe_and_threshold(tiny_members, tmp_path):
     run = make_ensemble(tiny_members, out_dir=tmp_path / "ens")
     folder = RunFolder(run)

@@ -84,6 +84,7 @@ def test_images_from_the_training_part_are_warned_about_and_not_called_external(
     assert runs.summarize_run(run).external_name != "mixed"
 
 
+@pytest.mark.slow
 def test_cli_evaluate_stores_unless_asked_not_to(run_with_split, tmp_path, capsys):
     run, _ = run_with_split
     other = make_dataset(tmp_path / "site-c", n_normal=4, n_pneumonia=4, seed=11)

@@ -281,7 +281,8 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
 
         monkeypatch.setattr(keras.Model, "save", full_save)
     else:
-        real = train_lib.write_json_atomic
+        # Every file of a run is written by RunFolder (cxr_core.run_folder).
+        real = run_folder.write_json_atomic
 
         def full_json(path, obj):
             if Path(path).name != "metrics.json":
@@ -290,7 +291,7 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
                 Path(tmp).write_text('{"threshold": 0.')
                 raise _enospc(path)
 
-        monkeypatch.setattr(train_lib, "write_json_atomic", full_json)
+        monkeypatch.setattr(run_folder, "write_json_atomic", full_json)
 
     run_dir = root / f"new-{target}"
     with pytest.raises(CxrError) as info:
