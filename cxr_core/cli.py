@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier (e.g. 0.35)")
     t.add_argument("--weights", help="imagenet (default), none, or a path to a weights file")
     t.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    t.add_argument("--dropout", type=float)
+    t.add_argument("--dropout", type=float, help="dropout before the last layer (reference: 0.5)")
     t.add_argument("--epochs", type=int, help="epochs of the head phase on cached features (default 10)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--learning-rate", type=float)
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, help="pull training targets towards 0.5 by this much (0-0.5)")
     t.add_argument("--warmup-epochs", type=int, help="fine-tuning epochs of linear learning-rate warm-up")
     t.add_argument("--schedule", choices=SCHEDULES, help="fine-tuning learning rate: constant or cosine decay")
+    t.add_argument("--fine-tune-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the unfrozen BatchNorm layers learn the X-rays' statistics while fine-tuning")
+    t.add_argument("--weight-decay", type=float, help="decoupled weight decay while fine-tuning (AdamW); 0 = Adam")
     t.add_argument("--balance-by", metavar="COLUMN",
                    help="a manifest column (e.g. source_resolution) the model must not learn: training images are "
                         "weighted so that it tells nothing about the label")
@@ -158,7 +161,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      online_augment=args.online_augment, threshold_rule=args.threshold_rule,
                      target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
                      export_litert=args.export_litert, label_smoothing=args.label_smoothing,
-                     warmup_epochs=args.warmup_epochs, schedule=args.schedule, balance_by=args.balance_by)
+                     warmup_epochs=args.warmup_epochs, schedule=args.schedule, balance_by=args.balance_by,
+                     fine_tune_batchnorm=args.fine_tune_batchnorm, weight_decay=args.weight_decay)
     except CxrError:
         raise
     except (TypeError, ValueError) as error:  # a section rejected a combination the flags allowed

@@ -186,6 +186,9 @@ class TrainConfig:
             over-confident probabilities, which matters when the test images look different.
         warmup_epochs: fine-tuning epochs over which the learning rate rises from near 0.
         schedule: ``constant`` or ``cosine`` (the fine-tuning learning rate decays to 0 by the last epoch).
+        fine_tune_batchnorm: while fine-tuning pretrained weights, let the unfrozen BatchNorm layers
+            learn the X-rays' statistics (momentum 0.9) instead of keeping ImageNet's.
+        weight_decay: decoupled weight decay of the fine-tuning optimiser (AdamW); 0 = Adam.
     """
 
     epochs: int = 10
@@ -207,6 +210,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: int = 0
     schedule: str = "constant"
+    fine_tune_batchnorm: bool = False
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_STRATEGIES:
@@ -221,6 +226,8 @@ class TrainConfig:
             raise BadSettingError("at least one epoch of training is needed (epochs or fine_tune_epochs).")
         if not (0 <= self.label_smoothing < 0.5):
             raise BadSettingError(f"label_smoothing must be at least 0 and below 0.5; got {self.label_smoothing}.")
+        if not (0 <= self.weight_decay < 1):
+            raise BadSettingError(f"weight_decay must be at least 0 and below 1; got {self.weight_decay}.")
         if self.schedule not in SCHEDULES:
             raise BadSettingError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
         if not (0 <= self.warmup_epochs <= max(self.fine_tune_epochs, 0)):

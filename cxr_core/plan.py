@@ -16,6 +16,7 @@ from .backbones import get_backbone
 from .config import RunConfig
 from .errors import BadDatasetError
 from .labels import CLASSES, SPLITS
+from .recipes import RECIPES
 
 # Columns every scan makes; a data set's own manifest.csv adds the others (see data.scan_dataset).
 _SCAN_COLUMNS = set(data.MANIFEST_COLUMNS)
@@ -31,12 +32,17 @@ class RunPlan:
         balance: the balance plan of the training part.
         n_images: original images used (after ``limit``).
         counts: originals per part and class: ``{"train": {"NORMAL": n, "PNEUMONIA": n}, ...}``.
+        balance_by: the manifest column whose values are weighted out of the label (see
+            ``TrainConfig.balance_by``), or "" when none applies.
+        notes: sentences for the person about choices that could not apply to this data set.
     """
 
     rows: pd.DataFrame
     balance: augment.BalancePlan
     n_images: int
     counts: dict[str, dict[str, int]]
+    balance_by: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def n_train(self) -> int:
@@ -64,11 +70,19 @@ def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
         BadDatasetError: one sentence when the data cannot be split or balanced.
     """
     column = config.train.balance_by
-    if column and column not in manifest.columns:
-        extra = [c for c in manifest.columns if c not in _SCAN_COLUMNS]
-        raise BadDatasetError(
-            f"The data set has no column {column!r} to balance by; "
-            + (f"its manifest.csv has {', '.join(extra)}." if extra else "add a manifest.csv that has it."))
+    notes: list[str] = []
+    if column and (column not in manifest.columns or manifest[column].isna().all()):
+        recipe = RECIPES.get(config.train.recipe)
+        if recipe is not None and recipe.settings.get("train", {}).get("balance_by") == column:
+            # A recipe balances by a column when the data set has it; a person who asked for it is told.
+            notes.append(f"The data set has no {column} column, so the {recipe.name} recipe trains without "
+                         "balancing by it.")
+            column = ""
+        else:
+            extra = [c for c in manifest.columns if c not in _SCAN_COLUMNS]
+            raise BadDatasetError(
+                f"The data set has no column {column!r} to balance by; "
+                + (f"its manifest.csv has {', '.join(extra)}." if extra else "add a manifest.csv that has it."))
     if config.data.limit is not None and config.data.limit < len(manifest):
         manifest = data.stratified_subset(manifest, config.data.limit, seed=config.data.seed)
     split = data.make_split(
@@ -82,7 +96,8 @@ def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
         part: {label: int(((split["split"] == part) & (split["label"] == label)).sum()) for label in CLASSES}
         for part in SPLITS
     }
-    return RunPlan(rows=rows, balance=balance, n_images=int(len(split)), counts=counts)
+    return RunPlan(rows=rows, balance=balance, n_images=int(len(split)), counts=counts, balance_by=column,
+                   notes=tuple(notes))
 
 
 def estimate_seconds(config: RunConfig, n_images: int, cached_fraction: float = 0.0) -> float:

@@ -109,7 +109,7 @@ class TrainingContext:
         """Per-image training weights when a property must tell the model nothing (``balance_by``):
         within each of its values the classes weigh as in the whole part, times the class weights.
         None when the plain class weights (or none) apply."""
-        column = self.config.train.balance_by
+        column = self.plan.balance_by if self.plan is not None else self.config.train.balance_by
         if not column:
             return None
         from .shortcuts import balancing_weights  # noqa: PLC0415 (only runs that balance a property)
@@ -127,6 +127,12 @@ class TrainingContext:
     def from_scratch(self) -> bool:
         """A randomly initialised backbone trained whole: its BatchNorm layers must learn too."""
         return self.config.model.weights == "none" and self.config.train.fine_tune_layers == -1
+
+    @property
+    def trains_batchnorm(self) -> bool:
+        """Whether the unfrozen BatchNorm layers learn their statistics while fine-tuning (from
+        scratch they must; on pretrained weights only when asked, to follow the X-rays' statistics)."""
+        return self.fine_tunes and (self.from_scratch or self.config.train.fine_tune_batchnorm)
 
 
 def train(
@@ -216,6 +222,8 @@ def _prepare(ctx: TrainingContext) -> None:
     ctx.rows = ctx.plan.rows
     ctx.folder.write_split(ctx.rows)
     ctx.report("stage", stage="split", message=ctx.plan.describe())
+    for note in ctx.plan.notes:
+        ctx.report("warning", message=note)
     ctx.check_stop()
     _seed_everything(config.train.seed)
 
@@ -298,7 +306,7 @@ def _build_classifier(ctx: TrainingContext) -> None:
     """The whole network: the (cached-run) backbone and the trained head in one model."""
     ctx.classifier = model_lib.build_classifier(
         ctx.config.model, seed=ctx.config.train.seed, backbone=ctx.backbone, head=ctx.head,
-        train_batchnorm=ctx.fine_tunes and ctx.from_scratch)
+        train_batchnorm=ctx.trains_batchnorm)
 
 
 def _fine_tune(ctx: TrainingContext) -> None:
@@ -306,8 +314,8 @@ def _fine_tune(ctx: TrainingContext) -> None:
     if not ctx.fine_tunes:
         return
     config, classifier, rows = ctx.config, ctx.classifier, ctx.rows
-    model_lib.unfreeze_top_layers(classifier, config.train.fine_tune_layers, include_batchnorm=ctx.from_scratch)
-    if ctx.from_scratch:
+    model_lib.unfreeze_top_layers(classifier, config.train.fine_tune_layers, include_batchnorm=ctx.trains_batchnorm)
+    if ctx.trains_batchnorm:
         # Keras applications use BatchNorm momentum 0.99-0.999, made for ImageNet's million steps;
         # from scratch on a few thousand images the moving statistics would lag for many epochs and
         # validation (inference mode) would see a constant output. 0.9 follows the batches quickly.
@@ -319,7 +327,8 @@ def _fine_tune(ctx: TrainingContext) -> None:
     weights = ctx.sample_weights(train_rows)
     train_data = ImageBatches(train_rows, config, config.train.batch_size, shuffle=True,
                               online_augment=config.train.online_augment, weights=weights)
-    _compile(classifier, _learning_rate(config, len(train_data)), config.train.label_smoothing)
+    _compile(classifier, _learning_rate(config, len(train_data)), config.train.label_smoothing,
+             weight_decay=config.train.weight_decay)
     ctx.report("stage", stage="fine_tune", total=epochs,
                message=f"fine-tuning {'all' if config.train.fine_tune_layers < 0 else config.train.fine_tune_layers} "
                        f"backbone layers for {epochs} epochs on streamed images")
@@ -361,7 +370,8 @@ def _evaluate(ctx: TrainingContext) -> None:
         n_images=int(len(originals)),
         n_augmented=int(len(rows) - len(originals)),
         split_counts=counts,
-        balance={"strategy": balance.strategy, "n_extra": int(balance.n_extra), "class_weight": ctx.class_weight},
+        balance={"strategy": balance.strategy, "n_extra": int(balance.n_extra), "class_weight": ctx.class_weight,
+                 "by": ctx.plan.balance_by or None},
         n_patients_test=int(test["patient_id"].nunique()) if "patient_id" in test else None,
         layout=getattr(ctx.scan, "layout", None),
         duration_s=time.time() - ctx.started,
@@ -511,10 +521,13 @@ def _learning_rate(config: RunConfig, steps_per_epoch: int):
         warmup_target=rate if warmup else None, warmup_steps=warmup)
 
 
-def _compile(model, learning_rate, label_smoothing: float = 0.0, steps_per_execution: int = 1) -> None:
+def _compile(model, learning_rate, label_smoothing: float = 0.0, steps_per_execution: int = 1,
+             weight_decay: float = 0.0) -> None:
     # The model outputs logits; thresholds at 0 on a logit are 0.5 on a probability.
+    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
+                 else keras.optimizers.Adam(learning_rate))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0),

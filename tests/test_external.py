@@ -177,8 +177,9 @@ def test_balance_by_weights_make_a_confounded_property_uninformative(tmp_path):
     assert share["A"] == pytest.approx(share["B"], abs=1e-6)
     assert (frame["w"] * frame["y"]).sum() == pytest.approx((frame["w"] * (1 - frame["y"])).sum())
     # Without balance_by, plain class weights apply.
-    plain = TrainingContext(config=build_config(_args("--data", str(root))), folder=RunFolder(tmp_path / "r2"),
-                            report=None, plan=plan)
+    plain_config = build_config(_args("--data", str(root), "--split", "random"))
+    plain = TrainingContext(config=plain_config, folder=RunFolder(tmp_path / "r2"), report=None,
+                            plan=plan_run(plain_config, scan_dataset(root).manifest))
     assert plain.sample_weights(train) is None
 
 
@@ -232,3 +233,15 @@ def test_a_run_with_every_robustness_choice_trains_and_records_them(tmp_path):
     assert saved.augment.jpeg_quality == 40
     history = RunFolder(run).read_history()
     assert list(history["phase"]) == ["head", "head", "fine_tune", "fine_tune"]
+
+
+def test_a_recipe_balances_by_its_column_only_when_the_data_set_has_it(tmp_path):
+    from cxr_core.plan import plan_run
+
+    root = make_dataset(tmp_path / "plain", n_normal=12, n_pneumonia=12)
+    config = build_config(_args("--data", str(root), "--recipe", "best"))
+    assert config.train.balance_by == "source_resolution"
+    plan = plan_run(config, scan_dataset(root).manifest)
+    assert plan.balance_by == ""
+    assert plan.notes == ("The data set has no source_resolution column, so the best recipe trains without "
+                          "balancing by it.",)
