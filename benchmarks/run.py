@@ -1,6 +1,6 @@
 """Benchmark suite: our pipeline against the reference way, on the real Kermany images.
 
-    python -m benchmarks.run                 # full suite (~35-40 min on 2 CPU cores)
+    python -m benchmarks.run                 # full suite (about 21 minutes on 2 CPU cores, measured)
     python -m benchmarks.run --quick         # small subsets, few epochs and calls (~5 min; smoke test)
     python -m benchmarks.run --only train-mobilenet latency
 

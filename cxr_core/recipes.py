@@ -71,6 +71,8 @@ RECIPES: dict[str, Recipe] = {
                 "train": {"epochs": 8, "batch_size": 32, "learning_rate": 1e-3, "balance": "class_weight",
                           "fine_tune_layers": 0, "fine_tune_epochs": 0, "online_augment": False},
             },
+            expected=("MobileNetV2-0.35 (ImageNet) on kermany224: 31 s on 2 cores; on 311 images of the official "
+                      "Kermany test set AUC 0.877, accuracy 0.733 at its threshold (0.804 at 0.5)."),
         ),
         Recipe(
             "best", "Robust fine-tuning (best measured)",
@@ -90,6 +92,9 @@ RECIPES: dict[str, Recipe] = {
                           "fine_tune_batchnorm": True, "weight_decay": 1e-4, "online_augment": True,
                           "threshold_rule": "midpoint"},
             },
+            expected=("MobileNetV2-0.35 (ImageNet) on kermany224, scored on 311 images of the official Kermany "
+                      "test set: AUC 0.986, accuracy 0.936, sensitivity 0.990, specificity 0.845 at its own "
+                      "threshold; 8 epochs of 210-300 s on 2 cores."),
         ),
         Recipe(
             "demo", "From scratch (the shipped demo)",
