@@ -109,6 +109,9 @@ RECIPES: dict[str, Recipe] = {
                           "warmup_epochs": 1, "schedule": "cosine", "label_smoothing": 0.1,
                           "weight_decay": 1e-4, "online_augment": True, "threshold_rule": "midpoint"},
             },
+            expected=("The shipped demo (MobileNetV2-0.35, no pretrained weights) on 311 images of the official "
+                      "Kermany test set: AUC 0.959, accuracy 0.887, sensitivity 0.908, specificity 0.853 at its "
+                      "threshold; 14 epochs of 95-260 s on 2 cores."),
         ),
     )
 }
