@@ -25,16 +25,16 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .data import ScanResult
 from .errors import BadImageError, CxrError
 from .images import image_header, load_gray
+from .stats import ManifestLike, as_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ _STD_LUMA = np.array(
     dtype=np.float64,
 )
 
-ManifestLike = Union[ScanResult, pd.DataFrame]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,14 +417,6 @@ def report_table(report: list[dict]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _manifest(data: ManifestLike) -> pd.DataFrame:
-    if isinstance(data, ScanResult):
-        return data.manifest
-    if isinstance(data, pd.DataFrame):
-        return data
-    raise CxrError(f"Expected a scan result or a manifest table but received a {type(data).__name__}.")
-
-
 def _stratified_sample(manifest: pd.DataFrame, label_col: str, n: int, seed: int) -> pd.DataFrame:
     if n >= len(manifest):
         return manifest
@@ -471,7 +462,7 @@ def shortcut_check(
         ``property_report`` entries, highest AUC first, each with ``measured_on`` ("all images" or
         "a sample of N images").
     """
-    manifest = _manifest(scan_or_manifest).copy()
+    manifest = as_manifest(scan_or_manifest).copy()
     if split is not None and split not in manifest.columns:
         raise CxrError(f"The manifest has no {split!r} column to compare the parts of a split.")
     if {"width", "height"} <= set(manifest.columns):

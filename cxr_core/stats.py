@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 ManifestLike = Union[ScanResult, pd.DataFrame]
 
 
-def _manifest(data: ManifestLike) -> pd.DataFrame:
+def as_manifest(data: ManifestLike) -> pd.DataFrame:
+    """The manifest of a scan result, or the table itself; one sentence for anything else."""
     if isinstance(data, ScanResult):
         return data.manifest
     if isinstance(data, pd.DataFrame):
@@ -37,7 +38,7 @@ def class_counts(data: ManifestLike) -> pd.DataFrame:
     Returns:
         DataFrame indexed by label (NORMAL, PNEUMONIA) with columns ``count`` and ``share``.
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     counts = manifest["label"].value_counts().reindex(list(CLASSES), fill_value=0).astype(int)
     total = int(counts.sum())
     shares = counts / total if total else counts.astype(float)
@@ -96,7 +97,7 @@ def subtype_counts(data: ManifestLike) -> pd.DataFrame:
     Returns:
         DataFrame with columns ``label``, ``subtype``, ``count``, ``share`` (of all images).
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     counts = manifest.groupby(["label", "subtype"]).size().rename("count").reset_index()
     counts["share"] = counts["count"] / max(len(manifest), 1)
     return counts.sort_values(["label", "count"], ascending=[True, False], ignore_index=True)
@@ -108,7 +109,7 @@ def images_per_patient(data: ManifestLike) -> pd.DataFrame:
     Returns:
         DataFrame with columns ``images``, ``patients``, ``label`` (one row per label and count).
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     per_patient = manifest.groupby(["label", "patient_id"]).size().rename("images").reset_index()
     table = per_patient.groupby(["label", "images"]).size().rename("patients").reset_index()
     return table[["label", "images", "patients"]].sort_values(["label", "images"], ignore_index=True)
@@ -121,7 +122,7 @@ def patient_summary(data: ManifestLike) -> dict[str, Any]:
         dict: ``patients``, ``images``, ``mean_images_per_patient``, ``max_images_per_patient``,
         ``patients_with_several_images``, ``patients_in_both_classes``.
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     per_patient = manifest.groupby("patient_id").size()
     labels_per_patient = manifest.groupby("patient_id")["label"].nunique()
     return {
@@ -140,7 +141,7 @@ def size_distribution(data: ManifestLike) -> pd.DataFrame:
     Returns:
         DataFrame with columns ``label``, ``width``, ``height``, ``aspect`` (width / height), ``megapixels``.
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     table = manifest[["label", "width", "height"]].copy()
     table["aspect"] = table["width"] / table["height"].where(table["height"] > 0)
     table["megapixels"] = table["width"] * table["height"] / 1e6
@@ -178,7 +179,7 @@ def intensity_histograms(
         pixels; each class sums to 1, or is all zero when none of its images could be read), and
         ``attrs["n_images"]`` / ``attrs["errors"]`` for what was used and what failed.
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     edges = np.linspace(0, 256, bins + 1)
     table = pd.DataFrame({"bin_start": edges[:-1], "bin_end": edges[1:]})
     n_images: dict[str, int] = {}
@@ -227,7 +228,7 @@ def sample_images(
     Returns:
         Up to ``n`` manifest rows (fewer when fewer match), index reset.
     """
-    manifest = _manifest(data)
+    manifest = as_manifest(data)
     mask = pd.Series(True, index=manifest.index)
     if label:
         mask &= manifest["label"].astype(str).str.upper() == str(label).upper()
