@@ -9,8 +9,11 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+_WINDOWS = os.name == "nt"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -25,6 +28,20 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _replace(source: Path, target: Path) -> None:
+    """``os.replace``; on Windows a file another process has open (the app reading status.json at that
+    instant) cannot be replaced, so wait for the reader a moment: readers hold files for microseconds."""
+    for wait in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if not _WINDOWS:
+                raise
+            time.sleep(wait)
+    os.replace(source, target)
 
 
 @contextlib.contextmanager
@@ -53,7 +70,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from . import plan
 from .backbones import BACKBONE_NAMES
 from .config import BALANCE_STRATEGIES, SCHEDULES, SPLIT_MODES, RunConfig
 from .errors import CxrError
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         "weights (see benchmarks/ACCURACY.md); flags given explicitly override it")
     t.add_argument("--out", help="folder that holds run folders (default: $CXR_RUNS_DIR or artifacts/runs)")
     t.add_argument("--run-dir", help=argparse.SUPPRESS)
-    t.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    # The background launcher (jobs.start_training) passes its one-job lock file; the process takes it first.
+    t.add_argument("--lock-file", help=argparse.SUPPRESS)
     t.add_argument("--backbone", help=f"{', '.join(BACKBONE_NAMES)} (default {BACKBONE_NAMES[0]})")
     t.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier (e.g. 0.35)")
     t.add_argument("--weights", help="imagenet (default), none, or a path to a weights file")
@@ -102,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="classify files (one JSON object per line)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("files", nargs="+", help="JPEG, PNG, BMP, TIFF or DICOM files")
-    p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per file here")
+    p.add_argument("--gradcam", metavar="OUT_DIR",
+                   help="write a Grad-CAM overlay PNG per file here (the evidence for the predicted class)")
     p.add_argument("--threshold", type=float, help="override the run's chosen threshold")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
 
@@ -148,8 +151,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                        jpeg_quality=args.jpeg_quality, contrast=args.contrast, gamma=args.gamma)
         weights = args.weights
         if weights and weights.lower() not in ("imagenet", "none"):
-            if not Path(weights).expanduser().is_file():
-                raise CxrError(f"Weights file {weights} does not exist; pass imagenet, none or a .weights.h5 file.")
+            # checked with the other starting conditions in plan.preflight
             weights = str(Path(weights).expanduser().resolve())
         elif weights:
             weights = weights.lower()
@@ -171,9 +173,16 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.lock_file:
+        if not args.run_dir:
+            raise CxrError("--lock-file is for the background launcher and needs --run-dir.")
+        from . import jobs  # noqa: PLC0415 - light; taken before TensorFlow loads, so the launcher waits little
+
+        jobs.hold_training_lock(args.lock_file, args.run_dir)  # held until this process exits
     from . import runs, train  # noqa: PLC0415
 
     config = build_config(args)
+    plan.preflight(config)  # before a run folder exists: a run that cannot start is one sentence, exit 2
     stop = {"now": False}
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -223,7 +232,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if "error" in result:
             any_error = True
         elif out_dir is not None:
-            result["gradcam"] = _write_gradcam(predictor, result["file"], out_dir, overlay_heatmap)
+            result.update(_write_gradcam(predictor, result["file"], out_dir, overlay_heatmap))
         print(json.dumps(result, default=_json_default), flush=True)
     return EXIT_BAD_INPUT if any_error else EXIT_OK
 
@@ -246,19 +255,22 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> str:
+def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> dict:
+    """Write the overlay of the evidence for the predicted class; the fields it adds to the result."""
     import cv2  # noqa: PLC0415
 
     from .atomic import write_bytes_atomic  # noqa: PLC0415
     from .images import load_gray  # noqa: PLC0415
 
     gray = load_gray(file)
-    overlay = overlay_heatmap(gray, predictor.gradcam(gray))
+    found = predictor.explanation(gray)
+    overlay = overlay_heatmap(gray, found.heatmap)
     ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     target = out_dir / (Path(file).stem + ".gradcam.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(target, png.tobytes())
-    return str(target)
+    return {"gradcam": str(target), "gradcam_explains": found.target, "gradcam_empty": found.empty,
+            "gradcam_caption": found.caption}
 
 
 def _json_default(obj):

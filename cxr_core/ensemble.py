@@ -9,7 +9,7 @@
     metrics.json      the threshold chosen on the averaged validation probabilities; test metrics
     split.csv         the members' split, with every image any member trained on in "train"
     model.keras       one Keras model: image -> each member -> logit of the mean probability
-    model.tflite      its LiteRT export (logit and the combined Grad-CAM map)
+    model.tflite      its LiteRT export (logit and the combined Grad-CAM maps of both classes)
 
 The threshold must come from images none of the members trained on, so the members must share one
 split: the same validation and test images (their ``predictions.csv``), and none of those images

@@ -34,6 +34,10 @@ class TrainingBusyError(CxrError):
     """A training job is already running on this server."""
 
 
+class ServerBusyError(CxrError):
+    """The server is already doing this one-at-a-time work (unpacking an archive); try again later."""
+
+
 class DownloadError(CxrError):
     """A download that failed or whose checksum does not match."""
 

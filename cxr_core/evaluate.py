@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -375,3 +376,120 @@ def threshold_for_prior(threshold: float, train_prior: float, new_prior: float) 
     factor = (_odds(train_prior) / _odds(new_prior))
     odds = _odds(threshold) * factor
     return float(odds / (1.0 + odds))
+
+
+# --- How much to trust a figure: intervals of the rates ------------------------------------------
+#: The "few test images" rule: a 95 % interval of sensitivity or specificity wider than ± this.
+#: With a rate near 0.9 that is fewer than about 35 images of the smaller class; near 0.5, about 95.
+WIDE_INTERVAL = 0.10
+
+
+def proportion_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion ``successes / n`` (``None`` when ``n`` is 0).
+
+    Wilson rather than the normal approximation: it stays inside [0, 1] and is honest at rates of
+    0 or 1 and for small ``n``.
+    """
+    from scipy.stats import binomtest  # noqa: PLC0415 (only the Evaluation page needs it)
+
+    if int(n) <= 0:
+        return None
+    found = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(found.low), float(found.high)
+
+
+def rate_intervals(metrics: dict, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Intervals of sensitivity and specificity from the confusion matrix of ``binary_metrics``
+    (a rate whose class is absent has none)."""
+    matrix = metrics.get("confusion_matrix") if metrics else None
+    if not matrix:
+        return {}
+    (tn, fp), (fn, tp) = matrix
+    found = {}
+    for name, hits, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp)):
+        interval = proportion_interval(hits, n, confidence)
+        if interval is not None:
+            found[name] = interval
+    return found
+
+
+def intervals_are_wide(intervals: dict[str, tuple[float, float]], limit: float = WIDE_INTERVAL) -> bool:
+    """True when any interval is wider than ± ``limit``: the test set is too small to tell apart
+    models whose rates differ by that much."""
+    return any((high - low) / 2 > limit for low, high in intervals.values())
+
+
+# --- Reading the training curves -----------------------------------------------------------------
+#: Overfitting: validation loss rose at each of at least this many consecutive last epochs while
+#: training loss fell over the same epochs.
+OVERFIT_EPOCHS = 2
+#: Overfitting too: the last epoch's training AUC above its validation AUC by more than this.
+AUC_GAP = 0.10
+#: Learned nothing: validation AUC within this distance of 0.5 at every epoch.
+CHANCE_BAND = 0.05
+
+
+@dataclass(frozen=True)
+class FitDiagnosis:
+    """What the training curves say: ``kind`` is overfitting, gap, chance (warnings), or fine,
+    too_short, no_validation; ``message`` is one sentence for a person."""
+
+    kind: str
+    message: str
+
+    @property
+    def is_warning(self) -> bool:
+        return self.kind in ("overfitting", "gap", "chance")
+
+
+def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+
+
+def fit_diagnosis(history: pd.DataFrame) -> FitDiagnosis:
+    """Over- or underfitting, computed from the per-epoch history (``history.csv``).
+
+    The rules, in order: validation AUC within ``CHANCE_BAND`` of 0.5 at every epoch (chance);
+    validation loss rising at each of the last ``OVERFIT_EPOCHS`` or more epochs of the last phase
+    while training loss fell over them (overfitting); the last training AUC above validation by
+    more than ``AUC_GAP`` (gap). Otherwise fine, or too_short with fewer than
+    ``OVERFIT_EPOCHS + 1`` epochs in the last phase. The trend rule looks at the last phase only:
+    fine-tuning starts a new optimiser, so the losses jump at the boundary.
+    """
+    frame = history.reset_index(drop=True) if history is not None else pd.DataFrame()
+    val_loss_all = _column(frame, "val_loss")
+    if not len(frame) or not np.isfinite(val_loss_all).any():
+        return FitDiagnosis("no_validation", "There are no validation figures yet, so over- and underfitting "
+                                             "cannot be judged.")
+    val_auc = _column(frame, "val_auc")
+    known = val_auc[np.isfinite(val_auc)]
+    if len(known) >= 2 and np.all(np.abs(known - 0.5) <= CHANCE_BAND):
+        return FitDiagnosis("chance", f"Validation AUC has stayed within {CHANCE_BAND:.2f} of 0.5 at every epoch: "
+                                      "the model separates the classes no better than chance (pretrained weights, "
+                                      "a higher learning rate or more epochs help).")
+    if "phase" in frame.columns:
+        frame = frame[frame["phase"] == frame["phase"].iloc[-1]].reset_index(drop=True)
+    loss, val_loss = _column(frame, "loss"), _column(frame, "val_loss")
+    rising = 0
+    for i in range(len(val_loss) - 1, 0, -1):
+        if not (np.isfinite(val_loss[i]) and np.isfinite(val_loss[i - 1]) and val_loss[i] > val_loss[i - 1]):
+            break
+        rising += 1
+    if rising >= OVERFIT_EPOCHS and np.isfinite(loss[-1]) and loss[-1] < loss[-1 - rising]:
+        return FitDiagnosis("overfitting", f"Validation loss has risen for the last {rising} epochs while training "
+                                           "loss kept falling: the model is starting to overfit (more dropout or "
+                                           "augmentation, or fewer epochs, help).")
+    auc, last_val_auc = _column(frame, "auc"), _column(frame, "val_auc")
+    if np.isfinite(auc[-1]) and np.isfinite(last_val_auc[-1]) and auc[-1] - last_val_auc[-1] > AUC_GAP:
+        return FitDiagnosis("gap", f"Training AUC {auc[-1]:.2f} against validation {last_val_auc[-1]:.2f}: the model "
+                                   "fits its training images much better than new ones (overfitting).")
+    if len(frame) < OVERFIT_EPOCHS + 1:
+        return FitDiagnosis("too_short", "Too few epochs to judge yet: overfitting shows as validation loss rising "
+                                         "while training loss falls.")
+    if np.isfinite(loss[-1]) and np.isfinite(val_loss[-1]) and val_loss[-1] <= loss[-1]:
+        return FitDiagnosis("fine", "Validation does as well as training or better (dropout and augmentation act "
+                                    "only while training): no sign of overfitting.")
+    return FitDiagnosis("fine", "Validation follows training: no sign of overfitting (validation loss is not "
+                                "rising while training loss falls).")

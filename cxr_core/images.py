@@ -2,8 +2,11 @@
 
 Accepted: JPEG, PNG, BMP and TIFF (8- or 16-bit; grayscale, RGB, RGBA, CMYK, palette) through
 Pillow, and DICOM through pydicom (rescale slope/intercept, the file's VOI LUT or window, and
-MONOCHROME1 inversion applied, as a radiology viewer would). Every refusal is a ``BadImageError``
-whose message is one sentence naming the file.
+MONOCHROME1 inversion applied, as a radiology viewer would). Compressed DICOM decodes through
+pydicom's plugins: JPEG Baseline/Extended and JPEG 2000 through Pillow, RLE through pydicom, JPEG
+Lossless (process 14, the usual CR/DX export, often 12-bit) and JPEG-LS through pylibjpeg with
+pylibjpeg-libjpeg. Every refusal is a ``BadImageError`` whose message is one sentence naming the
+file (and, for pixel data that cannot be decoded, its transfer syntax by name and UID).
 
 Size is checked from the header before any pixel is decoded, so a 20000 x 20000 image or a
 decompression bomb is refused in milliseconds instead of exhausting memory.
@@ -244,13 +247,8 @@ def _dicom_gray(data: bytes, label: str) -> np.ndarray:
     try:
         # Decode the first frame only: a multi-frame study could be gigabytes.
         arr = pixels.pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError, TypeError) as error:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        syntax_name = getattr(syntax, "name", None) or str(syntax or "unknown")
-        raise BadImageError(
-            f"The DICOM file {label} could not be decoded (transfer syntax {syntax_name}: {error}); "
-            "export it as uncompressed DICOM or PNG."
-        ) from error
+    except Exception as error:  # decoder plugins raise whatever their C library reports
+        raise _undecodable(ds, label, error) from error
 
     if photometric == "PALETTE COLOR":
         arr = pixels.apply_color_lut(arr, ds)
@@ -284,6 +282,35 @@ def _dicom_gray(data: bytes, label: str) -> np.ndarray:
         # MONOCHROME1: low values are white; invert so bone is bright as in every other image.
         gray = 255 - gray
     return gray
+
+
+def _undecodable(ds, label: str, error: BaseException) -> BadImageError:
+    """One sentence naming the transfer syntax (name and UID), never pydicom's multi-line list of plugins."""
+    from pydicom.pixels import get_decoder  # noqa: PLC0415 - lazy, as above
+    from pydicom.uid import UID  # noqa: PLC0415 - as above
+
+    log.warning("Could not decode the pixel data of %s: %s", label, error)
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not uid:
+        return BadImageError(
+            f"The DICOM file {label} has no transfer syntax in its header, so its pixel data cannot be decoded; "
+            "export it again as uncompressed DICOM or PNG."
+        )
+    uid = UID(str(uid))
+    named = f"{uid.name} ({uid})" if uid.name != str(uid) else f"an unknown transfer syntax ({uid})"
+    try:
+        decodable = get_decoder(uid).is_available
+    except NotImplementedError:  # no decoder exists for this transfer syntax at all
+        decodable = False
+    if not decodable:
+        return BadImageError(
+            f"The DICOM file {label} is compressed with {named}, which cannot be decoded here; "
+            "export it as uncompressed DICOM or PNG."
+        )
+    return BadImageError(
+        f"The DICOM file {label} could not be decoded: its pixel data in {named} is damaged or does not match "
+        "its header; export it again as uncompressed DICOM or PNG."
+    )
 
 
 def _voi_lut_range(item) -> tuple[float, float]:

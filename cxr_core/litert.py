@@ -8,12 +8,17 @@ run folder holds ``model.tflite``.
 The exported graph has two outputs computed in one forward pass:
 
 * ``logit``: the classifier's logit, as ``model.keras`` computes it;
-* ``cam``: ReLU(sum_k w_k A_k), where A_k are the last convolutional maps and w_k the final Dense
-  kernel. Every classifier here is backbone -> GlobalAveragePooling -> Dropout -> Dense(1), so the
-  Grad-CAM weights (the spatial mean of d logit / d A_k) are exactly w_k / (h' w'): Grad-CAM equals
-  this class-activation map up to a positive factor, which the [0, 1] normalisation removes.
-  No gradient is needed at prediction time. For an ensemble (``model.build_ensemble``) the CAM is
-  the members' CAMs, each weighted by d logit / d member logit and summed on the largest member grid.
+* ``cams``: (n, h', w', 2), ReLU(S) and ReLU(-S) with S = sum_k w_k A_k, where A_k are the last
+  convolutional maps and w_k the final Dense kernel: where the image raised the pneumonia logit and
+  where it lowered it (the evidence for NORMAL), in ``predict.MAP_CHANNELS`` order. Every classifier
+  here is backbone -> GlobalAveragePooling -> Dropout -> Dense(1), so the Grad-CAM weights (the
+  spatial mean of d logit / d A_k) are exactly w_k / (h' w'): Grad-CAM of the logit (and of its
+  negation) equals these maps up to a positive factor, which the [0, 1] normalisation removes.
+  No gradient is needed at prediction time. For an ensemble (``model.build_ensemble``) each channel
+  is the members' maps, each weighted by d logit / d member logit and summed on the largest member grid.
+
+Format 1 exports had one ReLU(S) output and no map for NORMAL results; they are not used (the
+predictor falls back to Keras) and ``python -m cxr_core export --run RUN`` rewrites them.
 
 ``model.tflite.json`` beside it records the SHA-256 of the ``model.keras`` it was made from; a
 predictor uses the LiteRT file only when that still matches, so a replaced ``model.keras`` is never
@@ -41,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: the ``cams`` output holds both classes' maps (format 1 had the PNEUMONIA map only).
+FORMAT_VERSION = 2
 
 
 def runtime_available() -> bool:
@@ -92,8 +98,9 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
         @tf.function(input_signature=signature)
         def serve(images):
             conv, logits = parts.forward(images)
-            cam = tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))
-            return {"logit": tf.reshape(logits, [-1]), "cam": cam}
+            signed = tf.tensordot(conv, kernel, axes=[[3], [0]])
+            cams = tf.stack([tf.nn.relu(signed), tf.nn.relu(-signed)], axis=-1)
+            return {"logit": tf.reshape(logits, [-1]), "cams": cams}
 
     try:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], classifier)
@@ -110,10 +117,11 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
         "source_sha256": file_sha256(source),
         "image_size": size,
         "last_conv_layer": parts.last_conv_layer,
-        "outputs": {"logit": "the classifier's logit", "cam": "ReLU(sum_k w_k A_k) at the last conv layer"
+        "outputs": {"logit": "the classifier's logit",
+                    "cams": "[ReLU(S), ReLU(-S)] (PNEUMONIA, NORMAL) with S = sum_k w_k A_k at the last conv layer"
                     if not isinstance(parts, EnsembleGradcamParts) else
-                    "sum over members of g_i ReLU(sum_k w_ik A_ik), g_i = d logit / d member logit, "
-                    "on the largest member grid"},
+                    "[sum_i g_i ReLU(S_i), sum_i g_i ReLU(-S_i)] (PNEUMONIA, NORMAL) with S_i = sum_k w_ik A_ik, "
+                    "g_i = d logit / d member logit, on the largest member grid"},
         "tensorflow": tf.__version__,
         "seconds": round(time.time() - t0, 2),
     }
@@ -124,8 +132,8 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
 
 
 def _ensemble_serve(parts, signature):
-    """The exported function of an ensemble: its logit and the members' CAMs, each weighted by
-    ``d logit / d member logit`` and summed on the largest grid (``model.EnsembleGradcamParts``)."""
+    """The exported function of an ensemble: its logit and the members' CAMs of both classes, each
+    weighted by ``d logit / d member logit`` and summed on the largest grid (``model.EnsembleGradcamParts``)."""
     import tensorflow as tf  # noqa: PLC0415
 
     kernels = [tf.constant(np.asarray(part.logit.get_weights()[0])[:, 0], tf.float32) for part in parts.members]
@@ -134,9 +142,13 @@ def _ensemble_serve(parts, signature):
     def serve(images):
         convs, member_logits, logits = parts.forward(images)
         weights = parts.combine.gradient_weights(member_logits)  # (n, members)
-        maps = [tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]])) * weights[:, i, None, None]
-                for i, (conv, kernel) in enumerate(zip(convs, kernels))]
-        return {"logit": tf.reshape(logits, [-1]), "cam": parts.combine_maps(maps)}
+        raised, lowered = [], []
+        for i, (conv, kernel) in enumerate(zip(convs, kernels)):
+            signed = tf.tensordot(conv, kernel, axes=[[3], [0]])
+            raised.append(tf.nn.relu(signed) * weights[:, i, None, None])
+            lowered.append(tf.nn.relu(-signed) * weights[:, i, None, None])
+        cams = tf.stack([parts.combine_maps(raised), parts.combine_maps(lowered)], axis=-1)
+        return {"logit": tf.reshape(logits, [-1]), "cams": cams}
 
     return serve
 
@@ -163,6 +175,9 @@ def lite_status(run_dir: str | Path) -> str | None:
         info = None
     if info is None:
         return f"{LITE_INFO_FILE} is missing or unreadable"
+    if isinstance(info, dict) and info.get("format") == 1:
+        return (f"{LITE_FILE} was exported by an earlier version without the map for NORMAL results; "
+                f"`python -m cxr_core export --run {folder.path}` rewrites it")
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
         return f"{LITE_INFO_FILE} is of an unknown format"
     try:
@@ -176,7 +191,7 @@ def lite_status(run_dir: str | Path) -> str | None:
 # -- running (no TensorFlow) -------------------------------------------------------------------
 
 class LiteEngine:
-    """Runs ``model.tflite``: logits, or logits and CAMs, for batches of model-ready images.
+    """Runs ``model.tflite``: logits, or logits and both classes' CAMs, for batches of model-ready images.
 
     The interpreter is not thread-safe and a Streamlit server shares one predictor between
     sessions, so calls are serialised by a lock (one image takes milliseconds).
@@ -185,7 +200,11 @@ class LiteEngine:
     name = "LiteRT"
 
     def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+        except ImportError as error:  # installed, but its native library does not load on this machine
+            log.warning("The LiteRT runtime cannot be loaded: %s", error)
+            raise BadRunError("The LiteRT runtime (ai-edge-litert) is installed but cannot be loaded here.") from error
 
         self.path = Path(path)
         threads = num_threads or max(1, min(4, os.cpu_count() or 1))
@@ -198,17 +217,18 @@ class LiteEngine:
                 f"{self.path.name} in {self.path.parent} is not a LiteRT model this version can run."
             ) from error
         # The graph is converted without a signature, so the outputs are told apart by rank:
-        # the logit is (n,), the CAM is (n, h', w').
-        by_rank = {len(detail["shape_signature"]): detail["index"] for detail in outputs}
+        # the logit is (n,), the CAMs are (n, h', w', 2).
+        by_rank = {len(detail["shape_signature"]): detail for detail in outputs}
         shape = list(inputs[0]["shape_signature"]) if len(inputs) == 1 else []
-        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1 or set(by_rank) != {1, 3}:
+        if (len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1 or set(by_rank) != {1, 4}
+                or by_rank[4]["shape_signature"][-1] != 2):
             raise BadRunError(
                 f"{self.path.name} in {self.path.parent} is not an exported classifier (input {shape}, "
                 f"{len(outputs)} outputs)."
             )
         self.image_size = int(shape[1])
         self._input_index = inputs[0]["index"]
-        self._logit_index, self._cam_index = by_rank[1], by_rank[3]
+        self._logit_index, self._cam_index = by_rank[1]["index"], by_rank[4]["index"]
         self._batch = 0
         self._lock = threading.Lock()
 
@@ -230,5 +250,5 @@ class LiteEngine:
         return self._run(batch, with_cam=False)[0]
 
     def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w'))."""
+        """float32 (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w', 2) in ``predict.MAP_CHANNELS`` order)."""
         return self._run(batch, with_cam=True)

@@ -19,9 +19,10 @@ from typing import Callable
 
 import keras
 
+from . import weights as weights_lib
 from .backbones import BACKBONES, PREPROCESS_MODES, BackboneSpec, get_backbone
 from .config import ModelConfig
-from .errors import BadRunError
+from .errors import BadRunError, BadSettingError
 from .run_folder import MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,14 @@ def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
         kwargs["alpha"] = cfg.alpha
     weights = cfg.weights or "none"
     if weights.lower() == "imagenet":
-        return build(weights="imagenet", **kwargs)
+        try:
+            return build(weights="imagenet", **kwargs)
+        except Exception as error:  # Keras raises a bare Exception("URL fetch failure on ...") offline
+            if "fetch failure" not in str(error) and not isinstance(error, OSError):
+                raise
+            log.debug("downloading ImageNet weights failed", exc_info=True)
+            raise BadSettingError(f"The ImageNet weights for {backbone.label} could not be downloaded; "
+                                  f"{weights_lib.imagenet_help(cfg.backbone, cfg.alpha, size)}.") from error
     base = build(weights=None, **kwargs)
     if weights.lower() == "none":
         return base
@@ -317,7 +325,8 @@ class GradcamParts:
 class EnsembleGradcamParts:
     """What Grad-CAM needs from an ensemble (``build_ensemble``): each member's parts and the combiner.
 
-    The ensemble's map is the sum over members of ``g_i * ReLU(sum_k w_ik A_ik)``, each resized
+    The ensemble's map is the sum over members of ``g_i * ReLU(sum_k w_ik A_ik)`` (for NORMAL, of
+    ``g_i * ReLU(-sum_k w_ik A_ik)``: where each member's logit was lowered), each resized
     (bilinear) to the largest member grid, where ``w_i`` is member i's final Dense kernel, ``A_i``
     its last conv maps and ``g_i = d ensemble logit / d l_i = sigmoid'(l_i) / (N p (1 - p))``
     (``MeanProbabilityLogit.gradient_weights``). That is Grad-CAM of the ensemble logit, each member's

@@ -11,12 +11,46 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import augment, data
+from . import augment, data, weights
 from .backbones import get_backbone
 from .config import RunConfig
-from .errors import BadDatasetError
+from .errors import BadDatasetError, BadSettingError
 from .labels import CLASSES, SPLITS
 from .recipes import RECIPES
+
+
+def check_can_learn(config: RunConfig, where: str = "cli") -> None:
+    """Refuse a run that cannot learn: a randomly initialised backbone that stays frozen turns every
+    X-ray into random features, and such runs used to end at a test AUC of 0.500.
+
+    Raises:
+        BadSettingError: one sentence with the two ways out.
+    """
+    model, train = config.model, config.train
+    frozen = train.fine_tune_layers == 0 or train.fine_tune_epochs <= 0
+    if (model.weights or "none").strip().lower() == "none" and frozen:
+        how = "--fine-tune-layers -1 with --fine-tune-epochs 1 or more" if where == "cli" else (
+            "Fine-tune top layers: all layers, with at least one fine-tune epoch")
+        raise BadSettingError(
+            "A backbone with random weights cannot learn while it stays frozen; start from ImageNet weights or a "
+            f"weights file, or train the whole network ({how}).")
+
+
+def preflight(config: RunConfig, probe=None, where: str = "cli") -> str:
+    """Every check a run must pass before it starts (the CLI, the Training page and ``train`` call it).
+
+    Returns how the starting weights will be had (see ``weights.check_weights``); ``where`` ("cli" or
+    "app") picks how the advice names the choices.
+
+    Raises:
+        BadSettingError: one sentence saying what to change.
+    """
+    check_can_learn(config, where)
+    model = config.model
+    kwargs = {"probe": probe} if probe is not None else {}
+    return weights.check_weights(model.backbone, model.weights, model.alpha, model.resolved_image_size,
+                                 where=where, **kwargs)
+
 
 # Columns every scan makes; a data set's own manifest.csv adds the others (see data.scan_dataset).
 _SCAN_COLUMNS = set(data.MANIFEST_COLUMNS)

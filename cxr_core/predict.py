@@ -4,12 +4,19 @@
 decision threshold) and runs the network on one of two engines: LiteRT (``model.tflite``, see
 ``cxr_core.litert``; no TensorFlow, so a small server) when the folder has a current export, else
 Keras (``model.keras`` in safe mode, two compiled functions: batched probabilities, and the
-probability with the Grad-CAM map in a single forward pass). Both give the same probabilities
+probability with the Grad-CAM maps in a single forward pass). Both give the same probabilities
 and heatmaps. TensorFlow is imported lazily so ``import cxr_core.predict`` stays light.
+
+A heatmap shows the evidence for one class (``Explanation.target``), by default the predicted one.
+Every head here is GlobalAveragePooling -> Dropout -> Dense(1), so the PNEUMONIA logit is
+``sum_k w_k mean(A_k) + b`` and the signed map ``S = sum_k w_k A_k`` splits it over the image:
+ReLU(S) is where the image raised the pneumonia score (Grad-CAM of the logit), ReLU(-S) where it
+lowered it (Grad-CAM of the negated logit: the evidence for NORMAL). Both come from the same pass.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -21,7 +28,7 @@ from .backbones import BACKBONES
 from .config import RunConfig
 from .errors import BadImageError, BadRunError, CxrError
 from .images import load_gray, to_model_input
-from .labels import DEFAULT_THRESHOLD, label_for, sigmoid
+from .labels import CLASSES, DEFAULT_THRESHOLD, NEGATIVE, POSITIVE, label_for, sigmoid
 from .run_folder import MODEL_FILE, RunFolder, check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +38,56 @@ logger = logging.getLogger(__name__)
 
 #: Images per forward pass in batched prediction (bounded memory: 32 x 299 x 299 x 3 float32 = 34 MB).
 BATCH_SIZE = 16
+
+#: The class each channel of an engine's raw maps ``(n, h', w', 2)`` explains: ReLU(S), ReLU(-S).
+MAP_CHANNELS = (POSITIVE, NEGATIVE)
+
+#: What a heatmap's highlighted regions mean, one line per class it explains.
+MAP_CAPTIONS = {
+    POSITIVE: "Highlighted: regions that raised the pneumonia score.",
+    NEGATIVE: "Highlighted: regions that lowered the pneumonia score (evidence for NORMAL).",
+}
+#: Said instead of showing an all-zero map (no region holds evidence for the class it explains).
+EMPTY_MAP_CAPTIONS = {
+    POSITIVE: "No region raised the pneumonia score, so there is no map to show: the PNEUMONIA call "
+              "comes from the model's baseline and the threshold, not from a place in the image.",
+    NEGATIVE: "No region lowered the pneumonia score, so there is no map to show: the NORMAL call "
+              "comes from the model's baseline and the threshold, not from a place in the image.",
+}
+
+
+def map_caption(target: str, empty: bool = False) -> str:
+    """The one line that says what a heatmap explaining ``target`` shows (or that it shows nothing)."""
+    if target not in MAP_CAPTIONS:
+        raise ValueError(f"A map explains one of {CLASSES}; got {target!r}.")
+    return EMPTY_MAP_CAPTIONS[target] if empty else MAP_CAPTIONS[target]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: an array field has no single truth value
+class Explanation:
+    """One image's probability, label and the heatmap of the evidence for one class.
+
+    Attributes:
+        probability: probability of PNEUMONIA.
+        label: the predicted class at the predictor's threshold.
+        target: the class whose evidence ``heatmap`` shows (``label`` unless another was asked for).
+        heatmap: float32 (h, w) in [0, 1] at the image's size; all zeros when there is no such evidence.
+    """
+
+    probability: float
+    label: str
+    target: str
+    heatmap: np.ndarray
+
+    @property
+    def empty(self) -> bool:
+        """True when no region holds evidence for ``target`` (the map is all zeros)."""
+        return not bool(np.any(self.heatmap > 0))
+
+    @property
+    def caption(self) -> str:
+        """One line for a person: what the highlighted regions mean, or that there are none."""
+        return map_caption(self.target, self.empty)
 
 
 def _gray_checked(gray: Any) -> np.ndarray:
@@ -48,7 +105,10 @@ def _gray_checked(gray: Any) -> np.ndarray:
 
 
 class KerasEngine:
-    """Runs a Keras classifier with TensorFlow: logits, or logits and Grad-CAM maps, for batches."""
+    """Runs a Keras classifier with TensorFlow: logits, or logits and Grad-CAM maps, for batches.
+
+    ``explain`` returns the logits ``(n,)`` and raw maps ``(n, h', w', 2)``, one channel per class
+    of ``MAP_CHANNELS`` (the LiteRT engine returns the same)."""
 
     name = "Keras"
 
@@ -307,44 +367,67 @@ class Predictor:
 
     # -- Grad-CAM ------------------------------------------------------------------------------
 
-    def explain_batch(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Probabilities and Grad-CAM heatmaps of several images in one forward pass.
+    def explanations(self, grays: Sequence[np.ndarray], target: str | None = None) -> list[Explanation]:
+        """Probabilities, labels and heatmaps of several images, one forward pass per batch.
 
         Args:
             grays: 2-D uint8 arrays of any sizes.
+            target: the class whose evidence every heatmap shows (``"PNEUMONIA"`` or ``"NORMAL"``);
+                ``None`` (the default) explains each image's predicted class.
 
         Returns:
-            (probabilities float64 (n,), heatmaps: float32 (h, w) in [0, 1], each at its image's size).
+            one ``Explanation`` per image, its heatmap float32 (h, w) in [0, 1] at the image's size.
         """
-        probs: list[np.ndarray] = []
-        maps: list[np.ndarray] = []
+        if target is not None and target not in MAP_CHANNELS:
+            raise ValueError(f"A map explains one of {CLASSES}; got {target!r}.")
+        out: list[Explanation] = []
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start : start + BATCH_SIZE]]
             logits, cams = self._engine.explain(self._inputs(part))
-            probs.append(sigmoid(logits))
-            for gray, cam in zip(part, cams):
-                maps.append(_finish_cam(cam, gray.shape))
-        return (np.concatenate(probs) if probs else np.zeros(0, np.float64)), maps
+            for gray, probability, cam in zip(part, sigmoid(logits), cams):
+                label = self.label(probability)
+                explained = target or label
+                heatmap = _finish_cam(cam[..., MAP_CHANNELS.index(explained)], gray.shape)
+                out.append(Explanation(float(probability), label, explained, heatmap))
+        return out
 
-    def explain(self, gray: np.ndarray) -> tuple[float, np.ndarray]:
-        """Probability and Grad-CAM heatmap of one image from a single forward pass."""
-        probs, maps = self.explain_batch([gray])
-        return float(probs[0]), maps[0]
+    def explanation(self, gray: np.ndarray, target: str | None = None) -> Explanation:
+        """``explanations`` of one image."""
+        return self.explanations([gray], target)[0]
 
-    def gradcam(self, gray: np.ndarray) -> np.ndarray:
-        """Grad-CAM heatmap for the PNEUMONIA logit.
+    def explain_batch(
+        self, grays: Sequence[np.ndarray], target: str | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Probabilities and heatmaps of several images (``explanations`` without the labels).
+
+        Returns:
+            (probabilities float64 (n,), heatmaps: float32 (h, w) in [0, 1], each at its image's size,
+            each showing the evidence for ``target``, by default the image's predicted class).
+        """
+        found = self.explanations(grays, target)
+        return np.array([e.probability for e in found], np.float64), [e.heatmap for e in found]
+
+    def explain(self, gray: np.ndarray, target: str | None = None) -> tuple[float, np.ndarray]:
+        """Probability and heatmap of one image from a single forward pass (see ``explain_batch``)."""
+        found = self.explanation(gray, target)
+        return found.probability, found.heatmap
+
+    def gradcam(self, gray: np.ndarray, target: str | None = None) -> np.ndarray:
+        """Grad-CAM heatmap of the evidence for ``target`` (by default the predicted class).
 
         Args:
             gray: 2-D uint8 image.
+            target: ``"PNEUMONIA"`` (regions that raised the pneumonia logit), ``"NORMAL"`` (regions
+                that lowered it) or ``None``.
 
         Returns:
-            float32 (h, w) in [0, 1] at the image's own size; all zeros when no region raises the logit.
+            float32 (h, w) in [0, 1] at the image's own size; all zeros when no region holds such evidence.
         """
-        return self.explain(gray)[1]
+        return self.explanation(gray, target).heatmap
 
-    def gradcam_batch(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def gradcam_batch(self, grays: Sequence[np.ndarray], target: str | None = None) -> list[np.ndarray]:
         """Grad-CAM heatmaps of several images (batched forward passes)."""
-        return self.explain_batch(grays)[1]
+        return self.explain_batch(grays, target)[1]
 
     def warmup(self) -> None:
         """Trace both compiled functions now (about 1-2 s), so the first real image is fast."""
@@ -361,7 +444,7 @@ def _lower_first(text: str) -> str:
 
 
 def _finish_cam(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """ReLU'd class-activation map -> [0, 1], resized to ``shape`` (h, w)."""
+    """One ReLU'd class-activation map (h', w') -> [0, 1], resized to ``shape`` (h, w)."""
     cam = np.maximum(np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
     peak = float(cam.max()) if cam.size else 0.0
     h, w = int(shape[0]), int(shape[1])
@@ -374,7 +457,7 @@ def _finish_cam(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, where: str):
-    """A compiled function: images (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w')).
+    """A compiled function: images (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w', 2)).
 
     Built once per predictor; the fixed input signature means one trace for every batch size.
     """
@@ -400,8 +483,9 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
             total = tf.reduce_sum(logits)
         grads = tape.gradient(total, conv)
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
-        cams = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1))
-        return logits, cams
+        signed = tf.reduce_sum(conv * weights, axis=-1)
+        # Grad-CAM of the logit and of its negation (the evidence for NORMAL), in MAP_CHANNELS order.
+        return logits, tf.stack([tf.nn.relu(signed), tf.nn.relu(-signed)], axis=-1)
 
     return explain
 
@@ -412,6 +496,7 @@ def _make_ensemble_explain_fn(parts, size: int):
     Grad-CAM of the ensemble's logit at every member's last conv layer: each member's weights are
     the spatial mean of the gradient times its grid's cell count (per unit of image area, so grids
     of different sizes weigh alike), its map is ReLU'd, and the maps are summed on the largest grid.
+    The NORMAL channel does the same with each member's negated map.
     """
     import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
 
@@ -422,12 +507,14 @@ def _make_ensemble_explain_fn(parts, size: int):
             logits = tf.reshape(logits, [-1])
             total = tf.reduce_sum(logits)  # per-image gradients, as in the single-model function
         grads = tape.gradient(total, convs)
-        maps = []
+        raised, lowered = [], []
         for conv, grad in zip(convs, grads):
             cells = float(conv.shape[1] * conv.shape[2])
             weights = tf.reduce_mean(grad, axis=[1, 2], keepdims=True) * cells
-            maps.append(tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1)))
-        return logits, parts.combine_maps(maps)
+            signed = tf.reduce_sum(conv * weights, axis=-1)
+            raised.append(tf.nn.relu(signed))
+            lowered.append(tf.nn.relu(-signed))
+        return logits, tf.stack([parts.combine_maps(raised), parts.combine_maps(lowered)], axis=-1)
 
     return explain
 

@@ -9,11 +9,11 @@ export, the job launcher, the command line and the pages read through it. Every 
     skipped.csv       images that could not be read, with the reason
     history.csv       per epoch: phase, epoch, loss, accuracy, auc, precision, recall, val_* of each
     progress.jsonl    one JSON line per event: {"time", "event": "stage"|"extract"|"epoch"|"done"|...}
-    status.json       {"state", "pid", "started", "finished", "error", "message"}
+    status.json       {"state", "pid", "pid_create_time", "started", "finished", "error", "message"}
     metrics.json      {"threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"}, ...}
     predictions.csv   validation and test images: path, y, probability, split, label, patient_id
     model.keras       the classifier; written after metrics.json
-    model.tflite      its LiteRT export (outputs: logit, CAM); model.tflite.json names the source's sha256
+    model.tflite      its LiteRT export (outputs: logit, both classes' CAMs); .json: the source's sha256
     members.json      an ensemble's member run folders ({"members": [absolute paths]}); absent for other runs
     evaluations/      one JSON per external data set the run was evaluated on (<name>.json)
     cancel.request    present when a person asked the job to stop
@@ -80,6 +80,16 @@ def evaluation_name(data_dir: str | os.PathLike) -> str:
     """The name an external evaluation is stored under: the data set folder's name, made safe."""
     name = Path(os.fspath(data_dir)).expanduser().resolve().name or "data"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:80] or "data"
+
+
+def _create_time(pid: Any) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, as psutil counts), or None."""
+    import psutil  # noqa: PLC0415 - only status writers need it
+
+    try:
+        return psutil.Process(int(pid)).create_time()
+    except (psutil.Error, TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -216,13 +226,20 @@ class RunFolder:
         return status if isinstance(status, dict) and status.get("state") in STATES else None
 
     def write_status(self, state: str, **fields: Any) -> dict:
-        """Replace status.json with ``state`` plus ``fields`` (keeps the started time and pid)."""
+        """Replace status.json with ``state`` plus ``fields`` (keeps the started time and pid).
+
+        The pid goes with its process's creation time (``pid_create_time``), so that a pid reused
+        by another program later is not taken for the run's process (``runs.running_process``).
+        """
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         previous = read_json(self.path / STATUS_FILE, default={}) or {}
+        pid = fields.pop("pid", previous.get("pid", os.getpid()))
+        same = pid == previous.get("pid") and "pid_create_time" in previous
         status = {
             "state": state,
-            "pid": fields.pop("pid", previous.get("pid", os.getpid())),
+            "pid": pid,
+            "pid_create_time": previous["pid_create_time"] if same else _create_time(pid),
             "started": previous.get("started", time.time()),
             "updated": time.time(),
         }

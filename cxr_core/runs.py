@@ -2,7 +2,8 @@
 
 A run folder is self-describing (see docs/ARCHITECTURE.md). Its ``status.json`` says
 running / done / failed / cancelled. A process killed without warning cannot update its status,
-so a run that says "running" but whose process is gone reads as "failed" here: no run is ever
+so a run that says "running" but whose process is gone (or whose pid now belongs to another
+program: the status records the process's creation time too) reads as "failed" here: no run is ever
 shown as done without a loadable model, and none is shown as running forever.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 
 from .errors import BadRunError
 from .run_folder import MODEL_FILE, RunFolder
@@ -90,25 +92,35 @@ def new_run_dir(root: Path | None = None, hint: str = "run") -> Path:
     raise RuntimeError(f"could not create a new run folder under {root}")
 
 
-def _pid_alive(pid: Any) -> bool:
+#: Seconds two readings of one process's creation time may differ by (the boot time they are
+#: counted from can move by a second); a pid reused by another program starts later than that.
+_CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def running_process(status: dict) -> psutil.Process | None:
+    """The live process a status names (``pid``, and ``pid_create_time`` when recorded), or None.
+
+    Portable (psutil; ``os.kill(pid, 0)`` would terminate the process on Windows). None when the
+    process is gone, is a zombie (killed, not yet reaped), or is another program that got the
+    same pid later: its creation time differs from the recorded one.
+    """
     try:
-        pid = int(pid)
+        pid = int(status.get("pid"))
     except (TypeError, ValueError):
-        return False
-    if pid <= 0:
-        return False
+        return None
+    if pid <= 0 or not psutil.pid_exists(pid):
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped) still answers kill(0); it is not running.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+        process = psutil.Process(pid)
+        recorded = status.get("pid_create_time")
+        if recorded is not None and abs(process.create_time() - float(recorded)) > _CREATE_TIME_TOLERANCE_S:
+            return None
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError, ValueError):
+        # AccessDenied: another user's process, so not the job this user started.
+        return None
+    return process
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
@@ -125,7 +137,7 @@ def read_status(run_dir: str | os.PathLike) -> dict:
             return {"state": "done", "message": "finished (no status file)"}
         return {"state": "failed", "message": "the run folder has no readable status.json", "error": "missing status"}
     status = dict(status)
-    if status["state"] == "running" and not _pid_alive(status.get("pid")):
+    if status["state"] == "running" and running_process(status) is None:
         status["state"] = "failed"
         status["error"] = status.get("error") or "the training process stopped without finishing (killed or crashed)"
     if status["state"] == "done" and not folder.has_model():
@@ -172,6 +184,19 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
     return result
 
 
+#: A validation AUC this close to 0.5 means the model ranks images no better than chance.
+CHANCE_AUC_MARGIN = 0.1
+
+
+def near_chance(auc: float | None) -> bool:
+    """Whether an AUC is within ``CHANCE_AUC_MARGIN`` of 0.5 (None or NaN: unknown, not flagged)."""
+    try:
+        value = float(auc)
+    except (TypeError, ValueError):
+        return False
+    return value == value and abs(value - 0.5) < CHANCE_AUC_MARGIN
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One row of the runs table."""
@@ -194,10 +219,26 @@ class RunSummary:
     external_auc: float | None = None
     external_accuracy: float | None = None
     recipe: str = ""
+    #: The final model's AUC on the run's validation part (what the threshold was chosen on).
+    val_auc: float | None = None
+
+    @property
+    def learned_nothing(self) -> bool:
+        """A finished run that ranks its validation images about as well as a coin (see ``near_chance``)."""
+        return self.state == "done" and near_chance(self.val_auc)
+
+    @property
+    def warning(self) -> str:
+        """One sentence for a run that learned nothing, else ""."""
+        if not self.learned_nothing:
+            return ""
+        return (f"Run {self.run_id} learned nothing: its validation AUC is {self.val_auc:.2f}, about what a coin "
+                "toss gives, so its predictions mean nothing.")
 
     def as_row(self) -> dict:
         return {
-            "run": self.run_id, "status": self.state, "backbone": self.backbone, "recipe": self.recipe,
+            "run": self.run_id, "status": "learned nothing" if self.learned_nothing else self.state,
+            "backbone": self.backbone, "recipe": self.recipe,
             "data": Path(self.data_dir).name if self.data_dir else "", "split": self.split,
             "images": self.n_images,
             "external test set": self.external_name or "", "external AUC": self.external_auc,
@@ -222,6 +263,9 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         values = pd.to_numeric(history["val_auc"], errors="coerce").dropna()
         best_val_auc = float(values.max()) if len(values) else None
     test_auc = (((metrics.get("test") or {}).get("at_threshold") or {}).get("roc_auc"))
+    val_auc = (metrics.get("val") or {}).get("roc_auc")
+    if val_auc is None:
+        val_auc = best_val_auc
     started = status.get("started")
     finished = status.get("finished") or (time.time() if status.get("state") == "running" else None)
     duration = (finished - started) if (started and finished) else metrics.get("duration_s")
@@ -243,6 +287,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         external_auc=external.get("roc_auc"),
         external_accuracy=external.get("accuracy"),
         recipe=config.train.recipe if config else "",
+        val_auc=val_auc,
     )
 
 

@@ -42,7 +42,7 @@ from .config import RunConfig
 from .errors import CxrError, DiskFullError
 from .images import load_gray, to_model_input
 from .labels import require_both_classes, sigmoid
-from .plan import RunPlan, plan_run
+from .plan import RunPlan, plan_run, preflight
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def _record_failure(ctx: TrainingContext, error: BaseException, text: str | None
 def _prepare(ctx: TrainingContext) -> None:
     """Scan, subset, split and balance (``plan.plan_run``); write split.csv."""
     config = ctx.config
+    preflight(config)  # a run launched without the CLI's or the page's checks fails here, in one sentence
     ctx.report("stage", stage="scan", message=f"scanning {config.data.data_dir}")
     ctx.scan = data.scan_dataset(config.data.data_dir)
     ctx.problems = [frame for frame in (ctx.scan.skipped, _duplicates_as_skipped(ctx.scan.duplicates)) if len(frame)]

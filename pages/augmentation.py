@@ -9,7 +9,7 @@ from cxr_core import augment
 from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import CxrError
 from cxr_core.labels import CLASSES
-from pages.ui import datasets, frame, session
+from pages.ui import charts, datasets, frame, session
 
 frame.page_header(
     "Augmentation",
@@ -26,7 +26,19 @@ W_WSHIFT, W_HSHIFT, W_ZOOM = "aug_width_shift", "aug_height_shift", "aug_zoom"
 W_BALANCE = "aug_balance"
 FIELDS = {W_ROTATION: "rotation_range", W_FLIP: "horizontal_flip", W_BRIGHT: "brightness_range",
           W_WSHIFT: "width_shift", W_HSHIFT: "height_shift", W_ZOOM: "zoom"}
+# The sliders' ranges: a value from elsewhere (a link, a recipe) is brought inside them.
+BOUNDS = {W_ROTATION: (0.0, 45.0), W_BRIGHT: (0.5, 1.5), W_WSHIFT: (0.0, 0.3), W_HSHIFT: (0.0, 0.3),
+          W_ZOOM: (0.0, 0.3)}
 N_VARIANTS = 7
+
+
+def _inside(key: str, value):
+    if key not in BOUNDS:
+        return value
+    low, high = BOUNDS[key]
+    if isinstance(value, (list, tuple)):
+        return tuple(min(max(float(v), low), high) for v in value)
+    return min(max(float(value), low), high)
 
 
 def seed_widgets() -> None:
@@ -34,8 +46,7 @@ def seed_widgets() -> None:
     chosen = asdict(session.augment_config())
     for key, name in FIELDS.items():
         if key not in st.session_state:
-            value = chosen[name]
-            st.session_state[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+            st.session_state[key] = _inside(key, chosen[name])
     st.session_state.setdefault(W_BALANCE, st.session_state.get(session.KEY_BALANCE, "augment"))
 
 
@@ -47,25 +58,26 @@ def reset_to_reference() -> None:
 
 
 def controls() -> AugmentConfig:
-    st.slider("Rotation (degrees, either way)", 0.0, 45.0, step=0.1, key=W_ROTATION, format="%.1f°",
+    st.slider("Rotation (degrees, either way)", *BOUNDS[W_ROTATION], step=0.1, key=W_ROTATION, format="%.1f°",
               help="Maximum rotation in degrees. The reference uses ±0.3°: patients are positioned "
                    "carefully, so real films are almost never tilted much.")
     st.toggle("Horizontal flip (mirror left-right)", key=W_FLIP,
               help="Half of the images are mirrored. A mirrored chest puts the heart on the right: that is "
                    "dextrocardia, which is rare (about 1 in 10,000). The reference flips anyway; try turning it off.")
-    st.slider("Brightness factor range", 0.5, 1.5, step=0.01, key=W_BRIGHT,
+    st.slider("Brightness factor range", *BOUNDS[W_BRIGHT], step=0.01, key=W_BRIGHT,
               help="Pixel intensities are multiplied by a factor drawn from this range (1.0 = unchanged). "
                    "The reference uses 0.9–1.1, like exposure differences between machines.")
-    st.slider("Horizontal shift (fraction of the width)", 0.0, 0.3, step=0.01, key=W_WSHIFT,
+    st.slider("Horizontal shift (fraction of the width)", *BOUNDS[W_WSHIFT], step=0.01, key=W_WSHIFT,
               help="Maximum sideways shift as a fraction of the image width: 0.05 moves a 224-pixel "
                    "image by up to 11 pixels. Edges are filled by repeating the border pixels.")
-    st.slider("Vertical shift (fraction of the height)", 0.0, 0.3, step=0.01, key=W_HSHIFT,
+    st.slider("Vertical shift (fraction of the height)", *BOUNDS[W_HSHIFT], step=0.01, key=W_HSHIFT,
               help="Maximum up/down shift as a fraction of the image height.")
-    st.slider("Zoom (fraction in or out)", 0.0, 0.3, step=0.01, key=W_ZOOM,
+    st.slider("Zoom (fraction in or out)", *BOUNDS[W_ZOOM], step=0.01, key=W_ZOOM,
               help="Maximum zoom either way as a fraction: 0.1 scales between 90 % and 110 %. "
                    "The reference does not zoom (0).")
     st.button("Reset to the reference settings", on_click=reset_to_reference, icon=":material/restart_alt:")
-    values = {name: st.session_state[key] for key, name in FIELDS.items()}
+    # The fields without a control here (robustness augmentation from a recipe or a link) are kept.
+    values = {**asdict(session.augment_config()), **{name: st.session_state[key] for key, name in FIELDS.items()}}
     try:
         config = AugmentConfig(**values)
     except ValueError as error:  # e.g. an impossible brightness range
@@ -203,4 +215,5 @@ with right:
 st.divider()
 balance_section()
 with st.expander("The chosen settings, as saved in the run's config.json"):
-    st.dataframe(pd.DataFrame([asdict(config)]).astype(str), hide_index=True)
+    settings = pd.DataFrame([asdict(config)]).map(lambda v: None if v is None else str(v))
+    charts.table(settings, hide_index=True)

@@ -6,10 +6,11 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from cxr_core import download, practice, stats
+from cxr_core import download, practice, resources, stats
 from cxr_core.config import SPLIT_LABELS, SPLIT_MODES
-from cxr_core.errors import CxrError
+from cxr_core.errors import CxrError, ServerBusyError
 from cxr_core.labels import CLASSES
 from pages.ui import charts, datasets, frame, session
 
@@ -23,10 +24,14 @@ frame.page_header(
 W_CHOICE = "dataset_choice"      # the folder selectbox
 W_SPLIT = "dataset_split_mode"   # the split-mode control
 PENDING = "dataset_pending"      # a folder to select on the next run (after a download, upload or generation)
-ZIP_LIMIT_MB = 1024
+HELD_ZIP = "dataset_held_zip"    # {"path", "name", "size"}: an uploaded zip waiting on the server's disk
+ZIP_ROUND = "dataset_zip_round"  # a new number gives a new, empty zip uploader
 
 
 def select_next_run(name: str) -> None:
+    # The sidebar, drawn before this page, shows the new data set on the rerun; the folder
+    # selectbox, already drawn in this run, takes it then (PENDING).
+    st.session_state[session.KEY_DATASET] = name
     st.session_state[PENDING] = name
     st.rerun()
 
@@ -102,31 +107,78 @@ def download_tab() -> None:
     select_next_run(Path(folder).relative_to(root).parts[0])
 
 
-def upload_tab() -> None:
-    st.markdown("Upload a zip of chest X-rays: NORMAL/ and PNEUMONIA/ folders, or the Kermany layout. "
-                f"Up to {ZIP_LIMIT_MB:,} MB. Archives that would write outside their folder are refused.")
-    upload = st.file_uploader("Zip archive", type=["zip"], key="dataset_zip", max_upload_size=ZIP_LIMIT_MB)
-    if upload is None:
+def spool_upload(upload, root: Path) -> None:
+    """Move an accepted zip to the server's disk at once and release it from the server's memory:
+    Streamlit keeps an upload's bytes until its widget lets go of them."""
+    try:
+        path = resources.save_upload(upload, root)
+    except OSError as error:
+        st.error(f"The archive could not be saved on the server ({error.strerror or error}); free some disk "
+                 "space and upload it again.", icon=":material/error:")
         return
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(upload.name).stem).strip("-.") or "uploaded"
+    finally:
+        ctx = get_script_run_ctx()
+        if ctx is not None and getattr(upload, "file_id", None):
+            ctx.uploaded_file_mgr.remove_file(ctx.session_id, upload.file_id)
+        upload.close()
+    st.session_state[HELD_ZIP] = {"path": str(path), "name": upload.name, "size": upload.size}
+    st.session_state[ZIP_ROUND] = st.session_state.get(ZIP_ROUND, 0) + 1  # a new, empty uploader
+    st.rerun()
+
+
+def discard_held(held: dict | None) -> None:
+    if held:
+        Path(held["path"]).unlink(missing_ok=True)
+    st.session_state.pop(HELD_ZIP, None)
+
+
+def upload_tab() -> None:
+    limit_mb, memory_mb = datasets.upload_limit()
+    st.markdown("Upload a zip of chest X-rays: NORMAL/ and PNEUMONIA/ folders, or the Kermany layout. "
+                f"This server takes archives up to **{limit_mb:,} MB** (it has {memory_mb:,} MB of memory); "
+                "for the full Kermany release use the Download tab, which streams to disk. "
+                "Archives that would write outside their folder are refused.")
     root = datasets.data_root()
+    held = st.session_state.get(HELD_ZIP)
+    if held and not Path(held["path"]).is_file():
+        discard_held(held)
+        held = None
+    if held is None:
+        rounds = st.session_state.get(ZIP_ROUND, 0)
+        upload = st.file_uploader("Zip archive", type=["zip"], key=f"dataset_zip-{rounds}" if rounds else "dataset_zip",
+                                  max_upload_size=limit_mb)
+        if upload is not None:
+            spool_upload(upload, root)
+        return
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(held["name"]).stem).strip("-.") or "uploaded"
     candidate, i = name, 1
     while (root / candidate).exists():
         i += 1
         candidate = f"{name}-{i}"
-    if not st.button(f"Unpack into the data folder as `{candidate}`", type="primary", key="unpack_zip"):
+    st.caption(f"`{held['name']}` ({held['size'] / 1e6:,.1f} MB) is on the server's disk, ready to unpack.")
+    left, right = st.columns([3, 1])
+    if right.button("Remove it", key="discard_zip", icon=":material/delete:"):
+        discard_held(held)
+        st.rerun()
+    if not left.button(f"Unpack into the data folder as `{candidate}`", type="primary", key="unpack_zip"):
         return
     bar = st.progress(0.0, text="Checking the archive...")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        download.safe_extract_zip(upload, root / candidate,
-                                  on_progress=lambda d, t: bar.progress(min(1.0, d / max(t, 1)),
-                                                                        text=f"Unpacking: {d:,} of {t:,} files"))
+        with resources.unpack_slot(root):
+            download.safe_extract_zip(Path(held["path"]), root / candidate,
+                                      on_progress=lambda d, t: bar.progress(min(1.0, d / max(t, 1)),
+                                                                            text=f"Unpacking: {d:,} of {t:,} files"))
+    except ServerBusyError as error:
+        bar.empty()
+        st.warning(str(error), icon=":material/hourglass_top:")
+        return
     except CxrError as error:
         bar.empty()
+        discard_held(held)  # a refused archive is of no further use; the message says what to fix
         st.error(str(error), icon=":material/error:")
         return
     bar.empty()
+    discard_held(held)
     select_next_run(candidate)
 
 
@@ -206,7 +258,7 @@ def splits(data: dict) -> None:
     left.plotly_chart(charts.style(fig, 280, title="Class shares in each part"), key="split_shares")
     shown = table[["n", "NORMAL", "PNEUMONIA", "share_NORMAL"]].rename(
         columns={"n": "images", "share_NORMAL": "healthy share"})
-    right.dataframe(shown.style.format({"healthy share": "{:.2f}"}), width="stretch")
+    charts.table(shown.style.format({"healthy share": "{:.2f}"}, na_rep=charts.MISSING), where=right, width="stretch")
     texts = {
         "random": "The random split (seed 123, 8:1:1 as the reference) is stratified by class, "
                   + ("so every part has about the same healthy share. " if spread < 0.03 else
@@ -323,7 +375,7 @@ def shortcuts_section(path: Path, result) -> None:
     table = shortcuts.report_table(report)
     shown = table[["property", "auc", "direction", "warning", "measured_on"]].rename(
         columns={"auc": "AUC", "measured_on": "measured on"})
-    st.dataframe(shown.style.format({"AUC": "{:.2f}"}, na_rep=""), hide_index=True, width="stretch",
+    charts.table(shown.style.format({"AUC": "{:.2f}"}, na_rep=charts.MISSING), hide_index=True, width="stretch",
                  key="shortcut_table")
     warned = [entry for entry in report if entry.get("warning")]
     for entry in warned:
@@ -372,7 +424,7 @@ def problems(result) -> None:
     with left:
         st.markdown(f"**{len(skipped)} file(s) left out**")
         if len(skipped):
-            st.dataframe(skipped.assign(path=skipped["path"].map(lambda p: Path(str(p)).name)), hide_index=True)
+            charts.table(skipped.assign(path=skipped["path"].map(lambda p: Path(str(p)).name)), hide_index=True)
     with right:
         st.markdown(f"**{len(dups)} duplicate(s)** (same bytes; only the first copy is used)")
         if len(dups):
@@ -380,7 +432,7 @@ def problems(result) -> None:
             for col in ("path", "duplicate_of"):
                 if col in shown:
                     shown[col] = shown[col].map(lambda p: Path(str(p)).name)
-            st.dataframe(shown, hide_index=True)
+            charts.table(shown, hide_index=True)
             st.caption("A duplicate across training and test would let the model be tested on an image it learned.")
 
 

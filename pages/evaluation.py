@@ -9,9 +9,9 @@ import streamlit as st
 from cxr_core import evaluate, external
 from cxr_core.errors import CxrError
 from cxr_core.labels import CLASSES, label_for
-from cxr_core.predict import overlay_heatmap
+from cxr_core.predict import map_caption, overlay_heatmap
 from cxr_core.run_folder import RunFolder
-from pages.ui import charts, datasets, frame, models
+from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(
     "Evaluation",
@@ -84,10 +84,16 @@ def headline(chosen: dict) -> None:
                    help=f"Chosen on the run's validation images ({rule} rule), never on a test set.")
     n = test.get("n")
     if n:
-        few = (" Few test images mean wide uncertainty: ±0.05 on a metric is noise below a few hundred."
-               if n < 300 else "")
+        intervals = evaluate.rate_intervals(test)
+        spread = "; ".join(f"{name} {low:.2f}–{high:.2f}" for name, (low, high) in intervals.items())
         st.caption(f"{chosen['caption']} {test.get('n_positive', '?')} pneumonia, {test.get('n_negative', '?')} "
-                   f"normal.{few}")
+                   f"normal." + (f" 95 % intervals: {spread}." if spread else ""))
+        if evaluate.intervals_are_wide(intervals):
+            # The rule is the width of the intervals, not a count: 500 images with 30 normal ones are few.
+            widest = max((high - low) / 2 for low, high in intervals.values())
+            st.warning(f"Few test images: sensitivity or specificity is known only to within ±{widest:.2f} "
+                       f"(95 % interval, wider than ±{evaluate.WIDE_INTERVAL:.2f}), so runs that differ by less "
+                       "cannot be told apart on this test set.", icon=":material/warning:")
 
 
 @st.fragment
@@ -96,8 +102,12 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> 
     st.subheader("Choose the threshold")
     st.markdown("Lowering the threshold finds more pneumonias (higher sensitivity) at the price of more "
                 "false alarms (lower specificity). A screening tool wants high sensitivity.")
-    run_threshold = float(chosen["threshold"])
-    threshold = st.slider("Threshold", 0.0, 1.0, round(run_threshold, 3), 0.001, key=key, format="%.3f",
+    # The slider starts at the run's own threshold whenever the run or the test set changes, and when
+    # coming back to one: its state is set here, never left over from another run's slider.
+    if st.session_state.get(KEY_THRESHOLD_FOR) != key or key not in st.session_state:
+        st.session_state[key] = round(min(max(float(chosen["threshold"]), 0.0), 1.0), 3)
+        st.session_state[KEY_THRESHOLD_FOR] = key
+    threshold = st.slider("Threshold", 0.0, 1.0, step=0.001, key=key, format="%.3f",
                           help="An image is called PNEUMONIA when its probability is at or above this.")
     live = evaluate.binary_metrics(y, p, threshold)
     left, right = st.columns([1, 1])
@@ -109,7 +119,7 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> 
                  delta=f"{live['specificity'] - _at(chosen, 'specificity'):+.3f} vs run threshold")
         table = charts.metrics_table({"at 0.5": chosen.get("at_0.5"), "at run threshold": chosen["at_threshold"],
                                       f"at {threshold:.3f}": live})
-        st.dataframe(table, width="stretch")
+        charts.table(table, width="stretch")
     with right:
         st.plotly_chart(charts.confusion_figure(live["confusion_matrix"], f"Confusion matrix at {threshold:.2f}"),
                         key=f"{key}_cm")
@@ -185,7 +195,9 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
         return
     if not st.toggle(f"Compute Grad-CAM for the {min(MAX_GALLERY, len(chosen))} most confident", key="eval_gradcam"):
         shown = chosen[["path", "probability"]].head(50)
-        st.dataframe(shown.assign(path=shown["path"].map(lambda s: Path(s).name)), hide_index=True)
+        charts.table(shown.assign(path=shown["path"].map(lambda s: Path(s).name)), hide_index=True,
+                     column_config={"path": st.column_config.TextColumn("image", width="large"),
+                                    "probability": st.column_config.NumberColumn(format="%.3f")})
         return
     present = chosen[chosen["path"].map(lambda p: Path(str(p)).is_file())]
     if present.empty:
@@ -194,17 +206,23 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
         return
     chosen = present
     stamp = models.model_stamp(summary.path)
+    # Each map shows the evidence for the wrong call: PNEUMONIA for a false positive, NORMAL for a miss.
+    target = CLASSES[1 - kinds[kind]]
+    st.caption(map_caption(target))
     columns = st.columns(3)
     for i, (_, row) in enumerate(chosen.head(MAX_GALLERY).iterrows()):
         with columns[i % 3]:
+            name = Path(str(row["path"])).name
             try:
-                gray, probability, heatmap = models.explain_path(str(summary.path), stamp, str(row["path"]))
+                gray, found = models.explain_path(str(summary.path), stamp, str(row["path"]), target)
             except CxrError as error:
-                st.error(f"{Path(str(row['path'])).name}: {error}")
+                st.error(f"{name}: {error}")
                 continue
-            st.image(overlay_heatmap(gray, heatmap, 0.4), width="stretch",
-                     caption=f"{Path(str(row['path'])).name}: p = {probability:.2f} "
-                             f"(truly {CLASSES[int(row['y'])]})")
+            if found.empty:  # an all-zero map would be a blank square: say why instead
+                st.info(f"{name}: {found.caption}", icon=":material/info:")
+                continue
+            st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
+                     caption=f"{name}: p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})")
 
 
 def compare(summary, others: list) -> None:
@@ -216,37 +234,47 @@ def compare(summary, others: list) -> None:
     by_path = {str(s.path): s for s in candidates}
     other = by_path[st.selectbox("Compare with", list(by_path), format_func=lambda k: models.run_label(by_path[k]),
                                  key="eval_compare")]
+    # Short column labels (run names are long and would be cut); the full names are in the tooltips.
+    runs_shown = {"this run": summary, "compared": other}
     table = {}
     fig = go.Figure()
-    for s in (summary, other):
+    for label, s in runs_shown.items():
         metrics = RunFolder(s.path).read_metrics() or {}
-        table[s.run_id] = ((metrics.get("test") or {}).get("at_threshold"))
+        table[label] = ((metrics.get("test") or {}).get("at_threshold"))
         preds = test_predictions(s.path)
         if len(preds) and preds["y"].nunique() == 2:
             roc = evaluate.roc_points(preds["y"].to_numpy(), preds["probability"].to_numpy())
-            fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=s.run_id)
+            fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=label)
+    headers = {"_index": st.column_config.TextColumn(width="medium"),
+               **{label: st.column_config.TextColumn(label, help=f"Run {s.run_id}") for label, s in runs_shown.items()}}
     left, right = st.columns([1, 1])
-    left.dataframe(charts.metrics_table(table), width="stretch")
-    configs = pd.DataFrame({s.run_id: _config_summary(s) for s in (summary, other)})
-    left.dataframe(configs, width="stretch")
+    charts.table(charts.metrics_table(table), where=left, width="stretch", column_config=headers)
+    configs = pd.DataFrame({label: _config_summary(s) for label, s in runs_shown.items()})
+    charts.table(configs, where=left, width="stretch", column_config=headers)
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.update_xaxes(title="1 − specificity")
     fig.update_yaxes(title="sensitivity")
+    charts.unit_axes(fig, x=True, y=True)
     right.plotly_chart(charts.style(fig, 360, title="ROC curves on each run's own test set"), key="compare_roc")
-    st.caption("Runs tested on different data sets or splits are not directly comparable: an official "
-               "Kermany test set is harder than a random split.")
+    st.caption(f"This run: {summary.run_id}; compared: {other.run_id}. Runs tested on different data sets or "
+               "splits are not directly comparable: an official Kermany test set is harder than a random split.")
+
+
+CONFIG_ROWS = ["backbone", "weights", "image size", "data", "split", "epochs", "balance", "fine-tune"]
 
 
 def _config_summary(summary) -> dict:
+    """The settings that tell two runs apart, as text (None, shown as a dash, when unknown)."""
     config = RunFolder(summary.path).config_or_none()
     if config is None:
-        return {"backbone": None, "weights": "", "image size": None, "data": "", "split": None,
-                "epochs": None, "balance": None, "fine-tune": "None layers × None"}
+        return dict.fromkeys(CONFIG_ROWS)
     model, data, train = config.model, config.data, config.train
-    return {"backbone": model.backbone, "weights": Path(str(model.weights)).name,
-            "image size": model.image_size, "data": Path(str(data.data_dir)).name,
-            "split": data.split, "epochs": train.epochs, "balance": train.balance,
-            "fine-tune": f"{train.fine_tune_layers} layers × {train.fine_tune_epochs}"}
+    layers = "all" if train.fine_tune_layers == -1 else f"top {train.fine_tune_layers}"
+    return {"backbone": model.backbone or None, "weights": Path(str(model.weights)).name or None,
+            "image size": f"{model.resolved_image_size} px", "data": Path(str(data.data_dir)).name or None,
+            "split": data.split or None, "epochs": str(train.epochs), "balance": train.balance or None,
+            "fine-tune": (f"{layers} layers × {train.fine_tune_epochs} epochs"
+                          if train.fine_tune_layers and train.fine_tune_epochs else "none")}
 
 
 def other_folder(summary) -> None:
@@ -288,6 +316,7 @@ def other_folder(summary) -> None:
 
 
 KEY_TEST_SET = "eval_test_set"
+KEY_THRESHOLD_FOR = "eval_threshold_for"  # the slider key (run and test set) the threshold state belongs to
 KEY_SHOW_NEWEST = "eval_show_newest"
 
 
@@ -308,6 +337,7 @@ def prevalence_note(chosen: dict) -> None:
 
 
 summary = models.run_picker("Run", key="eval_run")
+models.warn_if_useless(summary)
 if summary is None:
     no_run_message()
 else:
@@ -319,7 +349,7 @@ else:
         labels = list(sets)
         if st.session_state.pop(KEY_SHOW_NEWEST, False) or st.session_state.get(KEY_TEST_SET) not in labels:
             st.session_state[KEY_TEST_SET] = labels[0]
-        choice = st.radio("Test set", labels, key=KEY_TEST_SET, horizontal=True,
+        choice = st.radio("Test set", labels, key=KEY_TEST_SET, horizontal=True, **session.KEEP,
                           help="External test sets come from outside the run's data; they are the honest score.")
         if len(labels) > 1 or not sets[choice]["external"]:
             st.caption(

@@ -34,11 +34,16 @@ def step_state() -> list[dict]:
         train_state = f"Training now: **{running[0].run_id}**."
     elif user_done:
         train_state = f"{len(user_done)} finished run(s); newest **{user_done[0].run_id}**."
+        useless = sum(r.learned_nothing for r in user_done)
+        if useless:
+            train_state += f" ⚠ {useless} of them learned nothing (validation AUC near 0.5)."
     else:
         train_state = "No run trained yet."
 
     selected = models.selected_run()
-    if selected is not None:
+    if selected is not None and selected.learned_nothing:
+        eval_state = f"⚠ **{models.run_label(selected)}** learned nothing: choose another run."
+    elif selected is not None:
         eval_state = f"Ready with **{models.run_label(selected)}**."
     else:
         eval_state = "Needs a finished run (train one, or ship the demo run)."
@@ -74,6 +79,7 @@ def honest_score() -> None:
     internal = ((folder.read_metrics() or {}).get("test") or {}).get("at_threshold") or {}
     st.subheader("How good is the model, honestly?")
     who = "The demo model" if summary.is_demo else f"Run {summary.run_id}"
+    models.warn_if_useless(summary)
     if external:
         name, result = next(iter(external.items()))
         cols = st.columns(4)

@@ -7,18 +7,20 @@ import streamlit as st
 from cxr_core.errors import CxrError
 from cxr_core.labels import label_for
 from cxr_core.predict import overlay_heatmap
-from pages.ui import charts, frame, models
+from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(
     "Predict",
     "Upload chest X-rays (JPEG, PNG or DICOM) and a trained model gives each one a probability of "
-    "pneumonia; the run's threshold turns it into a label. The **Grad-CAM** overlay colours the regions "
-    "that raised the pneumonia score most: a sanity check that the model looks at the lungs, not at "
-    "markers, text or the image border.",
+    "pneumonia; the run's threshold turns it into a label. The **Grad-CAM** overlay colours the evidence "
+    "for that label: the regions that raised the pneumonia score for a PNEUMONIA result, those that "
+    "lowered it for a NORMAL one. A sanity check that the model looks at the lungs, not at markers, "
+    "text or the image border.",
 )
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "dcm", "dicom"]
 MAX_DETAILED = 12  # images shown with Grad-CAM; the rest get a row in the table only
+PER_IMAGE_MB = 200  # a full-resolution DICOM is tens of MB; a smaller host lowers it (datasets.upload_limit)
 
 
 def no_run_message() -> None:
@@ -62,16 +64,17 @@ def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
     for i, upload in enumerate(files):
         name = upload.name
         try:
-            gray, probability, heatmap = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
+            gray, found = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
         except CxrError as error:
             rows.append({"file": name, "probability": None, "label": None, "error": str(error)})
             message = str(error) if name in str(error) else f"{name}: {error}"
             st.error(message, icon=":material/broken_image:")
             continue
+        probability = found.probability
         label = label_for(probability, threshold)
         rows.append({"file": name, "probability": round(probability, 4), "label": label, "error": ""})
         if i < MAX_DETAILED:
-            show_one(name, gray, probability, label, heatmap, opacity, threshold)
+            show_one(name, gray, probability, label, found, opacity, threshold)
         if progress is not None:
             progress.progress((i + 1) / len(files), text=f"Classified {i + 1} of {len(files)}")
     if progress is not None:
@@ -81,11 +84,16 @@ def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
     return rows
 
 
-def show_one(name, gray, probability, label, heatmap, opacity, threshold) -> None:
+def show_one(name, gray, probability, label, found, opacity, threshold) -> None:
+    """One result: the X-ray, the map of the evidence for its label (``found``, an Explanation), the numbers."""
     with st.container(border=True):
         left, middle, right = st.columns([2, 2, 1.4])
         left.image(gray, caption=f"{name}", width="stretch")
-        middle.image(overlay_heatmap(gray, heatmap, opacity), caption="Grad-CAM overlay", width="stretch")
+        if found.empty:  # an all-zero map would be a blank square: say why instead
+            middle.info(found.caption, icon=":material/info:")
+        else:
+            middle.image(overlay_heatmap(gray, found.heatmap, opacity), caption="Grad-CAM overlay", width="stretch")
+            middle.caption(found.caption)
         colour = "red" if label == "PNEUMONIA" else "green"
         right.markdown(f"#### :{colour}[{label}]")
         right.metric("Probability of pneumonia", f"{probability:.1%}")
@@ -100,15 +108,16 @@ def show_one(name, gray, probability, label, heatmap, opacity, threshold) -> Non
 
 summary = models.run_picker("Model (a finished run)", key="predict_run",
                         help="The shipped demo run is chosen by default; your own finished runs are listed too.")
+models.warn_if_useless(summary)
 if summary is None:
     no_run_message()
 else:
     threshold = run_card(summary)
     if threshold is not None:
         files = st.file_uploader("Chest X-ray images", type=UPLOAD_TYPES, accept_multiple_files=True,
-                                 key="predict_upload", max_upload_size=200,
+                                 key="predict_upload", max_upload_size=min(PER_IMAGE_MB, datasets.upload_limit()[0]),
                                  help="One or many files. DICOM files are windowed as their header says.")
-        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity",
+        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity", **session.KEEP,
                             help="0 shows only the X-ray, 1 only the heatmap.")
         if not files:
             st.caption("Upload one or more images to see their predictions.")
@@ -116,7 +125,7 @@ else:
             rows = result_rows(summary, files, opacity, threshold)
             table = pd.DataFrame(rows)
             st.subheader("All results")
-            st.dataframe(table, hide_index=True,
+            charts.table(table, hide_index=True,
                          column_config={"probability": st.column_config.ProgressColumn(
                              "probability of pneumonia", min_value=0.0, max_value=1.0, format="%.3f")})
             buffer = io.StringIO()

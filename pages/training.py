@@ -1,7 +1,6 @@
 """Training: configure a run, launch it in the background, watch it live, manage past runs."""
 import dataclasses
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import jobs, plan, runs
+from cxr_core import evaluate, jobs, plan, runs, weights
 from cxr_core.backbones import BACKBONES
 from cxr_core.config import (
     BALANCE_STRATEGIES,
@@ -21,7 +20,7 @@ from cxr_core.errors import CxrError, TrainingBusyError
 from cxr_core.labels import THRESHOLD_RULES
 from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
-from pages.ui import PROJECT_ROOT, charts, datasets, frame, models, session
+from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(
     "Training",
@@ -36,22 +35,82 @@ STAGES = {"scan": "Reading the data set", "split": "Splitting", "extract": "Extr
           "save": "Saving the model", "export": "Exporting for light prediction", "done": "Done", "failed": "Failed",
           "cancelled": "Cancelled"}
 KEY_LIVE_STATE = "training_live_state"  # {run_dir: last state seen} so a finish refreshes the page once
+KEY_WATCHED = "training_watched_run"    # the run whose panel this session shows (kept after it ends)
 SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
-PERSIST = {"persist_state": "session"}
-# Widget defaults, given through Session State (a recipe fills the same keys).
-FORM_DEFAULTS = {"train_epochs": 10, "train_batch": 32, "train_lr": 1e-3, "train_dropout": 0.5, session.KEY_LIMIT: 0}
+# A setting keeps its value across page switches and goes into this page's URL (a reload or a link keeps it).
+PERSIST = session.KEEP
+# The widgets' own defaults (a value equal to its default stays out of the URL) and the number
+# widgets' ranges (a value filled in from a recipe or a run is brought inside them).
+FORM_DEFAULTS = {"train_epochs": 10, "train_batch": 32, "train_lr": 1e-3, "train_dropout": 0.5, session.KEY_LIMIT: 0,
+                 "train_ft_epochs": 3}
+FORM_RANGES = {"train_epochs": (0, 200), "train_ft_epochs": (0, 100), "train_dropout": (0.0, 0.9),
+               session.KEY_LIMIT: (0, 1_000_000)}
 
 
-def weight_files() -> list[Path]:
-    """Weights files (*.h5) in ./weights or $CXR_WEIGHTS_DIR, for machines without internet."""
-    folders = [PROJECT_ROOT / "weights"]
-    if os.environ.get("CXR_WEIGHTS_DIR"):
-        folders.insert(0, Path(os.environ["CXR_WEIGHTS_DIR"]).expanduser())
-    found = []
-    for folder in folders:
-        if folder.is_dir():
-            found += sorted(p for p in folder.rglob("*.h5") if p.is_file())
-    return found
+KEY_WEIGHTS = "train_weights"              # the starting weights: "imagenet", "none", a file path or UPLOAD
+KEY_WEIGHTS_UPLOAD = "train_weights_upload"  # the uploader's key (+ a counter: a new key drops the held bytes)
+KEY_WEIGHTS_NOTE = "train_weights_note"      # what happened to the last upload, shown once
+UPLOAD = "upload"
+
+
+@st.cache_data(ttl=300, show_spinner="Checking whether the ImageNet weights can be downloaded...")
+def _imagenet_reachable() -> bool:
+    """The network probe, at most once every five minutes (a page rerun must stay fast)."""
+    return weights.reachable()
+
+
+def _save_uploaded_weights(key: str) -> None:
+    """Uploader callback: keep the file in the weights folder and choose it."""
+    upload = st.session_state.get(key)
+    if upload is None:
+        return
+    try:
+        path = weights.save_upload(upload.name, upload)
+    except CxrError as error:
+        st.session_state[KEY_WEIGHTS_NOTE] = ("error", str(error))
+    except OSError as error:
+        st.session_state[KEY_WEIGHTS_NOTE] = ("error", f"{upload.name} could not be saved in "
+                                                       f"{weights.upload_dir()} ({error.strerror}).")
+    else:
+        st.session_state[KEY_WEIGHTS] = str(path)
+        st.session_state[KEY_WEIGHTS_NOTE] = ("success", f"Saved {path.name} in {path.parent}; it is now chosen.")
+    # A new uploader key releases the uploaded bytes from the server's memory.
+    st.session_state[KEY_WEIGHTS_UPLOAD + "_n"] = st.session_state.get(KEY_WEIGHTS_UPLOAD + "_n", 0) + 1
+
+
+def weights_choice(column, backbone: str, size: int | None) -> str:
+    """The starting weights: the files found on this machine for ``backbone`` first (they work
+    offline), ImageNet (said to be cached when Keras has its file), random, or an upload.
+    The choice survives a change of backbone whenever it still fits."""
+    spec = BACKBONES[backbone]
+    found = [f for f in weights.find_weight_files() if f.source == "weights folder"]
+    matching = [str(f.path) for f in found if f.backbone == backbone]
+    unknown = [str(f.path) for f in found if f.backbone is None]
+    options = [*matching, "imagenet", "none", *unknown, UPLOAD]
+    current = st.session_state.get(KEY_WEIGHTS)
+    if current not in options:
+        st.session_state[KEY_WEIGHTS] = matching[0] if matching else "imagenet"
+    alpha = st.session_state.get(f"train_alpha_{st.session_state.get(KEY_WEIGHTS)}")
+    cached = weights.cached_imagenet(backbone, float(alpha or 1.0), size)
+    by_path = {str(f.path): f for f in found}
+    names = {"imagenet": (f"ImageNet (on this machine: {cached.name})" if cached
+                          else "ImageNet (downloads once; needs internet)"),
+             "none": "None (random: the whole network must learn)", UPLOAD: "Upload a weights file..."}
+    choice = column.selectbox(
+        "Starting weights", options, key=KEY_WEIGHTS, **PERSIST,
+        format_func=lambda w: names.get(w) or f"File: {Path(w).name} ({by_path[w].source if w in by_path else 'file'})",
+        help=f"Pretrained weights make a few epochs enough. Files are looked for in {weights.upload_dir()} "
+             f"and Keras' cache ({weights.keras_cache_dir()}); without internet, place a weights file there or "
+             f"upload one. {spec.label}'s ImageNet file is {spec.imagenet_filename(float(alpha or 1.0), size)}.")
+    note = st.session_state.pop(KEY_WEIGHTS_NOTE, None)
+    if note:
+        (st.error if note[0] == "error" else st.success)(note[1])
+    if choice == UPLOAD:
+        key = f"{KEY_WEIGHTS_UPLOAD}_{st.session_state.get(KEY_WEIGHTS_UPLOAD + '_n', 0)}"
+        st.file_uploader(f"A Keras weights file for {spec.label} (*.h5, without the classification top)",
+                         type=["h5"], key=key, on_change=_save_uploaded_weights, args=(key,),
+                         help=f"It is kept in {weights.upload_dir()} and offered here from then on.")
+    return choice
 
 
 def _fill_from_recipe() -> None:
@@ -59,8 +118,11 @@ def _fill_from_recipe() -> None:
     name = st.session_state.get(session.KEY_RECIPE) or ""
     if not name:
         return
-    config = apply_recipe(RunConfig(), name)
-    backbone = st.session_state.get("train_backbone", "inception_v3")
+    _fill_form(apply_recipe(RunConfig(), name), st.session_state.get("train_backbone", "inception_v3"))
+
+
+def _fill_form(config: RunConfig, backbone: str) -> None:
+    """Put ``config``'s settings into the form's widgets (for ``backbone``) and the shared choices."""
     values = {
         "train_epochs": config.train.epochs, "train_batch": config.train.batch_size,
         "train_lr": config.train.learning_rate, "train_ft_layers": config.train.fine_tune_layers,
@@ -70,12 +132,38 @@ def _fill_from_recipe() -> None:
         f"train_size_{backbone}": config.model.image_size or BACKBONES[backbone].default_size,
     }
     for key, value in values.items():
-        st.session_state[key] = value
+        low, high = FORM_RANGES.get(key, (value, value))
+        st.session_state[key] = min(max(value, low), high)
     st.session_state[session.KEY_SPLIT] = config.data.split
     st.session_state[session.KEY_BALANCE] = config.train.balance
     st.session_state[session.KEY_AUGMENT] = asdict(config.augment)
     for key in [k for k in st.session_state if str(k).startswith("aug_")]:
         del st.session_state[key]  # the Augmentation page's widgets take the recipe's values anew
+
+
+def show_running_settings() -> None:
+    """After a reload while a run trains, the form starts from that run's own settings (config.json)
+    rather than the defaults; settings this session already has, or a link names, win."""
+    active = jobs.active_run()
+    if active is None or "train_backbone" in st.session_state or any(k.startswith("train_") for k in st.query_params):
+        return
+    try:
+        config = RunFolder(active).read_config()
+    except CxrError:
+        return
+    backbone = config.model.backbone
+    if backbone not in BACKBONES:
+        return
+    _fill_form(config, backbone)
+    st.session_state["train_backbone"] = backbone
+    st.session_state[session.KEY_RECIPE] = config.train.recipe if config.train.recipe in RECIPES else ""
+    st.session_state[KEY_WEIGHTS] = config.model.weights
+    if config.model.alpha in (0.35, 0.5, 0.75, 1.0):
+        st.session_state["train_alpha_free"] = config.model.alpha
+    name = Path(config.data.data_dir).name
+    if "dataset" not in st.query_params and name in datasets.list_datasets():
+        st.session_state[session.KEY_DATASET] = name
+    st.rerun()  # the sidebar, drawn before this page, shows the run's data set and split too
 
 
 def recipe_choice() -> str:
@@ -84,7 +172,7 @@ def recipe_choice() -> str:
     if st.session_state.get(session.KEY_RECIPE) not in names:
         st.session_state[session.KEY_RECIPE] = ""
     left, right = st.columns([1, 2])
-    name = left.selectbox("Recipe", names, key=session.KEY_RECIPE, on_change=_fill_from_recipe,
+    name = left.selectbox("Recipe", names, key=session.KEY_RECIPE, on_change=_fill_from_recipe, **PERSIST,
                           format_func=lambda n: RECIPES[n].label if n else "None: my own settings",
                           help="A named set of training choices, measured in benchmarks/ACCURACY.md. It fills "
                                "in the settings below; change any of them and the change wins.")
@@ -106,8 +194,6 @@ def _options(values: list, current) -> list:
 def settings_form(has_official: bool) -> RunConfig | None:
     """The run settings; returns a RunConfig (None when the choices are invalid)."""
     recipe = recipe_choice()
-    for key, value in FORM_DEFAULTS.items():
-        st.session_state.setdefault(key, value)
     with st.container(border=True):
         st.markdown("**Model**")
         c1, c2, c3 = st.columns(3)
@@ -117,45 +203,39 @@ def settings_form(has_official: bool) -> RunConfig | None:
                                 help="InceptionV3 at 299 px is the reference (about 8 images/s on a 2-core laptop: "
                                      "the estimate below says how long); MobileNetV2 is several times faster.")
         spec = BACKBONES[backbone]
-        matching = [p for p in weight_files() if backbone.split("_")[0] in p.name.lower()]
-        others = [p for p in weight_files() if p not in matching]
-        # A local weights file made for this backbone first (works offline), then ImageNet (downloads).
-        weight_options = [str(p) for p in matching] + ["imagenet", "none"] + [str(p) for p in others]
-        weight_names = {"imagenet": "ImageNet (downloads once; needs internet)",
-                        "none": "None (random: learn from scratch)"}
-        weights = c2.selectbox("Starting weights", weight_options, key=f"train_weights_{backbone}",
-                               format_func=lambda w: weight_names.get(w, f"File: {Path(w).name}"),
-                               help="Pretrained weights make a few epochs enough. Without internet, put a "
-                                    "*.weights.h5 file in ./weights (or $CXR_WEIGHTS_DIR).")
+        weights_value = weights_choice(c2, backbone, st.session_state.get(f"train_size_{backbone}"))
         sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size}
                        | {st.session_state.get(f"train_size_{backbone}") or spec.default_size})
-        st.session_state.setdefault(f"train_size_{backbone}", spec.default_size)
-        size = c3.select_slider("Image size (pixels)", sizes, key=f"train_size_{backbone}",
+        size = c3.select_slider("Image size (pixels)", sizes, value=spec.default_size, key=f"train_size_{backbone}",
+                                **PERSIST,
                                 help="Images are resized to a square of this side. Smaller is much faster "
                                      "and loses fine detail.")
         alpha = 1.0
         if spec.supports_alpha:
             # A weights file fits one width only; Keras names them ..._<alpha>_<size>_no_top...
-            match = (re.search(r"_(0\.35|0\.5|0\.75|1\.0)_", Path(weights).name)
-                     if weights not in ("imagenet", "none") else None)
+            fixed = (weights.alpha_of(Path(weights_value).name)
+                     if weights_value not in ("imagenet", "none", UPLOAD) else None)
             alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0],
-                                     value=float(match.group(1)) if match else 1.0,
-                                     key=f"train_alpha_{match.group(1) if match else 'free'}",
-                                     disabled=match is not None,
+                                     value=fixed if fixed else 1.0,
+                                     key=f"train_alpha_{fixed if fixed else 'free'}",
+                                     disabled=fixed is not None, **PERSIST,
                                      help="MobileNetV2's width multiplier: 0.35 is about 8× smaller and faster. "
                                           "A weights file fixes it.")
-        dropout = c2.slider("Dropout before the last layer", 0.0, 0.9, step=0.05, key="train_dropout", **PERSIST,
+        dropout = c2.slider("Dropout before the last layer", *FORM_RANGES["train_dropout"],
+                            FORM_DEFAULTS["train_dropout"], step=0.05, key="train_dropout", **PERSIST,
                             help="Randomly silences this share of features while training (0.5 in the reference), "
                                  "which fights overfitting.")
 
         st.markdown("**Training**")
         c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Epochs", 0, 200, key="train_epochs", **PERSIST,
+        epochs = c1.number_input("Epochs", *FORM_RANGES["train_epochs"], FORM_DEFAULTS["train_epochs"],
+                                 key="train_epochs", **PERSIST,
                                  help="Passes over the training images for the head (fast: on cached features).")
         batches = _options([8, 16, 32, 64, 128], st.session_state.get("train_batch"))
-        batch = c2.select_slider("Batch size", batches, key="train_batch", **PERSIST)
+        batch = c2.select_slider("Batch size", batches, FORM_DEFAULTS["train_batch"], key="train_batch", **PERSIST)
         rates = _options([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], st.session_state.get("train_lr"))
-        lr = c3.select_slider("Learning rate", rates, key="train_lr", format_func=lambda v: f"{v:g}",
+        lr = c3.select_slider("Learning rate", rates, FORM_DEFAULTS["train_lr"], key="train_lr",
+                              format_func=lambda v: f"{v:g}",
                               **PERSIST)
         c1, c2, c3 = st.columns(3)
         layer_choices = [0, 10, 20, 40, 80, -1]
@@ -166,8 +246,8 @@ def settings_form(has_official: bool) -> RunConfig | None:
                                                         -1: "all layers"}.get(n, f"top {n}"),
                                  help="After the head, unfreeze this many top backbone layers and train on at a low "
                                       "learning rate (1e-5). Slower: the images go through the backbone every epoch.")
-        st.session_state.setdefault("train_ft_epochs", 3)
-        ft_epochs = c2.number_input("Fine-tune epochs", 0, 100, key="train_ft_epochs",
+        ft_epochs = c2.number_input("Fine-tune epochs", *FORM_RANGES["train_ft_epochs"],
+                                    FORM_DEFAULTS["train_ft_epochs"], key="train_ft_epochs", **PERSIST,
                                     disabled=ft_layers == 0)
         threshold_rule = c3.selectbox("Threshold rule", THRESHOLD_RULES, key="train_rule", **PERSIST,
                                       format_func={"youden": "Youden (balance both)",
@@ -183,16 +263,20 @@ def settings_form(has_official: bool) -> RunConfig | None:
         c1, c2, c3 = st.columns(3)
         current_split = st.session_state.get(session.KEY_SPLIT, "random")
         st.session_state.setdefault("train_split", current_split)
-        split = c1.selectbox("Split", SPLIT_MODES, key="train_split",
+        split = c1.selectbox("Split", SPLIT_MODES, key="train_split",  # the shared split: the sidebar follows
+                             on_change=session.copy_state, args=("train_split", session.KEY_SPLIT),
                              format_func=SPLIT_LABELS.get,
                              help="Chosen on the Dataset page by default. A random split by image lets one "
                                   "patient's images land in training and test, which flatters the model.")
         current_balance = st.session_state.get(session.KEY_BALANCE, "augment")
         st.session_state.setdefault("train_balance", current_balance)
         balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES,
-                               key="train_balance", format_func={"augment": "Augment NORMAL (reference)",
+                               key="train_balance", on_change=session.copy_state,
+                               args=("train_balance", session.KEY_BALANCE),
+                               format_func={"augment": "Augment NORMAL (reference)",
                                                                  "class_weight": "Class weights", "none": "None"}.get)
-        limit = c3.number_input("Quick demo: use only this many images (0 = all)", 0, 1_000_000, step=50,
+        limit = c3.number_input("Quick demo: use only this many images (0 = all)", *FORM_RANGES[session.KEY_LIMIT],
+                                FORM_DEFAULTS[session.KEY_LIMIT], step=50,
                                 key=session.KEY_LIMIT, **PERSIST,
                                 help="A stratified subset (same class shares) for a fast first run; at least 10.")
         aug = session.augment_config()
@@ -207,6 +291,9 @@ def settings_form(has_official: bool) -> RunConfig | None:
         st.error("The official split needs the Kermany layout (train/val/test folders); this data set has none. "
                  "Choose the random or patient split.")
         return None
+    if weights_value == UPLOAD:
+        st.info("Upload a weights file above, or choose other starting weights.")
+        return None
     path = datasets.dataset_path()
     # The recipe gives every choice the form does not show (e.g. the fine-tuning learning rate);
     # the form's values win for the rest.
@@ -216,7 +303,7 @@ def settings_form(has_official: bool) -> RunConfig | None:
             data=dataclasses.replace(base.data, data_dir=str(path) if path else "", split=split,
                                      limit=int(limit) or None),
             augment=aug,
-            model=dataclasses.replace(base.model, backbone=backbone, weights=weights, image_size=int(size),
+            model=dataclasses.replace(base.model, backbone=backbone, weights=weights_value, image_size=int(size),
                                       alpha=float(alpha), dropout=float(dropout)),
             train=dataclasses.replace(base.train, epochs=int(epochs), batch_size=int(batch), learning_rate=float(lr),
                                       balance=balance, fine_tune_layers=int(ft_layers),
@@ -237,11 +324,20 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
     left.markdown(f"**Estimated time: about {charts.fmt_seconds(seconds)}** for {n:,} images on this machine "
                   f"({os.cpu_count()} CPU cores). Features already extracted by an earlier run with the same "
                   "backbone, size and images are reused, so a second run is much faster.")
-    if config.model.weights == "imagenet":
-        left.caption("ImageNet weights are downloaded on first use; without internet choose *None* or a weights file.")
-    busy = jobs.active_run() is not None
+    problem = None
+    try:
+        source = plan.preflight(config, probe=_imagenet_reachable, where="app")
+    except CxrError as error:
+        problem = str(error)
+        st.error(problem, icon=":material/block:")
+    else:
+        if source == "download":
+            left.caption("The ImageNet weights are downloaded once when the run starts (they are not on this "
+                         "machine yet).")
+    busy = jobs.active_run() is not None or problem is not None
     if right.button("Start training", type="primary", icon=":material/play_arrow:", disabled=busy,
-                    width="stretch", help="Busy: a run is already training." if busy else None):
+                    width="stretch", help=("Fix the settings above first." if problem else
+                                           "Busy: a run is already training." if busy else None)):
         try:
             run_dir = jobs.start_training(config)
         except TrainingBusyError as error:
@@ -249,20 +345,49 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
         except CxrError as error:
             st.error(str(error))
         else:
-            st.session_state[session.KEY_LAUNCHED] = str(run_dir)
+            st.session_state[session.KEY_LAUNCHED] = st.session_state[KEY_WATCHED] = str(run_dir)
             st.session_state.setdefault(KEY_LIVE_STATE, {})[str(run_dir)] = "running"
             st.rerun()
 
 
 def watched_run() -> Path | None:
-    """The running job (from any session), else the run this session launched last."""
+    """The running job (from any session), else the run this session watched or launched last: a
+    run's panel stays, with its final state, after the run ends or is cancelled."""
     active = jobs.active_run()
     if active is not None:
+        st.session_state[KEY_WATCHED] = str(active)
         return Path(active)
-    launched = st.session_state.get(session.KEY_LAUNCHED)
-    if launched and Path(launched).is_dir():
-        return Path(launched)
+    for key in (KEY_WATCHED, session.KEY_LAUNCHED):
+        path = st.session_state.get(key)
+        if path and Path(path).is_dir():
+            return Path(path)
     return None
+
+
+def progress_text(progress: dict) -> str:
+    """'Training the head: epoch 2 of 5 · about 3 min left' (the epoch under way, never a fraction)."""
+    stage = progress.get("stage") or ""
+    text = STAGES.get(stage, stage or "Starting")
+    done, total = float(progress.get("done") or 0), int(progress.get("total") or 0)
+    if total:
+        if stage in ("train", "fine_tune"):
+            # done counts finished epochs plus the share of the current one (batch by batch).
+            text += f": epoch {min(total, int(done) + 1)} of {total}"
+        else:
+            text += f": {int(done):,} of {total:,} images"
+    if progress.get("eta_s") is not None:
+        text += f" · about {charts.fmt_seconds(progress['eta_s'])} left"
+    return text
+
+
+def _failure(status: dict) -> str:
+    """'This run failed: <why>.' from the status (the error, else the message)."""
+    reason = str(status.get("error") or status.get("message") or "").strip()
+    if not reason or reason == "failed":
+        return "This run failed without saying why; the training log below may tell."
+    if reason[1:2].islower():  # "The data..." -> "the data...", but "ImageNet..." stays
+        reason = reason[:1].lower() + reason[1:]
+    return f"This run failed: {reason.rstrip('.')}."
 
 
 def render_run(run_dir: Path) -> str:
@@ -274,20 +399,20 @@ def render_run(run_dir: Path) -> str:
         head, button = st.columns([4, 1], vertical_alignment="center")
         head.markdown(f"#### Run `{run_dir.name}`")
         if state == "running":
-            stage = STAGES.get(progress.get("stage") or "", progress.get("stage") or "Starting")
-            done, total = progress.get("done", 0), progress.get("total", 0)
-            text = f"{stage}"
-            if total:
-                unit = "epoch" if progress.get("stage") in ("train", "fine_tune") else "images"
-                text += f": {done:,} of {total:,} {unit if unit == 'images' else 'epochs'}"
-            if progress.get("eta_s") is not None:
-                text += f" · about {charts.fmt_seconds(progress['eta_s'])} left"
-            st.progress(float(progress.get("fraction") or 0.0), text=text)
+            st.progress(float(progress.get("fraction") or 0.0), text=progress_text(progress))
             if progress.get("message"):
                 st.caption(progress["message"])
-            if button.button("Cancel", icon=":material/stop:", key=f"cancel_{run_dir.name}"):
-                jobs.request_cancel(run_dir)
-                st.toast("Cancelling: the run stops after the current batch.")
+            note = st.empty()
+            # The cancel request is a file in the run folder, so every session sees it.
+            cancelling = RunFolder(run_dir).cancel_requested()
+            if not cancelling:
+                with button.popover("Cancel", icon=":material/stop:"):
+                    st.markdown("Stop this run? It ends as cancelled, without a model.")
+                    if st.button("Yes, stop it", type="primary", key=f"cancel_confirm_{run_dir.name}"):
+                        jobs.request_cancel(run_dir)
+                        cancelling = True
+            if cancelling:
+                note.info("Cancelling: the job stops after the current batch.", icon=":material/hourglass_top:")
         elif state == "done":
             st.success(f"Finished: {status.get('message', 'done')}.", icon=":material/check_circle:")
             st.session_state[session.KEY_RUN] = str(run_dir)
@@ -295,18 +420,23 @@ def render_run(run_dir: Path) -> str:
         elif state == "cancelled":
             st.info("This run was cancelled.", icon=":material/cancel:")
         else:
-            st.error(str(status.get("error") or status.get("message") or "The run failed."), icon=":material/error:")
+            st.error(_failure(status), icon=":material/error:")
             log = RunFolder(run_dir).log_path
             if log.is_file():
                 with st.expander("Last lines of the training log (for bug reports)"):
                     st.code("\n".join(log.read_text(errors="replace").splitlines()[-25:]) or "(empty)")
-        curves(RunFolder(run_dir).read_history(), key=run_dir.name)
+        curves(RunFolder(run_dir).read_history(), key=run_dir.name, state=state)
     return state
 
 
-def curves(history: pd.DataFrame, key: str) -> None:
+NO_CURVES = {"running": "Curves appear after the first epoch.",
+             "failed": "No curves: the run failed before its first epoch ended.",
+             "cancelled": "No curves: the run was cancelled before its first epoch ended."}
+
+
+def curves(history: pd.DataFrame, key: str, state: str = "running") -> None:
     if history is None or history.empty:
-        st.caption("Curves appear after the first epoch.")
+        st.caption(NO_CURVES.get(state, "This run has no training curves."))
         return
     history = history.reset_index(drop=True)
     x = list(range(1, len(history) + 1))
@@ -323,9 +453,16 @@ def curves(history: pd.DataFrame, key: str) -> None:
             fig.add_vrect(x0=start - 0.5, x1=x[-1] + 0.5, fillcolor="#f3c969", opacity=0.15, line_width=0,
                           annotation_text="fine-tune", annotation_position="top left")
         fig.update_xaxes(title="epoch", dtick=1 if len(x) <= 20 else None)
+        if metric == "loss":
+            fig.update_yaxes(rangemode="tozero")
+        else:
+            charts.unit_axes(fig)  # a flat AUC of 0.5 must not zoom to -0.5..1.5
         column.plotly_chart(charts.style(fig, 260, title=title), key=f"curve_{key}_{metric}")
-    st.caption("Validation worse than training and getting worse: overfitting. Both flat and poor: underfitting "
-               "or too low a learning rate.")
+    found = evaluate.fit_diagnosis(history)
+    if found.is_warning:
+        st.warning(found.message, icon=":material/warning:")
+    else:
+        st.caption(found.message)
 
 
 @st.fragment(run_every=2)
@@ -346,13 +483,10 @@ def past_runs() -> None:
         st.caption("No runs yet. They are kept in the runs folder and listed here.")
         return
     table = pd.DataFrame([{**s.as_row(), "demo": s.is_demo} for s in summaries])
-    st.dataframe(table, hide_index=True, column_config={
-        "best val AUC": st.column_config.NumberColumn(format="%.3f"),
-        "test AUC": st.column_config.NumberColumn(format="%.3f"),
-        "external AUC": st.column_config.NumberColumn(format="%.3f"),
-        "external accuracy": st.column_config.NumberColumn(format="%.3f"),
-        "demo": st.column_config.CheckboxColumn("demo", help="The shipped demo run (cannot be deleted)."),
-    })
+    # The figures that tell runs apart first; the table scrolls sideways to the rest, the run pinned.
+    first = ["run", "status", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split", "images"]
+    order = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
+    charts.table(table, hide_index=True, width="stretch", column_config=RUNS_COLUMNS, column_order=order)
     deletable = [s for s in summaries if not s.is_demo and s.state != "running"]
     if not deletable:
         return
@@ -375,7 +509,30 @@ def past_runs() -> None:
                 st.rerun()
 
 
+_number = st.column_config.NumberColumn
+# Short headers with the full meaning in the tooltip, so no header is cut.
+RUNS_COLUMNS = {
+    "run": st.column_config.TextColumn("run", width="large", pinned=True),
+    "status": st.column_config.TextColumn("status", width="medium"),
+    "images": _number("images", format="%d", width="small"),
+    "external test set": st.column_config.TextColumn(
+        "ext. set", width="small", help="The newest external test set: a data set none of whose images the run "
+                                        "trained on."),
+    "external AUC": _number("ext. AUC", format="%.3f", width="small", help="ROC AUC on that external test set."),
+    "external accuracy": _number("ext. acc.", format="%.3f", width="small",
+                                 help="Accuracy on that external test set, at the run's threshold."),
+    "best val AUC": _number("val AUC", format="%.3f", width="small", help="The best validation AUC over the epochs."),
+    "test AUC": _number("test AUC", format="%.3f", width="small",
+                        help="ROC AUC on the run's own test part (internal: it flatters the run)."),
+    "duration (s)": _number("time (s)", format="%.0f", width="small", help="Training time in seconds."),
+    "started": st.column_config.TextColumn("started", width="medium"),
+    "demo": st.column_config.CheckboxColumn("demo", width="small",
+                                            help="The shipped demo run (cannot be deleted)."),
+}
+
+
 # --- The page ---------------------------------------------------------------------------------
+show_running_settings()
 run_dir = watched_run()
 if run_dir is not None:
     st.subheader("Current run")

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny data sets made in code, and the optional ../shared folder."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import os
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -15,8 +18,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
 
-# The smallest model the tests train and load: MobileNetV2 at width 0.35, random weights, 32 px.
+# The smallest model the tests build and load: MobileNetV2 at width 0.35, random weights, 32 px.
 TINY_MODEL = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32)
+# The same network starting from a weights file (written once by the `tiny_weights_file` fixture):
+# training refuses a frozen backbone with random weights (it cannot learn), so runs that train only
+# the head start from this file, as a real run starts from ImageNet weights.
+TINY_WEIGHTS = (Path(tempfile.gettempdir()) / "cxr-workbench-tests"
+                / f"tiny-mobilenet_v2_0.35_32-keras{importlib.metadata.version('keras')}.weights.h5")
+TINY_PRETRAINED = dataclasses.replace(TINY_MODEL, weights=str(TINY_WEIGHTS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_weights_file() -> Path:
+    """Write ``TINY_WEIGHTS`` (a seeded random initialisation) unless an earlier session did."""
+    if not TINY_WEIGHTS.is_file():
+        from cxr_core.atomic import atomic_path
+        from cxr_core.model import build_backbone
+
+        with atomic_path(TINY_WEIGHTS, suffix=".weights.h5") as tmp:
+            build_backbone(TINY_MODEL, seed=1).save_weights(str(tmp))
+    return TINY_WEIGHTS
 
 
 def _xray_like(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
@@ -123,3 +144,8 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CXR_DATA_ROOT", str(base / "data"))
     # Hide the shipped demo run: tests of "no runs yet" must see none (tests of the demo unset this).
     monkeypatch.setenv("CXR_DEMO_RUN", str(base / "no-demo"))
+    # Weights: no files found on the machine, and the ImageNet host "unreachable" (a closed local
+    # port), so no test depends on, or reaches, the internet.
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(base / "weights"))
+    monkeypatch.setenv("KERAS_HOME", str(base / "keras"))
+    monkeypatch.setenv("CXR_IMAGENET_URL", "http://127.0.0.1:9/")

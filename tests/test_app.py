@@ -6,6 +6,7 @@ every page are printed and written to render_times.json in the test artifacts fo
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import TINY_MODEL, make_dataset
+from conftest import TINY_PRETRAINED, TINY_WEIGHTS, make_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
@@ -82,7 +83,7 @@ def trained_run(tmp_path_factory) -> Path:
     data_dir = make_dataset(base / "tiny", n_normal=20, n_pneumonia=40, size=48)
     config = RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random"),
-        model=TINY_MODEL,
+        model=TINY_PRETRAINED,
         train=TrainConfig(epochs=2, batch_size=16, balance="none", cache_dir=str(base / "cache")),
     )
     run_dir = train.train(config, run_dir=base / "runs" / "tiny-run")
@@ -155,12 +156,15 @@ def test_dataset_page_shows_counts_splits_and_samples(small_kermany):
 
 
 def test_dataset_page_makes_and_selects_the_practice_set():
+    make_dataset(data_root() / "other", n_normal=4, n_pneumonia=4, size=32)  # so the new set is not the only one
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
     render(at, "pages/dataset.py", "dataset (empty)")
     at.button(key="make_practice").click()
     render(at, None, "dataset (practice set made)")
     assert "synthetic" in at.session_state[KEY_DATASET].lower()
+    # The sidebar, drawn before the page, names the new set after the same click.
+    assert any(at.session_state[KEY_DATASET] in str(m.value) for m in at.sidebar.markdown)
     assert "synthetic" in text_of(at).lower()
     assert {m.label: m.value for m in at.metric}["Images"] == "220"
 
@@ -251,6 +255,41 @@ def test_training_page_recipe_fills_the_form_and_the_augmentation_plan_follows_t
     assert normal + pneumonia < 30  # the training part of 30 images, not of all 60
 
 
+def test_training_page_checks_the_starting_weights_before_a_run_can_start(small_kermany):
+    """Offline with no ImageNet file, the page says what to do and Start stays disabled; a frozen
+    random backbone is refused; the weights choice survives a change of backbone."""
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_DATASET] = small_kermany
+    render(at, "pages/training.py", "training (defaults)")
+    start = next(b for b in at.button if b.label == "Start training")
+    errors = [e.value for e in at.error]
+    assert start.disabled and len(errors) == 1
+    assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in errors[0]
+    assert "choose or upload a weights file" in errors[0] and "--weights" not in errors[0]
+    # Random weights with a frozen backbone cannot learn.
+    at.selectbox(key="train_weights").set_value("none")
+    render(at, None, "training (random, frozen)")
+    assert any("cannot learn while it stays frozen" in e.value for e in at.error)
+    assert next(b for b in at.button if b.label == "Start training").disabled
+    # The choice is kept when the backbone changes; fine-tuning all layers makes it trainable.
+    at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at, None, "training (backbone changed)")
+    assert at.selectbox(key="train_weights").value == "none"
+    at.selectbox(key="train_ft_layers").set_value(-1)
+    render(at, None, "training (from scratch)")
+    assert not at.error
+    assert not next(b for b in at.button if b.label == "Start training").disabled
+    # A cached ImageNet file is offered as such and needs no network.
+    cache = Path(os.environ["KERAS_HOME"]) / "models"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    at.selectbox(key="train_weights").set_value("imagenet")
+    render(at, None, "training (ImageNet cached)")
+    assert "on this machine" in at.selectbox(key="train_weights").format_func("imagenet")
+    assert not at.error
+
+
 # --- Training: launch a tiny background run and watch it finish ----------------------------------
 @pytest.mark.slow
 def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):
@@ -258,12 +297,14 @@ def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):
     render(at, None, "router")
     at.session_state[KEY_DATASET] = small_kermany
     render(at, "pages/training.py", "training (data set chosen)")
+    # A weights file in the weights folder is offered for its backbone (and fixes MobileNetV2's width).
+    weights_dir = Path(os.environ["CXR_WEIGHTS_DIR"])
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TINY_WEIGHTS, weights_dir / "mobilenet_v2_0.35_tiny.weights.h5")
     at.selectbox(key="train_backbone").set_value("mobilenet_v2")
     render(at, None, "training (backbone chosen)")
-    at.selectbox(key="train_weights_mobilenet_v2").set_value("none")
-    render(at, None, "training (form)")
+    assert at.selectbox(key="train_weights").value == str(weights_dir / "mobilenet_v2_0.35_tiny.weights.h5")
     at.select_slider(key="train_size_mobilenet_v2").set_value(32)
-    at.select_slider(key="train_alpha_free").set_value(0.35)
     at.number_input(key="train_epochs").set_value(2)
     at.select_slider(key="train_batch").set_value(16)
     render(at, None, "training (form)")
@@ -308,7 +349,11 @@ def test_evaluation_page_shows_the_metrics_of_a_finished_run(finished_run):
     # Grad-CAM of the misclassified images (at threshold 0 every normal image is a false positive).
     at.toggle(key="eval_gradcam").set_value(True)
     render(at, None, "evaluation (Grad-CAM gallery)")
-    assert len(at.image) >= 1
+    # Each map shows the evidence for the wrong call (PNEUMONIA), said once; a map with nothing in it
+    # (a 1 x 1 grid whose one cell lowered the score) is one line instead of a blank square.
+    assert "Highlighted: regions that raised the pneumonia score." in [c.value for c in at.caption]
+    notes = [i.value for i in at.info if "No region raised the pneumonia score" in i.value]
+    assert len(at.image) + len(notes) >= 1
 
 
 @pytest.mark.slow
@@ -403,3 +448,282 @@ def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
     expected = demo.predict_bytes(png_bytes(True), "chest.png")["probability"]
     assert float(table.loc[0, "probability"]) == pytest.approx(expected, abs=2e-4)
     assert table.loc[0, "label"] == ("PNEUMONIA" if expected >= demo.threshold else "NORMAL")
+
+
+def normal_png(lungs: int = 40, chest: int = 230) -> bytes:
+    """Two dark, soft lung fields in a bright chest: an image the demo run calls NORMAL (p about 0.04)."""
+    yy, xx = np.mgrid[0:128, 0:128] / 128
+    img = np.full((128, 128), chest, np.float32)
+    for cx in (0.32, 0.68):
+        img[((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = lungs
+    ok, buffer = cv2.imencode(".png", cv2.GaussianBlur(img, (0, 0), 4).astype(np.uint8))
+    assert ok
+    return buffer.tobytes()
+
+
+def test_predict_page_says_what_the_map_of_each_result_shows(monkeypatch):
+    """A NORMAL result shows the evidence for NORMAL (not a blank square), with a line saying so; a map
+    with nothing in it is replaced by one line."""
+    from cxr_core import runs
+    from cxr_core.predict import EMPTY_MAP_CAPTIONS, MAP_CAPTIONS, Predictor
+    from cxr_core.run_folder import RunFolder
+
+    monkeypatch.delenv("CXR_DEMO_RUN")
+    if not RunFolder(runs.DEMO_RUN_DIR).has_model():
+        pytest.skip("no demo run in artifacts/")
+    demo = Predictor.from_run(runs.DEMO_RUN_DIR)
+    assert demo.predict_bytes(normal_png(), "normal.png")["label"] == "NORMAL"
+    assert demo.predict_bytes(png_bytes(True), "chest.png")["label"] == "PNEUMONIA"
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/predict.py", "predict (demo run)")
+    at.file_uploader(key="predict_upload").set_value([("normal.png", normal_png(), "image/png"),
+                                                      ("chest.png", png_bytes(True), "image/png")])
+    render(at, None, "predict (demo, NORMAL and PNEUMONIA)")
+    assert list(at.dataframe[0].value["label"]) == ["NORMAL", "PNEUMONIA"]
+    captions = [c.value for c in at.caption]
+    assert captions.count("Highlighted: regions that lowered the pneumonia score (evidence for NORMAL).") == 1
+    assert captions.count(MAP_CAPTIONS["PNEUMONIA"]) == 1
+    assert len(at.image) == 4  # each X-ray and its overlay
+    assert not at.info
+
+    # No region holds evidence for the label: one line instead of an empty overlay.
+    real = Predictor.explanations
+
+    def without_evidence(self, grays, target=None):
+        return [dataclasses.replace(e, heatmap=np.zeros_like(e.heatmap)) for e in real(self, grays, target)]
+
+    monkeypatch.setattr(Predictor, "explanations", without_evidence)
+    at.file_uploader(key="predict_upload").set_value([("flat.png", normal_png(30, 255), "image/png")])
+    render(at, None, "predict (demo, a map without evidence)")
+    assert [i.value for i in at.info] == [EMPTY_MAP_CAPTIONS["NORMAL"]]
+    assert len(at.image) == 1  # the X-ray only
+
+
+# --- Small runs written by hand (no training): evaluation and training details -------------------
+def fake_run(name: str, p_test, y_test, p_val=None, y_val=None, config: bool = True, state: str = "done",
+             history: list[dict] | None = None, **status) -> Path:
+    """A run folder with metrics.json and predictions.csv computed from the given probabilities, a
+    placeholder model file (the pages only check it exists) and the given state."""
+    import pandas as pd
+
+    from conftest import TINY_MODEL
+    from cxr_core import evaluate
+    from cxr_core.config import DataConfig, RunConfig
+    from cxr_core.run_folder import RunFolder
+
+    folder = RunFolder(Path(os.environ["CXR_RUNS_DIR"]) / name)
+    folder.path.mkdir(parents=True)
+    if config:
+        folder.write_config(RunConfig(data=DataConfig(data_dir=str(data_root() / "somewhere")), model=TINY_MODEL))
+    p_val, y_val = (p_test, y_test) if p_val is None else (p_val, y_val)
+    if state == "done":
+        folder.write_metrics(evaluate.metrics_report(y_val, p_val, y_test, p_test))
+        rows = [{"path": f"/nowhere/{split}{i}.png", "y": int(y), "probability": float(p), "split": split}
+                for split, ys, ps in (("val", y_val, p_val), ("test", y_test, p_test))
+                for i, (y, p) in enumerate(zip(ys, ps))]
+        folder.write_predictions(pd.DataFrame(rows))
+        folder.model_path.write_bytes(b"placeholder")
+    if history:
+        folder.write_history(history)
+    folder.write_status(state, **status)
+    return folder.path
+
+
+def _figure(at: AppTest, key_part: str) -> dict:
+    """The plotly figure (as JSON) whose element id contains ``key_part``."""
+    chart = next(c for c in at.get("plotly_chart") if key_part in c.proto.id)
+    return json.loads(chart.proto.spec)
+
+
+def test_evaluation_slider_follows_the_run_and_small_details():
+    y = np.array([0] * 10 + [1] * 10)
+    rng = np.random.default_rng(0)
+    p_a = np.where(y == 1, rng.uniform(0.1, 0.3, 20), rng.uniform(0.0, 0.2, 20))
+    run_a = fake_run("run-a", p_a, y)
+    run_b = fake_run("run-b", np.full(20, 0.183), y, config=False)  # flat: threshold 1.0, no config.json
+    threshold_a = round(json.loads((run_a / "metrics.json").read_text())["threshold"], 3)
+    assert json.loads((run_b / "metrics.json").read_text())["threshold"] == 1.0
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_RUN] = str(run_a)
+    render(at, "pages/evaluation.py", "evaluation (hand-made run a)")
+    slider = next(s for s in at.slider if s.label == "Threshold")
+    assert slider.value == pytest.approx(threshold_a)
+    slider.set_value(0.6)
+    render(at, None, "evaluation (threshold moved)")
+    # Another run: its own threshold, not the value left by the first one; and back again.
+    at.selectbox(key="eval_run").set_value(str(run_b))
+    render(at, None, "evaluation (run b)")
+    assert next(s for s in at.slider if s.label == "Threshold").value == pytest.approx(1.0)
+    assert {m.label: m.value for m in at.metric}["Threshold"] == "1.000"
+    at.selectbox(key="eval_run").set_value(str(run_a))
+    render(at, None, "evaluation (run a again)")
+    assert next(s for s in at.slider if s.label == "Threshold").value == pytest.approx(threshold_a)
+    # 20 test images, 10 of each class: the intervals are wide, and the page says how wide.
+    assert any("95 % intervals: sensitivity" in c.value for c in at.caption)
+    assert any(w.value.startswith("Few test images: sensitivity or specificity is known only to within ±")
+               for w in at.warning)
+    # Every table shows a missing value as a dash; the compare table has short headers.
+    at.selectbox(key="eval_compare").set_value(str(run_b))
+    render(at, None, "evaluation (compare)")
+    assert at.dataframe and all(d.proto.placeholder == "—" for d in at.dataframe)
+    configs = next(d for d in at.dataframe if "backbone" in d.value.index)
+    assert list(configs.value.columns) == ["this run", "compared"]
+    assert configs.value["compared"].isna().all()  # run b has no config.json: dashes, not "None"
+    assert configs.value.loc["fine-tune", "this run"] == "none"
+    # The ROC axes stay 0..1 even for run b's flat (diagonal) curve.
+    layout = _figure(at, "compare_roc")["layout"]
+    assert layout["xaxis"]["range"] == [0.0, 1.0] and layout["yaxis"]["range"] == [0.0, 1.02]
+
+
+def _epochs(val_loss: list[float], loss: list[float]) -> list[dict]:
+    return [{"phase": "head", "epoch": i + 1, "loss": lo, "accuracy": 0.8, "auc": 0.5, "val_loss": vl,
+             "val_accuracy": 0.5, "val_auc": 0.5 + 0.1 * i} for i, (lo, vl) in enumerate(zip(loss, val_loss))]
+
+
+def test_training_page_progress_cancel_and_the_run_that_ends(monkeypatch):
+    from cxr_core import jobs
+    from cxr_core.run_folder import RunFolder
+
+    run = fake_run("run-live", None, None, state="running", pid=os.getpid(),
+                   history=_epochs(val_loss=[0.5, 0.55, 0.6], loss=[0.6, 0.5, 0.4]))
+    folder = RunFolder(run)
+    for event in ({"event": "stage", "stage": "train", "total": 5}, {"event": "epoch", "epoch": 1, "epochs": 5},
+                  {"event": "batch", "batch": 9, "batches": 23}):
+        folder.append_progress(event)
+    # The job was started by another session (or before a reload): this one only sees it running.
+    monkeypatch.setattr(jobs, "active_run", lambda _root=None: run)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/training.py", "training (a run in progress)")
+    texts = [p.proto.text for p in at.get("progress")]
+    assert texts == ["Training the head: epoch 2 of 5"]
+    # The overfitting hint comes from the curves: validation loss rose for 2 epochs as training loss fell.
+    assert any("risen for the last 2 epochs" in w.value for w in at.warning)
+    auc_axis = _figure(at, "curve_run-live_auc")["layout"]["yaxis"]
+    assert auc_axis["range"] == [0.0, 1.02]  # a flat AUC does not zoom to -0.5..1.5
+    # Cancelling needs a confirmation: there is no one-click Cancel button, only the one in the popover.
+    assert not [b for b in at.button if b.label == "Cancel"] and not folder.cancel_requested()
+    at.button(key="cancel_confirm_run-live").click()
+    render(at, None, "training (cancel confirmed)")
+    assert folder.cancel_requested()
+    assert "Cancelling: the job stops after the current batch." in [i.value for i in at.info]
+    # The job stops: the panel stays, with the run's final state.
+    folder.write_status("cancelled", message="cancelled")
+    monkeypatch.setattr(jobs, "active_run", lambda _root=None: None)
+    render(at, None, "training (cancelled)")
+    assert "This run was cancelled." in [i.value for i in at.info]
+    assert any("run-live" in m.value for m in at.markdown)
+
+
+def test_training_page_says_why_a_run_failed_and_the_runs_table_has_short_headers():
+    from cxr_core.run_folder import RunFolder
+
+    run = fake_run("run-failed", None, None, state="failed",
+                   error="The data folder /nowhere does not exist; choose a data set on the Dataset page.")
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state["launched_run"] = str(run)
+    render(at, "pages/training.py", "training (a failed run)")
+    assert [e.value for e in at.error][:1] == [
+        "This run failed: the data folder /nowhere does not exist; choose a data set on the Dataset page."]
+    text = text_of(at)
+    assert "No curves: the run failed before its first epoch ended." in text
+    assert "Curves appear after the first epoch" not in text
+    assert RunFolder(run).read_history().empty
+    table = at.dataframe[-1]
+    assert table.proto.placeholder == "—"  # the failed run has no AUC: a dash, not "None"
+    headers = {name: spec.get("label") for name, spec in json.loads(table.proto.columns).items()}
+    assert headers["external accuracy"] == "ext. acc." and headers["best val AUC"] == "val AUC"
+
+
+# --- Reloads and links: the URL keeps the choices --------------------------------------------------
+def test_the_only_data_set_is_chosen(small_kermany):
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "home (one data set)")
+    assert at.session_state[KEY_DATASET] == small_kermany  # nobody chose it: it is the only one
+    assert any(small_kermany in str(m.value) for m in at.sidebar.markdown)
+    assert at.query_params["dataset"] == small_kermany
+
+
+def test_a_link_with_settings_fills_the_widgets_and_ignores_what_cannot_be_used(small_kermany):
+    from cxr_core.backbones import BACKBONES
+
+    make_dataset(data_root() / "other", n_normal=4, n_pneumonia=4, size=32)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    at.query_params.update({
+        "dataset": small_kermany, "split": "patient", "rotation_range": "60", "horizontal_flip": "false",
+        "brightness_range": ["0.8", "1.2"], "train_epochs": "7", "train_lr": "0.0003",
+        "train_backbone": BACKBONES["mobilenet_v2"].label,
+        # Values that cannot be used, and a parameter the app does not know: ignored.
+        "zoom": "a lot", "balance": "sometimes", "run": "no-such-run", "train_batch": "33", "train_rule": "coin",
+        "utm_source": "mail",
+    })
+    at.switch_page("pages/training.py")
+    render(at, None, "training (opened from a link)")
+    assert at.session_state[KEY_DATASET] == small_kermany and at.session_state[KEY_SPLIT] == "patient"
+    assert at.selectbox(key="train_backbone").value == "mobilenet_v2"
+    assert at.number_input(key="train_epochs").value == 7
+    assert at.select_slider(key="train_lr").value == pytest.approx(3e-4)
+    assert at.selectbox(key="train_split").value == "patient"
+    assert at.select_slider(key="train_batch").value == 32 and at.selectbox(key="train_rule").value == "youden"
+    assert at.selectbox(key="train_balance").value == "augment"
+    assert "rotation ±60°, flip off, brightness 0.8–1.2, shifts 0.05/0.05, zoom 0" in text_of(at)
+    assert KEY_RUN not in at.session_state
+    # The URL now holds what is used, and no longer what was ignored.
+    params = at.query_params
+    assert params["dataset"] == small_kermany and params["split"] == "patient" and params["train_epochs"] == "7"
+    assert not {"zoom", "balance", "run", "train_batch", "train_rule"} & set(params)
+    # The Augmentation page brings a value beyond its slider (60° > 45°) inside it, without an error.
+    render(at, "pages/augmentation.py", "augmentation (from a link)")
+    assert at.slider(key="aug_rotation").value == 45.0 and at.toggle(key="aug_flip").value is False
+
+
+def test_a_reload_keeps_the_choices_and_a_reload_during_training_shows_the_runs_own_settings(
+        small_kermany, monkeypatch):
+    from cxr_core import jobs
+    from cxr_core.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+    from cxr_core.run_folder import RunFolder
+
+    make_dataset(data_root() / "other", n_normal=4, n_pneumonia=4, size=32)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_DATASET] = small_kermany
+    at.session_state[KEY_SPLIT] = "patient"
+    render(at, "pages/augmentation.py", "augmentation")
+    at.slider(key="aug_zoom").set_value(0.1)
+    render(at, None, "augmentation (zoom)")
+    # AppTest runs a page without Home.py after the first run, so what a page's body chose reaches
+    # the URL at the next page's header (in a browser, Home.py writes it at the end of the same run).
+    render(at, "pages/home.py", "home")
+    assert at.query_params["zoom"] == "0.1"
+    reloaded = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    reloaded.query_params.update(at.query_params)  # a reload: a new session with the same URL
+    render(reloaded, None, "home (reloaded)")
+    assert reloaded.session_state[KEY_DATASET] == small_kermany and reloaded.session_state[KEY_SPLIT] == "patient"
+    assert reloaded.session_state[KEY_AUGMENT]["zoom"] == pytest.approx(0.1)
+
+    # A run is training (launched from another tab or before the reload): the form shows its settings.
+    folder = RunFolder(Path(os.environ["CXR_RUNS_DIR"]) / "run-training")
+    folder.write_config(RunConfig(
+        data=DataConfig(data_dir=str(data_root() / small_kermany), split="random", limit=30),
+        augment=AugmentConfig(rotation_range=4.0),
+        model=ModelConfig(backbone="mobilenet_v2", weights="none", image_size=64, alpha=0.5),
+        train=TrainConfig(epochs=4, batch_size=16, learning_rate=3e-3, balance="class_weight", recipe="quick")))
+    folder.write_status("running", pid=os.getpid())
+    monkeypatch.setattr(jobs, "active_run", lambda *_args, **_kwargs: folder.path)
+    during = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    during.query_params.update({"dataset": "other"})
+    during.switch_page("pages/training.py")
+    render(during, None, "training (reloaded while a run trains)")
+    assert during.selectbox(key="train_backbone").value == "mobilenet_v2"
+    assert during.select_slider(key="train_size_mobilenet_v2").value == 64
+    assert during.select_slider(key="train_alpha_free").value == 0.5
+    assert during.number_input(key="train_epochs").value == 4
+    assert during.select_slider(key="train_batch").value == 16
+    assert during.selectbox(key="train_balance").value == "class_weight"
+    assert during.number_input(key="train_limit").value == 30
+    assert during.selectbox(key="train_recipe").value == "quick"
+    assert "rotation ±4°" in text_of(during)
+    assert during.session_state[KEY_DATASET] == "other"  # the link named a data set: it wins

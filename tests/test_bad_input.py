@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import badfiles
-from conftest import TINY_MODEL, make_dataset
-from cxr_core import data, runs
+from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS, make_dataset
+from cxr_core import data, resources, runs
 from cxr_core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.download import safe_extract_zip
 from cxr_core.errors import BadDatasetError, BadImageError, BadRunError, CxrError
@@ -290,7 +290,7 @@ def test_training_goes_on_past_bad_files_and_lists_them(tmp_path):
 
     root = make_dataset(tmp_path / "mixed", n_normal=20, n_pneumonia=20, size=32)
     bad = write_all(root / "NORMAL", badfiles.REFUSED)
-    config = RunConfig(data=DataConfig(data_dir=str(root), split="random"), model=TINY_MODEL,
+    config = RunConfig(data=DataConfig(data_dir=str(root), split="random"), model=TINY_PRETRAINED,
                        train=TrainConfig(epochs=1, batch_size=16, balance="none", cache_dir=str(tmp_path / "cache")))
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done"
@@ -511,7 +511,7 @@ def test_cli_train_on_a_bad_folder_exits_2_with_one_line(key, tmp_path):
     make, pattern = BAD_FOLDERS[key]
     root = make(tmp_path / "bad")
     result = run_cli("train", "--data", str(root), "--out", str(tmp_path / "runs"), "--backbone", "mobilenet_v2",
-                     "--weights", "none", "--image-size", "32", "--epochs", "1")
+                     "--weights", str(TINY_WEIGHTS), "--image-size", "32", "--epochs", "1")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
@@ -614,4 +614,7 @@ def test_dataset_page_refuses_a_hostile_zip_upload(key):
 
 
     assert re.search(pattern, errors[0]), errors[0]
-    assert list(root.iterdir()) == []  # nothing extracted, no hidden half-extracted folder
+    # Nothing extracted, no hidden half-extracted folder, and the refused upload is gone from the disk too.
+    spool = resources.spool_folder(root)
+    assert [p for p in root.iterdir() if p != spool] == []
+    assert list(spool.glob("*.zip")) == []

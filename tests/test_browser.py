@@ -137,3 +137,40 @@ def test_every_page_renders_in_a_real_browser(served_app, test_artifacts):
                 assert [m.split("\n")[-1].strip() for m in menu] == MENU, f"{name}: menu is {menu}"
         finally:
             browser.close()
+
+
+def test_a_link_with_settings_and_a_reload_keep_the_data_set_and_the_settings(served_app):
+    """A teacher's link opens the Training page with its settings; a change and a reload keep them."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    from conftest import make_dataset
+    from cxr_core.practice import PRACTICE_FOLDER_NAME
+
+    make_dataset(Path(os.environ["CXR_DATA_ROOT"]) / "other", n_normal=4, n_pneumonia=4, size=32)  # two to choose
+    link = f"{served_app}/training?dataset={PRACTICE_FOLDER_NAME}&split=patient&rotation_range=5&train_epochs=7"
+
+    def check(page, epochs: str) -> None:
+        _settle(page, 120)
+        assert page.get_by_label("Epochs", exact=True).input_value() == epochs
+        sidebar = page.inner_text("[data-testid='stSidebar']")
+        assert PRACTICE_FOLDER_NAME in sidebar and "Split: patient" in sidebar, sidebar
+        assert "rotation ±5°" in page.inner_text("[data-testid='stMain']")
+        assert page.locator("[data-testid='stException']").count() == 0
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(link, wait_until="domcontentloaded")
+            check(page, "7")
+            field = page.get_by_label("Epochs", exact=True)
+            field.fill("9")
+            field.press("Enter")
+            page.wait_for_url("**train_epochs=9**", timeout=30_000)
+            _settle(page)
+            assert f"dataset={PRACTICE_FOLDER_NAME}" in page.url and "split=patient" in page.url
+            page.reload(wait_until="domcontentloaded")
+            check(page, "9")
+        finally:
+            browser.close()

@@ -60,6 +60,10 @@ def _member(root: Path, name: str, cfg: ModelConfig, seed: int, state: str = "do
     features = np.asarray(parts.pool(parts.conv_model(parts.preprocess(batch))[1]))
     logit = model.get_layer("logit")
     kernel, bias = logit.get_weights()
+    # Orthogonal to the mean (positive) activation: the signed map takes both signs, so the maps of
+    # both classes (what raised the logit, what lowered it) have something to show.
+    mean = features.mean(axis=0)
+    kernel = kernel - np.outer(mean, mean @ kernel) / float(mean @ mean)
     spread = float(np.std(features @ kernel))
     logit.set_weights([kernel / max(spread, 1e-30), bias + 0.4 * (seed % 3) - 0.3])
     folder = RunFolder(root / name)
@@ -126,6 +130,11 @@ def test_litert_and_keras_agree_on_probabilities_and_heatmaps(ensemble_run):
     assert any(np.ptp(m) > 0.1 for m in maps_keras)
     for a, b in zip(maps_lite, maps_keras):
         np.testing.assert_allclose(a, b, atol=1e-4)
+    for target in ("PNEUMONIA", "NORMAL"):  # both classes' maps, whatever each image's label
+        maps_lite, maps_keras = lite.gradcam_batch(grays, target), keras_.gradcam_batch(grays, target)
+        assert any(np.ptp(m) > 0.1 for m in maps_keras)
+        for a, b in zip(maps_lite, maps_keras):
+            np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -137,7 +146,9 @@ def test_heatmap_is_the_gradient_weighted_sum_of_the_members_maps(members, ensem
     p = s.mean(axis=0)
     weights = s * (1 - s) / (len(members) * p * (1 - p))
     cells = (SIZE // 32) ** 2  # the single-model map is Grad-CAM: the Dense kernel over the cell count
-    expected = sum(w[:, None, None] * cells * m for w, m in zip(weights, member_maps))
+    # Both channels (what raised the logit, what lowered it) are the members' weighted sum.
+    expected = sum(w[:, None, None, None] * cells * m for w, m in zip(weights, member_maps))
+    assert raw.shape == expected.shape and raw.shape[-1] == 2 and (expected[..., 1] > 0).any()
     np.testing.assert_allclose(logits, np.log(p / (1 - p)), atol=1e-4)
     np.testing.assert_allclose(raw, expected, rtol=1e-3, atol=1e-6 * float(np.abs(expected).max()))
 
@@ -295,7 +306,7 @@ def test_different_backbones_combine_their_maps_on_the_largest_grid(tmp_path):
     keras_ = Predictor.from_run(run, engine="keras")
     batch = np.stack([to_model_input(g, size) for g in grays]).astype(np.float32)
     logits, raw = keras_._engine.explain(batch)
-    assert raw.shape == (4, 3, 3)
+    assert raw.shape == (4, 3, 3, 2)
     member_probs = np.array([Predictor.from_run(m, engine="keras").predict_grays(grays) for m in parts])
     np.testing.assert_allclose(sigmoid(logits), member_probs.mean(axis=0), atol=1e-5)
     if LITE:

@@ -229,3 +229,72 @@ def test_midpoint_rule_lies_halfway_between_the_class_medians_in_logit_space():
     assert choose_threshold(*more_normal, rule="midpoint") == pytest.approx(1.0 / (1.0 + np.exp(-1.75)))
     # Youden takes the edge of the gap instead.
     assert choose_threshold(y, p, rule="youden") == pytest.approx(p[4])
+
+
+# --- Intervals and the "few test images" rule ----------------------------------------------------
+def test_wilson_interval_hand_computed() -> None:
+    from cxr_core.evaluate import proportion_interval
+
+    # Wilson, z = 1.959964: 8 of 10 -> centre (8 + z²/2) / (10 + z²), half-width z·sqrt(pq/n + z²/4n²) / (1 + z²/n).
+    low, high = proportion_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert proportion_interval(0, 0) is None
+    low, high = proportion_interval(10, 10)  # a perfect score still has an interval below 1
+    assert high == pytest.approx(1.0) and low < 0.75
+
+
+def test_few_test_images_rule_depends_on_the_smaller_class_not_the_total() -> None:
+    from cxr_core.evaluate import intervals_are_wide, rate_intervals
+
+    def metrics(tn, fp, fn, tp):
+        return {"confusion_matrix": [[tn, fp], [fn, tp]]}
+
+    # The internal split of kermany224: 521 images, 135 normal, 386 pneumonia; intervals about ±0.06 and ±0.02.
+    big = rate_intervals(metrics(tn=115, fp=20, fn=19, tp=367))
+    assert set(big) == {"sensitivity", "specificity"} and not intervals_are_wide(big)
+    # 60 images, 20 normal: specificity 0.75 ± 0.18 is too wide to compare models.
+    small = rate_intervals(metrics(tn=15, fp=5, fn=4, tp=36))
+    assert intervals_are_wide(small)
+    # 1,000 images but only 30 normal: the total does not make it trustworthy.
+    assert intervals_are_wide(rate_intervals(metrics(tn=20, fp=10, fn=50, tp=920)))
+    assert rate_intervals({}) == {}
+    assert set(rate_intervals(metrics(tn=0, fp=0, fn=2, tp=8))) == {"sensitivity"}
+
+
+# --- Reading the training curves -----------------------------------------------------------------
+def _history(loss, val_loss, auc=None, val_auc=None, phase=None):
+    import pandas as pd
+
+    n = len(loss)
+    return pd.DataFrame({"phase": phase or ["head"] * n, "epoch": range(1, n + 1), "loss": loss,
+                         "val_loss": val_loss, "auc": auc or [0.9] * n, "val_auc": val_auc or [0.88] * n})
+
+
+def test_fit_diagnosis_sees_overfitting_only_when_validation_loss_rises_as_training_loss_falls() -> None:
+    from cxr_core.evaluate import fit_diagnosis
+
+    rising = fit_diagnosis(_history([0.6, 0.4, 0.3, 0.2], [0.5, 0.45, 0.5, 0.6]))
+    assert rising.kind == "overfitting" and rising.is_warning
+    assert "risen for the last 2 epochs" in rising.message
+    # Validation better than training throughout (dropout, augmentation): no overfitting hint.
+    better = fit_diagnosis(_history([0.6, 0.5, 0.45, 0.4], [0.4, 0.35, 0.3, 0.28]))
+    assert better.kind == "fine" and not better.is_warning and "or better" in better.message
+    # One noisy epoch is not a trend.
+    assert fit_diagnosis(_history([0.6, 0.5, 0.4, 0.3], [0.5, 0.4, 0.35, 0.37])).kind == "fine"
+    # Both losses rising together is not overfitting (a learning rate too high, say).
+    assert fit_diagnosis(_history([0.3, 0.4, 0.5, 0.6], [0.3, 0.4, 0.5, 0.6])).kind != "overfitting"
+
+
+def test_fit_diagnosis_gap_chance_short_and_phases() -> None:
+    from cxr_core.evaluate import fit_diagnosis
+
+    gap = fit_diagnosis(_history([0.3, 0.2, 0.1], [0.4, 0.4, 0.39], auc=[0.9, 0.97, 0.99], val_auc=[0.8, 0.82, 0.8]))
+    assert gap.kind == "gap" and "0.99" in gap.message and "0.80" in gap.message
+    chance = fit_diagnosis(_history([0.7, 0.69, 0.69], [0.7, 0.7, 0.7], val_auc=[0.5, 0.52, 0.49]))
+    assert chance.kind == "chance" and chance.is_warning
+    assert fit_diagnosis(_history([0.6, 0.5], [0.5, 0.55])).kind == "too_short"
+    assert fit_diagnosis(_history([0.6, 0.5], [float("nan")] * 2)).kind == "no_validation"
+    # Fine-tuning restarts the loss: the jump at the boundary is not a rising trend.
+    phases = _history([0.5, 0.4, 0.3, 0.35, 0.3, 0.25], [0.3, 0.28, 0.27, 0.4, 0.35, 0.3],
+                      phase=["head"] * 3 + ["fine_tune"] * 3)
+    assert fit_diagnosis(phases).kind == "fine"

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_MODEL, make_dataset
+from conftest import TINY_PRETRAINED, make_dataset
 from cxr_core import jobs, run_folder, runs
 from cxr_core.atomic import read_jsonl
 from cxr_core.config import DataConfig, RunConfig, TrainConfig
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 def tiny_config(data_dir: Path, cache_dir: Path, **train) -> RunConfig:
     return RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random"),
-        model=TINY_MODEL,
+        model=TINY_PRETRAINED,
         train=TrainConfig(**{"epochs": 1, "batch_size": 8, "balance": "none", "cache_dir": str(cache_dir), **train}),
     )
 

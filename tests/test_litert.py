@@ -51,6 +51,10 @@ def exported_run(tmp_path_factory) -> Path:
     features = np.asarray(parts.pool(parts.conv_model(parts.preprocess(batch))[1]))
     logit = model.get_layer("logit")
     kernel, bias = logit.get_weights()
+    # The activations are all positive; a kernel orthogonal to their mean makes the signed map
+    # sum_k w_k A_k take both signs in every image, so both classes' maps have something to show.
+    mean = features.mean(axis=0)
+    kernel = kernel - np.outer(mean, mean @ kernel) / float(mean @ mean)
     spread = float(np.std(features @ kernel))
     logit.set_weights([kernel / max(spread, 1e-30), bias + 0.3])
     run = tmp_path_factory.mktemp("lite") / "run"
@@ -93,6 +97,20 @@ def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
         assert a.shape == b.shape == gray.shape
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert lite.label(float(p_lite[0])) == keras_.label(float(p_keras[0]))
+
+
+@pytest.mark.parametrize("target", ["PNEUMONIA", "NORMAL"])
+def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
+    """The export's second output holds ReLU(S) and ReLU(-S); Keras computes Grad-CAM of the logit and
+    of its negation: the same maps, for both classes."""
+    lite = Predictor.from_run(exported_run)
+    keras_ = Predictor.from_run(exported_run, engine="keras")
+    grays = _images(5)
+    found_lite, found_keras = lite.explanations(grays, target), keras_.explanations(grays, target)
+    assert any(np.ptp(e.heatmap) > 0.1 for e in found_keras)
+    for a, b in zip(found_lite, found_keras):
+        assert a.target == b.target == target and a.label == b.label
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
 
 
 def test_batches_of_any_size_and_single_images(exported_run):
@@ -177,10 +195,33 @@ def test_damaged_export_falls_back_to_keras(exported_run, keras_answer, tmp_path
     assert "\n" not in str(info.value)
 
 
+def test_export_without_the_normal_map_is_not_used(exported_run, tmp_path):
+    """An export of format 1 (one map, PNEUMONIA only) says in one sentence how to rewrite it."""
+    run = _copy(exported_run, tmp_path / "run")
+    info = json.loads((run / run_folder.LITE_INFO_FILE).read_text())
+    write_json_atomic(run / run_folder.LITE_INFO_FILE, {**info, "format": 1})
+    reason = litert.lite_status(run)
+    assert "without the map for NORMAL results" in reason and f"python -m cxr_core export --run {run}" in reason
+    with pytest.raises(BadRunError) as error:
+        Predictor.from_run(run, engine="litert")
+    assert "\n" not in str(error.value) and "python -m cxr_core export" in str(error.value)
+    assert Predictor.from_run(run).engine == "Keras"
+
+
 def test_no_runtime_means_keras(exported_run, monkeypatch):
     monkeypatch.setattr(litert, "runtime_available", lambda: False)
     assert "not installed" in litert.lite_status(exported_run)
     assert Predictor.from_run(exported_run).engine == "Keras"
+
+
+def test_a_runtime_that_cannot_load_means_keras(exported_run, monkeypatch):
+    """As where a platform's wheel installs but its native library fails to load: Keras, not a crash."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import now raises ImportError
+    assert Predictor.from_run(exported_run).engine == "Keras"
+    with pytest.raises(BadRunError, match="cannot be loaded here"):
+        Predictor.from_run(exported_run, engine="litert")
 
 
 def test_unknown_engine_is_refused(exported_run):

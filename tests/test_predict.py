@@ -12,7 +12,15 @@ import pytest
 from cxr_core.atomic import write_json_atomic
 from cxr_core.config import ModelConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadImageError, BadRunError, CxrError
-from cxr_core.predict import Predictor, _finish_cam, overlay_heatmap
+from cxr_core.predict import (
+    EMPTY_MAP_CAPTIONS,
+    MAP_CAPTIONS,
+    Explanation,
+    Predictor,
+    _finish_cam,
+    map_caption,
+    overlay_heatmap,
+)
 
 SIZE = 64  # MobileNetV2 downsamples 32x: 2 x 2 conv maps, the smallest that can vary
 MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
@@ -191,7 +199,108 @@ def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
     kernel = classifier.get_layer("logit").get_weights()[0][:, 0]
     cam = np.maximum(conv @ kernel, 0)
     expected = cv2.resize((cam / cam.max()).astype(np.float32), (44, 40), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_allclose(predictor.gradcam(gray), np.clip(expected, 0, 1), atol=1e-4)
+    np.testing.assert_allclose(predictor.gradcam(gray, "PNEUMONIA"), np.clip(expected, 0, 1), atol=1e-4)
+
+
+def _closed_form_map(classifier, gray: np.ndarray, sign: float) -> np.ndarray:
+    """ReLU(sign * sum_k w_k A_k) from the model's own layers, normalised and resized as the predictor does."""
+    from cxr_core.images import to_model_input
+    from cxr_core.model import gradcam_parts
+
+    parts = gradcam_parts(classifier)
+    conv = np.asarray(parts.conv_model(parts.preprocess(to_model_input(gray, SIZE)[None]), training=False)[0])[0]
+    signed = conv @ classifier.get_layer("logit").get_weights()[0][:, 0]
+    assert (signed > 0).any() and (signed < 0).any()  # evidence both ways: neither map is trivially zero
+    cam = np.maximum(sign * signed, 0)
+    resized = cv2.resize((cam / cam.max()).astype(np.float32), gray.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    return np.clip(resized, 0, 1)
+
+
+LEANING = [_xray(10 + i, h=40 + 3 * i, w=44 - 2 * i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def centred(run_dir):
+    """The run's model with its head weights set: the logits of ``LEANING`` spread by about one around 0."""
+    from cxr_core.images import to_model_input
+    from cxr_core.model import gradcam_parts, load_classifier
+
+    model = load_classifier(run_dir)
+    parts = gradcam_parts(model)
+    batch = np.stack([to_model_input(g, SIZE) for g in LEANING])
+    features = np.asarray(parts.pool(parts.conv_model(parts.preprocess(batch))[1]))
+    logit = model.get_layer("logit")
+    kernel = logit.get_weights()[0]
+    z = features @ kernel[:, 0]
+    scale = 1.0 / max(float(np.std(z)), 1e-30)  # an untrained network's activations are about 1e-11
+    logit.set_weights([kernel * scale, np.array([-float(np.mean(z)) * scale], np.float32)])
+    return model
+
+
+def test_normal_result_shows_the_evidence_for_normal(centred) -> None:
+    """The head is GAP -> Dense, so the logit is sum_k w_k mean(A_k) + b: ReLU(-sum_k w_k A_k) is where
+    the image lowered it. A NORMAL result shows that map; a PNEUMONIA result the usual one."""
+    split = Predictor(centred, RUN_CFG, threshold=0.5)
+    probs = split.predict_grays(LEANING)
+    low, high = int(np.argmin(probs)), int(np.argmax(probs))
+    assert probs[low] < 0.45 and probs[high] > 0.55  # one leans NORMAL, one PNEUMONIA
+    normal, pneumonia = split.explanations([LEANING[low], LEANING[high]])
+
+    assert (normal.label, normal.target) == ("NORMAL", "NORMAL")
+    assert not normal.empty and normal.heatmap.max() == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(normal.heatmap, _closed_form_map(centred, LEANING[low], -1.0), atol=1e-4)
+    assert normal.caption == "Highlighted: regions that lowered the pneumonia score (evidence for NORMAL)."
+
+    assert (pneumonia.label, pneumonia.target) == ("PNEUMONIA", "PNEUMONIA")
+    np.testing.assert_allclose(pneumonia.heatmap, _closed_form_map(centred, LEANING[high], 1.0), atol=1e-4)
+    assert pneumonia.caption == "Highlighted: regions that raised the pneumonia score."
+    # The two maps of one image are different maps (what raised the score is not what lowered it).
+    assert np.abs(normal.heatmap - split.gradcam(LEANING[low], "PNEUMONIA")).max() > 0.1
+
+    # The older entry points follow the same rule, and a class can still be asked for explicitly.
+    probability, heatmap = split.explain(LEANING[low])
+    assert probability == pytest.approx(normal.probability) and np.array_equal(heatmap, normal.heatmap)
+    np.testing.assert_allclose(split.gradcam_batch([LEANING[low]])[0], normal.heatmap, atol=1e-6)
+    asked = split.explanation(LEANING[high], target="NORMAL")
+    assert (asked.label, asked.target) == ("PNEUMONIA", "NORMAL")
+    np.testing.assert_allclose(asked.heatmap, _closed_form_map(centred, LEANING[high], -1.0), atol=1e-4)
+    with pytest.raises(ValueError, match="NORMAL"):
+        split.explanation(LEANING[low], target="pneumonia")
+
+
+class _FixedEngine:
+    """An engine that answers fixed logits and raw maps (n, h', w', 2): the predictor's own logic, no model."""
+
+    name = "fixed"
+    image_size = 8
+
+    def __init__(self, logits, cams) -> None:
+        self._logits, self._cams = np.asarray(logits, np.float32), np.asarray(cams, np.float32)
+
+    def logits(self, batch):
+        return self._logits[: len(batch)]
+
+    def explain(self, batch):
+        return self._logits[: len(batch)], self._cams[: len(batch)]
+
+
+def test_a_map_without_evidence_says_so() -> None:
+    cams = np.zeros((2, 2, 2, 2), np.float32)
+    cams[0, 0, 0, 0] = 3.0  # image 0: something raised the score, nothing lowered it
+    fixed = Predictor(_FixedEngine([-2.0, 1.0], cams), RUN_CFG, threshold=0.5)
+    normal, pneumonia = fixed.explanations([np.zeros((5, 6), np.uint8)] * 2)
+    # A NORMAL call from the baseline alone: no region lowered the score, and the result says so.
+    assert normal.label == "NORMAL" and normal.empty and not normal.heatmap.any() and normal.heatmap.shape == (5, 6)
+    assert normal.caption == EMPTY_MAP_CAPTIONS["NORMAL"] and normal.caption.startswith("No region lowered")
+    assert pneumonia.label == "PNEUMONIA" and pneumonia.empty
+    assert pneumonia.caption.startswith("No region raised the pneumonia score")
+    assert not fixed.explanation(np.zeros((5, 6), np.uint8), "PNEUMONIA").empty
+    for caption in (*MAP_CAPTIONS.values(), *EMPTY_MAP_CAPTIONS.values()):
+        assert "\n" not in caption and caption.endswith(".") and ". " not in caption
+    assert map_caption("NORMAL") == MAP_CAPTIONS["NORMAL"] and map_caption("NORMAL", empty=True) == normal.caption
+    with pytest.raises(ValueError):
+        map_caption("COVID")
+    assert isinstance(normal, Explanation)
 
 
 def test_warmup(predictor: Predictor, classifier, monkeypatch) -> None:

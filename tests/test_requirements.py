@@ -19,6 +19,7 @@ def _requirements() -> list[Requirement]:
     ("linux", "x86_64", "3.13", "tensorflow-cpu"),
     ("darwin", "arm64", "3.12", "tensorflow"),
     ("linux", "aarch64", "3.11", "tensorflow"),
+    ("win32", "AMD64", "3.12", "tensorflow"),  # on Windows the same CPU build as tensorflow-cpu
 ])
 def test_exactly_one_tensorflow_per_platform(platform, machine, python, expected):
     env = {"sys_platform": platform, "platform_machine": machine, "python_version": python}
@@ -40,3 +41,14 @@ def test_litert_runtime_where_wheels_exist(platform, machine, wanted):
     env = {"sys_platform": platform, "platform_machine": machine, "python_version": "3.12"}
     chosen = [r for r in _requirements() if r.name == "ai-edge-litert"]
     assert len(chosen) == 1 and chosen[0].marker.evaluate(env) is wanted
+
+
+@pytest.mark.parametrize("platform,machine", [
+    ("linux", "x86_64"), ("linux", "aarch64"), ("darwin", "arm64"), ("win32", "AMD64"),
+])
+def test_portable_jobs_and_compressed_dicom_everywhere(platform, machine):
+    """The job lock and liveness (filelock, psutil) and the JPEG Lossless / JPEG-LS decoders are
+    installed on every platform (each resolved to wheels there with pip download --platform)."""
+    env = {"sys_platform": platform, "platform_machine": machine, "python_version": "3.12"}
+    chosen = {r.name for r in _requirements() if r.marker is None or r.marker.evaluate(env)}
+    assert {"filelock", "psutil", "pylibjpeg", "pylibjpeg-libjpeg", "pydicom"} <= chosen

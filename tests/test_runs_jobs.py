@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_PRETRAINED
 from cxr_core import jobs, run_folder, runs
 from cxr_core.atomic import append_jsonl, read_jsonl, write_json_atomic
 from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -66,6 +66,41 @@ def test_running_status_of_a_dead_process_reads_failed(tmp_path):
     assert runs.read_status(run)["state"] == "running"
 
 
+def test_a_killed_unreaped_process_reads_failed(tmp_path):
+    run = runs.new_run_dir(tmp_path, "x")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        RunFolder(run).write_status("running", pid=child.pid)
+        assert runs.read_status(run)["state"] == "running"
+        child.kill()  # a zombie on POSIX until it is reaped: not running
+        deadline = time.time() + 10
+        while runs.read_status(run)["state"] == "running" and time.time() < deadline:
+            time.sleep(0.05)
+        assert runs.read_status(run)["state"] == "failed"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_pid_reused_by_another_program_reads_failed(tmp_path):
+    import psutil
+
+    run = runs.new_run_dir(tmp_path, "x")
+    folder = RunFolder(run)
+    status = folder.write_status("running", pid=os.getpid())
+    assert status["pid_create_time"] == pytest.approx(psutil.Process().create_time())
+    assert runs.read_status(run)["state"] == "running"
+    assert runs.running_process(status).pid == os.getpid()
+    # The same pid, but a process created a minute after the run's: another program got the pid.
+    folder.write_status("running", pid=os.getpid(), pid_create_time=status["pid_create_time"] + 60)
+    stale = runs.read_status(run)
+    assert stale["state"] == "failed" and "stopped without finishing" in stale["error"]
+    # A status written before creation times were recorded still works from the pid alone.
+    write_json_atomic(run / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
+    assert runs.read_status(run)["state"] == "running"
+    assert runs.running_process({"pid": "garbage"}) is None and runs.running_process({"pid": 0}) is None
+
+
 def test_done_without_model_reads_failed(tmp_path):
     run = runs.new_run_dir(tmp_path, "x")
     RunFolder(run).write_status("done")
@@ -117,22 +152,57 @@ def test_delete_refuses_a_running_run(tmp_path):
 def _config(data_dir: Path) -> RunConfig:
     return RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random", limit=None),
-        model=TINY_MODEL,
+        model=TINY_PRETRAINED,
         train=TrainConfig(epochs=2, batch_size=8),
     )
 
 
+REAL_POPEN = subprocess.Popen
+
+# A stand-in training process: the real first step of `python -m cxr_core train --lock-file`
+# (take the lock, report), then a sleep instead of TensorFlow.
+STAND_IN = r"""
+import sys, time
+from cxr_core import jobs
+seconds, args = float(sys.argv[1]), sys.argv[2:]
+jobs.hold_training_lock(args[args.index("--lock-file") + 1], args[args.index("--run-dir") + 1])
+time.sleep(seconds)
+"""
+
+
+def _stand_in(monkeypatch, seconds: float = 3.0, script: str = STAND_IN) -> list:
+    """Make ``jobs.start_training`` launch ``script`` instead of training; return the launched processes
+    (each with ``.kwargs``, the launch options)."""
+    launched: list = []
+
+    def popen(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "cxr_core", "train"] and "--lock-file" in cmd, cmd
+        options = dict(kwargs)
+        if kwargs.get("creationflags"):  # the Windows launch, checked on this machine: flags are Windows-only
+            kwargs.pop("creationflags")
+        process = REAL_POPEN([cmd[0], "-c", script, str(seconds), *cmd[4:]], **kwargs)
+        process.kwargs = options
+        launched.append(process)
+        return process
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen)
+    return launched
+
+
+def _wait_free(root: Path, seconds: float = 15) -> bool:
+    deadline = time.time() + seconds
+    while jobs.is_busy(root) and time.time() < deadline:
+        time.sleep(0.1)
+    return not jobs.is_busy(root)
+
+
 def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatch, tiny_dataset):
+    import psutil
+
     root = tmp_path / "runs"
-    # A stand-in "training" that just sleeps: the lock must live as long as the child process.
-    real_popen = subprocess.Popen
-
-    def sleeping_child(_cmd, **kwargs):
-        return real_popen([sys.executable, "-c", "import time; time.sleep(3)"], **kwargs)
-
-    monkeypatch.setattr(jobs.subprocess, "Popen", sleeping_child)
+    launched = _stand_in(monkeypatch, seconds=2)
     results: list = []
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(3)
 
     def press_train():
         barrier.wait()
@@ -141,28 +211,183 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
         except TrainingBusyError as error:
             results.append(error)
 
-    threads = [threading.Thread(target=press_train) for _ in range(2)]
+    threads = [threading.Thread(target=press_train) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     started = [r for r in results if isinstance(r, Path)]
     refused = [r for r in results if isinstance(r, TrainingBusyError)]
-    assert len(started) == 1 and len(refused) == 1
-    assert "already running" in str(refused[0])
+    assert len(started) == 1 and len(refused) == 2 and len(launched) == 1
+    assert all("already running" in str(error) for error in refused)
+    # start_training returns once the child holds the lock and has written itself into the status.
     assert jobs.is_busy(root)
     assert jobs.active_run(root) == started[0]
-    deadline = time.time() + 15
-    while jobs.is_busy(root) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not jobs.is_busy(root), "the lock must be released when the training process ends"
+    status = runs.read_status(started[0])
+    assert status["state"] == "running" and status["pid"] == launched[0].pid
+    assert status["pid_create_time"] == pytest.approx(psutil.Process(launched[0].pid).create_time())
+    with pytest.raises(TrainingBusyError, match="already running"):
+        jobs.start_training(_config(tiny_dataset), root)
+    assert _wait_free(root), "the lock must be released when the training process ends"
     assert jobs.active_run(root) is None
 
 
-def test_request_cancel_writes_the_cancel_file(tmp_path):
+def test_launch_options_are_portable(tmp_path, monkeypatch, tiny_dataset):
+    root = tmp_path / "runs"
+    launched = _stand_in(monkeypatch, seconds=0)
+    jobs.start_training(_config(tiny_dataset), root)
+    assert "pass_fds" not in launched[0].kwargs and launched[0].kwargs["start_new_session"] is True
+    assert _wait_free(root)
+    # The Windows launch: a new process group, no session call, no inherited descriptors.
+    monkeypatch.setattr(jobs, "_WINDOWS", True)
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x8000000, raising=False)
+    jobs.start_training(_config(tiny_dataset), root)
+    options = launched[1].kwargs
+    assert options["creationflags"] & subprocess.CREATE_NEW_PROCESS_GROUP
+    assert "start_new_session" not in options and "pass_fds" not in options
+    assert _wait_free(root)
+
+
+def test_the_lock_is_released_when_the_job_is_killed_outright(tmp_path, monkeypatch, tiny_dataset):
+    root = tmp_path / "runs"
+    launched = _stand_in(monkeypatch, seconds=120)
+    first = jobs.start_training(_config(tiny_dataset), root)
+    assert jobs.is_busy(root)
+    launched[0].kill()  # SIGKILL / TerminateProcess: no chance to clean up
+    launched[0].wait()
+    assert _wait_free(root, 10)
+    status = runs.read_status(first)
+    assert status["state"] == "failed" and "stopped without finishing" in status["error"]
+    second = jobs.start_training(_config(tiny_dataset), root)  # the next job starts at once
+    assert jobs.active_run(root) == second
+    assert jobs.terminate(second, grace_s=10) is True
+    assert _wait_free(root, 10)
+
+
+def test_a_child_that_dies_before_taking_the_lock_is_one_sentence(tmp_path, monkeypatch, tiny_dataset):
+    from cxr_core.errors import CxrError
+
+    root = tmp_path / "runs"
+    _stand_in(monkeypatch, script="import sys; print('ModuleNotFoundError: No module named filelock'); sys.exit(1)")
+    with pytest.raises(CxrError) as error:
+        jobs.start_training(_config(tiny_dataset), root)
+    assert str(error.value) == ("The training process stopped before it started (exit code 1): "
+                                "ModuleNotFoundError: No module named filelock.")
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    assert runs.read_status(run)["state"] == "failed"
+    assert runs.read_status(run)["error"] == str(error.value)
+    assert not jobs.is_busy(root)
+    _stand_in(monkeypatch, seconds=0)  # the launch lock was let go: the next press starts a job
+    assert jobs.start_training(_config(tiny_dataset), root).is_dir()
+    assert _wait_free(root)
+
+
+def test_the_training_process_refuses_to_start_while_another_holds_the_lock(tmp_path, monkeypatch, capsys):
+    from filelock import FileLock
+
+    from cxr_core import cli
+
+    root = tmp_path / "runs"
+    run = runs.new_run_dir(root, "x")
+    lock = FileLock(str(root / jobs.LOCK_NAME))  # as another training process would hold it
+    lock.acquire()
+    try:
+        monkeypatch.setattr(jobs, "CLAIM_TIMEOUT_S", 0.2)
+        code = cli.main(["train", "--data", str(tmp_path), "--run-dir", str(run),
+                         "--lock-file", str(root / jobs.LOCK_NAME)])
+        assert code == cli.EXIT_BAD_INPUT
+        assert "already running on this server" in capsys.readouterr().err
+        assert RunFolder(run).read_status_file() is None  # it never wrote itself in as the run's process
+    finally:
+        lock.release()
+
+
+def test_cancel_and_terminate(tmp_path, monkeypatch, tiny_dataset):
+    import psutil
+
     run = runs.new_run_dir(tmp_path, "a")
     jobs.request_cancel(run)
     assert (run / run_folder.CANCEL_FILE).read_text() == "cancel\n"
+    # terminate touches only the process the status names, with its creation time.
+    RunFolder(run).write_status("running", pid=os.getpid(), pid_create_time=psutil.Process().create_time() - 60)
+    assert jobs.terminate(run) is False  # this test process, under a stale pid: left alone
+    root = tmp_path / "runs"
+    launched = _stand_in(monkeypatch, seconds=120)
+    job = jobs.start_training(_config(tiny_dataset), root)
+    assert jobs.terminate(job, grace_s=10) is True
+    assert launched[0].wait(timeout=10) is not None
+    assert (job / run_folder.CANCEL_FILE).exists()  # asked politely first
+    assert _wait_free(root, 10) and runs.read_status(job)["state"] != "running"
+    assert jobs.terminate(job) is False
+
+
+def test_atomic_writes_wait_for_a_reader_on_windows(tmp_path, monkeypatch):
+    """Windows cannot replace a file another process has open: the write waits for the reader."""
+    from cxr_core import atomic
+
+    real_replace = os.replace
+    refused: list = []
+
+    def open_by_a_reader(source, target):
+        if len(refused) < 2:
+            refused.append(target)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", open_by_a_reader)
+    monkeypatch.setattr(atomic, "_WINDOWS", True)
+    write_json_atomic(tmp_path / "status.json", {"state": "running"})
+    assert len(refused) == 2 and atomic.read_json(tmp_path / "status.json") == {"state": "running"}
+    refused.clear()
+    monkeypatch.setattr(atomic, "_WINDOWS", False)  # elsewhere a refusal is a real error, at once
+    with pytest.raises(PermissionError):
+        write_json_atomic(tmp_path / "status.json", {"state": "done"})
+    assert atomic.read_json(tmp_path / "status.json") == {"state": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary file left behind
+
+
+def test_no_cxr_core_module_uses_posix_only_process_calls():
+    """A fast guard; test_every_module_imports_without_fcntl is the real import check."""
+    import ast
+
+    posix_only = {"fcntl", "termios", "pwd", "grp", "resource", "pty", "tty"}
+    calls = {"kill", "killpg", "setsid", "getpgid", "setpgrp", "fork", "getuid", "getgid"}
+    core = Path(jobs.__file__).parent
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+                  and node.attr in calls):
+                names = {f"os.{node.attr}"}
+            else:
+                continue
+            bad = (names & posix_only) | {n for n in names if n.startswith("os.")}
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in sorted(bad)]
+    assert not offenders
+
+
+@pytest.mark.slow  # imports TensorFlow (through cxr_core.model) in a fresh process
+def test_every_module_imports_without_fcntl():
+    """As on Windows, where there is no fcntl: every module of cxr_core imports."""
+    script = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['fcntl'] = None  # import fcntl now raises ImportError\n"
+        "import cxr_core\n"
+        "names = [m.name for m in pkgutil.iter_modules(cxr_core.__path__) if m.name != '__main__']\n"
+        "for name in names:\n"
+        "    importlib.import_module('cxr_core.' + name)\n"
+        "print(len(names))\n"
+    )
+    project = Path(jobs.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=project, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == len(list(Path(jobs.__file__).parent.glob("*.py"))) - 2
 
 
 def test_progress_moves_within_an_epoch(tmp_path):

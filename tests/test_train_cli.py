@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS
 from cxr_core import runs
 from cxr_core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import BadDatasetError
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def tiny_config(data_dir: Path, **train) -> RunConfig:
     return RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="patient"),
-        model=TINY_MODEL,
+        model=TINY_PRETRAINED,
         train=TrainConfig(**{"epochs": 3, "batch_size": 8, **train}),
     )
 
@@ -86,7 +86,7 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
     events = [json.loads(line)["event"] for line in (trained_run / "progress.jsonl").read_text().splitlines()]
     assert "extract" in events and "epoch" in events and events[-1] == "done"
     config = RunConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
-    assert config.model == TINY_MODEL
+    assert config.model == TINY_PRETRAINED
 
 
 def test_second_run_extracts_nothing(trained_run: Path, tmp_path):
@@ -155,7 +155,7 @@ def test_fine_tune_from_scratch_streams_images(tiny_dataset, tmp_path):
 def test_cli_train_evaluate_predict(tiny_dataset, tmp_path):
     out = tmp_path / "runs"
     result = run_cli("train", "--data", str(tiny_dataset), "--out", str(out), "--backbone", "mobilenet_v2",
-                     "--alpha", "0.35", "--weights", "none", "--image-size", "32", "--epochs", "2",
+                     "--alpha", "0.35", "--weights", str(TINY_WEIGHTS), "--image-size", "32", "--epochs", "2",
                      "--batch-size", "8", "--split", "random", "--seed", "7")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
@@ -184,6 +184,9 @@ def test_cli_train_evaluate_predict(tiny_dataset, tmp_path):
     assert lines[0]["label"] == expected["label"]
     assert lines[1]["file"] == str(bad) and "error" in lines[1]
     assert Path(lines[0]["gradcam"]).is_file()
+    # The overlay shows the evidence for the predicted class, and says so.
+    assert lines[0]["gradcam_explains"] == expected["label"] and isinstance(lines[0]["gradcam_empty"], bool)
+    assert lines[0]["gradcam_caption"].startswith("No region" if lines[0]["gradcam_empty"] else "Highlighted")
     assert "Traceback" not in result.stderr
 
 
@@ -201,7 +204,7 @@ def test_sigkill_during_training_leaves_a_failed_run_and_the_next_run_works(tiny
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     process = subprocess.Popen(
         [sys.executable, "-m", "cxr_core", "train", "--data", str(tiny_dataset), "--out", str(out),
-         "--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none", "--image-size", "32",
+         "--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", str(TINY_WEIGHTS), "--image-size", "32",
          "--epochs", "400", "--batch-size", "4"],
         cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 180
@@ -221,7 +224,7 @@ def test_sigkill_during_training_leaves_a_failed_run_and_the_next_run_works(tiny
     assert not list(run_dir.glob(".*tmp*"))
     # The feature cache is intact: the next run starts at once and finishes.
     result = run_cli("train", "--data", str(tiny_dataset), "--out", str(out), "--backbone", "mobilenet_v2",
-                     "--alpha", "0.35", "--weights", "none", "--image-size", "32", "--epochs", "1",
+                     "--alpha", "0.35", "--weights", str(TINY_WEIGHTS), "--image-size", "32", "--epochs", "1",
                      "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     assert runs.read_status(Path(result.stdout.strip().splitlines()[-1]))["state"] == "done"

@@ -6,10 +6,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import streamlit as st
 
 from cxr_core.labels import CLASSES
 
 CLASS_COLORS = {"NORMAL": "#2e9e6a", "PNEUMONIA": "#d1495b"}
+MISSING = "—"  # how every table and figure shows a value that does not exist
+# Axes of rates, probabilities and AUCs: always the whole 0..1 (a flat curve must not zoom to
+# -0.5..1.5); a little headroom above 1 keeps a marker at 1.0 whole.
+UNIT_RANGE = [0.0, 1.02]
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -26,12 +31,27 @@ def fmt_seconds(seconds: float | None) -> str:
 
 def fmt_num(value: Any, digits: int = 3) -> str:
     if value is None:
-        return "—"
+        return MISSING
     try:
         value = float(value)
     except (TypeError, ValueError):
         return str(value)
-    return f"{value:.{digits}f}" if np.isfinite(value) else "—"
+    return f"{value:.{digits}f}" if np.isfinite(value) else MISSING
+
+
+def table(data: Any, where: Any = None, **kwargs: Any) -> Any:
+    """``st.dataframe`` (in ``where``, a column or container, else the page) with missing values
+    shown as a dash, as everywhere else, rather than "None"."""
+    return (where or st).dataframe(data, placeholder=MISSING, **kwargs)
+
+
+def unit_axes(fig: go.Figure, x: bool = False, y: bool = True) -> go.Figure:
+    """Fix the axes that show a rate, a probability or an AUC to 0..1."""
+    if x:
+        fig.update_xaxes(range=[0.0, 1.0])
+    if y:
+        fig.update_yaxes(range=UNIT_RANGE)
+    return fig
 
 
 def style(fig: go.Figure, height: int = 320, title: str | None = None, **layout: Any) -> go.Figure:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cxr_core import resources
 from cxr_core.errors import CxrError
 from pages.ui import PROJECT_ROOT
 from pages.ui.session import KEY_DATASET, KEY_SPLIT
@@ -152,3 +153,15 @@ def run_plan(config) -> Any:
     if path is None:
         return None
     return _plan_cached(str(path), fingerprint(path), config.to_dict())
+
+
+def upload_limit() -> tuple[int, int]:
+    """(largest zip in MB, the server's memory in MB): sized from the memory the server really has
+    (``cxr_core.resources``); ``$CXR_MAX_UPLOAD_MB`` overrides it."""
+    server_max = int(st.get_option("server.maxUploadSize"))
+    memory_mb = resources.memory_limit_bytes() // resources.MB
+    try:
+        return resources.upload_limit_mb(memory_mb * resources.MB, server_max), memory_mb
+    except CxrError as error:
+        st.error(str(error), icon=":material/error:")
+        return resources.upload_limit_mb(memory_mb * resources.MB, server_max, env={}), memory_mb

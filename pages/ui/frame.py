@@ -6,7 +6,8 @@ from pathlib import Path
 import streamlit as st
 
 from cxr_core.errors import CxrError
-from pages.ui.datasets import data_root, dataset_path, is_synthetic
+from pages.ui import session
+from pages.ui.datasets import data_root, dataset_path, is_synthetic, list_datasets
 from pages.ui.models import runs_root_info, selected_run
 from pages.ui.session import KEY_DATASET, KEY_ROUTED, KEY_SPLIT
 
@@ -46,12 +47,22 @@ def ensure_routed() -> None:
 def page_header(title: str, intro: str) -> None:
     """Title, the page's short teaching introduction, and the shared sidebar."""
     ensure_routed()
+    session.restore_from_url()  # a reload or an opened link: the URL's choices, once per session
     st.title(title)
     st.markdown(intro)
     sidebar()
+    session.keep_in_url()  # the choices so far (widget callbacks ran before the page) into the URL
+
+
+def choose_only_dataset() -> None:
+    """With exactly one data set under the data root and none chosen, choose it."""
+    names = list_datasets()
+    if len(names) == 1 and dataset_path() is None:
+        st.session_state[KEY_DATASET] = names[0]
 
 
 def sidebar() -> None:
+    choose_only_dataset()
     with st.sidebar:
         with st.container(border=True):
             st.markdown("**Data set**")

@@ -1,7 +1,9 @@
 """Runs and trained models: run lists and the run picker, the cached predictor and Grad-CAM caches."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import streamlit as st
@@ -10,6 +12,9 @@ from cxr_core import runs
 from cxr_core.run_folder import RunFolder
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr_core.predict import Explanation
 
 
 def all_runs() -> list:
@@ -36,7 +41,8 @@ def runs_root_info():
 
 
 def selected_run(candidates: list | None = None):
-    """The run chosen in this session, else the demo run, else the newest finished run."""
+    """The run chosen in this session, else the demo run, else the newest finished run that learned
+    something (a run that learned nothing is used only when the person chose it)."""
     candidates = finished_runs() if candidates is None else candidates
     if not candidates:
         return None
@@ -45,9 +51,17 @@ def selected_run(candidates: list | None = None):
         if str(summary.path) == wanted:
             return summary
     for summary in candidates:
-        if summary.is_demo:
+        if summary.is_demo and not summary.learned_nothing:
             return summary
-    return candidates[0]
+    useful = [summary for summary in candidates if not summary.learned_nothing]
+    return useful[0] if useful else candidates[0]
+
+
+def warn_if_useless(summary) -> None:
+    """Say so above a page's results when the chosen run learned nothing."""
+    if summary is not None and summary.learned_nothing:
+        st.warning(summary.warning + " Choose another run or train again with pretrained weights.",
+                   icon=":material/warning:")
 
 
 def run_label(summary) -> str:
@@ -61,6 +75,8 @@ def run_label(summary) -> str:
         auc = ""
     data_name = Path(summary.data_dir).name if summary.data_dir else "?"
     demo = "demo run: " if summary.is_demo else ""
+    if summary.learned_nothing:
+        demo = f"⚠ learned nothing (validation AUC {summary.val_auc:.2f}): {demo}"
     return f"{demo}{summary.run_id} ({summary.backbone or '?'} on {data_name}{auc})"
 
 
@@ -98,29 +114,40 @@ def load_predictor(run_dir: str | Path):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[np.ndarray, float, np.ndarray]:
-    """Decode an upload and return (display-sized gray, probability, Grad-CAM at display size).
+def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[np.ndarray, Explanation]:
+    """Decode an upload and return (display-sized gray, its ``Explanation`` with the map at display size).
 
+    The map shows the evidence for the predicted class (``Explanation.target``, ``.caption``).
     Cached by run and file contents, so moving the opacity slider does not rerun the model.
     Raises CxrError for a file that is not a usable image.
     """
     from cxr_core import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(data, name)
-    predictor = _predictor_cached(run_dir, stamp)
-    probability, heatmap = predictor.explain(gray)
+    found = _predictor_cached(run_dir, stamp).explanation(gray)
     small = downscale(gray, 640)
-    return small, float(probability), _resize_map(heatmap, small.shape)
+    return small, dataclasses.replace(found, heatmap=_small_map(found.heatmap))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def explain_path(run_dir: str, stamp: float, path: str) -> tuple[np.ndarray, float, np.ndarray]:
-    """Like ``explain_bytes`` for an image file on the server (Evaluation's gallery)."""
+def explain_path(run_dir: str, stamp: float, path: str, target: str | None = None) -> tuple[np.ndarray, Explanation]:
+    """Like ``explain_bytes`` for an image file on the server (Evaluation's gallery); ``target`` picks
+    the class whose evidence the map shows (by default the predicted one)."""
     from cxr_core import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(path)
-    predictor = _predictor_cached(run_dir, stamp)
-    probability, heatmap = predictor.explain(gray)
+    found = _predictor_cached(run_dir, stamp).explanation(gray, target)
     small = downscale(gray, 512)
-    return small, float(probability), _resize_map(heatmap, small.shape)
+    return small, dataclasses.replace(found, heatmap=_small_map(found.heatmap))
+
+
+#: Longest side of a cached map. A CAM has 4 to 10 cells a side, so 64 loses nothing visible, and
+#: a cache entry holds 16 KB instead of a display-sized 1.6 MB (``overlay_heatmap`` resizes it smoothly).
+MAP_SIDE = 64
+
+
+def _small_map(heatmap: np.ndarray) -> np.ndarray:
+    h, w = heatmap.shape
+    scale = min(1.0, MAP_SIDE / max(h, w))
+    return _resize_map(heatmap, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
 def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
