@@ -50,6 +50,7 @@ FORM_RANGES = {"train_epochs": (0, 200), "train_ft_epochs": (0, 100), "train_dro
 KEY_WEIGHTS = "train_weights"              # the starting weights: "imagenet", "none", a file path or UPLOAD
 KEY_WEIGHTS_UPLOAD = "train_weights_upload"  # the uploader's key (+ a counter: a new key drops the held bytes)
 KEY_WEIGHTS_NOTE = "train_weights_note"      # what happened to the last upload, shown once
+KEY_WEIGHTS_CHOSEN = "train_weights_chosen"  # True once the person picked starting weights themselves
 UPLOAD = "upload"
 
 
@@ -73,6 +74,7 @@ def _save_uploaded_weights(key: str) -> None:
                                                        f"{weights.upload_dir()} ({error.strerror}).")
     else:
         st.session_state[KEY_WEIGHTS] = str(path)
+        st.session_state[KEY_WEIGHTS_CHOSEN] = True
         st.session_state[KEY_WEIGHTS_NOTE] = ("success", f"Saved {path.name} in {path.parent}; it is now chosen.")
     # A new uploader key releases the uploaded bytes from the server's memory.
     st.session_state[KEY_WEIGHTS_UPLOAD + "_n"] = st.session_state.get(KEY_WEIGHTS_UPLOAD + "_n", 0) + 1
@@ -88,8 +90,11 @@ def weights_choice(column, backbone: str, size: int | None) -> str:
     unknown = [str(f.path) for f in found if f.backbone is None]
     options = [*matching, "imagenet", "none", *unknown, UPLOAD]
     current = st.session_state.get(KEY_WEIGHTS)
-    if current not in options:
-        st.session_state[KEY_WEIGHTS] = matching[0] if matching else "imagenet"
+    # A person's choice (made here or carried by a link) stays while it fits the backbone; otherwise
+    # the first option is the default: a file made for this backbone (works offline), else ImageNet.
+    chosen = st.session_state.get(KEY_WEIGHTS_CHOSEN) or KEY_WEIGHTS in st.query_params
+    if current not in options or not chosen:
+        st.session_state[KEY_WEIGHTS] = options[0]
     alpha = st.session_state.get(f"train_alpha_{st.session_state.get(KEY_WEIGHTS)}")
     cached = weights.cached_imagenet(backbone, float(alpha or 1.0), size)
     by_path = {str(f.path): f for f in found}
@@ -98,6 +103,7 @@ def weights_choice(column, backbone: str, size: int | None) -> str:
              "none": "None (random: the whole network must learn)", UPLOAD: "Upload a weights file..."}
     choice = column.selectbox(
         "Starting weights", options, key=KEY_WEIGHTS, **PERSIST,
+        on_change=lambda: st.session_state.__setitem__(KEY_WEIGHTS_CHOSEN, True),
         format_func=lambda w: names.get(w) or f"File: {Path(w).name} ({by_path[w].source if w in by_path else 'file'})",
         help=f"Pretrained weights make a few epochs enough. Files are looked for in {weights.upload_dir()} "
              f"and Keras' cache ({weights.keras_cache_dir()}); without internet, place a weights file there or "
@@ -158,6 +164,7 @@ def show_running_settings() -> None:
     st.session_state["train_backbone"] = backbone
     st.session_state[session.KEY_RECIPE] = config.train.recipe if config.train.recipe in RECIPES else ""
     st.session_state[KEY_WEIGHTS] = config.model.weights
+    st.session_state[KEY_WEIGHTS_CHOSEN] = True  # the running job's weights, not the default
     if config.model.alpha in (0.35, 0.5, 0.75, 1.0):
         st.session_state["train_alpha_free"] = config.model.alpha
     name = Path(config.data.data_dir).name
