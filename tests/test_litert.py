@@ -1,6 +1,7 @@
 """LiteRT export: same probabilities and heatmaps as Keras, no TensorFlow when predicting, safe fallbacks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_WEIGHTS
 from cxr_core import hashing, litert, run_folder, runs
 from cxr_core.atomic import write_json_atomic
 from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.skipif(not litert.runtime_available(), reason="ai-edge-
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # 2 x 2 conv maps: the smallest MobileNetV2 map that can vary across the image
 MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
+# Training refuses a frozen random backbone; the same network from a weights file trains (conftest).
+TRAINABLE_CFG = dataclasses.replace(MODEL_CFG, weights=str(TINY_WEIGHTS))
 RUN_CFG = RunConfig(model=MODEL_CFG, train=TrainConfig(epochs=1))
 
 
@@ -234,7 +238,7 @@ def test_training_exports_litert(tiny_dataset, tmp_path):
     from cxr_core.train import train
 
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
-                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8))
+                       model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8))
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done"
     assert litert.lite_status(run) is None
@@ -252,7 +256,7 @@ def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(litert, "export_classifier", refuse)
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
-                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8))
+                       model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8))
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done"
     assert not (run / run_folder.LITE_FILE).exists()
@@ -266,7 +270,7 @@ def test_training_without_export(tiny_dataset, tmp_path):
     from cxr_core.train import train
 
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
-                       model=MODEL_CFG, train=TrainConfig(epochs=1, batch_size=8, export_litert=False))
+                       model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8, export_litert=False))
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done" and not (run / run_folder.LITE_FILE).exists()
 
