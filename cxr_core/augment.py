@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import cv2
@@ -131,9 +131,11 @@ class BalancePlan:
     Attributes:
         strategy: ``augment``, ``class_weight`` or ``none``.
         n_normal: NORMAL images in the training part.
-        n_pneumonia: PNEUMONIA images in the training part.
-        n_extra: augmented NORMAL images to add (``augment`` only, else 0).
-        class_weight: ``{0: w0, 1: w1}`` for Keras ``fit`` (``class_weight`` only, else ``None``).
+        n_pneumonia: PNEUMONIA images in the training part (all the pneumonia classes together).
+        n_extra: augmented images to add (``augment`` only, else 0).
+        class_weight: ``{class index: weight}`` for Keras ``fit`` (``class_weight`` only, else ``None``).
+        counts: training images per class name, in the task's order.
+        extra: augmented images to add per class name (each smaller class up to the largest).
     """
 
     strategy: str
@@ -141,23 +143,28 @@ class BalancePlan:
     n_pneumonia: int
     n_extra: int
     class_weight: dict[int, float] | None
+    counts: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, int] = field(default_factory=dict)
 
 
-def _label_name(label) -> str:
-    # Labels arrive as names ("NORMAL") or as y values (0/1).
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and int(label) in (0, 1):
-        return CLASSES[int(label)]
+def _label_name(label, classes: tuple[str, ...] = CLASSES) -> str:
+    # Labels arrive as names ("NORMAL") or as y values (class indices).
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < len(classes):
+        return classes[int(label)]
     return str(label)
 
 
-def balance_plan(train_labels: Sequence[str], strategy: str) -> BalancePlan:
+def balance_plan(train_labels: Sequence[str], strategy: str, classes: tuple[str, ...] = CLASSES) -> BalancePlan:
     """Count the training classes and plan the balancing.
 
     ``augment`` adds ``n_pneumonia - n_normal`` augmented NORMAL images (the reference: 2,152 on the
-    full Kermany set with its split); ``class_weight`` uses sklearn's ``balanced`` weights.
+    full Kermany set with its split), or with more than two ``classes`` augmented images of every
+    smaller class up to the largest; ``class_weight`` uses sklearn's ``balanced`` weights.
     """
     if strategy not in BALANCE_STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(BALANCE_STRATEGIES)}; got {strategy!r}.")
+    if tuple(classes) != CLASSES:
+        return _balance_classes([_label_name(label, classes) for label in train_labels], strategy, tuple(classes))
     names = [_label_name(label) for label in train_labels]
     unknown = sorted(set(names) - set(CLASSES))
     if unknown:
@@ -181,10 +188,42 @@ def balance_plan(train_labels: Sequence[str], strategy: str) -> BalancePlan:
         weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
         class_weight = {0: float(weights[0]), 1: float(weights[1])}
     log.debug("balance plan %s: normal=%d pneumonia=%d extra=%d", strategy, n_normal, n_pneumonia, n_extra)
-    return BalancePlan(strategy, n_normal, n_pneumonia, n_extra, class_weight)
+    return BalancePlan(strategy, n_normal, n_pneumonia, n_extra, class_weight,
+                       counts={"NORMAL": n_normal, "PNEUMONIA": n_pneumonia},
+                       extra={"NORMAL": n_extra} if n_extra else {})
 
 
-def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int) -> pd.DataFrame:
+def _balance_classes(names: list[str], strategy: str, classes: tuple[str, ...]) -> BalancePlan:
+    """``balance_plan`` for more than two classes (``classes[0]`` is NORMAL, the others pneumonia)."""
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise ValueError(f"labels must be one of {', '.join(classes)}; got {unknown[:3]}.")
+    counts = {name: names.count(name) for name in classes}
+    missing = [name for name, n in counts.items() if n == 0]
+    extra: dict[str, int] = {}
+    class_weight = None
+    if strategy != "none" and missing and names:
+        what = "augment" if strategy == "augment" else "weigh"
+        raise BadDatasetError(
+            f"The training part has no {' or '.join(missing)} images to {what}; add such images or choose another "
+            "balance.")
+    if strategy == "augment":
+        largest = max(counts.values(), default=0)
+        extra = {name: largest - n for name, n in counts.items() if largest - n > 0}
+    elif strategy == "class_weight":
+        from sklearn.utils.class_weight import compute_class_weight  # noqa: PLC0415 - scikit-learn only for this balance
+
+        y = np.array([classes.index(name) for name in names])
+        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=y)
+        class_weight = {index: float(w) for index, w in enumerate(weights)}
+    n_normal = counts[classes[0]]
+    log.debug("balance plan %s: counts=%s extra=%s", strategy, counts, extra)
+    return BalancePlan(strategy, n_normal, len(names) - n_normal, sum(extra.values()), class_weight,
+                       counts=counts, extra=extra)
+
+
+def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int,
+                   per_class: dict[str, int] | None = None) -> pd.DataFrame:
     """Return ``n_extra`` augmented NORMAL rows drawn from the training NORMAL images.
 
     Sources are taken in a seeded random order, cycling through all training NORMAL images so each
@@ -197,9 +236,13 @@ def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int) -> pd.Dat
             ignored); needs a ``label`` column (or ``y``).
         n_extra: how many rows to make (0 gives an empty frame with the right columns).
         seed: seed of the choice of sources and of the augmentation seeds.
+        per_class: rows to make per class name (``BalancePlan.extra``) instead of NORMAL only; their
+            sum must be ``n_extra``. Needs a ``label`` column.
     """
     if n_extra < 0:
         raise ValueError(f"n_extra cannot be negative; got {n_extra}.")
+    if per_class and set(per_class) != {"NORMAL"}:
+        return _augmented_rows_per_class(train_split, n_extra, seed, per_class)
     train = train_split
     if "split" in train.columns:
         train = train[train["split"] == "train"]
@@ -232,12 +275,41 @@ def augmented_rows(train_split: pd.DataFrame, n_extra: int, seed: int) -> pd.Dat
     return rows
 
 
-def with_augmented_rows(split: pd.DataFrame, n_extra: int, seed: int) -> pd.DataFrame:
+def _augmented_rows_per_class(train_split: pd.DataFrame, n_extra: int, seed: int,
+                              per_class: dict[str, int]) -> pd.DataFrame:
+    """``augmented_rows`` for several classes: sources cycle through each class's training images."""
+    if sum(per_class.values()) != n_extra:
+        raise ValueError(f"per_class adds up to {sum(per_class.values())}, not n_extra={n_extra}.")
+    train = train_split[train_split["split"] == "train"] if "split" in train_split.columns else train_split
+    columns = [c for c in train_split.columns if c not in ("augment_seed", "is_augmented")]
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name, n in per_class.items():
+        if n <= 0:
+            continue
+        members = train[train["label"].astype(str) == name]
+        if members.empty:
+            raise BadDatasetError(
+                f"The training part has no {name} images to augment; add {name} images or choose another balance.")
+        order = rng.permutation(len(members))
+        parts.append(members.iloc[order[np.arange(n) % len(members)]][columns])
+    # One draw of unique seeds for all the rows (as for NORMAL only): a seed is never used twice.
+    seeds = rng.choice(2**31 - 1, size=n_extra, replace=False).astype(np.int64)
+    rows = (pd.concat(parts, ignore_index=True) if parts else train_split.iloc[0:0][columns].copy())
+    rows = rows.reset_index(drop=True)
+    rows["split"] = "train"
+    rows["augment_seed"] = seeds
+    rows["is_augmented"] = True
+    return rows
+
+
+def with_augmented_rows(split: pd.DataFrame, n_extra: int, seed: int,
+                        per_class: dict[str, int] | None = None) -> pd.DataFrame:
     """The split with ``augment_seed`` -1 / ``is_augmented`` False on its rows plus ``augmented_rows``."""
     base = split.copy()
     base["augment_seed"] = np.int64(-1)
     base["is_augmented"] = False
-    extra = augmented_rows(split, n_extra, seed)
+    extra = augmented_rows(split, n_extra, seed, per_class)
     if extra.empty:
         return base.reset_index(drop=True)
     return pd.concat([base, extra], ignore_index=True)

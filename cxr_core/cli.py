@@ -21,7 +21,7 @@ from . import plan
 from .backbones import BACKBONE_NAMES
 from .config import BALANCE_STRATEGIES, SCHEDULES, SPLIT_MODES, RunConfig
 from .errors import CxrError
-from .labels import THRESHOLD_RULES
+from .labels import TASKS, THRESHOLD_RULES
 from .recipes import RECIPE_NAMES, apply_recipe
 
 log = logging.getLogger("cxr_core")
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common], help="train a classifier; prints the run folder as its last line")
     t.add_argument("--data", help="data set folder (Kermany layout or NORMAL/PNEUMONIA folders)")
+    t.add_argument("--task", choices=TASKS,
+                   help="pneumonia: NORMAL / PNEUMONIA (default); subtype: NORMAL / BACTERIA / VIRUS, read from the "
+                        "file names (person1_bacteria_1.jpeg)")
     t.add_argument("--config", help="a config.json to start from (flags given on the command line override it)")
     t.add_argument("--recipe", choices=RECIPE_NAMES,
                    help="a named recipe that sets every training choice except the data, backbone, alpha and "
@@ -106,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="JPEG, PNG, BMP, TIFF or DICOM files")
     p.add_argument("--gradcam", metavar="OUT_DIR",
                    help="write a Grad-CAM overlay PNG per file here (the evidence for the predicted class)")
-    p.add_argument("--threshold", type=float, help="override the run's chosen threshold")
+    p.add_argument("--threshold", type=float, help="override the run's chosen threshold (pneumonia runs)")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
 
     x = sub.add_parser("export", parents=[common],
@@ -144,7 +147,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         raise CxrError("No data set given; pass --data with a folder of chest X-rays.")
     try:
         data = pick(base.data, data_dir=str(Path(data_dir).expanduser().resolve()), split=args.split, seed=args.seed,
-                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, limit=args.limit)
+                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, limit=args.limit,
+                    task=args.task)
         augment = pick(base.augment, rotation_range=args.rotation_range,
                        horizontal_flip=False if args.no_flip else None, width_shift=args.shift,
                        height_shift=args.shift, zoom=args.zoom, blur=args.blur, downscale=args.downscale,
@@ -182,7 +186,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from . import runs, train  # noqa: PLC0415
 
     config = build_config(args)
-    plan.preflight(config)  # before a run folder exists: a run that cannot start is one sentence, exit 2
+    if args.run_dir is None:
+        # Before a run folder exists: a run that cannot start is one sentence and exit 2, nothing written.
+        # (With --run-dir, train() makes the same checks and marks that folder failed with the sentence.)
+        plan.preflight(config)
     stop = {"now": False}
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -225,6 +232,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_run(args.run, engine=args.engine)
     if args.threshold is not None:
+        if predictor.multiclass:
+            raise CxrError(f"The run {args.run} is a {predictor.task} run, which labels each image with its most "
+                           "probable class, so --threshold does not apply to it.")
         predictor.threshold = args.threshold
     out_dir = Path(args.gradcam) if args.gradcam else None
     any_error = False

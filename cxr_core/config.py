@@ -12,7 +12,7 @@ from typing import Any
 
 from .backbones import get_backbone
 from .errors import BadRunError, BadSettingError
-from .labels import THRESHOLD_RULES
+from .labels import TASKS, THRESHOLD_RULES
 
 CONFIG_VERSION = 1
 
@@ -39,6 +39,7 @@ class DataConfig:
         val_fraction: share of images for validation (0.1 as the reference's 8:1:1).
         test_fraction: share of images for test.
         limit: stratified subset of this many images for quick demos; ``None`` for all.
+        task: ``pneumonia`` (NORMAL / PNEUMONIA) or ``subtype`` (NORMAL / BACTERIA / VIRUS).
     """
 
     data_dir: str = ""
@@ -47,8 +48,11 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     limit: int | None = None
+    task: str = "pneumonia"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BadSettingError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}.")
         if self.split not in SPLIT_MODES:
             raise BadSettingError(f"split must be one of {', '.join(SPLIT_MODES)}; got {self.split!r}.")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):

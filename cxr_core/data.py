@@ -26,7 +26,7 @@ from .config import SPLIT_MODES
 from .errors import BadDatasetError, BadImageError
 from .hashing import bytes_sha256
 from .images import IMAGE_SUFFIXES, image_header
-from .labels import CLASSES, LABEL_TO_Y, SPLITS, require_both_classes
+from .labels import CLASSES, LABEL_TO_Y, SPLITS, classes_for, require_both_classes
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,38 @@ def parse_subtype(filename: str, label: str) -> str:
     if "virus" in stem:
         return "virus"
     return "unknown"
+
+
+def task_labels(manifest: pd.DataFrame, task: str = "pneumonia") -> pd.DataFrame:
+    """The manifest with ``y`` and ``label`` of ``task``'s classes (``labels.classes_for``).
+
+    The pneumonia task is the manifest as scanned. For ``subtype``, ``y`` is the index of NORMAL,
+    BACTERIA or VIRUS and ``label`` its name, read from the ``subtype`` column (parsed from the
+    file names when absent).
+
+    Raises:
+        BadDatasetError: for ``subtype``, when some PNEUMONIA images carry no subtype in their name.
+    """
+    classes = classes_for(task)
+    if task == "pneumonia" or manifest.empty:
+        return manifest
+    if "subtype" in manifest.columns:
+        subtypes = manifest["subtype"].fillna("unknown").astype(str).str.lower()
+    else:
+        subtypes = pd.Series([parse_subtype(path, label) for path, label in zip(manifest["path"], manifest["label"])],
+                             index=manifest.index)
+    names = subtypes.str.upper()
+    unknown = ~names.isin(classes)
+    if unknown.any():
+        n_pneumonia = int((manifest["label"].astype(str) != "NORMAL").sum())
+        raise BadDatasetError(
+            f"{int(unknown.sum())} of the {n_pneumonia} PNEUMONIA images have no subtype (bacteria or virus) in their "
+            "file name, so this data set cannot train the subtype task; choose the pneumonia task or use a data set "
+            "whose files are named like person1_bacteria_1.jpeg.")
+    result = manifest.copy()
+    result["label"] = names.to_numpy()
+    result["y"] = names.map({name: index for index, name in enumerate(classes)}).astype(int).to_numpy()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +478,8 @@ def _check_classes(manifest: pd.DataFrame, root: Path, n_skipped: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_manifest(manifest: pd.DataFrame, needed: tuple[str, ...] = ("y",)) -> None:
+def _check_manifest(manifest: pd.DataFrame, needed: tuple[str, ...] = ("y",),
+                    classes: tuple[str, ...] = CLASSES) -> None:
     if not isinstance(manifest, pd.DataFrame):
         raise BadDatasetError(
             f"Expected a manifest table but received a {type(manifest).__name__}; scan the folder first."
@@ -455,6 +488,10 @@ def _check_manifest(manifest: pd.DataFrame, needed: tuple[str, ...] = ("y",)) ->
     if missing:
         raise BadDatasetError(f"The manifest lacks the column(s) {', '.join(missing)}; build it with scan_dataset.")
     counts = manifest["y"].value_counts()
+    if len(classes) > 2 and (len(manifest) == 0 or any(counts.get(y, 0) == 0 for y in range(len(classes)))):
+        found = [f"{int(counts.get(y, 0))} {name}" for y, name in enumerate(classes)]
+        raise BadDatasetError(
+            f"The data set has {', '.join(found[:-1])} and {found[-1]} images; every class is needed.")
     if len(manifest) == 0 or any(counts.get(y, 0) == 0 for y in (0, 1)):
         raise BadDatasetError(
             f"The data set has {int(counts.get(0, 0))} NORMAL and {int(counts.get(1, 0))} PNEUMONIA images; "
@@ -479,12 +516,12 @@ def _random_split(y: np.ndarray, seed: int, val_fraction: float, test_fraction: 
 
 
 def _grouped_parts(
-    y: np.ndarray, groups: np.ndarray, fractions: dict[str, float], seed: int
+    y: np.ndarray, groups: np.ndarray, fractions: dict[str, float], seed: int, classes: tuple[str, ...] = CLASSES
 ) -> np.ndarray:
     """Assign whole patients to parts, class by class, so each part gets its share of each class.
 
-    Patients of one class (a patient with images of both classes counts for the class of most of
-    their images) are shuffled with ``seed``; each part in ``fractions`` then takes the run of
+    Patients of one class (a patient with images of several classes counts for the class of most of
+    their images, the later class on a tie) are shuffled with ``seed``; each part in ``fractions`` then takes the run of
     patients whose image count comes closest to its share, at least one patient each; the rest
     is ``train``. Unlike a k-fold splitter this works for any fraction and for tiny data sets.
 
@@ -493,15 +530,21 @@ def _grouped_parts(
     """
     table = pd.DataFrame({"y": y, "group": groups})
     sizes = table.groupby("group", sort=True).size()
-    majority = table.groupby("group", sort=True)["y"].mean().ge(0.5).astype(int)
+    if len(classes) == 2:
+        majority = table.groupby("group", sort=True)["y"].mean().ge(0.5).astype(int)
+    else:
+        per_class = pd.crosstab(table["group"], table["y"]).reindex(columns=range(len(classes)), fill_value=0)
+        # argmax over the reversed columns: on a tie the later class wins, as for two classes.
+        last_max = len(classes) - 1 - per_class.to_numpy()[:, ::-1].argmax(axis=1)
+        majority = pd.Series(last_max, index=per_class.index)
     rng = np.random.default_rng(seed)
     part_of: dict[object, str] = {}
-    for label in (0, 1):
+    for label in range(len(classes)):
         members = majority.index[majority.to_numpy() == label].to_numpy()
         needed = len(fractions) + 1
         if len(members) < needed:
             raise BadDatasetError(
-                f"Only {len(members)} {CLASSES[label]} patient(s) were found and a patient split needs at least "
+                f"Only {len(members)} {classes[label]} patient(s) were found and a patient split needs at least "
                 f"{needed}; add images of more patients or use the random split."
             )
         members = members[rng.permutation(len(members))]
@@ -529,9 +572,10 @@ def _patient_groups(manifest: pd.DataFrame) -> np.ndarray:
 
 
 def _patient_split(
-    y: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+    y: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float, test_fraction: float,
+    classes: tuple[str, ...] = CLASSES,
 ) -> np.ndarray:
-    return _grouped_parts(y, groups, {"test": test_fraction, "val": val_fraction}, seed)
+    return _grouped_parts(y, groups, {"test": test_fraction, "val": val_fraction}, seed, classes)
 
 
 def make_split(
@@ -540,8 +584,9 @@ def make_split(
     seed: int = 123,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    task: str = "pneumonia",
 ) -> pd.DataFrame:
-    """Assign each image to train, val or test.
+    """Assign each image to train, val or test, stratified on the task's classes.
 
     Args:
         manifest: ``ScanResult.manifest`` (or a subset of it).
@@ -552,12 +597,13 @@ def make_split(
         seed: the split's seed.
         val_fraction: share of images for validation.
         test_fraction: share of images for test.
+        task: whose classes ``y`` holds (``task_labels`` makes them); every part gets each class.
 
     Returns:
         A copy of ``manifest`` (same index and order) with a ``split`` column.
 
     Raises:
-        BadDatasetError: unknown mode, one class only, no official split, or a part without both classes.
+        BadDatasetError: unknown mode, a class missing, no official split, or a part without every class.
     """
     if mode not in SPLIT_MODES:
         raise BadDatasetError(f"The split mode {mode!r} is unknown; choose one of {', '.join(SPLIT_MODES)}.")
@@ -565,15 +611,16 @@ def make_split(
         raise BadDatasetError(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must each be between 0 and 0.5."
         )
-    _check_manifest(manifest)
+    classes = classes_for(task)
+    _check_manifest(manifest, classes=classes)
     y = manifest["y"].astype(int).to_numpy()
     try:
         if mode == "random":
             split = _random_split(y, seed, val_fraction, test_fraction)
         elif mode == "patient":
-            split = _patient_split(y, _patient_groups(manifest), seed, val_fraction, test_fraction)
+            split = _patient_split(y, _patient_groups(manifest), seed, val_fraction, test_fraction, classes)
         else:
-            split = _official_split(manifest, y, seed, val_fraction)
+            split = _official_split(manifest, y, seed, val_fraction, classes)
     except ValueError as error:
         # sklearn refuses a stratified split when a class has too few members for a part.
         raise BadDatasetError(
@@ -582,11 +629,12 @@ def make_split(
         ) from error
     result = manifest.copy()
     result["split"] = split
-    _check_parts(result, mode)
+    _check_parts(result, mode, classes)
     return result
 
 
-def _official_split(manifest: pd.DataFrame, y: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
+def _official_split(manifest: pd.DataFrame, y: np.ndarray, seed: int, val_fraction: float,
+                    classes: tuple[str, ...] = CLASSES) -> np.ndarray:
     official = (
         manifest["official_split"].fillna("").astype(str).to_numpy()
         if "official_split" in manifest.columns
@@ -602,37 +650,41 @@ def _official_split(manifest: pd.DataFrame, y: np.ndarray, seed: int, val_fracti
     # The release's val folder holds only 16 images: carve a real validation part from train+val.
     pool = np.flatnonzero(official != "test")
     groups = _patient_groups(manifest)
-    split[pool] = _grouped_parts(y[pool], groups[pool], {"val": val_fraction}, seed)
+    split[pool] = _grouped_parts(y[pool], groups[pool], {"val": val_fraction}, seed, classes)
     return split
 
 
-def _check_parts(result: pd.DataFrame, mode: str) -> None:
+def _check_parts(result: pd.DataFrame, mode: str, classes: tuple[str, ...] = CLASSES) -> None:
     for part in SPLITS:
         require_both_classes(result.loc[result["split"] == part, "y"].astype(int),
-                             f"the {part} part of the {mode} split", "add more images or use a larger limit")
+                             f"the {part} part of the {mode} split", "add more images or use a larger limit", classes)
 
 
-def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123) -> pd.DataFrame:
+def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123, task: str = "pneumonia") -> pd.DataFrame:
     """A seeded subset of ``n`` images with the classes in their original proportions.
 
     Args:
         manifest: the manifest (or a split) to draw from.
         n: the number of images wanted; the whole manifest when it has no more than ``n``.
         seed: the draw's seed.
+        task: whose classes ``y`` holds (see ``task_labels``).
 
     Returns:
-        The chosen rows, in the manifest's order, both classes present.
+        The chosen rows, in the manifest's order, every class present.
 
     Raises:
-        BadDatasetError: ``n`` is below 2, or the manifest lacks one class.
+        BadDatasetError: ``n`` is below the number of classes, or the manifest lacks one class.
     """
-    _check_manifest(manifest)
+    classes = classes_for(task)
+    _check_manifest(manifest, classes=classes)
     n = int(n)
-    if n < 2:
-        raise BadDatasetError(f"A subset needs at least 2 images (one of each class); got {n}.")
+    if n < len(classes):
+        raise BadDatasetError(f"A subset needs at least {len(classes)} images (one of each class); got {n}.")
     if n >= len(manifest):
         return manifest.copy()
     y = manifest["y"].astype(int).to_numpy()
+    if len(classes) > 2:
+        return manifest.iloc[_proportional_choice(y, len(classes), n, seed)].copy()
     counts = np.bincount(y, minlength=2)
     # Proportional, but at least one image of each class.
     n_normal = int(np.clip(round(n * counts[0] / len(y)), 1, min(counts[0], n - 1)))
@@ -645,3 +697,16 @@ def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123) -> pd.Dat
         ]
     )
     return manifest.iloc[np.sort(chosen)].copy()
+
+
+def _proportional_choice(y: np.ndarray, n_classes: int, n: int, seed: int) -> np.ndarray:
+    """Sorted row indices of ``n`` images drawn per class in proportion, at least one of each class."""
+    counts = np.bincount(y, minlength=n_classes)
+    take = np.minimum(np.maximum(1, np.round(n * counts / len(y)).astype(int)), counts)
+    # Rounding may miss n by a few: the largest class gives or takes the difference.
+    largest = int(np.argmax(counts))
+    take[largest] = int(np.clip(take[largest] + n - take.sum(), 1, counts[largest]))
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(take[c]), replace=False)
+                             for c in range(n_classes)])
+    return np.sort(chosen)

@@ -13,7 +13,8 @@
 
 The threshold must come from images none of the members trained on, so the members must share one
 split: the same validation and test images (their ``predictions.csv``), and none of those images
-in any member's training part. Members may have different backbones as long as they take the same
+in any member's training part, and they must be pneumonia runs (runs of the subtype task are refused).
+Members may have different backbones as long as they take the same
 image size; their Grad-CAM maps are combined on the largest grid (see ``model.EnsembleGradcamParts``).
 """
 from __future__ import annotations
@@ -70,6 +71,18 @@ def _check_members(folders: list[RunFolder]) -> list:
                 f"The run {folder.name} is itself an ensemble; list its member runs instead."
             )
         configs.append(config)
+    tasks = [config.data.task for config in configs]
+    if len(set(tasks)) > 1:
+        other = next(i for i, task in enumerate(tasks) if task != tasks[0])
+        raise BadSettingError(
+            f"The runs {folders[0].name} ({tasks[0]}) and {folders[other].name} ({tasks[other]}) were trained "
+            "for different tasks; an ensemble combines runs of one task."
+        )
+    if tasks[0] != "pneumonia":
+        raise BadSettingError(
+            f"The runs {_names(folders)} were trained for the {tasks[0]} task; an ensemble combines "
+            "pneumonia runs only (normal against pneumonia)."
+        )
     return configs
 
 

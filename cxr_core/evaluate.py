@@ -1,4 +1,5 @@
-"""Metrics, curves, threshold choice and calibration for a binary classifier.
+"""Metrics, curves, threshold choice and calibration for a binary classifier (and, in
+``multiclass_metrics``, for the subtype task's NORMAL / BACTERIA / VIRUS head).
 
 Pure functions over numpy arrays: ``y_true`` holds 0 (NORMAL) / 1 (PNEUMONIA), ``prob`` the predicted
 probability of PNEUMONIA in [0, 1]. A case is called positive when ``prob >= threshold`` (the same
@@ -18,7 +19,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .errors import CxrError
-from .labels import THRESHOLD_RULES
+from .labels import TASK_CLASSES, THRESHOLD_RULES
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,101 @@ def metrics_report(
             "at_threshold": binary_metrics(y_test, p_test, threshold),
         }
     return {"threshold": threshold, "threshold_rule": rule, "val": val, "test": test}
+
+
+# -- more than two classes (the subtype task: NORMAL, BACTERIA, VIRUS) ------------------------------
+
+def _check_multiclass(y_true: ArrayLike, probs: ArrayLike, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate class indices and a probability matrix (one row per image, one column per class)."""
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.size == 0:
+        raise CxrError("There are no predictions to evaluate; the labels and probabilities are empty.")
+    if p.ndim != 2 or p.shape != (y.size, n_classes):
+        raise CxrError(f"There are {y.size} labels but probabilities of shape {p.shape}; "
+                       f"one row of {n_classes} probabilities per label is needed.")
+    try:
+        y_num = y.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise CxrError(f"The labels must be class numbers 0 to {n_classes - 1}.") from error
+    if not np.isin(y_num, np.arange(n_classes)).all():
+        raise CxrError(f"The labels must be class numbers 0 to {n_classes - 1}.")
+    if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+        raise CxrError("The probabilities must be finite numbers between 0 and 1.")
+    return y_num.astype(np.int64), p
+
+
+def multiclass_metrics(y_true: ArrayLike, probs: ArrayLike,
+                       classes: Sequence[str] = TASK_CLASSES["subtype"]) -> dict[str, Any]:
+    """Metrics of a classifier over NORMAL and several pneumonia classes; the prediction is the
+    most probable class.
+
+    Args:
+        y_true: class indices (0 = ``classes[0]``, which must be NORMAL).
+        probs: probabilities, one row per image and one column per class (rows sum to 1).
+        classes: the class names, in the order of the columns (NORMAL, BACTERIA, VIRUS).
+
+    Returns:
+        dict with task, classes, n, accuracy, roc_auc (macro one-vs-rest, ``None`` unless every
+        class is present), per_class ({name: roc_auc, sensitivity, specificity, precision, n}),
+        confusion_matrix (rows true, columns predicted, in the order of ``classes``),
+        pneumonia_vs_normal (``binary_metrics`` of any pneumonia against NORMAL, with
+        P(pneumonia) = 1 - P(NORMAL), at 0.5), bacterial_vs_viral (n, accuracy, sensitivity with
+        the last class, VIRUS, as positive, specificity; among the images that truly are one of
+        the two, called by the larger of their two probabilities) and calibration ({name:
+        ``calibration_bins`` of that class against the rest}).
+
+    Raises:
+        CxrError: on invalid input.
+    """
+    classes = tuple(classes)
+    y, p = _check_multiclass(y_true, probs, len(classes))
+    indices = np.arange(len(classes))
+    predicted = p.argmax(axis=1)
+    matrix = skm.confusion_matrix(y, predicted, labels=indices)
+    all_present = np.unique(y).size == len(classes)
+    per_class = {}
+    for c, name in enumerate(classes):
+        truth = y == c
+        tp = int(matrix[c, c])
+        fn = int(matrix[c].sum()) - tp
+        fp = int(matrix[:, c].sum()) - tp
+        tn = int(y.size) - tp - fn - fp
+        per_class[name] = {
+            "roc_auc": _float_or_none(skm.roc_auc_score(truth, p[:, c])) if 0 < truth.sum() < y.size else None,
+            "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp),
+            "precision": _ratio(tp, tp + fp),
+            "n": int(truth.sum()),
+        }
+    # sklearn's one-vs-rest needs rows that sum to 1; renormalise away float32 rounding.
+    rows = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+    macro_auc = (_float_or_none(skm.roc_auc_score(y, rows, multi_class="ovr", average="macro", labels=indices))
+                 if all_present else None)
+    # The last two classes (BACTERIA, VIRUS) among the images that truly are one of them.
+    first, second = len(classes) - 2, len(classes) - 1
+    pair = (y == first) | (y == second)
+    called_second = p[pair, second] > p[pair, first]
+    is_second = y[pair] == second
+    n_second, n_first = int(is_second.sum()), int((~is_second).sum())
+    bacterial_vs_viral = {
+        "n": int(pair.sum()),
+        "accuracy": _ratio(int((called_second == is_second).sum()), int(pair.sum())),
+        "sensitivity": _ratio(int((called_second & is_second).sum()), n_second),
+        "specificity": _ratio(int((~called_second & ~is_second).sum()), n_first),
+    }
+    return {
+        "task": "subtype",
+        "classes": list(classes),
+        "n": int(y.size),
+        "accuracy": float(skm.accuracy_score(y, predicted)),
+        "roc_auc": macro_auc,
+        "per_class": per_class,
+        "confusion_matrix": matrix.astype(int).tolist(),
+        "pneumonia_vs_normal": binary_metrics((y != 0).astype(int), np.clip(1.0 - p[:, 0], 0.0, 1.0), 0.5),
+        "bacterial_vs_viral": bacterial_vs_viral,
+        "calibration": {name: calibration_bins((y == c).astype(int), p[:, c]) for c, name in enumerate(classes)},
+    }
 
 
 # -- a change of prevalence (Saerens, Latinne and Decaestecker 2002) -------------------------------

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import CxrError
-from .evaluate import binary_metrics, estimate_prior_em, threshold_for_prior
+from .errors import BadSettingError, CxrError
+from .evaluate import binary_metrics, estimate_prior_em, multiclass_metrics, threshold_for_prior
 from .run_folder import RunFolder, evaluation_name
 
 log = logging.getLogger(__name__)
@@ -79,29 +79,37 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
             result says ``sampled_from``).
 
     Returns:
-        The ``evaluate`` JSON: n, accuracy, roc_auc, pr_auc, sensitivity, specificity, precision, f1,
-        brier, threshold, confusion_matrix at the threshold; ``at_0.5``; ``skipped``; ``duplicates``;
-        ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per part of the run's split)
-        and ``warning`` (one sentence, or None).
+        The ``evaluate`` JSON: task ("pneumonia"), n, accuracy, roc_auc, pr_auc, sensitivity,
+        specificity, precision, f1, brier, threshold, confusion_matrix at the threshold; ``at_0.5``;
+        ``skipped``; ``duplicates``; ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per
+        part of the run's split) and ``warning`` (one sentence, or None). For a subtype run,
+        ``evaluate.multiclass_metrics`` (task "subtype", classes, per_class, pneumonia_vs_normal,
+        bacterial_vs_viral, ...) with the same bookkeeping keys and no ``prevalence``.
 
     Raises:
-        CxrError: the run or the folder cannot be used, or no image could be read.
+        CxrError: the run or the folder cannot be used, or no image could be read (for a subtype
+            run also: images without a subtype in their name, or a threshold given).
     """
-    from .data import scan_dataset  # noqa: PLC0415
+    from .data import scan_dataset, task_labels  # noqa: PLC0415
     from .predict import Predictor  # noqa: PLC0415
 
     folder = RunFolder(run_dir)
     if predictor is None:
         predictor = Predictor.from_run(folder.path, engine=engine)
-    chosen = predictor.threshold if threshold is None else float(threshold)
+    task = getattr(predictor, "task", "pneumonia")
+    multiclass = task != "pneumonia"
+    if multiclass and threshold is not None:
+        raise BadSettingError(f"The run {folder.name} is a {task} run, which labels each image with its most probable "
+                              "class, so a threshold does not apply to it.")
+    chosen = None if multiclass else (predictor.threshold if threshold is None else float(threshold))
     scan = scan_dataset(data_dir)
-    manifest = scan.manifest
+    manifest = task_labels(scan.manifest, task)
     sampled_from = None
     if limit and len(manifest) > int(limit):
         from .data import stratified_subset  # noqa: PLC0415
 
         sampled_from = int(len(manifest))
-        manifest = stratified_subset(manifest, int(limit), seed=123)
+        manifest = stratified_subset(manifest, int(limit), seed=123, task=task)
     paths = manifest["path"].tolist()
     results: list[dict] = []
     step = 64
@@ -109,17 +117,27 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         results.extend(predictor.predict_files(paths[start:start + step]))
         if on_progress is not None:
             on_progress(min(start + step, len(paths)), len(paths))
-    ok = np.array(["probability" in r for r in results], dtype=bool)
+    ok = np.array(["error" not in r for r in results], dtype=bool)
     skipped = [{"path": str(p), "reason": str(r)} for p, r in zip(scan.skipped["path"], scan.skipped["reason"])]
     skipped += [{"path": r["file"], "reason": r["error"]} for r in results if "error" in r]
     if not ok.any():
         raise CxrError(f"None of the images in {data_dir} could be read.")
     used = manifest[ok].copy()
-    used["probability"] = [r["probability"] for r in results if "probability" in r]
     y = used["y"].to_numpy()
-    prob = used["probability"].to_numpy()
-    result = binary_metrics(y, prob, threshold=chosen)
-    result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    if multiclass:
+        classes = tuple(predictor.classes)
+        probs = np.array([[r["probabilities"][c] for c in classes] for r in results if "error" not in r],
+                         dtype=np.float64).reshape(-1, len(classes))
+        for c, name in enumerate(classes):
+            used[f"p_{name}"] = probs[:, c]
+        used["probability"] = 1.0 - probs[:, 0]
+        used["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+        result = multiclass_metrics(y, probs, classes)
+    else:
+        used["probability"] = [r["probability"] for r in results if "error" not in r]
+        prob = used["probability"].to_numpy()
+        result = {"task": task, **binary_metrics(y, prob, threshold=chosen)}
+        result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
     result["skipped"] = skipped
     result["duplicates"] = int(len(scan.duplicates))
     result["run"] = str(run_dir)
@@ -131,9 +149,12 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
     overlap = training_overlap(folder, used["sha256"]) if "sha256" in used else {}
     result["overlap"] = overlap
     result["warning"] = overlap_warning(overlap, len(used))
-    result["prevalence"] = prevalence_adjustment(folder, prob, y, chosen)
+    if not multiclass:
+        result["prevalence"] = prevalence_adjustment(folder, prob, y, chosen)
     if store:
-        columns = [c for c in ("path", "y", "probability", "label", "patient_id") if c in used.columns]
+        # label is the true class, as for the pneumonia task; a subtype run adds p_<class> and predicted.
+        extra = [f"p_{name}" for name in classes] + ["predicted"] if multiclass else []
+        columns = [c for c in ("path", "y", "probability", *extra, "label", "patient_id") if c in used.columns]
         try:
             folder.write_evaluation(name, result, used[columns])
         except OSError as error:  # a read-only run (the shipped demo on a hosted app) still answers

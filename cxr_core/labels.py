@@ -15,6 +15,19 @@ from .errors import BadDatasetError
 CLASSES = ("NORMAL", "PNEUMONIA")
 NEGATIVE, POSITIVE = CLASSES
 LABEL_TO_Y = {label: index for index, label in enumerate(CLASSES)}
+#: What a run learns to tell apart: ``pneumonia`` (NORMAL / PNEUMONIA) or ``subtype`` (NORMAL /
+#: BACTERIA / VIRUS, the order of the softmax head's outputs).
+TASKS = ("pneumonia", "subtype")
+TASK_CLASSES = {"pneumonia": ("NORMAL", "PNEUMONIA"), "subtype": ("NORMAL", "BACTERIA", "VIRUS")}
+
+
+def classes_for(task: str) -> tuple[str, ...]:
+    """The classes of ``task``, in the order of the model's outputs."""
+    if task not in TASK_CLASSES:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    return TASK_CLASSES[task]
+
+
 #: The parts of a split, in the order they are shown.
 SPLITS = ("train", "val", "test")
 #: How a run chooses its decision threshold on validation (see ``evaluate.choose_threshold``):
@@ -41,20 +54,21 @@ def label_for(probability: float, threshold: float) -> str:
     return POSITIVE if float(probability) >= float(threshold) else NEGATIVE
 
 
-def require_both_classes(labels: Iterable, where: str, advice: str) -> None:
-    """Raise one sentence when ``labels`` (names or 0/1) lack a class.
+def require_both_classes(labels: Iterable, where: str, advice: str, classes: tuple[str, ...] = CLASSES) -> None:
+    """Raise one sentence when ``labels`` (names or class indices) lack a class.
 
     Args:
         labels: the labels of one part of the data.
         where: what holds them, for the sentence ("the val part of the patient split").
         advice: what to do, for the sentence.
+        classes: the task's classes (``classes_for(task)``); every one must be present.
 
     Raises:
         BadDatasetError: "<where> has no NORMAL images (n images in it); <advice>."
     """
     values = list(labels)
-    names = {CLASSES[int(v)] if not isinstance(v, str) else v for v in values}
-    missing = [name for name in CLASSES if name not in names]
+    names = {classes[int(v)] if not isinstance(v, str) else v for v in values}
+    missing = [name for name in classes if name not in names]
     if missing:
         raise BadDatasetError(
             f"{where[:1].upper()}{where[1:]} has no {' and '.join(missing)} images ({len(values)} images in it); "

@@ -17,6 +17,10 @@ The exported graph has two outputs computed in one forward pass:
   No gradient is needed at prediction time. For an ensemble (``model.build_ensemble``) each channel
   is the members' maps, each weighted by d logit / d member logit and summed on the largest member grid.
 
+A softmax head (the ``subtype`` task: Dense(3) over NORMAL, BACTERIA, VIRUS) exports ``logit`` as
+(n, 3), the three logits, and ``cams`` as (n, h', w', 3), ReLU(S_c) with S_c = sum_k w_kc A_k for
+each class c in the same order: where the image raised that class's logit.
+
 Format 1 exports had one ReLU(S) output and no map for NORMAL results; they are not used (the
 predictor falls back to Keras) and ``python -m cxr_core export --run RUN`` rewrites them.
 
@@ -90,8 +94,18 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
     parts = gradcam_parts(classifier, spec.last_conv_layer if spec is not None else None)
     size = int(classifier.input_shape[1])
     signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]
+    n_outputs = 1
     if isinstance(parts, EnsembleGradcamParts):
         serve = _ensemble_serve(parts, signature)
+    elif np.asarray(parts.logit.get_weights()[0]).shape[-1] > 1:
+        kernel = tf.constant(np.asarray(parts.logit.get_weights()[0]), tf.float32)
+        n_outputs = int(kernel.shape[-1])
+
+        @tf.function(input_signature=signature)
+        def serve(images):
+            conv, logits = parts.forward(images)
+            # One map per class, in the order of the logits: ReLU(S_c), S_c = sum_k w_kc A_k.
+            return {"logit": logits, "cams": tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))}
     else:
         kernel = tf.constant(np.asarray(parts.logit.get_weights()[0])[:, 0], tf.float32)
 
@@ -125,6 +139,10 @@ def export_classifier(classifier: "keras.Model", run_dir: str | Path, backbone: 
         "tensorflow": tf.__version__,
         "seconds": round(time.time() - t0, 2),
     }
+    if n_outputs > 1:
+        info["outputs"] = {"logit": f"the classifier's {n_outputs} logits (softmax), in the run's class order",
+                           "cams": "ReLU(S_c) for each class c, in the same order, with S_c = sum_k w_kc A_k "
+                                   "at the last conv layer"}
     target = folder.lite_path
     folder.write_export(flatbuffer, info)
     log.info("Exported %s (%.1f MB) in %.1f s.", target, len(flatbuffer) / 1e6, info["seconds"])
@@ -216,19 +234,25 @@ class LiteEngine:
             raise BadRunError(
                 f"{self.path.name} in {self.path.parent} is not a LiteRT model this version can run."
             ) from error
-        # The graph is converted without a signature, so the outputs are told apart by rank:
-        # the logit is (n,), the CAMs are (n, h', w', 2).
+        # The graph is converted without a signature, so the outputs are told apart by rank: the
+        # logit is (n,) and the CAMs (n, h', w', 2); a softmax head's logits are (n, c), its CAMs (n, h', w', c).
         by_rank = {len(detail["shape_signature"]): detail for detail in outputs}
         shape = list(inputs[0]["shape_signature"]) if len(inputs) == 1 else []
-        if (len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1 or set(by_rank) != {1, 4}
-                or by_rank[4]["shape_signature"][-1] != 2):
+        n_outputs = int(by_rank[2]["shape_signature"][-1]) if set(by_rank) == {2, 4} else 1
+        channels = int(by_rank[4]["shape_signature"][-1]) if 4 in by_rank else 0
+        if (len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1
+                or set(by_rank) not in ({1, 4}, {2, 4}) or channels != (2 if n_outputs == 1 else n_outputs)
+                or n_outputs < 1):
             raise BadRunError(
                 f"{self.path.name} in {self.path.parent} is not an exported classifier (input {shape}, "
                 f"{len(outputs)} outputs)."
             )
         self.image_size = int(shape[1])
+        #: 1 for a sigmoid head, else the number of classes of the softmax head.
+        self.n_outputs = n_outputs
         self._input_index = inputs[0]["index"]
-        self._logit_index, self._cam_index = by_rank[1]["index"], by_rank[4]["index"]
+        logit_rank = 1 if n_outputs == 1 else 2
+        self._logit_index, self._cam_index = by_rank[logit_rank]["index"], by_rank[4]["index"]
         self._batch = 0
         self._lock = threading.Lock()
 
@@ -241,14 +265,18 @@ class LiteEngine:
                 self._batch = batch.shape[0]
             self._interpreter.set_tensor(self._input_index, batch)
             self._interpreter.invoke()
-            logits = np.array(self._interpreter.get_tensor(self._logit_index)).reshape(-1)
+            logits = np.array(self._interpreter.get_tensor(self._logit_index))
+            logits = logits.reshape(-1) if self.n_outputs == 1 else logits.reshape(-1, self.n_outputs)
             cams = np.array(self._interpreter.get_tensor(self._cam_index)) if with_cam else None
         return logits, cams
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (n, size, size, 3) in 0..255 -> logits (n,)."""
+        """float32 (n, size, size, 3) in 0..255 -> logits (n,) (a softmax head: (n, c))."""
         return self._run(batch, with_cam=False)[0]
 
     def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w', 2) in ``predict.MAP_CHANNELS`` order)."""
+        """float32 (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w', 2) in ``predict.MAP_CHANNELS`` order).
+
+        A softmax head gives (logits (n, c), CAMs (n, h', w', c)), one map per class in the logits' order.
+        """
         return self._run(batch, with_cam=True)

@@ -23,6 +23,7 @@ from . import weights as weights_lib
 from .backbones import BACKBONES, PREPROCESS_MODES, BackboneSpec, get_backbone
 from .config import ModelConfig
 from .errors import BadRunError, BadSettingError
+from .labels import classes_for
 from .run_folder import MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,22 @@ def build_feature_extractor(cfg: ModelConfig, seed: int = 123, backbone: keras.M
     return keras.Model(inputs, outputs, name="feature_extractor")
 
 
-def build_head(feature_dim: int, dropout: float, seed: int | None = None) -> keras.Model:
-    """Pooled features -> logit: Dropout (layer ``dropout``) -> Dense(1) (layer ``logit``)."""
+def n_outputs_for(task: str) -> int:
+    """The number of logits of a task's head: 1 (a sigmoid) for two classes, else one per class (a softmax)."""
+    n_classes = len(classes_for(task))
+    return 1 if n_classes == 2 else n_classes
+
+
+def build_head(feature_dim: int, dropout: float, seed: int | None = None, n_outputs: int = 1) -> keras.Model:
+    """Pooled features -> logits: Dropout (layer ``dropout``) -> Dense(n_outputs) (layer ``logit``).
+
+    ``n_outputs`` is 1 for the binary task (sigmoid of the logit = P(PNEUMONIA)) and the number of
+    classes for a softmax head (``n_outputs_for``).
+    """
     inputs = keras.Input((int(feature_dim),), dtype="float32", name="features")
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
     outputs = keras.layers.Dense(
-        1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit"
+        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit"
     )(x)
     return keras.Model(inputs, outputs, name="head")
 
@@ -183,8 +194,11 @@ def build_classifier(
     backbone: keras.Model | None = None,
     head: keras.Model | None = None,
     train_batchnorm: bool = False,
+    n_outputs: int = 1,
 ) -> keras.Model:
-    """Image -> logit with layers ``preprocess``, ``backbone``, ``pool``, ``dropout``, ``logit``.
+    """Image -> logits with layers ``preprocess``, ``backbone``, ``pool``, ``dropout``, ``logit``.
+
+    ``n_outputs`` is the width of the ``logit`` layer (1: binary sigmoid; 3: softmax over the subtypes).
 
     ``train_batchnorm`` is for a backbone trained from scratch: its BatchNorm statistics are random
     and must be learnt, so the backbone is called in training mode during ``fit``.
@@ -204,14 +218,17 @@ def build_classifier(
     x = base(x) if train_batchnorm else base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(rate, seed=seed, name="dropout")(x)
-    logit_layer = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit")
+    logit_layer = keras.layers.Dense(
+        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit"
+    )
     outputs = logit_layer(x)
     model = keras.Model(inputs, outputs, name="classifier")
     if head is not None:
         source = head.get_layer("logit").get_weights()
         if [w.shape for w in source] != [w.shape for w in logit_layer.get_weights()]:
             raise ValueError(
-                "the head's feature size does not match this backbone's; train the head on this backbone's features."
+                "the head's feature size or number of outputs does not match this classifier's; "
+                "train the head on this backbone's features for the same task."
             )
         logit_layer.set_weights(source)
     return model

@@ -15,7 +15,7 @@ from . import augment, data, weights
 from .backbones import get_backbone
 from .config import RunConfig
 from .errors import BadDatasetError, BadSettingError
-from .labels import CLASSES, SPLITS
+from .labels import SPLITS, classes_for
 from .recipes import RECIPES
 
 
@@ -62,10 +62,12 @@ class RunPlan:
 
     Attributes:
         rows: every image with ``split`` (train/val/test), ``augment_seed`` (-1 for an original)
-            and ``is_augmented``; the augmented NORMAL rows come last, in the training part only.
+            and ``is_augmented``; the augmented rows come last, in the training part only. ``y`` and
+            ``label`` are the task's classes (``data.task_labels``).
         balance: the balance plan of the training part.
         n_images: original images used (after ``limit``).
-        counts: originals per part and class: ``{"train": {"NORMAL": n, "PNEUMONIA": n}, ...}``.
+        counts: originals per part and class: ``{"train": {"NORMAL": n, "PNEUMONIA": n}, ...}``
+            (NORMAL, BACTERIA and VIRUS for the subtype task).
         balance_by: the manifest column whose values are weighted out of the label (see
             ``TrainConfig.balance_by``), or "" when none applies.
         notes: sentences for the person about choices that could not apply to this data set.
@@ -94,15 +96,19 @@ def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
     """Subset, split and balance ``manifest`` exactly as training will.
 
     Args:
-        config: the run's settings (data: limit, split, seed, fractions; train: balance, seed).
+        config: the run's settings (data: task, limit, split, seed, fractions; train: balance, seed).
         manifest: ``data.scan_dataset(...).manifest``.
 
     Returns:
         The plan.
 
     Raises:
-        BadDatasetError: one sentence when the data cannot be split or balanced.
+        BadDatasetError: one sentence when the data cannot be split or balanced, or (for the subtype
+            task) when some images carry no subtype.
     """
+    task = config.data.task
+    classes = classes_for(task)
+    manifest = data.task_labels(manifest, task)
     column = config.train.balance_by
     notes: list[str] = []
     if column and (column not in manifest.columns or manifest[column].isna().all()):
@@ -118,16 +124,16 @@ def plan_run(config: RunConfig, manifest: pd.DataFrame) -> RunPlan:
                 f"The data set has no column {column!r} to balance by; "
                 + (f"its manifest.csv has {', '.join(extra)}." if extra else "add a manifest.csv that has it."))
     if config.data.limit is not None and config.data.limit < len(manifest):
-        manifest = data.stratified_subset(manifest, config.data.limit, seed=config.data.seed)
+        manifest = data.stratified_subset(manifest, config.data.limit, seed=config.data.seed, task=task)
     split = data.make_split(
         manifest, mode=config.data.split, seed=config.data.seed,
-        val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+        val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, task=task,
     )
     train_part = split[split["split"] == "train"]
-    balance = augment.balance_plan(train_part["label"].tolist(), config.train.balance)
-    rows = augment.with_augmented_rows(split, balance.n_extra, seed=config.train.seed)
+    balance = augment.balance_plan(train_part["label"].tolist(), config.train.balance, classes)
+    rows = augment.with_augmented_rows(split, balance.n_extra, seed=config.train.seed, per_class=balance.extra)
     counts = {
-        part: {label: int(((split["split"] == part) & (split["label"] == label)).sum()) for label in CLASSES}
+        part: {label: int(((split["split"] == part) & (split["label"] == label)).sum()) for label in classes}
         for part in SPLITS
     }
     return RunPlan(rows=rows, balance=balance, n_images=int(len(split)), counts=counts, balance_by=column,

@@ -12,6 +12,12 @@ Every head here is GlobalAveragePooling -> Dropout -> Dense(1), so the PNEUMONIA
 ``sum_k w_k mean(A_k) + b`` and the signed map ``S = sum_k w_k A_k`` splits it over the image:
 ReLU(S) is where the image raised the pneumonia score (Grad-CAM of the logit), ReLU(-S) where it
 lowered it (Grad-CAM of the negated logit: the evidence for NORMAL). Both come from the same pass.
+
+A run of the ``subtype`` task (``labels.TASK_CLASSES``) has a softmax head, Dense(3) over NORMAL,
+BACTERIA and VIRUS: its label is the most probable class, its ``probability`` is P(PNEUMONIA) =
+1 - P(NORMAL), and the map of class c is ReLU(S_c) with S_c = sum_k w_kc A_k, where the image
+raised that class's logit (Grad-CAM of the logit, up to a positive factor), by default for the
+predicted class.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from .backbones import BACKBONES
 from .config import RunConfig
 from .errors import BadImageError, BadRunError, CxrError
 from .images import load_gray, to_model_input
-from .labels import CLASSES, DEFAULT_THRESHOLD, NEGATIVE, POSITIVE, label_for, sigmoid
+from .labels import DEFAULT_THRESHOLD, NEGATIVE, POSITIVE, classes_for, label_for, sigmoid
 from .run_folder import MODEL_FILE, RunFolder, check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,12 +61,38 @@ EMPTY_MAP_CAPTIONS = {
               "comes from the model's baseline and the threshold, not from a place in the image.",
 }
 
+#: The same for a ``subtype`` run, whose map of a class shows where the image raised that class's score.
+_SUBTYPE_NAMES = {"NORMAL": "normal", "BACTERIA": "bacterial pneumonia", "VIRUS": "viral pneumonia"}
+SUBTYPE_MAP_CAPTIONS = {
+    cls: f"Highlighted: regions that raised the {name} score." for cls, name in _SUBTYPE_NAMES.items()
+}
+SUBTYPE_EMPTY_MAP_CAPTIONS = {
+    cls: f"No region raised the {name} score, so there is no map to show: the {cls} call comes from "
+         "the model's baseline, not from a place in the image."
+    for cls, name in _SUBTYPE_NAMES.items()
+}
 
-def map_caption(target: str, empty: bool = False) -> str:
+
+def map_caption(target: str, empty: bool = False, task: str = "pneumonia") -> str:
     """The one line that says what a heatmap explaining ``target`` shows (or that it shows nothing)."""
-    if target not in MAP_CAPTIONS:
-        raise ValueError(f"A map explains one of {CLASSES}; got {target!r}.")
-    return EMPTY_MAP_CAPTIONS[target] if empty else MAP_CAPTIONS[target]
+    captions, empties = ((SUBTYPE_MAP_CAPTIONS, SUBTYPE_EMPTY_MAP_CAPTIONS) if task == "subtype"
+                         else (MAP_CAPTIONS, EMPTY_MAP_CAPTIONS))
+    if target not in captions:
+        raise ValueError(f"A map explains one of {classes_for('subtype' if task == 'subtype' else 'pneumonia')}; "
+                         f"got {target!r}.")
+    return empties[target] if empty else captions[target]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (shifted by the row maximum, so large logits do not overflow)."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _n_outputs(classes: Sequence[str]) -> int:
+    """The number of logits a head for ``classes`` has (as ``model.n_outputs_for``): one sigmoid for two."""
+    return 1 if len(classes) == 2 else len(classes)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an array field has no single truth value
@@ -68,16 +100,26 @@ class Explanation:
     """One image's probability, label and the heatmap of the evidence for one class.
 
     Attributes:
-        probability: probability of PNEUMONIA.
-        label: the predicted class at the predictor's threshold.
+        probability: probability of PNEUMONIA (for a subtype run, 1 - P(NORMAL)).
+        label: the predicted class at the predictor's threshold (for a subtype run, the most probable class).
         target: the class whose evidence ``heatmap`` shows (``label`` unless another was asked for).
         heatmap: float32 (h, w) in [0, 1] at the image's size; all zeros when there is no such evidence.
+        probabilities: each class's probability, in the task's class order (for a binary run
+            {"NORMAL": 1 - probability, "PNEUMONIA": probability}, filled in when not given).
+        task: the run's task, ``pneumonia`` or ``subtype`` (it decides what the caption says).
     """
 
     probability: float
     label: str
     target: str
     heatmap: np.ndarray
+    probabilities: dict[str, float] | None = None
+    task: str = "pneumonia"
+
+    def __post_init__(self) -> None:
+        if self.probabilities is None:
+            p = float(self.probability)
+            object.__setattr__(self, "probabilities", {NEGATIVE: 1.0 - p, POSITIVE: p})
 
     @property
     def empty(self) -> bool:
@@ -87,7 +129,7 @@ class Explanation:
     @property
     def caption(self) -> str:
         """One line for a person: what the highlighted regions mean, or that there are none."""
-        return map_caption(self.target, self.empty)
+        return map_caption(self.target, self.empty, self.task)
 
 
 def _gray_checked(gray: Any) -> np.ndarray:
@@ -108,7 +150,8 @@ class KerasEngine:
     """Runs a Keras classifier with TensorFlow: logits, or logits and Grad-CAM maps, for batches.
 
     ``explain`` returns the logits ``(n,)`` and raw maps ``(n, h', w', 2)``, one channel per class
-    of ``MAP_CHANNELS`` (the LiteRT engine returns the same)."""
+    of ``MAP_CHANNELS`` (the LiteRT engine returns the same). A head with several outputs (a
+    softmax over the task's classes) gives logits ``(n, c)`` and maps ``(n, h', w', c)``, one per class."""
 
     name = "Keras"
 
@@ -124,6 +167,9 @@ class KerasEngine:
                 f"The model in {where} expects input of shape {shape}, not a square three-channel image."
             )
         self.image_size = int(shape[1])
+        out = classifier.output_shape
+        # (n, c) logits: c > 1 is a softmax head; anything else is read as the one-logit head it always was.
+        self.n_outputs = int(out[-1]) if isinstance(out, tuple) and len(out) == 2 and out[-1] else 1
         self._predict_fn = None
         self._explain_fn = None
 
@@ -137,13 +183,18 @@ class KerasEngine:
                 lambda x: model(x, training=False),
                 input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
             )
-        return self._predict_fn(np.asarray(batch, np.float32)).numpy().reshape(-1)
+        return _shaped(self._predict_fn(np.asarray(batch, np.float32)).numpy(), self.n_outputs)
 
     def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._explain_fn is None:
             self._explain_fn = _make_explain_fn(self.classifier, self.config, self.image_size, self._where)
         logits, cams = self._explain_fn(np.asarray(batch, np.float32))
-        return logits.numpy().reshape(-1), cams.numpy()
+        return _shaped(logits.numpy(), self.n_outputs), cams.numpy()
+
+
+def _shaped(logits: np.ndarray, n_outputs: int) -> np.ndarray:
+    """Logits as ``(n,)`` for a one-logit head (unchanged binary shape), else ``(n, n_outputs)``."""
+    return logits.reshape(-1) if n_outputs == 1 else logits.reshape(-1, n_outputs)
 
 
 class Predictor:
@@ -154,7 +205,10 @@ class Predictor:
     installed, else ``Keras`` (``model.keras`` through TensorFlow).
 
     Attributes:
-        threshold: probability at or above which an image is called PNEUMONIA.
+        threshold: probability at or above which an image is called PNEUMONIA (a pneumonia run; a
+            subtype run calls the most probable class).
+        task: the run's task (``config.data.task``): ``pneumonia`` or ``subtype``.
+        classes: the task's classes, in the order of ``probabilities``' columns.
         image_size: side of the square model input, in pixels.
         config: the run's configuration.
         run_dir: the run folder it was loaded from (``None`` when built from a model object).
@@ -179,6 +233,8 @@ class Predictor:
             run_dir: where it came from, for messages.
         """
         self.config = config
+        self.task = config.data.task
+        self.classes = classes_for(self.task)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._threshold = check_threshold(threshold, "of a predictor")
         if hasattr(classifier, "explain") and hasattr(classifier, "logits"):
@@ -187,6 +243,12 @@ class Predictor:
             self._engine = KerasEngine(classifier, config, self._where())
         self.classifier = getattr(self._engine, "classifier", None)
         self.image_size = int(self._engine.image_size)
+        expected, found = _n_outputs(self.classes), int(getattr(self._engine, "n_outputs", 1))
+        if found != expected:
+            raise BadRunError(
+                f"The model in {self._where()} has {found} output{'s' if found != 1 else ''} but its {self.task} "
+                f"task needs {expected} ({', '.join(self.classes)}); config.json and the model do not belong together."
+            )
 
     @property
     def engine(self) -> str:
@@ -216,7 +278,12 @@ class Predictor:
         folder = RunFolder(run_dir)
         run_dir = folder.path
         config = folder.read_config()
-        chosen = check_threshold(threshold, "asked for") if threshold is not None else folder.read_threshold()
+        if threshold is not None:
+            chosen = check_threshold(threshold, "asked for")
+        elif config.data.task != "pneumonia":  # no threshold: the most probable class is the label
+            chosen = DEFAULT_THRESHOLD
+        else:
+            chosen = folder.read_threshold()
 
         model_path = folder.model_path
         if not model_path.is_file():
@@ -273,7 +340,54 @@ class Predictor:
         """``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``."""
         return label_for(probability, self._threshold)
 
+    @property
+    def multiclass(self) -> bool:
+        """True for a softmax head (the subtype task): the label is the most probable class."""
+        return _n_outputs(self.classes) > 1
+
     # -- probabilities -------------------------------------------------------------------------
+
+    def _class_rows(self, logits: np.ndarray) -> np.ndarray:
+        """Engine logits -> float64 (n, len(classes)) probabilities, in ``classes`` order."""
+        if self.multiclass:
+            return _softmax(np.asarray(logits).reshape(-1, len(self.classes)))
+        p = sigmoid(np.asarray(logits).reshape(-1))
+        return np.stack([1.0 - p, p], axis=1)
+
+    def probability_rows(self, batch: np.ndarray) -> np.ndarray:
+        """Each class's probability for model-ready inputs (float32 (n, size, size, 3) in 0..255).
+
+        Returns:
+            float64 (n, len(classes)), columns in ``classes`` order, each row summing to 1.
+        """
+        out = []
+        for start in range(0, len(batch), BATCH_SIZE):
+            out.append(self._class_rows(self._engine.logits(np.asarray(batch[start : start + BATCH_SIZE], np.float32))))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float64)
+
+    def probabilities(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        """Each class's probability for several grayscale images, batched.
+
+        Args:
+            grays: 2-D uint8 arrays of any sizes.
+
+        Returns:
+            float64 (n, len(classes)): for a pneumonia run the columns NORMAL, PNEUMONIA; for a
+            subtype run NORMAL, BACTERIA, VIRUS. Each row sums to 1.
+
+        Raises:
+            BadImageError: when an element is not a 2-D uint8 array.
+        """
+        out = []
+        for start in range(0, len(grays), BATCH_SIZE):
+            out.append(self.probability_rows(self._inputs(grays[start : start + BATCH_SIZE])))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float64)
+
+    def _label_of_row(self, row: np.ndarray) -> str:
+        """The predicted class of one row of ``probabilities``."""
+        if self.multiclass:
+            return self.classes[int(np.argmax(row))]
+        return self.label(float(row[1]))
 
     def _inputs(self, grays: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack([to_model_input(_gray_checked(g), self.image_size) for g in grays]).astype(np.float32)
@@ -285,8 +399,10 @@ class Predictor:
             batch: float32 (n, size, size, 3) in 0..255.
 
         Returns:
-            float64 (n,) probabilities of PNEUMONIA.
+            float64 (n,) probabilities of PNEUMONIA (for a subtype run, 1 - P(NORMAL)).
         """
+        if self.multiclass:
+            return 1.0 - self.probability_rows(batch)[:, 0]
         out = []
         for start in range(0, len(batch), BATCH_SIZE):
             out.append(sigmoid(self._engine.logits(np.asarray(batch[start : start + BATCH_SIZE], np.float32))))
@@ -316,6 +432,13 @@ class Predictor:
     def _result(self, name: str, probability: float) -> dict[str, Any]:
         return {"file": name, "probability": float(probability), "label": self.label(probability)}
 
+    def _row_result(self, name: str, row: np.ndarray) -> dict[str, Any]:
+        """A prediction for a person: the binary format, or each class's probability for a subtype run."""
+        if not self.multiclass:
+            return self._result(name, float(row[1]))
+        return {"file": name, "probabilities": {c: float(p) for c, p in zip(self.classes, row)},
+                "label": self._label_of_row(row)}
+
     def predict_bytes(self, data: bytes, name: str | None = None) -> dict[str, Any]:
         """Classify an uploaded file (JPEG, PNG, BMP, TIFF or DICOM bytes).
 
@@ -324,13 +447,13 @@ class Predictor:
             name: the file name (its suffix helps decoding), used as ``file`` in the result.
 
         Returns:
-            {"file", "probability", "label"}.
+            {"file", "probability", "label"}; for a subtype run {"file", "probabilities": {class: p}, "label"}.
 
         Raises:
             BadImageError: when the bytes are not a usable image.
         """
         gray = load_gray(data, name)
-        return self._result(name or "upload", self.predict_gray(gray))
+        return self._row_result(name or "upload", self.probabilities([gray])[0])
 
     def predict_files(self, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         """Classify image files; one unreadable file never stops the others.
@@ -339,8 +462,9 @@ class Predictor:
             paths: image files.
 
         Returns:
-            one dict per path, in order: {"file", "probability", "label"} or {"file", "error"}
-            where error is a one-sentence explanation.
+            one dict per path, in order: {"file", "probability", "label"} (for a subtype run
+            {"file", "probabilities": {class: p}, "label"}) or {"file", "error"} where error is a
+            one-sentence explanation.
         """
         paths = [str(p) for p in paths]
         results: list[dict[str, Any] | None] = [None] * len(paths)
@@ -360,9 +484,9 @@ class Predictor:
                     results[i] = {"file": paths[i],
                                   "error": f"This file could not be read as an image ({type(error).__name__})."}
             if good:
-                probs = self.predict_batch(np.stack(inputs))
-                for i, p in zip(good, probs):
-                    results[i] = self._result(paths[i], p)
+                rows = self.probability_rows(np.stack(inputs))
+                for i, row in zip(good, rows):
+                    results[i] = self._row_result(paths[i], row)
         return [r for r in results if r is not None]
 
     # -- Grad-CAM ------------------------------------------------------------------------------
@@ -372,23 +496,32 @@ class Predictor:
 
         Args:
             grays: 2-D uint8 arrays of any sizes.
-            target: the class whose evidence every heatmap shows (``"PNEUMONIA"`` or ``"NORMAL"``);
-                ``None`` (the default) explains each image's predicted class.
+            target: the class whose evidence every heatmap shows (``"PNEUMONIA"`` or ``"NORMAL"``;
+                for a subtype run one of ``classes``); ``None`` (the default) explains each image's
+                predicted class.
 
         Returns:
             one ``Explanation`` per image, its heatmap float32 (h, w) in [0, 1] at the image's size.
         """
-        if target is not None and target not in MAP_CHANNELS:
-            raise ValueError(f"A map explains one of {CLASSES}; got {target!r}.")
+        # The engines' map channels: (PNEUMONIA, NORMAL) for a one-logit head, else one per class.
+        channels = self.classes if self.multiclass else MAP_CHANNELS
+        if target is not None and target not in channels:
+            raise ValueError(f"A map explains one of {tuple(self.classes)}; got {target!r}.")
         out: list[Explanation] = []
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start : start + BATCH_SIZE]]
             logits, cams = self._engine.explain(self._inputs(part))
-            for gray, probability, cam in zip(part, sigmoid(logits), cams):
-                label = self.label(probability)
+            rows = self._class_rows(logits)
+            for gray, row, cam in zip(part, rows, cams):
+                if self.multiclass:
+                    probability, label = 1.0 - float(row[0]), self._label_of_row(row)
+                else:
+                    probability = float(row[1])
+                    label = self.label(probability)
                 explained = target or label
-                heatmap = _finish_cam(cam[..., MAP_CHANNELS.index(explained)], gray.shape)
-                out.append(Explanation(float(probability), label, explained, heatmap))
+                heatmap = _finish_cam(cam[..., channels.index(explained)], gray.shape)
+                out.append(Explanation(probability, label, explained, heatmap,
+                                       {c: float(p) for c, p in zip(self.classes, row)}, self.task))
         return out
 
     def explanation(self, gray: np.ndarray, target: str | None = None) -> Explanation:
@@ -459,7 +592,9 @@ def _finish_cam(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, where: str):
     """A compiled function: images (n, size, size, 3) -> (logits (n,), raw CAMs (n, h', w', 2)).
 
-    Built once per predictor; the fixed input signature means one trace for every batch size.
+    For a head with c > 1 outputs: (logits (n, c), CAMs (n, h', w', c)), ReLU(sum_k w_kc A_k) per
+    class, without a gradient (the same maps as the LiteRT export). Built once per predictor; the
+    fixed input signature means one trace for every batch size.
     """
     import tensorflow as tf  # noqa: PLC0415 - lazy: only the Keras engine needs TensorFlow
 
@@ -472,6 +607,17 @@ def _make_explain_fn(classifier: "keras.Model", config: RunConfig, size: int, wh
         raise BadRunError(f"The model in {where} lacks the layers Grad-CAM needs ({error}).") from error
     if isinstance(parts, EnsembleGradcamParts):
         return _make_ensemble_explain_fn(parts, size)
+    kernel = np.asarray(parts.logit.get_weights()[0], np.float32)
+    if kernel.shape[-1] > 1:
+        kernel = tf.constant(kernel)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        def explain_classes(images):
+            # Each class's logit is sum_k w_kc mean(A_k) + b_c: its Grad-CAM weights are w_kc / (h' w').
+            conv, logits = parts.forward(images)
+            return logits, tf.nn.relu(tf.tensordot(conv, kernel, axes=[[3], [0]]))
+
+        return explain_classes
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def explain(images):

@@ -69,7 +69,8 @@ HISTORY_COLUMNS = [
     "phase", "epoch", "loss", "accuracy", "auc", "precision", "recall",
     "val_loss", "val_accuracy", "val_auc", "val_precision", "val_recall", "seconds",
 ]
-PREDICTION_COLUMNS = ["path", "y", "probability", "split", "label", "patient_id"]
+# p_<class>: each class's probability, in a subtype run only (whose label is the most probable class).
+PREDICTION_COLUMNS = ["path", "y", "probability", "p_NORMAL", "p_BACTERIA", "p_VIRUS", "split", "label", "patient_id"]
 
 
 def _lower_first(text: str) -> str:

@@ -11,7 +11,8 @@ to ``progress.jsonl``:
    on those features: an epoch costs well under a second instead of minutes;
 3. ``fine_tune`` (optional): unfreeze the top layers and train the whole network on images streamed
    from disk (``keras.utils.PyDataset``), at a low learning rate;
-4. ``evaluate``: choose the decision threshold on validation, test (``metrics.json``);
+4. ``evaluate``: choose the decision threshold on validation, test (``metrics.json``); the subtype
+   task (NORMAL / BACTERIA / VIRUS, a softmax head) calls the most probable class, with no threshold;
 5. ``save`` (``model.keras``, last but the export) and ``export`` (``model.tflite``); only then is
    the run marked done.
 
@@ -41,7 +42,7 @@ from .augment import augment_image
 from .config import RunConfig
 from .errors import CxrError, DiskFullError
 from .images import load_gray, to_model_input
-from .labels import require_both_classes, sigmoid
+from .labels import classes_for, require_both_classes, sigmoid
 from .plan import RunPlan, plan_run, preflight
 from .run_folder import RunFolder
 
@@ -118,6 +119,16 @@ class TrainingContext:
         if self.class_weight:
             weights = weights * rows["y"].map(self.class_weight).to_numpy(dtype=np.float64)
         return (weights / weights.mean()).astype(np.float32)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The task's classes, in the order of the head's outputs."""
+        return classes_for(self.config.data.task)
+
+    @property
+    def n_outputs(self) -> int:
+        """Logits of the head: 1 (a sigmoid) for the binary task, one per class for a softmax."""
+        return model_lib.n_outputs_for(self.config.data.task)
 
     @property
     def fine_tunes(self) -> bool:
@@ -232,7 +243,7 @@ def _prepare(ctx: TrainingContext) -> None:
 def _extract(ctx: TrainingContext) -> None:
     """Backbone features of every row (cached on disk), for the head phase."""
     if ctx.config.train.epochs <= 0:
-        ctx.rows, unreadable = _readable_rows(ctx.rows)
+        ctx.rows, unreadable = _readable_rows(ctx.rows, ctx.classes)
         if len(unreadable):
             ctx.problems.append(unreadable)
         return
@@ -260,7 +271,7 @@ def _extract(ctx: TrainingContext) -> None:
         raise _Cancelled
     report("extract", done=total, total=total, eta_s=0.0, cached=int(result.n_cached), computed=int(result.n_computed))
     ctx.rows = rows.iloc[np.asarray(result.index, dtype=int)].reset_index(drop=True)
-    _require_both_classes(ctx.rows)
+    _require_both_classes(ctx.rows, ctx.classes)
     if len(result.errors):
         ctx.problems.append(result.errors)
     ctx.features = np.asarray(result.features, dtype=np.float32)
@@ -278,10 +289,12 @@ def _train_head(ctx: TrainingContext) -> None:
     # Seeded here, not only at the start: a cold run builds the backbone (which draws random numbers)
     # and a warm run does not, and both must train the same head.
     _seed_everything(config.train.seed)
-    head = model_lib.build_head(ctx.features.shape[1], config.model.dropout, seed=config.train.seed)
+    head = model_lib.build_head(ctx.features.shape[1], config.model.dropout, seed=config.train.seed,
+                                n_outputs=ctx.n_outputs)
     # A head step on in-memory features costs microseconds; running many steps per call removes the
     # per-step Python overhead that would otherwise dominate an epoch.
-    _compile(head, config.train.learning_rate, config.train.label_smoothing, steps_per_execution=32)
+    _compile(head, config.train.learning_rate, config.train.label_smoothing, steps_per_execution=32,
+             n_outputs=ctx.n_outputs)
     ctx.report("stage", stage="train", total=config.train.epochs,
                message=f"training the head for {config.train.epochs} epochs on cached features")
     n_batches = math.ceil(train_mask.sum() / config.train.batch_size)
@@ -307,7 +320,7 @@ def _build_classifier(ctx: TrainingContext) -> None:
     """The whole network: the (cached-run) backbone and the trained head in one model."""
     ctx.classifier = model_lib.build_classifier(
         ctx.config.model, seed=ctx.config.train.seed, backbone=ctx.backbone, head=ctx.head,
-        train_batchnorm=ctx.trains_batchnorm)
+        train_batchnorm=ctx.trains_batchnorm, n_outputs=ctx.n_outputs)
 
 
 def _fine_tune(ctx: TrainingContext) -> None:
@@ -329,7 +342,7 @@ def _fine_tune(ctx: TrainingContext) -> None:
     train_data = ImageBatches(train_rows, config, config.train.batch_size, shuffle=True,
                               online_augment=config.train.online_augment, weights=weights)
     _compile(classifier, _learning_rate(config, len(train_data)), config.train.label_smoothing,
-             weight_decay=config.train.weight_decay)
+             weight_decay=config.train.weight_decay, n_outputs=ctx.n_outputs)
     ctx.report("stage", stage="fine_tune", total=epochs,
                message=f"fine-tuning {'all' if config.train.fine_tune_layers < 0 else config.train.fine_tune_layers} "
                        f"backbone layers for {epochs} epochs on streamed images")
@@ -342,24 +355,46 @@ def _fine_tune(ctx: TrainingContext) -> None:
 
 def _evaluate(ctx: TrainingContext) -> None:
     """Threshold on validation, metrics on test; metrics.json and predictions.csv."""
-    from .evaluate import metrics_report  # noqa: PLC0415
+    from .evaluate import metrics_report, multiclass_metrics  # noqa: PLC0415
 
-    ctx.report("stage", stage="evaluate", message="choosing the threshold on validation, testing")
+    multiclass = ctx.n_outputs > 1
+    ctx.report("stage", stage="evaluate", message="testing the most probable class" if multiclass
+               else "choosing the threshold on validation, testing")
     rows = ctx.rows
     mask = rows["split"].isin(["val", "test"]).to_numpy()
     if ctx.fine_tunes or ctx.features is None:
         data_ = ImageBatches(rows[mask], ctx.config, 64, with_labels=False)
-        logits = ctx.classifier.predict(data_, verbose=0).reshape(-1)
+        logits = ctx.classifier.predict(data_, verbose=0)
     else:
-        logits = ctx.head.predict(ctx.features[mask], batch_size=256, verbose=0).reshape(-1)
-    evaluated = rows[mask].assign(probability=sigmoid(logits))
+        logits = ctx.head.predict(ctx.features[mask], batch_size=256, verbose=0)
+    if multiclass:
+        probs = _softmax(logits)
+        # probability stays P(PNEUMONIA), so readers of the binary columns still make sense of it.
+        evaluated = rows[mask].assign(probability=1.0 - probs[:, 0],
+                                      **{f"p_{name}": probs[:, c] for c, name in enumerate(ctx.classes)},
+                                      label=np.asarray(ctx.classes, dtype=object)[probs.argmax(axis=1)])
+    else:
+        evaluated = rows[mask].assign(probability=sigmoid(logits.reshape(-1)))
     val = evaluated[evaluated["split"] == "val"]
     test = evaluated[evaluated["split"] == "test"]
-    metrics = metrics_report(
-        val["y"].to_numpy(), val["probability"].to_numpy(),
-        test["y"].to_numpy(), test["probability"].to_numpy(),
-        rule=ctx.config.train.threshold_rule, target_sensitivity=ctx.config.train.target_sensitivity,
-    )
+    if multiclass:
+        columns = [f"p_{name}" for name in ctx.classes]
+
+        def report(part: pd.DataFrame) -> dict | None:
+            if not len(part):
+                return None
+            return multiclass_metrics(part["y"].to_numpy(), part[columns].to_numpy(), ctx.classes)
+
+        test_metrics = report(test)
+        metrics = {"threshold": None, "threshold_rule": "argmax", "val": report(val),
+                   "test": {"at_threshold": test_metrics} if test_metrics is not None else None}
+    else:
+        metrics = metrics_report(
+            val["y"].to_numpy(), val["probability"].to_numpy(),
+            test["y"].to_numpy(), test["probability"].to_numpy(),
+            rule=ctx.config.train.threshold_rule, target_sensitivity=ctx.config.train.target_sensitivity,
+        )
+    metrics = {"task": ctx.config.data.task, "classes": list(ctx.classes), **metrics}
     balance = ctx.plan.balance
     # Counted on the readable images, which are the ones the run really used.
     originals = rows[~rows["is_augmented"].astype(bool)]
@@ -423,14 +458,23 @@ def _duplicates_as_skipped(duplicates: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _require_both_classes(rows: pd.DataFrame) -> None:
+def _require_both_classes(rows: pd.DataFrame, classes: tuple[str, ...] = classes_for("pneumonia")) -> None:
     for part in ("train", "val", "test"):
         require_both_classes(rows.loc[rows["split"] == part, "label"],
                              f"after leaving out unreadable images, the {part} part",
-                             "add more readable images of both classes")
+                             "add more readable images of both classes" if len(classes) == 2
+                             else "add more readable images of every class", classes)
 
 
-def _readable_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from a softmax head's logits (float64, rows sum to 1)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _readable_rows(rows: pd.DataFrame,
+                   classes: tuple[str, ...] = classes_for("pneumonia")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode every image once (in threads) and drop the unreadable ones before streaming."""
     def check(path: str) -> str | None:
         try:
@@ -444,7 +488,7 @@ def _readable_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         reasons = dict(zip(unique, pool.map(check, unique)))
     bad = [p for p, r in reasons.items() if r]
     kept = rows[~rows["path"].isin(bad)].reset_index(drop=True)
-    _require_both_classes(kept)
+    _require_both_classes(kept, classes)
     return kept, pd.DataFrame({"path": bad, "reason": [reasons[p] for p in bad]})
 
 
@@ -522,11 +566,56 @@ def _learning_rate(config: RunConfig, steps_per_epoch: int):
         warmup_target=rate if warmup else None, warmup_steps=warmup)
 
 
+@keras.saving.register_keras_serializable(package="cxr_core")
+class SparseMacroAUC(keras.metrics.AUC):
+    """Macro one-vs-rest ROC AUC of a softmax head, from class indices and logits (the ``auc`` of the
+    subtype task's history, so the best epoch is chosen on validation as for the binary head)."""
+
+    def __init__(self, num_classes: int = 3, name: str = "auc", **kwargs) -> None:
+        kwargs.pop("multi_label", None), kwargs.pop("num_labels", None), kwargs.pop("from_logits", None)
+        super().__init__(name=name, multi_label=True, num_labels=int(num_classes), from_logits=False, **kwargs)
+        self.num_classes = int(num_classes)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        return super().update_state(y_true, keras.ops.softmax(y_pred, axis=-1), sample_weight)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+@keras.saving.register_keras_serializable(package="cxr_core")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy on logits with label smoothing, which Keras' sparse loss lacks."""
+
+    def __init__(self, num_classes: int = 3, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy",
+                 **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes, self.label_smoothing = int(num_classes), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        return keras.losses.categorical_crossentropy(y_true, y_pred, from_logits=True,
+                                                     label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
 def _compile(model, learning_rate, label_smoothing: float = 0.0, steps_per_execution: int = 1,
-             weight_decay: float = 0.0) -> None:
+             weight_decay: float = 0.0, n_outputs: int = 1) -> None:
     # The model outputs logits; thresholds at 0 on a logit are 0.5 on a probability.
     optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
                  else keras.optimizers.Adam(learning_rate))
+    if n_outputs > 1:
+        # A softmax head over class indices; the history keeps the binary column names.
+        loss = (SmoothedSparseCrossentropy(n_outputs, label_smoothing) if label_smoothing
+                else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(optimizer=optimizer, loss=loss,
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                               SparseMacroAUC(n_outputs, name="auc")],
+                      steps_per_execution=steps_per_execution)
+        return
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing),

@@ -8,7 +8,7 @@ import streamlit as st
 from cxr_core import augment
 from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cxr_core.errors import CxrError
-from cxr_core.labels import CLASSES
+from cxr_core.labels import CLASSES, TASKS
 from pages.ui import charts, datasets, frame, session
 
 frame.page_header(
@@ -157,6 +157,26 @@ def preview(config: AugmentConfig) -> None:
         st.rerun()
 
 
+def three_class_plan(plan, strategy: str) -> None:
+    """The balance of a normal / bacterial / viral run (the Training page's task): each smaller class
+    is augmented up to the largest, or weighted."""
+    st.caption("For the three-class task chosen on the Training page (normal / bacterial / viral).")
+    columns = st.columns(len(plan.counts))
+    for index, (column, (name, count)) in enumerate(zip(columns, plan.counts.items())):
+        if strategy == "augment":
+            column.metric(f"{name} in training", f"{count:,}", delta=f"+{plan.extra.get(name, 0):,} augmented",
+                          delta_color="off")
+        elif strategy == "class_weight" and plan.class_weight:
+            column.metric(f"{name} in training", f"{count:,}", delta=f"weight {plan.class_weight[index]:.2f}×",
+                          delta_color="off")
+        else:
+            column.metric(f"{name} in training", f"{count:,}")
+    if strategy == "augment":
+        st.caption("Augmented copies of each smaller class bring it up to the largest, only inside the training part.")
+    elif strategy == "none":
+        st.caption("No balancing: the small viral class is easily called bacterial; watch its sensitivity.")
+
+
 def balance_section() -> None:
     st.subheader("Balancing the classes")
     st.markdown(
@@ -171,7 +191,9 @@ def balance_section() -> None:
     st.session_state[session.KEY_BALANCE] = strategy
     mode = st.session_state.get(session.KEY_SPLIT, "random")
     limit = int(st.session_state.get(session.KEY_LIMIT) or 0) or None
-    settings = RunConfig(data=DataConfig(data_dir=str(datasets.dataset_path() or ""), split=mode, limit=limit),
+    task = st.session_state.get("train_task") or "pneumonia"  # the Training page's task choice
+    settings = RunConfig(data=DataConfig(data_dir=str(datasets.dataset_path() or ""), split=mode, limit=limit,
+                                         task=task if task in TASKS else "pneumonia"),
                          train=TrainConfig(balance=strategy))
     try:
         planned = datasets.run_plan(settings)
@@ -186,6 +208,9 @@ def balance_section() -> None:
     plan = planned.balance
     if limit:
         st.caption(f"As the Training page will use it: a stratified subset of {planned.n_images:,} images.")
+    if len(plan.counts) > 2:
+        three_class_plan(plan, strategy)
+        return
     a, b, c = st.columns(3)
     a.metric("NORMAL in training", f"{plan.n_normal:,}")
     b.metric("PNEUMONIA in training", f"{plan.n_pneumonia:,}")

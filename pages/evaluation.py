@@ -37,6 +37,12 @@ def test_predictions(run_dir: Path) -> pd.DataFrame:
     return preds.dropna(subset=["y", "probability"])
 
 
+def _threshold(result: dict) -> float:
+    """The stored threshold (a subtype run has none: it predicts the most probable class)."""
+    value = result.get("threshold", 0.5)
+    return 0.5 if value is None else float(value)
+
+
 def test_sets(summary) -> dict[str, dict]:
     """The run's test sets, the honest one first: each stored external evaluation (newest first),
     then the test part of the run's own split."""
@@ -48,7 +54,7 @@ def test_sets(summary) -> dict[str, dict]:
             continue
         sampled = f", a sample of {result['n']} of {result['sampled_from']}" if result.get("sampled_from") else ""
         found[f"external: {name}"] = {
-            "name": name, "external": True, "preds": preds, "threshold": float(result.get("threshold", 0.5)),
+            "name": name, "external": True, "preds": preds, "threshold": _threshold(result),
             "at_threshold": result, "at_0.5": result.get("at_0.5"), "rule": None,
             "caption": f"{result.get('n')} images of the data set {name}{sampled}, none of them in this run's "
                        "training part.",
@@ -63,7 +69,7 @@ def test_sets(summary) -> dict[str, dict]:
                    + (f" from {metrics['n_patients_test']} patients" if metrics.get("n_patients_test") else "")
                    + ".")
         found["internal: the run's own test part"] = {
-            "name": "internal", "external": False, "preds": preds, "threshold": float(metrics.get("threshold", 0.5)),
+            "name": "internal", "external": False, "preds": preds, "threshold": _threshold(metrics),
             "at_threshold": at, "at_0.5": test.get("at_0.5"), "rule": metrics.get("threshold_rule"),
             "caption": caption, "prevalence": None,
         }
@@ -225,6 +231,217 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
                      caption=f"{name}: p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})")
 
 
+# --- A subtype run: NORMAL, BACTERIA and VIRUS, the most probable class is the answer ------------
+#: Kermany et al. (2018), Cell 172(5), on their test set: the figures this workbench aims at.
+PAPER = {"pneumonia_vs_normal": {"accuracy": 0.928, "sensitivity": 0.932, "specificity": 0.901, "roc_auc": 0.968,
+                                 "n": 624},
+         "bacterial_vs_viral": {"accuracy": 0.907, "sensitivity": 0.886, "specificity": 0.909, "n": 390}}
+COMPARE_ROWS = [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+                ("roc_auc", "ROC AUC"), ("n", "Images")]
+
+
+def subtype_headline(chosen: dict) -> None:
+    test = chosen["at_threshold"] or {}
+    where = "External" if chosen["external"] else "Internal"
+    cols = st.columns(4)
+    cols[0].metric(f"{where} macro AUC", charts.fmt_num(test.get("roc_auc")),
+                   help="Each class's one-vs-rest ROC AUC, averaged over the three classes.")
+    cols[1].metric("Accuracy", charts.fmt_num(test.get("accuracy")),
+                   help="Share of images whose most probable class is the true one.")
+    cols[2].metric("Bacterial vs viral accuracy",
+                   charts.fmt_num((test.get("bacterial_vs_viral") or {}).get("accuracy")),
+                   help="Among the images that truly are bacterial or viral pneumonia.")
+    cols[3].metric("Pneumonia vs normal AUC", charts.fmt_num((test.get("pneumonia_vs_normal") or {}).get("roc_auc")),
+                   help="P(pneumonia) = P(BACTERIA) + P(VIRUS) = 1 − P(NORMAL), ranked against the normal films.")
+    per_class = test.get("per_class") or {}
+    counts = ", ".join(f"{(per_class.get(c) or {}).get('n', '?')} {c}" for c in (test.get("classes") or per_class))
+    st.caption(f"{chosen['caption']} {counts}. Each image is called its most probable class: a three-class run "
+               "has no threshold to choose, so there is no threshold slider.")
+
+
+def confused_pairs(cm: list[list[int]], classes: list[str], top: int = 3) -> list[str]:
+    """The most frequent mistakes as sentences, largest first: '12 of 40 VIRUS images (30 %) were called BACTERIA.'"""
+    z = np.asarray(cm, dtype=int)
+    pairs = sorted(((int(z[t, q]), t, q) for t in range(len(classes)) for q in range(len(classes))
+                    if t != q and z[t, q] > 0), reverse=True)
+    return [f"{n} of {int(z[t].sum())} {classes[t]} images ({n / max(int(z[t].sum()), 1):.0%}) were called "
+            f"{classes[q]}." for n, t, q in pairs[:top]]
+
+
+def subtype_confusion(test: dict, key: str) -> None:
+    st.subheader("Which classes are confused")
+    classes = list(test.get("classes") or [])
+    cm = test.get("confusion_matrix")
+    left, right = st.columns([1, 1])
+    with left:
+        charts.table(charts.per_class_table(test), width="stretch")
+        st.caption("Each class against the other two: AUC ranks that class's probability (one vs rest), "
+                   "sensitivity is the share of the class found, specificity the share of the other images not "
+                   "called it, precision the share of its calls that are right.")
+    if cm and classes:
+        right.plotly_chart(charts.confusion_figure(cm, "Confusion matrix (most probable class)", tuple(classes)),
+                           key=f"{key}_cm")
+        sentences = confused_pairs(cm, classes)
+        if sentences:
+            st.markdown("**The most frequent mistakes:** " + " ".join(sentences))
+            if "NORMAL" not in sentences[0]:
+                st.caption("Mistakes between BACTERIA and VIRUS are the expected ones: on a film the two patterns "
+                           "overlap (lobar consolidation is typical of bacteria, diffuse patchy opacities of viruses, "
+                           "but many films show neither clearly), and the viral class is the smaller one.")
+            else:
+                st.caption("The largest mistake involves NORMAL films, which even a two-class model tells from "
+                           "pneumonia: this run has not yet learned the easier question (see the figures below).")
+        else:
+            st.success("No test image is confused with another class.")
+
+
+def paper_comparison(test: dict) -> None:
+    st.subheader("The two questions a clinician asks, next to Kermany et al. (2018)")
+    st.markdown("The same probabilities answer the binary question (any pneumonia: P(BACTERIA) + P(VIRUS) ≥ 0.5, "
+                "so this run can be compared with a two-class one on the same test set) and the question that "
+                "decides antibiotics: among the pneumonias, bacterial or viral (the larger of the two "
+                "probabilities; viral is the positive class, as in the paper).")
+    columns = {"pneumonia vs normal": test.get("pneumonia_vs_normal") or {},
+               "paper (pneumonia vs normal)": PAPER["pneumonia_vs_normal"],
+               "bacterial vs viral": test.get("bacterial_vs_viral") or {},
+               "paper (bacterial vs viral)": PAPER["bacterial_vs_viral"]}
+    table = pd.DataFrame({name: [charts.fmt_num(values.get(k), 0 if k == "n" else 3) for k, _ in COMPARE_ROWS]
+                          for name, values in columns.items()}, index=[label for _, label in COMPARE_ROWS])
+    charts.table(table, width="stretch")
+    st.caption("The paper's figures are on the release's official test set (624 images, 390 of them pneumonia) "
+               "with InceptionV3; a run's internal test part is easier than that, so compare on the official test "
+               "set (Evaluate on another data set, below).")
+
+
+def _class_probabilities(preds: pd.DataFrame, classes: list[str]) -> np.ndarray | None:
+    """The per-class probability columns (p_NORMAL, p_BACTERIA, p_VIRUS), or None when they were not stored."""
+    columns = [f"p_{c}" for c in classes]
+    if not classes or not set(columns) <= set(preds.columns):
+        return None
+    return preds[columns].astype(float).to_numpy()
+
+
+def subtype_roc(preds: pd.DataFrame, test: dict, classes: list[str]) -> go.Figure | None:
+    """ROC curves of each class against the other two (None when the per-class probabilities were not stored)."""
+    probs = _class_probabilities(preds, classes)
+    if probs is None:
+        return
+    y = preds["y"].astype(int).to_numpy()
+    fig = go.Figure()
+    for c, name in enumerate(classes):
+        truth = (y == c).astype(int)
+        if 0 < truth.sum() < len(truth):
+            roc = evaluate.roc_points(truth, probs[:, c])
+            auc = charts.fmt_num(((test.get("per_class") or {}).get(name) or {}).get("roc_auc"))
+            fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=f"{name} (AUC {auc})",
+                            line=dict(color=charts.CLASS_COLORS.get(name)))
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
+    fig.update_xaxes(title="1 − specificity (false-positive rate)")
+    fig.update_yaxes(title="sensitivity")
+    charts.unit_axes(fig, x=True, y=True)
+    return fig
+
+
+def subtype_calibration(preds: pd.DataFrame, test: dict, classes: list[str], where, key: str) -> None:
+    bins_by_class = test.get("calibration") or {}
+    probs = _class_probabilities(preds, classes)
+    if not bins_by_class and probs is not None:
+        y = preds["y"].astype(int).to_numpy()
+        bins_by_class = {name: evaluate.calibration_bins((y == c).astype(int), probs[:, c])
+                         for c, name in enumerate(classes)}
+    if not bins_by_class:
+        return
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="perfect")
+    for name, bins in bins_by_class.items():
+        counts = bins.get("count") or [1]
+        fig.add_scatter(x=bins["mean_predicted"], y=bins["fraction_positive"], mode="lines+markers",
+                        marker=dict(size=[6 + 14 * np.sqrt(c / max(counts)) for c in counts]),
+                        line=dict(color=charts.CLASS_COLORS.get(name)),
+                        text=[f"{c} images" for c in counts], name=name)
+    fig.update_xaxes(title="mean predicted probability of the class")
+    fig.update_yaxes(title="fraction that really is the class")
+    charts.unit_axes(fig, x=True, y=True)
+    where.plotly_chart(charts.style(fig, 340, title="Calibration, one class against the rest"), key=f"{key}_cal")
+
+
+def subtype_curves(preds: pd.DataFrame, test: dict, key: str) -> None:
+    st.subheader("Curves and calibration per class")
+    classes = list(test.get("classes") or [])
+    left, right = st.columns(2)
+    fig = subtype_roc(preds, test, classes)
+    if fig is not None:
+        left.plotly_chart(charts.style(fig, 340, title="ROC curves, one class against the rest"), key=f"{key}_roc")
+    subtype_calibration(preds, test, classes, right if fig is not None else left, key)
+    st.caption("Calibration: points below the diagonal mean the model is over-confident about that class, above "
+               "it under-confident. Marker size shows how many images a bin holds.")
+
+
+def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], where: str) -> None:
+    st.subheader(f"Misclassified images ({where})")
+    probs = _class_probabilities(preds, classes)
+    if probs is None:
+        st.caption("This test set's stored predictions hold no probability per class, so its mistakes cannot be "
+                   "listed here.")
+        return
+    truth = preds["y"].astype(int).to_numpy()
+    called = probs.argmax(axis=1)
+    wrong = preds.assign(true=[classes[t] for t in truth], called=[classes[c] for c in called],
+                         confidence=probs.max(axis=1))[truth != called]
+    if wrong.empty:
+        st.success("Every test image is called its true class.")
+        return
+    st.markdown("What does the model look at when it picks the wrong class? The map shows the evidence for the "
+                "class it wrongly chose.")
+    kinds = wrong.groupby(["true", "called"]).size().sort_values(ascending=False)
+    options = [f"{t} called {c}" for t, c in kinds.index]
+    kind = st.radio("Show", options, horizontal=True, key="eval_gallery_pair",
+                    format_func=lambda o: f"{o} ({int(kinds[tuple(o.split(' called '))])})")
+    true_class, called_class = kind.split(" called ")
+    chosen = wrong[(wrong["true"] == true_class) & (wrong["called"] == called_class)].sort_values(
+        "confidence", ascending=False)
+    st.caption(f"{len(wrong)} images are called the wrong class; the most confident mistakes come first.")
+    if not st.toggle(f"Compute Grad-CAM for the {min(MAX_GALLERY, len(chosen))} most confident", key="eval_gradcam"):
+        shown = chosen[["path", *[f"p_{c}" for c in classes]]].head(50)
+        charts.table(shown.assign(path=shown["path"].map(lambda s: Path(s).name)), hide_index=True,
+                     column_config={"path": st.column_config.TextColumn("image", width="large"),
+                                    **{f"p_{c}": st.column_config.NumberColumn(f"P({c})", format="%.3f")
+                                       for c in classes}})
+        return
+    present = chosen[chosen["path"].map(lambda p: Path(str(p)).is_file())]
+    if present.empty:
+        st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
+                "Grad-CAM cannot be drawn here.", icon=":material/info:")
+        return
+    stamp = models.model_stamp(summary.path)
+    st.caption(map_caption(called_class, task="subtype"))
+    columns = st.columns(3)
+    for i, (_, row) in enumerate(present.head(MAX_GALLERY).iterrows()):
+        with columns[i % 3]:
+            name = Path(str(row["path"])).name
+            try:
+                gray, found = models.explain_path(str(summary.path), stamp, str(row["path"]), called_class)
+            except CxrError as error:
+                st.error(f"{name}: {error}")
+                continue
+            if found.empty:
+                st.info(f"{name}: {found.caption}", icon=":material/info:")
+                continue
+            st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
+                     caption=f"{name}: P({called_class}) = {row[f'p_{called_class}']:.2f} (truly {true_class})")
+
+
+def subtype_evaluation(summary, chosen: dict, where: str) -> None:
+    """The Evaluation page of a run that tells NORMAL, BACTERIA and VIRUS apart."""
+    test = chosen["at_threshold"] or {}
+    key = f"eval_subtype_{summary.run_id}_{chosen['name']}"
+    subtype_headline(chosen)
+    subtype_confusion(test, key)
+    paper_comparison(test)
+    subtype_curves(chosen["preds"], test, key)
+    subtype_gallery(summary, chosen["preds"], list(test.get("classes") or []), where)
+
+
 def compare(summary, others: list) -> None:
     st.subheader("Compare two runs")
     candidates = [s for s in others if str(s.path) != str(summary.path)]
@@ -236,26 +453,46 @@ def compare(summary, others: list) -> None:
                                  key="eval_compare")]
     # Short column labels (run names are long and would be cut); the full names are in the tooltips.
     runs_shown = {"this run": summary, "compared": other}
-    table = {}
+    tasks = {label: models.run_task(s.path) for label, s in runs_shown.items()}
+    # A subtype run is compared on pneumonia against normal, the question both tasks answer.
+    with_subtype = "subtype" in tasks.values()
+    table, subtype_rows = {}, {}
     fig = go.Figure()
     for label, s in runs_shown.items():
         metrics = RunFolder(s.path).read_metrics() or {}
-        table[label] = ((metrics.get("test") or {}).get("at_threshold"))
+        at = (metrics.get("test") or {}).get("at_threshold")
+        table[label] = (at or {}).get("pneumonia_vs_normal") if tasks[label] == "subtype" else at
+        subtype_rows[label] = (at or {}) if tasks[label] == "subtype" else {}
         preds = test_predictions(s.path)
-        if len(preds) and preds["y"].nunique() == 2:
-            roc = evaluate.roc_points(preds["y"].to_numpy(), preds["probability"].to_numpy())
+        y = (preds["y"].astype(int) > 0).astype(int)  # any pneumonia (a subtype run's 1 and 2 too)
+        if len(preds) and y.nunique() == 2:
+            roc = evaluate.roc_points(y.to_numpy(), preds["probability"].to_numpy())
             fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=label)
     headers = {"_index": st.column_config.TextColumn(width="medium"),
                **{label: st.column_config.TextColumn(label, help=f"Run {s.run_id}") for label, s in runs_shown.items()}}
     left, right = st.columns([1, 1])
-    charts.table(charts.metrics_table(table), where=left, width="stretch", column_config=headers)
+    figures = charts.metrics_table(table)
+    if with_subtype:
+        extra = {"3-class accuracy": "accuracy", "Macro AUC (3 classes)": "roc_auc"}
+        for row, name in extra.items():
+            figures.loc[row] = [charts.fmt_num(subtype_rows[label].get(name)) for label in runs_shown]
+        figures.loc["Bacterial vs viral accuracy"] = [
+            charts.fmt_num((subtype_rows[label].get("bacterial_vs_viral") or {}).get("accuracy"))
+            for label in runs_shown]
+        left.caption("A three-class run is compared on pneumonia against normal (P(PNEUMONIA) = 1 − P(NORMAL), at "
+                     "0.5), the question both tasks answer; its three-class figures follow.")
+    charts.table(figures, where=left, width="stretch", column_config=headers)
     configs = pd.DataFrame({label: _config_summary(s) for label, s in runs_shown.items()})
+    if with_subtype:
+        configs.loc["task"] = [{"pneumonia": "2 classes", "subtype": "3 classes"}[t] for t in tasks.values()]
     charts.table(configs, where=left, width="stretch", column_config=headers)
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.update_xaxes(title="1 − specificity")
     fig.update_yaxes(title="sensitivity")
     charts.unit_axes(fig, x=True, y=True)
-    right.plotly_chart(charts.style(fig, 360, title="ROC curves on each run's own test set"), key="compare_roc")
+    roc_title = ("ROC curves on each run's own test set" if not with_subtype
+                 else "ROC of pneumonia vs normal, own test sets")
+    right.plotly_chart(charts.style(fig, 360, title=roc_title), key="compare_roc")
     st.caption(f"This run: {summary.run_id}; compared: {other.run_id}. Runs tested on different data sets or "
                "splits are not directly comparable: an official Kermany test set is harder than a random split.")
 
@@ -279,9 +516,11 @@ def _config_summary(summary) -> dict:
 
 def other_folder(summary) -> None:
     st.subheader("Evaluate on another data set")
+    how = ("calling each image its most probable class (its subtype comes from the file name)"
+           if models.run_task(summary.path) == "subtype" else "at the run's threshold")
     st.markdown("A model that does well on its own test set can fail on images from another hospital or "
-                "machine (a *domain shift*). Run it on any data set under the data root, at the run's "
-                "threshold; the result is kept with the run and shown first, as its honest score.")
+                f"machine (a *domain shift*). Run it on any data set under the data root, {how}; the result "
+                "is kept with the run and shown first, as its honest score.")
     names = datasets.list_datasets()
     if not names:
         st.caption("No data sets under the data root yet; add one on the Dataset page.")
@@ -309,8 +548,13 @@ def other_folder(summary) -> None:
         st.warning(result["warning"], icon=":material/warning:")
     if result.get("skipped"):
         st.warning(f"{len(result['skipped'])} image(s) could not be read and were left out.")
-    st.success(f"Evaluated {result['n']} images of {name}: AUC {charts.fmt_num(result['roc_auc'])}, accuracy "
-               f"{charts.fmt_num(result['accuracy'])} at the run's threshold. It is now a test set above.")
+    if result.get("task") == "subtype":
+        st.success(f"Evaluated {result['n']} images of {name}: macro AUC {charts.fmt_num(result.get('roc_auc'))}, "
+                   f"accuracy {charts.fmt_num(result.get('accuracy'))} (most probable class). It is now a test set "
+                   "above.")
+    else:
+        st.success(f"Evaluated {result['n']} images of {name}: AUC {charts.fmt_num(result['roc_auc'])}, accuracy "
+                   f"{charts.fmt_num(result['accuracy'])} at the run's threshold. It is now a test set above.")
     st.session_state[KEY_SHOW_NEWEST] = True  # show the newest test set, which is this one
     st.rerun()
 
@@ -359,17 +603,20 @@ else:
                 "split of the training images.")
         chosen = sets[choice]
         preds = chosen["preds"]
-        y = preds["y"].astype(int).to_numpy()
-        p = preds["probability"].astype(float).to_numpy()
-        headline(chosen)
-        prevalence_note(chosen)
-        key = f"eval_threshold_{summary.run_id}_{chosen['name']}"
-        if len(np.unique(y)) < 2:
-            st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")
+        if models.run_task(summary.path) == "subtype":  # three classes: the most probable one, no threshold
+            subtype_evaluation(summary, chosen, choice.split(":")[0])
         else:
-            threshold_explorer(y, p, chosen, key=key)
-            calibration(y, p)
-        gallery(summary, preds, float(st.session_state.get(key, chosen["threshold"])), choice.split(":")[0])
+            y = preds["y"].astype(int).to_numpy()
+            p = preds["probability"].astype(float).to_numpy()
+            headline(chosen)
+            prevalence_note(chosen)
+            key = f"eval_threshold_{summary.run_id}_{chosen['name']}"
+            if len(np.unique(y)) < 2:
+                st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")
+            else:
+                threshold_explorer(y, p, chosen, key=key)
+                calibration(y, p)
+            gallery(summary, preds, float(st.session_state.get(key, chosen["threshold"])), choice.split(":")[0])
         compare(summary, models.finished_runs())
     other_folder(summary)
 st.caption(frame.DISCLAIMER)

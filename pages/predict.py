@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from cxr_core.errors import CxrError
-from cxr_core.labels import label_for
+from cxr_core.labels import TASK_CLASSES, label_for
 from cxr_core.predict import overlay_heatmap
 from pages.ui import charts, datasets, frame, models, session
 
@@ -42,10 +42,18 @@ def run_card(summary) -> float | None:
     a, b, c, d = st.columns(4)
     a.metric("Backbone", predictor.config.model.backbone)
     b.metric("Input size", f"{predictor.image_size} px")
-    c.metric("Threshold", f"{predictor.threshold:.3f}",
-             help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
-                  "validation images (see the Evaluation page).")
-    d.metric("Test ROC AUC", charts.fmt_num(summary.test_auc))
+    if models.run_task(summary.path) == "subtype":
+        c.metric("Classes", "3", help="NORMAL, BACTERIA and VIRUS. A three-class run needs no threshold: each "
+                                      "image is called the class with the highest probability.")
+        d.metric("Test macro AUC", charts.fmt_num(summary.test_auc),
+                 help="Each class's one-vs-rest ROC AUC on the run's own test part, averaged.")
+        st.caption("This run tells **normal**, **bacterial** and **viral** pneumonia apart: each image gets three "
+                   "probabilities that add up to 100 %, and the map shows the evidence for the class it is called.")
+    else:
+        c.metric("Threshold", f"{predictor.threshold:.3f}",
+                 help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
+                      "validation images (see the Evaluation page).")
+        d.metric("Test ROC AUC", charts.fmt_num(summary.test_auc))
     engine = ("It runs on **LiteRT**, without TensorFlow, from the run's model.tflite."
               if predictor.engine == "LiteRT" else
               "It runs on **Keras/TensorFlow** (this run has no current model.tflite; "
@@ -58,6 +66,8 @@ def run_card(summary) -> float | None:
 
 def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
     """Classify every upload; each bad file gets its own one-line error and the rest go on."""
+    if models.run_task(summary.path) == "subtype":
+        return subtype_rows(summary, files, opacity)
     stamp = models.model_stamp(summary.path)
     rows = []
     progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
@@ -106,6 +116,57 @@ def show_one(name, gray, probability, label, found, opacity, threshold) -> None:
         )
 
 
+SUBTYPE_CLASSES = TASK_CLASSES["subtype"]
+SUBTYPE_COLUMNS = [f"p_{c}" for c in SUBTYPE_CLASSES]  # the table's and the CSV's probability columns
+SUBTYPE_COLOURS = {"NORMAL": "green", "BACTERIA": "red", "VIRUS": "orange"}
+
+
+def subtype_rows(summary, files, opacity: float) -> list[dict]:
+    """Like ``result_rows`` for a three-class run: one probability column per class, the most probable the label."""
+    stamp = models.model_stamp(summary.path)
+    rows = []
+    progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
+    for i, upload in enumerate(files):
+        name = upload.name
+        try:
+            gray, found = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
+        except CxrError as error:
+            rows.append({"file": name, **dict.fromkeys(SUBTYPE_COLUMNS), "label": None, "error": str(error)})
+            st.error(str(error) if name in str(error) else f"{name}: {error}", icon=":material/broken_image:")
+            continue
+        probabilities = {c: float(found.probabilities[c]) for c in SUBTYPE_CLASSES}
+        rows.append({"file": name, **{f"p_{c}": round(p, 4) for c, p in probabilities.items()},
+                     "label": found.label, "error": ""})
+        if i < MAX_DETAILED:
+            show_subtype(name, gray, probabilities, found, opacity)
+        if progress is not None:
+            progress.progress((i + 1) / len(files), text=f"Classified {i + 1} of {len(files)}")
+    if progress is not None:
+        progress.empty()
+    if len(files) > MAX_DETAILED:
+        st.caption(f"Grad-CAM is shown for the first {MAX_DETAILED} images; every image is in the table below.")
+    return rows
+
+
+def show_subtype(name, gray, probabilities: dict[str, float], found, opacity) -> None:
+    """One result of a three-class run: the X-ray, the map of its predicted class, the three probabilities."""
+    with st.container(border=True):
+        left, middle, right = st.columns([2, 2, 1.4])
+        left.image(gray, caption=f"{name}", width="stretch")
+        if found.empty:
+            middle.info(found.caption, icon=":material/info:")
+        else:
+            middle.image(overlay_heatmap(gray, found.heatmap, opacity), caption=f"Grad-CAM overlay: {found.target}",
+                         width="stretch")
+            middle.caption(found.caption)
+        right.markdown(f"#### :{SUBTYPE_COLOURS.get(found.label, 'gray')}[{found.label}]")
+        for cls, p in probabilities.items():
+            right.progress(min(1.0, max(0.0, p)), text=f"{cls}: {p:.1%}")
+        first, second = sorted(probabilities.values(), reverse=True)[:2]
+        right.caption("The two most probable classes are close: an uncertain case." if first - second < 0.1 else
+                      "The most probable class is the label; there is no threshold.")
+
+
 summary = models.run_picker("Model (a finished run)", key="predict_run",
                         help="The shipped demo run is chosen by default; your own finished runs are listed too.")
 models.warn_if_useless(summary)
@@ -125,11 +186,16 @@ else:
             rows = result_rows(summary, files, opacity, threshold)
             table = pd.DataFrame(rows)
             st.subheader("All results")
-            charts.table(table, hide_index=True,
-                         column_config={"probability": st.column_config.ProgressColumn(
-                             "probability of pneumonia", min_value=0.0, max_value=1.0, format="%.3f")})
+            subtype = models.run_task(summary.path) == "subtype"
+            columns = ({c: st.column_config.ProgressColumn(f"P({c[2:]})", min_value=0.0, max_value=1.0, format="%.3f")
+                        for c in SUBTYPE_COLUMNS} if subtype else
+                       {"probability": st.column_config.ProgressColumn(
+                           "probability of pneumonia", min_value=0.0, max_value=1.0, format="%.3f")})
+            charts.table(table, hide_index=True, column_config=columns)
             buffer = io.StringIO()
-            table.assign(run=summary.run_id, threshold=threshold).to_csv(buffer, index=False)
+            # A three-class run has no threshold: one probability column per class and the most probable label.
+            (table.assign(run=summary.run_id) if subtype
+             else table.assign(run=summary.run_id, threshold=threshold)).to_csv(buffer, index=False)
             st.download_button("Download the results as CSV", buffer.getvalue(), file_name="predictions.csv",
                                mime="text/csv", icon=":material/download:")
 

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import evaluate, jobs, plan, runs, weights
+from cxr_core import data, evaluate, jobs, plan, runs, weights
 from cxr_core.backbones import BACKBONES
 from cxr_core.config import (
     BALANCE_STRATEGIES,
@@ -17,7 +17,7 @@ from cxr_core.config import (
     RunConfig,
 )
 from cxr_core.errors import CxrError, TrainingBusyError
-from cxr_core.labels import THRESHOLD_RULES
+from cxr_core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
 from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
 from pages.ui import charts, datasets, frame, models, session
@@ -124,6 +124,9 @@ def _fill_from_recipe() -> None:
     name = st.session_state.get(session.KEY_RECIPE) or ""
     if not name:
         return
+    task = (RECIPES[name].settings.get("data") or {}).get("task")
+    if task in TASKS:  # a recipe made for one task chooses it; the others leave the choice alone
+        st.session_state["train_task"] = task
     _fill_form(apply_recipe(RunConfig(), name), st.session_state.get("train_backbone", "inception_v3"))
 
 
@@ -161,6 +164,7 @@ def show_running_settings() -> None:
     if backbone not in BACKBONES:
         return
     _fill_form(config, backbone)
+    st.session_state["train_task"] = config.data.task
     st.session_state["train_backbone"] = backbone
     st.session_state[session.KEY_RECIPE] = config.train.recipe if config.train.recipe in RECIPES else ""
     st.session_state[KEY_WEIGHTS] = config.model.weights
@@ -198,10 +202,50 @@ def _options(values: list, current) -> list:
     return sorted(set(values) | ({current} if current is not None else set()))
 
 
-def settings_form(has_official: bool) -> RunConfig | None:
+TASK_LABELS = {"pneumonia": "Normal / pneumonia", "subtype": "Normal / bacterial / viral"}
+WHY_SUBTYPE_IS_HARDER = (
+    "Telling **bacterial from viral** pneumonia is harder than finding pneumonia: their patterns on a film "
+    "overlap (dense lobar consolidation is typical of bacteria, diffuse patchy opacities on both sides of "
+    "viruses, but many films show a mix or neither clearly), and the viral class is small, so the model sees "
+    "few examples of it and is tempted to call every pneumonia bacterial. It is the question that decides "
+    "antibiotics; Kermany et al. (2018) reached 90.7 % accuracy on it, against 92.8 % for pneumonia against normal.")
+
+
+def task_choice() -> str:
+    """What the run learns to tell apart, with why the three-class task is harder."""
+    left, right = st.columns([1, 2])
+    task = left.selectbox("Classes to tell apart", TASKS, key="train_task", format_func=TASK_LABELS.get, **PERSIST,
+                          help="Two classes (is there pneumonia?), or three (normal, bacterial or viral: the subtype "
+                               "is read from the file names, as in person1_bacteria_1.jpeg).")
+    if task == "subtype":
+        right.markdown(WHY_SUBTYPE_IS_HARDER)
+    else:
+        right.caption("The reference task: NORMAL against PNEUMONIA, with a threshold chosen on validation. "
+                      "Choose three classes to tell bacterial from viral pneumonia too.")
+    return task
+
+
+def subtype_check(manifest) -> bool:
+    """For the subtype task: the class counts, or the one sentence that refuses a data set whose
+    file names carry no subtype. Returns True when the data set can be used."""
+    try:
+        labelled = data.task_labels(manifest, "subtype")
+    except CxrError as error:
+        st.error(str(error), icon=":material/block:")
+        return False
+    counts = labelled["label"].value_counts()
+    st.caption("Classes of this data set: " + ", ".join(f"{int(counts.get(c, 0)):,} {c}"
+                                                        for c in TASK_CLASSES["subtype"]) + ".")
+    return True
+
+
+def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
     """The run settings; returns a RunConfig (None when the choices are invalid)."""
     recipe = recipe_choice()
     with st.container(border=True):
+        st.markdown("**Task**")
+        task = task_choice()
+        usable = task != "subtype" or manifest is None or subtype_check(manifest)
         st.markdown("**Model**")
         c1, c2, c3 = st.columns(3)
         names = list(BACKBONES)
@@ -257,6 +301,7 @@ def settings_form(has_official: bool) -> RunConfig | None:
                                     FORM_DEFAULTS["train_ft_epochs"], key="train_ft_epochs", **PERSIST,
                                     disabled=ft_layers == 0)
         threshold_rule = c3.selectbox("Threshold rule", THRESHOLD_RULES, key="train_rule", **PERSIST,
+                                      disabled=task == "subtype",  # three classes: the most probable one
                                       format_func={"youden": "Youden (balance both)",
                                                    "sensitivity": "95 % sensitivity (screening)",
                                                    "midpoint": "Midpoint (robust to a new site)"}.get,
@@ -280,7 +325,8 @@ def settings_form(has_official: bool) -> RunConfig | None:
         balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES,
                                key="train_balance", on_change=session.copy_state,
                                args=("train_balance", session.KEY_BALANCE),
-                               format_func={"augment": "Augment NORMAL (reference)",
+                               format_func={"augment": ("Augment the smaller classes (reference)" if task == "subtype"
+                                                        else "Augment NORMAL (reference)"),
                                                                  "class_weight": "Class weights", "none": "None"}.get)
         limit = c3.number_input("Quick demo: use only this many images (0 = all)", *FORM_RANGES[session.KEY_LIMIT],
                                 FORM_DEFAULTS[session.KEY_LIMIT], step=50,
@@ -301,13 +347,15 @@ def settings_form(has_official: bool) -> RunConfig | None:
     if weights_value == UPLOAD:
         st.info("Upload a weights file above, or choose other starting weights.")
         return None
+    if not usable:
+        return None
     path = datasets.dataset_path()
     # The recipe gives every choice the form does not show (e.g. the fine-tuning learning rate);
     # the form's values win for the rest.
     base = apply_recipe(RunConfig(), recipe) if recipe else RunConfig()
     try:
         return RunConfig(
-            data=dataclasses.replace(base.data, data_dir=str(path) if path else "", split=split,
+            data=dataclasses.replace(base.data, data_dir=str(path) if path else "", split=split, task=task,
                                      limit=int(limit) or None),
             augment=aug,
             model=dataclasses.replace(base.model, backbone=backbone, weights=weights_value, image_size=int(size),
@@ -432,7 +480,7 @@ def render_run(run_dir: Path) -> str:
             if log.is_file():
                 with st.expander("Last lines of the training log (for bug reports)"):
                     st.code("\n".join(log.read_text(errors="replace").splitlines()[-25:]) or "(empty)")
-        curves(RunFolder(run_dir).read_history(), key=run_dir.name, state=state)
+        curves(RunFolder(run_dir).read_history(), key=run_dir.name, state=state, task=models.run_task(run_dir))
     return state
 
 
@@ -441,14 +489,15 @@ NO_CURVES = {"running": "Curves appear after the first epoch.",
              "cancelled": "No curves: the run was cancelled before its first epoch ended."}
 
 
-def curves(history: pd.DataFrame, key: str, state: str = "running") -> None:
+def curves(history: pd.DataFrame, key: str, state: str = "running", task: str = "pneumonia") -> None:
     if history is None or history.empty:
         st.caption(NO_CURVES.get(state, "This run has no training curves."))
         return
     history = history.reset_index(drop=True)
     x = list(range(1, len(history) + 1))
     columns = st.columns(3)
-    for column, (metric, title) in zip(columns, [("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC")]):
+    auc_title = "Macro ROC AUC (3 classes)" if task == "subtype" else "ROC AUC"
+    for column, (metric, title) in zip(columns, [("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", auc_title)]):
         fig = go.Figure()
         if metric in history:
             fig.add_scatter(x=x, y=history[metric], mode="lines+markers", name="train", line=dict(color="#1f6feb"))
@@ -490,8 +539,12 @@ def past_runs() -> None:
         st.caption("No runs yet. They are kept in the runs folder and listed here.")
         return
     table = pd.DataFrame([{**s.as_row(), "demo": s.is_demo} for s in summaries])
+    tasks = [models.run_task(s.path) for s in summaries]
+    if "subtype" in tasks:  # a subtype run's AUCs are macro AUCs over three classes: say which runs those are
+        table.insert(1, "task", ["3 classes" if t == "subtype" else "2 classes" for t in tasks])
     # The figures that tell runs apart first; the table scrolls sideways to the rest, the run pinned.
-    first = ["run", "status", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split", "images"]
+    first = ["run", "status", "task", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split",
+             "images"]
     order = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
     charts.table(table, hide_index=True, width="stretch", column_config=RUNS_COLUMNS, column_order=order)
     deletable = [s for s in summaries if not s.is_demo and s.state != "running"]
@@ -521,6 +574,9 @@ _number = st.column_config.NumberColumn
 RUNS_COLUMNS = {
     "run": st.column_config.TextColumn("run", width="large", pinned=True),
     "status": st.column_config.TextColumn("status", width="medium"),
+    "task": st.column_config.TextColumn("task", width="small",
+                                        help="2 classes: normal / pneumonia; 3 classes: normal / bacterial / viral "
+                                             "(its AUCs are macro AUCs over the three)."),
     "images": _number("images", format="%d", width="small"),
     "external test set": st.column_config.TextColumn(
         "ext. set", width="small", help="The newest external test set: a data set none of whose images the run "
@@ -560,7 +616,7 @@ else:
     has_official = bool((result.manifest["official_split"] == "test").any())
     st.markdown(f"Data set **{st.session_state.get(session.KEY_DATASET)}**: {n_images:,} images.")
 try:
-    config = settings_form(has_official)
+    config = settings_form(has_official, None if result is None else result.manifest)
 except CxrError as error:
     st.error(str(error))
     config = None

@@ -392,6 +392,7 @@ def test_run_without_model_or_config_is_one_sentence(run_copy):
         Predictor.from_run(run_copy / "nope")
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_config_from_an_older_version_still_loads(run_copy, tiny_run):
     from cxr_core.predict import Predictor
 

@@ -212,6 +212,7 @@ def test_threshold_rule_can_be_chosen(tiny_members, tmp_path):
         make_ensemble(tiny_members, out_dir=tmp_path / "ens2", threshold_rule="best")
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_new_ensembles_go_under_the_runs_root(tiny_members, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_RUNS_DIR", str(tmp_path / "runs"))
     run = make_ensemble(tiny_members)
@@ -235,6 +236,7 @@ def test_one_member_is_refused(tiny_members, tmp_path):
     assert not (tmp_path / "ens").exists()
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_different_image_sizes_are_refused(tiny_members, tmp_path):
     bigger = _member(tmp_path, "bigger", dataclasses.replace(TINY_MODEL, image_size=64), seed=5)
     with pytest.raises(BadSettingError, match="different image sizes") as info:
@@ -271,6 +273,7 @@ def test_unfinished_member_is_refused(tiny_members, tmp_path):
         make_ensemble([tiny_members[0], tmp_path / "nowhere"], out_dir=tmp_path / "ens")
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_an_ensemble_is_not_a_member(tiny_members, tmp_path):
     run = make_ensemble(tiny_members, out_dir=tmp_path / "ens")
     with pytest.raises(BadSettingError, match="itself an ensemble"):
@@ -282,6 +285,7 @@ def test_an_ensemble_is_not_a_member(tiny_members, tmp_path):
 # -- the command line ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_cli_ensemble(tiny_members, tmp_path, capsys):
     out = tmp_path / "cli-ens"
     assert cli.main(["ensemble", "--runs", *map(str, tiny_members), "--out", str(out)]) == 0

@@ -66,6 +66,7 @@ def test_external_evaluation_is_stored_and_matches_the_predictions(run_with_spli
     assert summary.as_row()["external test set"] == "site-b"
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_images_from_the_training_part_are_warned_about_and_not_called_external(run_with_split, tmp_path):
     run, train_data = run_with_split
     mixed = tmp_path / "mixed"

@@ -96,6 +96,7 @@ def test_second_call_is_all_cache_and_identical(tiny_dataset: Path, tmp_path: Pa
     np.testing.assert_array_equal(third.features, first.features)
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_damaged_entries_are_recomputed(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset).iloc[:6]
     first = extract_features(rows, CFG, None, cache_dir=tmp_path)
@@ -111,6 +112,7 @@ def test_damaged_entries_are_recomputed(tiny_dataset: Path, tmp_path: Path):
     assert extract_features(rows, CFG, None, cache_dir=tmp_path).n_computed == 0
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_augmented_rows_are_cached_separately(tiny_dataset: Path, tmp_path: Path):
     original = _rows(tiny_dataset).iloc[:2]
     augmented = original.assign(augment_seed=[11, 12])

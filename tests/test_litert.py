@@ -179,6 +179,7 @@ def keras_answer(exported_run) -> float:
     return Predictor.from_run(exported_run, engine="keras").predict_gray(_images(1)[0])
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 @pytest.mark.parametrize("damage", ["text", "truncated", "no_info", "bad_info"])
 def test_damaged_export_falls_back_to_keras(exported_run, keras_answer, tmp_path, damage):
     run = _copy(exported_run, tmp_path / "run")

@@ -124,6 +124,7 @@ def test_preprocess_modes():
         Preprocess("caffe")
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_random_init_is_repeatable_from_the_seed():
     a = build_backbone(_small(), seed=3).get_weights()
     b = build_backbone(_small(), seed=3).get_weights()

@@ -395,6 +395,7 @@ def test_garbage_config(run_dir: Path, tmp_path: Path, content: str) -> None:
     assert str(run) in str(info.value)
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_older_config_still_loads(run_dir: Path, predictor: Predictor, tmp_path: Path) -> None:
     run = _copy_run(run_dir, tmp_path / "r", skip=("config.json",))
     old = RUN_CFG.to_dict()
@@ -409,6 +410,7 @@ def test_older_config_still_loads(run_dir: Path, predictor: Predictor, tmp_path:
     assert p.predict_gray(_xray(0)) == pytest.approx(predictor.predict_gray(_xray(0)), abs=1e-6)  # the same network
 
 
+@pytest.mark.slow  # builds or loads models: seconds
 def test_metrics_absent_or_damaged(run_dir: Path, tmp_path: Path) -> None:
     run = _copy_run(run_dir, tmp_path / "r", skip=("metrics.json",))
     assert Predictor.from_run(run).threshold == 0.5

@@ -10,8 +10,6 @@ import http.server
 import io
 import os
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -156,24 +154,21 @@ def test_a_frozen_backbone_with_random_weights_is_refused():
     assert plan.preflight(RunConfig(model=TINY_PRETRAINED)) == "file"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    return subprocess.run([sys.executable, "-m", "cxr_core", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--weights", "imagenet"], KERAS_FILE),  # Keras' file for sizes it has no file of is the 224 one
     (["--weights", "none"], "cannot learn while it stays frozen"),
 ])
-def test_cli_refuses_before_any_run_folder_exists(tmp_path, flags, expected):
+def test_cli_refuses_before_any_run_folder_exists(tmp_path, capsys, flags, expected):
+    from cxr_core import cli
+
     data = make_dataset(tmp_path / "data", n_normal=4, n_pneumonia=4)
     out = tmp_path / "runs"
-    result = _cli("train", "--data", str(data), "--out", str(out), "--backbone", "mobilenet_v2", "--alpha", "0.35",
-                  "--image-size", "32", "--epochs", "1", *flags)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert expected in result.stderr and "URL fetch" not in result.stderr
+    code = cli.main(["train", "--data", str(data), "--out", str(out), "--backbone", "mobilenet_v2", "--alpha", "0.35",
+                     "--image-size", "32", "--epochs", "1", *flags])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err and "URL fetch" not in err
     assert not out.exists() or not any(out.iterdir())
 
 

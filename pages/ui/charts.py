@@ -10,7 +10,7 @@ import streamlit as st
 
 from cxr_core.labels import CLASSES
 
-CLASS_COLORS = {"NORMAL": "#2e9e6a", "PNEUMONIA": "#d1495b"}
+CLASS_COLORS = {"NORMAL": "#2e9e6a", "PNEUMONIA": "#d1495b", "BACTERIA": "#d1495b", "VIRUS": "#e08a1e"}
 MISSING = "—"  # how every table and figure shows a value that does not exist
 # Axes of rates, probabilities and AUCs: always the whole 0..1 (a flat curve must not zoom to
 # -0.5..1.5); a little headroom above 1 keeps a marker at 1.0 whole.
@@ -66,17 +66,25 @@ def style(fig: go.Figure, height: int = 320, title: str | None = None, **layout:
     return fig
 
 
-def confusion_figure(cm: list[list[int]], title: str = "Confusion matrix") -> go.Figure:
-    """A 2x2 heatmap with counts; rows are the truth, columns the prediction."""
+def confusion_figure(cm: list[list[int]], title: str = "Confusion matrix",
+                     classes: tuple[str, ...] = CLASSES) -> go.Figure:
+    """A square heatmap with counts (2x2, or 3x3 for the subtypes); rows are the truth, columns the
+    prediction. Each cell also gives its share of the true class (a row), which is what a small
+    class's errors need: 30 of 1,300 is nothing overall but a lot of 150 viral films."""
     z = np.asarray(cm, dtype=float)
     total = z.sum() or 1.0
-    text = [[f"{int(v)}<br>({v / total:.0%})" for v in row] for row in z]
+    if len(classes) == 2:
+        text = [[f"{int(v)}<br>({v / total:.0%})" for v in row] for row in z]
+    else:
+        rows = z.sum(axis=1, keepdims=True)
+        share = np.divide(z, rows, out=np.zeros_like(z), where=rows > 0)
+        text = [[f"{int(v)}<br>({s:.0%} of true)" for v, s in zip(row, srow)] for row, srow in zip(z, share)]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"predicted {c}" for c in CLASSES], y=[f"true {c}" for c in CLASSES],
+        z=z, x=[f"predicted {c}" for c in classes], y=[f"true {c}" for c in classes],
         text=text, texttemplate="%{text}", colorscale="Blues", showscale=False,
     ))
     fig.update_yaxes(autorange="reversed")
-    return style(fig, height=300, title=title)
+    return style(fig, height=300 if len(classes) == 2 else 360, title=title)
 
 
 def metrics_table(columns: dict[str, dict | None]) -> pd.DataFrame:
@@ -90,3 +98,13 @@ def metrics_table(columns: dict[str, dict | None]) -> pd.DataFrame:
         digits = 0 if key == "n" else 3
         rows[label] = {col: fmt_num(None if m is None else m.get(key), digits) for col, m in columns.items()}
     return pd.DataFrame(rows).T
+
+
+def per_class_table(metrics: dict) -> pd.DataFrame:
+    """One row per class of a subtype run's metrics (``per_class``): one-vs-rest AUC and rates."""
+    names = [("roc_auc", "AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+             ("precision", "Precision"), ("n", "Images")]
+    per_class = metrics.get("per_class") or {}
+    classes = metrics.get("classes") or list(per_class)
+    return pd.DataFrame({label: [fmt_num((per_class.get(c) or {}).get(key), 0 if key == "n" else 3) for c in classes]
+                         for key, label in names}, index=list(classes))

@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 
 from cxr_core import runs
+from cxr_core.labels import TASKS
 from cxr_core.run_folder import RunFolder
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
@@ -64,20 +65,43 @@ def warn_if_useless(summary) -> None:
                    icon=":material/warning:")
 
 
+def run_task(run_dir: str | Path) -> str:
+    """What a run learned to tell apart (``labels.TASKS``): its config.json says, else its
+    metrics.json; a run from before the subtype task is ``pneumonia``."""
+    folder = RunFolder(run_dir)
+    config = folder.config_or_none()
+    if config is not None:
+        return config.data.task
+    task = (folder.read_metrics() or {}).get("task")
+    return task if task in TASKS else "pneumonia"
+
+
+def _internal_accuracy(run_dir: str | Path) -> float | None:
+    return (((RunFolder(run_dir).read_metrics() or {}).get("test") or {}).get("at_threshold") or {}).get("accuracy")
+
+
 def run_label(summary) -> str:
     """The run's name, backbone and data set, with its honest figure first: the AUC on an external
-    test set when it has one, else the AUC on its own split's test part (said to be internal)."""
+    test set when it has one, else the AUC on its own split's test part (said to be internal). A
+    subtype run says so and gives its macro AUC and accuracy (over the three classes)."""
+    subtype = run_task(summary.path) == "subtype"
+    name = "macro AUC" if subtype else "AUC"
     if summary.external_auc is not None:
-        auc = f", AUC {summary.external_auc:.3f} on {summary.external_name}"
+        auc = f", {name} {summary.external_auc:.3f} on {summary.external_name}"
+        accuracy = summary.external_accuracy
     elif summary.test_auc is not None:
-        auc = f", internal test AUC {summary.test_auc:.3f}"
+        auc = f", internal test {name} {summary.test_auc:.3f}"
+        accuracy = _internal_accuracy(summary.path) if subtype else None
     else:
-        auc = ""
+        auc, accuracy = "", None
+    if subtype and auc and accuracy is not None:
+        auc += f", accuracy {accuracy:.3f}"
     data_name = Path(summary.data_dir).name if summary.data_dir else "?"
     demo = "demo run: " if summary.is_demo else ""
     if summary.learned_nothing:
-        demo = f"⚠ learned nothing (validation AUC {summary.val_auc:.2f}): {demo}"
-    return f"{demo}{summary.run_id} ({summary.backbone or '?'} on {data_name}{auc})"
+        demo = f"⚠ learned nothing (validation {name} {summary.val_auc:.2f}): {demo}"
+    task = ", normal/bacterial/viral" if subtype else ""
+    return f"{demo}{summary.run_id} ({summary.backbone or '?'} on {data_name}{task}{auc})"
 
 
 def run_picker(label: str = "Run", key: str = "run_picker", help: str | None = None):
