@@ -9,7 +9,7 @@ import streamlit as st
 from cxr_core import evaluate, external
 from cxr_core.errors import CxrError
 from cxr_core.labels import CLASSES, label_for
-from cxr_core.predict import map_caption, overlay_heatmap
+from cxr_core.predict import map_caption
 from cxr_core.run_folder import RunFolder
 from pages.ui import charts, datasets, frame, models, multiclass, session
 
@@ -211,24 +211,11 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
                 "Grad-CAM cannot be drawn here.", icon=":material/info:")
         return
     chosen = present
-    stamp = models.model_stamp(summary.path)
     # Each map shows the evidence for the wrong call: PNEUMONIA for a false positive, NORMAL for a miss.
     target = CLASSES[1 - kinds[kind]]
     st.caption(map_caption(target))
-    columns = st.columns(3)
-    for i, (_, row) in enumerate(chosen.head(MAX_GALLERY).iterrows()):
-        with columns[i % 3]:
-            name = Path(str(row["path"])).name
-            try:
-                gray, found = models.explain_path(str(summary.path), stamp, str(row["path"]), target)
-            except CxrError as error:
-                st.error(f"{name}: {error}")
-                continue
-            if found.empty:  # an all-zero map would be a blank square: say why instead
-                st.info(f"{name}: {found.caption}", icon=":material/info:")
-                continue
-            st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
-                     caption=f"{name}: p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})")
+    models.map_gallery(summary, chosen, target, MAX_GALLERY,
+                       lambda row, found: f"p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})")
 
 
 def compare(summary, others: list) -> None:

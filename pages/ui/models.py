@@ -9,7 +9,9 @@ import numpy as np
 import streamlit as st
 
 from cxr_core import runs
+from cxr_core.errors import CxrError
 from cxr_core.labels import TASKS
+from cxr_core.predict import overlay_heatmap
 from cxr_core.run_folder import RunFolder
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
@@ -179,3 +181,24 @@ def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ys = np.minimum((np.arange(h) * heatmap.shape[0] / h).astype(int), heatmap.shape[0] - 1)
     xs = np.minimum((np.arange(w) * heatmap.shape[1] / w).astype(int), heatmap.shape[1] - 1)
     return np.ascontiguousarray(heatmap[ys][:, xs]).astype(np.float32)
+
+
+def map_gallery(summary, rows, target: str, limit: int, caption) -> None:
+    """Three columns of Grad-CAM overlays of ``rows`` (image files on this server), each map showing
+    the evidence for ``target``; ``caption(row, explanation)`` labels each image. A file that cannot be
+    read gets one line, and a map without evidence says so instead of drawing a blank square."""
+    stamp = model_stamp(summary.path)
+    columns = st.columns(3)
+    for i, (_, row) in enumerate(rows.head(limit).iterrows()):
+        with columns[i % 3]:
+            name = Path(str(row["path"])).name
+            try:
+                gray, found = explain_path(str(summary.path), stamp, str(row["path"]), target)
+            except CxrError as error:
+                st.error(f"{name}: {error}")
+                continue
+            if found.empty:
+                st.info(f"{name}: {found.caption}", icon=":material/info:")
+                continue
+            st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
+                     caption=f"{name}: {caption(row, found)}")

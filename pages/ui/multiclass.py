@@ -11,8 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core import evaluate
-from cxr_core.errors import CxrError
-from cxr_core.predict import map_caption, overlay_heatmap
+from cxr_core.predict import map_caption
 from pages.ui import charts, models
 
 #: Kermany et al. (2018), Cell 172(5), on their test set: the figures this workbench aims at.
@@ -196,22 +195,9 @@ def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], where: str
         st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
                 "Grad-CAM cannot be drawn here.", icon=":material/info:")
         return
-    stamp = models.model_stamp(summary.path)
     st.caption(map_caption(called_class, task="subtype"))
-    columns = st.columns(3)
-    for i, (_, row) in enumerate(present.head(limit).iterrows()):
-        with columns[i % 3]:
-            name = Path(str(row["path"])).name
-            try:
-                gray, found = models.explain_path(str(summary.path), stamp, str(row["path"]), called_class)
-            except CxrError as error:
-                st.error(f"{name}: {error}")
-                continue
-            if found.empty:
-                st.info(f"{name}: {found.caption}", icon=":material/info:")
-                continue
-            st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
-                     caption=f"{name}: P({called_class}) = {row[f'p_{called_class}']:.2f} (truly {true_class})")
+    models.map_gallery(summary, present, called_class, limit,
+                       lambda row, _found: f"P({called_class}) = {row[f'p_{called_class}']:.2f} (truly {true_class})")
 
 
 def subtype_evaluation(summary, chosen: dict, where: str, limit: int = 6) -> None:
