@@ -45,15 +45,14 @@ def run_card(summary) -> float | None:
     if models.run_task(summary.path) == "subtype":
         c.metric("Classes", "3", help="NORMAL, BACTERIA and VIRUS. A three-class run needs no threshold: each "
                                       "image is called the class with the highest probability.")
-        d.metric("Test macro AUC", charts.fmt_num(summary.test_auc),
-                 help="Each class's one-vs-rest ROC AUC on the run's own test part, averaged.")
+        honest_auc(d, summary, "macro AUC")
         st.caption("This run tells **normal**, **bacterial** and **viral** pneumonia apart: each image gets three "
                    "probabilities that add up to 100 %, and the map shows the evidence for the class it is called.")
     else:
         c.metric("Threshold", f"{predictor.threshold:.3f}",
                  help="Probabilities at or above this are called PNEUMONIA. It was chosen on the run's "
                       "validation images (see the Evaluation page).")
-        d.metric("Test ROC AUC", charts.fmt_num(summary.test_auc))
+        honest_auc(d, summary, "ROC AUC")
     engine = ("It runs on **LiteRT**, without TensorFlow, from the run's model.tflite."
               if predictor.engine == "LiteRT" else
               "It runs on **Keras/TensorFlow** (this run has no current model.tflite; "
@@ -62,6 +61,18 @@ def run_card(summary) -> float | None:
         if summary.is_demo else ""
     st.caption(demo + engine)
     return predictor.threshold
+
+
+def honest_auc(column, summary, what: str) -> None:
+    """The run's AUC on an external test set when it has one (the honest figure), else on its own
+    split's test part, said to be internal."""
+    if summary.external_auc is not None:
+        column.metric(f"{what} on {summary.external_name}", charts.fmt_num(summary.external_auc),
+                      help="On a test set from outside the run's training data: the figure to believe.")
+    else:
+        column.metric(f"Internal test {what}", charts.fmt_num(summary.test_auc),
+                      help="On the test part of the run's own split, which flatters a model; evaluate it on "
+                           "another data set on the Evaluation page for its honest score.")
 
 
 def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:

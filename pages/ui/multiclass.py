@@ -70,9 +70,13 @@ def subtype_confusion(test: dict, key: str) -> None:
                 st.caption("Mistakes between BACTERIA and VIRUS are the expected ones: on a film the two patterns "
                            "overlap (lobar consolidation is typical of bacteria, diffuse patchy opacities of viruses, "
                            "but many films show neither clearly), and the viral class is the smaller one.")
+            elif "NORMAL images" in sentences[0] and "VIRUS" in sentences[0]:
+                st.caption("Normal films called viral are the usual first mistake: the mild, diffuse opacities of a "
+                           "viral pneumonia are the pattern nearest a normal film. Compare the pneumonia-vs-normal "
+                           "figures below with a two-class run.")
             else:
-                st.caption("The largest mistake involves NORMAL films, which even a two-class model tells from "
-                           "pneumonia: this run has not yet learned the easier question (see the figures below).")
+                st.caption("The largest mistake involves NORMAL films, which a two-class model tells from "
+                           "pneumonia well: compare the pneumonia-vs-normal figures below with a two-class run.")
         else:
             st.success("No test image is confused with another class.")
 
