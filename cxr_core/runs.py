@@ -312,5 +312,12 @@ def delete_run(run_dir: str | os.PathLike) -> None:
         raise BadRunError(f"Run {run_dir.name} is still running; cancel it before deleting it.")
     # Rename first so a half-deleted folder never looks like a run.
     trash = run_dir.with_name(f".deleting-{run_dir.name}-{os.getpid()}")
-    os.replace(run_dir, trash)
+    try:
+        os.replace(run_dir, trash)
+    except FileNotFoundError:
+        raise BadRunError(f"Run {run_dir.name} no longer exists; it may have been deleted already.") from None
+    except OSError as error:
+        # Windows refuses to rename a folder while a file in it is open (a model another process loaded).
+        raise BadRunError(f"Run {run_dir.name} could not be deleted because a file in it is in use "
+                          f"({error.strerror or error}); close what uses it and try again.") from error
     shutil.rmtree(trash, ignore_errors=True)

@@ -149,6 +149,20 @@ def test_delete_refuses_a_running_run(tmp_path):
         runs.delete_run(run)
 
 
+def test_delete_of_a_folder_in_use_is_one_sentence_and_keeps_the_run(tmp_path, monkeypatch):
+    run = runs.new_run_dir(tmp_path, "a")
+    RunFolder(run).write_status("failed", error="boom")
+
+    def in_use(*_args):  # what Windows raises while a file in the folder is open
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(runs.os, "replace", in_use)
+    with pytest.raises(BadRunError) as caught:
+        runs.delete_run(run)
+    assert "could not be deleted because a file in it is in use" in str(caught.value)
+    assert "\n" not in str(caught.value) and run.is_dir()
+
+
 def _config(data_dir: Path) -> RunConfig:
     return RunConfig(
         data=DataConfig(data_dir=str(data_dir), split="random", limit=None),
