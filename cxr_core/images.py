@@ -13,6 +13,7 @@ decompression bomb is refused in milliseconds instead of exhausting memory.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -32,6 +33,10 @@ MAX_IMAGE_PIXELS = 60_000_000
 MIN_IMAGE_SIDE = 16
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# Pillow tries only these (JPEG includes a phone's multi-picture MPO). Other formats are refused,
+# among them EPS, which Pillow rasterises through Ghostscript and temporary files: an upload never
+# touches disk.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 
 # EXIF orientations that swap width and height (5..8 are the transposed/rotated-by-90 cases).
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -115,7 +120,7 @@ def _open_pil(data: bytes, label: str) -> Image.Image:
         # lower limit anyway, so turn only that one warning into an error for this call.
         with _PIL_OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadImageError(
             f"The image {label} declares more than {MAX_IMAGE_PIXELS:,} pixels (a possible decompression bomb); "
@@ -205,13 +210,28 @@ def _stretch(arr: np.ndarray, low: float | None = None, high: float | None = Non
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _dicom_tags() -> tuple[int, ...]:
+    """The only elements read from a DICOM file: the image's own (group 0028: size, bits,
+    photometric interpretation, rescale, modality and VOI LUTs, window, palette), its pixel data and
+    SOP class and modality. Patient, study and staff elements (name, id, birth date...) are never
+    parsed, so no message, log or result can show them."""
+    from pydicom.datadict import DicomDictionary  # noqa: PLC0415 - lazy, as pydicom itself
+
+    image = [tag for tag in DicomDictionary if tag >> 16 == 0x0028]
+    # SOP Class UID, Modality; Extended Offset Table (and lengths), Float, Double Float and Pixel Data.
+    other = [0x00080016, 0x00080060, 0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009, 0x7FE00010]
+    return tuple(sorted(image + other))
+
+
 def _read_dicom(data: bytes, label: str, stop_before_pixels: bool):
     import pydicom  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
     from pydicom.errors import InvalidDicomError  # noqa: PLC0415 - as above
 
     try:
         # force=True: many exported files lack the 128-byte preamble but are valid datasets.
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels,
+                             specific_tags=list(_dicom_tags()))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as error:
         raise BadImageError(f"The file {label} is not a readable DICOM file ({error}); export it again.") from error
     if len(ds) == 0:

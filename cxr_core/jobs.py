@@ -28,7 +28,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from . import runs
+from . import access, runs
 from .atomic import read_json, write_json_atomic
 from .config import RunConfig
 from .errors import CxrError, TrainingBusyError
@@ -137,6 +137,8 @@ def start_training(config: RunConfig, root: str | os.PathLike | None = None) -> 
 
 def _launch(folder: RunFolder, lock_file: Path) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), PYTHONUNBUFFERED="1")
+    # Streamlit copies top-level secrets into the environment; the training job needs none of them.
+    env.pop(access.PASSPHRASE_SECRET, None)
     project_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if _WINDOWS:

@@ -12,7 +12,7 @@ from cxr_core import download, practice, resources, stats
 from cxr_core.config import SPLIT_LABELS, SPLIT_MODES
 from cxr_core.errors import CxrError, ServerBusyError
 from cxr_core.labels import CLASSES
-from pages.ui import charts, datasets, frame, session
+from pages.ui import access, charts, datasets, frame, session
 
 frame.page_header(
     "Dataset",
@@ -76,6 +76,8 @@ def download_tab() -> None:
         if st.button("Use it", key="use_kermany"):
             select_next_run(target.name)
         return
+    if not access.allowed("download"):
+        return
     part = root / f"{download.KERMANY_FILENAME}.part"
     resume = part.is_file()
     label = (f"Resume the download ({part.stat().st_size / 1e6:,.0f} MB already here)" if resume
@@ -104,6 +106,7 @@ def download_tab() -> None:
         st.error(str(error), icon=":material/error:")
         return
     bar.empty()
+    access.record("download", Path(folder).relative_to(root).parts[0])
     select_next_run(Path(folder).relative_to(root).parts[0])
 
 
@@ -138,6 +141,8 @@ def upload_tab() -> None:
                 f"This server takes archives up to **{limit_mb:,} MB** (it has {memory_mb:,} MB of memory); "
                 "for the full Kermany release use the Download tab, which streams to disk. "
                 "Archives that would write outside their folder are refused.")
+    if not access.allowed("unpack"):
+        return
     root = datasets.data_root()
     held = st.session_state.get(HELD_ZIP)
     if held and not Path(held["path"]).is_file():
@@ -179,6 +184,7 @@ def upload_tab() -> None:
         return
     bar.empty()
     discard_held(held)
+    access.record("unpack", candidate)
     select_next_run(candidate)
 
 
@@ -187,6 +193,8 @@ def practice_tab() -> None:
                "blobs for pneumonia). It lets you try every step offline in a minute, but a model trained on it "
                "knows nothing about real chest X-rays. Use the Kermany release for anything meaningful.",
                icon=":material/science:")
+    if not access.allowed("practice"):
+        return
     if st.button("Make the synthetic practice set (220 images, a few seconds)", key="make_practice",
                  icon=":material/draw:"):
         try:
@@ -195,6 +203,7 @@ def practice_tab() -> None:
         except (CxrError, OSError) as error:
             st.error(f"The practice set could not be made: {error}")
             return
+        access.record("practice", Path(folder).relative_to(datasets.data_root()).parts[0])
         select_next_run(Path(folder).relative_to(datasets.data_root()).parts[0])
 
 

@@ -20,6 +20,10 @@ frame.page_header(
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "dcm", "dicom"]
 MAX_DETAILED = 12  # images shown with Grad-CAM; the rest get a row in the table only
+#: What happens to an upload (models.explain_bytes keeps it in this session's memory; images.load_gray
+#: reads only a DICOM file's image elements).
+PRIVACY = ("Uploaded images stay in this server's memory for this session only: they are not saved, and DICOM "
+           "patient details are never read out or stored; only the CSV you download holds the results.")
 PER_IMAGE_MB = 200  # a full-resolution DICOM is tens of MB; a smaller host lowers it (datasets.upload_limit)
 
 
@@ -189,6 +193,7 @@ else:
         files = st.file_uploader("Chest X-ray images", type=UPLOAD_TYPES, accept_multiple_files=True,
                                  key="predict_upload", max_upload_size=min(PER_IMAGE_MB, datasets.upload_limit()[0]),
                                  help="One or many files. DICOM files are windowed as their header says.")
+        st.caption(PRIVACY)
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity", **session.KEEP,
                             help="0 shows only the X-ray, 1 only the heatmap.")
         if not files:

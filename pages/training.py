@@ -20,7 +20,7 @@ from cxr_core.errors import CxrError, TrainingBusyError
 from cxr_core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
 from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
-from pages.ui import charts, datasets, frame, models, session
+from pages.ui import access, charts, datasets, frame, models, session
 
 frame.page_header(
     "Training",
@@ -75,6 +75,7 @@ def _save_uploaded_weights(key: str) -> None:
     else:
         st.session_state[KEY_WEIGHTS] = str(path)
         st.session_state[KEY_WEIGHTS_CHOSEN] = True
+        access.record("weights", path.name)
         st.session_state[KEY_WEIGHTS_NOTE] = ("success", f"Saved {path.name} in {path.parent}; it is now chosen.")
     # A new uploader key releases the uploaded bytes from the server's memory.
     st.session_state[KEY_WEIGHTS_UPLOAD + "_n"] = st.session_state.get(KEY_WEIGHTS_UPLOAD + "_n", 0) + 1
@@ -111,7 +112,7 @@ def weights_choice(column, backbone: str, size: int | None) -> str:
     note = st.session_state.pop(KEY_WEIGHTS_NOTE, None)
     if note:
         (st.error if note[0] == "error" else st.success)(note[1])
-    if choice == UPLOAD:
+    if choice == UPLOAD and access.allowed("weights"):
         key = f"{KEY_WEIGHTS_UPLOAD}_{st.session_state.get(KEY_WEIGHTS_UPLOAD + '_n', 0)}"
         st.file_uploader(f"A Keras weights file for {spec.label} (*.h5, without the classification top)",
                          type=["h5"], key=key, on_change=_save_uploaded_weights, args=(key,),
@@ -400,6 +401,7 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
         except CxrError as error:
             st.error(str(error))
         else:
+            access.record("start", Path(run_dir).name)
             st.session_state[session.KEY_LAUNCHED] = st.session_state[KEY_WATCHED] = str(run_dir)
             st.session_state.setdefault(KEY_LIVE_STATE, {})[str(run_dir)] = "running"
             st.rerun()
@@ -465,6 +467,7 @@ def render_run(run_dir: Path) -> str:
                     st.markdown("Stop this run? It ends as cancelled, without a model.")
                     if st.button("Yes, stop it", type="primary", key=f"cancel_confirm_{run_dir.name}"):
                         jobs.request_cancel(run_dir)
+                        access.record("cancel", run_dir.name)
                         cancelling = True
             if cancelling:
                 note.info("Cancelling: the job stops after the current batch.", icon=":material/hourglass_top:")
@@ -548,7 +551,7 @@ def past_runs() -> None:
     order = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
     charts.table(table, hide_index=True, width="stretch", column_config=RUNS_COLUMNS, column_order=order)
     deletable = [s for s in summaries if not s.is_demo and s.state != "running"]
-    if not deletable:
+    if not deletable or not access.allowed("delete"):
         return
     by_path = {str(s.path): s for s in deletable}
     left, right = st.columns([3, 1], vertical_alignment="bottom")
@@ -562,6 +565,7 @@ def past_runs() -> None:
             except CxrError as error:
                 st.error(str(error))
             else:
+                access.record("delete", by_path[choice].run_id)
                 if st.session_state.get(session.KEY_RUN) == choice:
                     st.session_state.pop(session.KEY_RUN, None)
                 if st.session_state.get(session.KEY_LAUNCHED) == choice:
@@ -622,3 +626,4 @@ except CxrError as error:
     config = None
 launch_section(config, n_images)
 past_runs()
+access.audit_table()

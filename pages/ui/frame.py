@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from cxr_core.errors import CxrError
-from pages.ui import session
+from pages.ui import access, session
 from pages.ui.datasets import data_root, dataset_path, is_synthetic, list_datasets
 from pages.ui.models import runs_root_info, selected_run
 from pages.ui.session import KEY_DATASET, KEY_ROUTED, KEY_SPLIT
@@ -88,6 +88,7 @@ def sidebar() -> None:
                 active = None
             if active is not None:
                 st.caption(f":material/sync: Training now: `{Path(active).name}`")
+        access.sidebar_panel()
         st.caption(DISCLAIMER)
         root = runs_root_info()
         if root is not None and root.fallback:

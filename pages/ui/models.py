@@ -139,7 +139,9 @@ def load_predictor(run_dir: str | Path):
     return _predictor_cached(str(run_dir), model_stamp(run_dir))
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+# An upload's decoded image lives in this visitor's memory only: never on disk (persist=False), and
+# gone when the session ends (scope="session"), as the Predict page says.
+@st.cache_data(show_spinner=False, max_entries=64, persist=False, scope="session")
 def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[np.ndarray, Explanation]:
     """Decode an upload and return (display-sized gray, its ``Explanation`` with the map at display size).
 

@@ -1,0 +1,141 @@
+"""The role of this session, from Streamlit's own mechanisms, and the audit trail of what it changes.
+
+``st.user`` with an allow-list ``operators`` when the deployment has an identity provider
+(``[auth]`` in secrets.toml), else the ``operator_passphrase`` typed in the sidebar, else (no
+secrets: a local app) the single user is the operator. The rules live in ``cxr_core.access``.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import streamlit as st
+
+from cxr_core import access, audit
+
+log = logging.getLogger(__name__)
+
+KEY_OPERATOR = "access_operator"     # True once the right passphrase was typed in this session
+KEY_WRONG = "access_wrong"           # the last passphrase typed was wrong
+KEY_PASSPHRASE = "access_passphrase"  # the password field; emptied as soon as it has been checked
+KEY_SESSION_ID = "access_session_id"  # an anonymous id for the audit trail
+
+
+def secrets() -> dict[str, Any]:
+    """The app's secrets, or an empty dict when there is no secrets.toml (no error shown)."""
+    try:
+        return st.secrets.to_dict() if st.secrets.load_if_toml_exists() else {}
+    except Exception:  # noqa: BLE001 (an unreadable secrets.toml: run as a local app, as without one)
+        log.warning("secrets.toml could not be read; running without roles.")
+        return {}
+
+
+def _user() -> dict:
+    try:
+        return dict(st.user.to_dict())
+    except Exception:  # noqa: BLE001 (no user information on this host)
+        return {}
+
+
+def mode() -> str:
+    return access.mode(secrets())
+
+
+def role() -> str:
+    found = secrets()
+    how = access.mode(found)
+    user = _user()
+    email = user.get("email") if user.get("is_logged_in", how != access.LOGIN) else None
+    return access.role_for(how, email=email, operators=found.get("operators"),
+                           passphrase_ok=bool(st.session_state.get(KEY_OPERATOR)))
+
+
+def is_operator() -> bool:
+    return role() == access.OPERATOR
+
+
+def who() -> str:
+    """The e-mail address of a signed-in user, else an anonymous id of this session."""
+    user = _user()
+    if user.get("is_logged_in") and user.get("email"):
+        return str(user["email"])
+    if KEY_SESSION_ID not in st.session_state:
+        st.session_state[KEY_SESSION_ID] = f"session-{uuid.uuid4().hex[:8]}"
+    return st.session_state[KEY_SESSION_ID]
+
+
+def allowed(action: str) -> bool:
+    """Whether this session may do ``action``; when not, the page says so in one sentence."""
+    if access.can(role(), action):
+        return True
+    st.info(access.OPERATOR_ONLY[action], icon=":material/lock:")
+    return False
+
+
+def record(action: str, target: str) -> None:
+    """Add an entry to the audit trail; a log that cannot be written does not undo the action."""
+    try:
+        audit.record(action, target, role=role(), who=who())
+    except OSError as error:
+        log.warning("The audit trail could not be written: %s", error)
+
+
+def _check_passphrase() -> None:
+    typed = st.session_state.get(KEY_PASSPHRASE) or ""
+    ok = access.passphrase_matches(typed, str(secrets().get(access.PASSPHRASE_SECRET) or ""))
+    st.session_state[KEY_OPERATOR], st.session_state[KEY_WRONG] = ok, bool(typed) and not ok
+    st.session_state[KEY_PASSPHRASE] = ""  # the passphrase is not kept in the session
+
+
+def _leave() -> None:
+    st.session_state[KEY_OPERATOR] = False
+
+
+def _providers(auth: Mapping) -> list[str | None]:
+    """The providers to offer: None for the default one, else each ``[auth.<name>]`` section."""
+    named = [name for name, value in auth.items() if isinstance(value, Mapping)]
+    return [None] if "client_id" in auth or not named else named
+
+
+def sidebar_panel() -> None:
+    """The role of this session and how to change it (nothing in a local app)."""
+    found = secrets()
+    how = access.mode(found)
+    if how == access.LOCAL:
+        return
+    current = role()
+    with st.container(border=True):
+        st.markdown(f"**Role:** {current}")
+        if how == access.LOGIN:
+            user = _user()
+            if user.get("is_logged_in"):
+                st.caption(f"Signed in as {user.get('email') or 'an unnamed user'}.")
+                if st.button("Log out", key="access_logout", icon=":material/logout:"):
+                    st.logout()
+            else:
+                for provider in _providers(found.get("auth") or {}):
+                    label = "Log in" if provider is None else f"Log in with {provider}"
+                    if st.button(label, key=f"access_login_{provider or 'default'}", icon=":material/login:"):
+                        st.login(provider) if provider else st.login()
+        elif current == access.OPERATOR:
+            st.button("Leave the operator role", key="access_leave", on_click=_leave)
+        else:
+            st.text_input("Operator passphrase", type="password", key=KEY_PASSPHRASE, on_change=_check_passphrase,
+                          help="The operator (the teacher) can delete runs and add data sets.")
+            if st.session_state.get(KEY_WRONG):
+                st.caption(":red[That passphrase is not the operator's.]")
+
+
+def audit_table() -> None:
+    """The newest entries of the audit trail, for the operator only."""
+    if not is_operator():
+        return
+    entries = audit.read(limit=200)
+    with st.expander(f"Audit trail ({len(entries)} newest entries)", icon=":material/history:"):
+        if not entries:
+            st.caption("Nothing yet: starting, cancelling and deleting runs and adding data sets are recorded here.")
+            return
+        st.dataframe(entries, hide_index=True, width="stretch",
+                     column_order=["time", "who", "role", "action", "target"])
