@@ -18,7 +18,8 @@ frame.page_header(
     "A model is judged on **test images it never saw during training**. Accuracy alone misleads when "
     "the classes are imbalanced, so look at sensitivity (pneumonias found) and specificity (normal "
     "films left alone), the ROC and precision-recall curves, and whether a predicted 80 % really "
-    "means pneumonia four times out of five (calibration).",
+    "means pneumonia four times out of five (calibration). For a three-class run (normal / bacterial / "
+    "viral) the question is which classes it confuses: the per-class figures and the 3x3 matrix say so.",
 )
 
 MAX_GALLERY = 6

@@ -15,7 +15,8 @@ frame.page_header(
     "pneumonia; the run's threshold turns it into a label. The **Grad-CAM** overlay colours the evidence "
     "for that label: the regions that raised the pneumonia score for a PNEUMONIA result, those that "
     "lowered it for a NORMAL one. A sanity check that the model looks at the lungs, not at markers, "
-    "text or the image border.",
+    "text or the image border. A three-class run (normal / bacterial / viral) gives three probabilities "
+    "instead and calls the most probable class.",
 )
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "dcm", "dicom"]
