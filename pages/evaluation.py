@@ -206,17 +206,11 @@ def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
                      column_config={"path": st.column_config.TextColumn("image", width="large"),
                                     "probability": st.column_config.NumberColumn(format="%.3f")})
         return
-    present = chosen[chosen["path"].map(lambda p: Path(str(p)).is_file())]
-    if present.empty:
-        st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
-                "Grad-CAM cannot be drawn here.", icon=":material/info:")
-        return
-    chosen = present
     # Each map shows the evidence for the wrong call: PNEUMONIA for a false positive, NORMAL for a miss.
     target = CLASSES[1 - kinds[kind]]
-    st.caption(map_caption(target))
     models.map_gallery(summary, chosen, target, MAX_GALLERY,
-                       lambda row, found: f"p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})")
+                       lambda row, found: f"p = {found.probability:.2f} (truly {CLASSES[int(row['y'])]})",
+                       map_caption(target))
 
 
 def compare(summary, others: list) -> None:

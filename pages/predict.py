@@ -80,33 +80,39 @@ def honest_auc(column, summary, what: str) -> None:
                            "another data set on the Evaluation page for its honest score.")
 
 
-def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
-    """Classify every upload; each bad file gets its own one-line error and the rest go on."""
-    if models.run_task(summary.path) == "subtype":
-        return subtype_rows(summary, files, opacity)
+def explained_uploads(summary, files, rows: list[dict], blank: dict):
+    """Yield (index, name, gray, Explanation) for every upload the run can read; an unreadable one adds
+    ``{"file", **blank, "error"}`` to ``rows`` and gets its own one-line error, and the rest go on."""
     stamp = models.model_stamp(summary.path)
-    rows = []
     progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
     for i, upload in enumerate(files):
         name = upload.name
         try:
             gray, found = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
         except CxrError as error:
-            rows.append({"file": name, "probability": None, "label": None, "error": str(error)})
-            message = str(error) if name in str(error) else f"{name}: {error}"
-            st.error(message, icon=":material/broken_image:")
-            continue
-        probability = found.probability
-        label = label_for(probability, threshold)
-        rows.append({"file": name, "probability": round(probability, 4), "label": label, "error": ""})
-        if i < MAX_DETAILED:
-            show_one(name, gray, probability, label, found, opacity, threshold)
+            rows.append({"file": name, **blank, "error": str(error)})
+            st.error(str(error) if name in str(error) else f"{name}: {error}", icon=":material/broken_image:")
+        else:
+            yield i, name, gray, found
         if progress is not None:
             progress.progress((i + 1) / len(files), text=f"Classified {i + 1} of {len(files)}")
     if progress is not None:
         progress.empty()
     if len(files) > MAX_DETAILED:
         st.caption(f"Grad-CAM is shown for the first {MAX_DETAILED} images; every image is in the table below.")
+
+
+def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
+    """Classify every upload; each bad file gets its own one-line error and the rest go on."""
+    if models.run_task(summary.path) == "subtype":
+        return subtype_rows(summary, files, opacity)
+    rows: list[dict] = []
+    for i, name, gray, found in explained_uploads(summary, files, rows, {"probability": None, "label": None}):
+        probability = found.probability
+        label = label_for(probability, threshold)
+        rows.append({"file": name, "probability": round(probability, 4), "label": label, "error": ""})
+        if i < MAX_DETAILED:
+            show_one(name, gray, probability, label, found, opacity, threshold)
     return rows
 
 
@@ -139,28 +145,14 @@ SUBTYPE_COLOURS = {"NORMAL": "green", "BACTERIA": "red", "VIRUS": "orange"}
 
 def subtype_rows(summary, files, opacity: float) -> list[dict]:
     """Like ``result_rows`` for a three-class run: one probability column per class, the most probable the label."""
-    stamp = models.model_stamp(summary.path)
-    rows = []
-    progress = st.progress(0.0, text="Classifying...") if len(files) > 3 else None
-    for i, upload in enumerate(files):
-        name = upload.name
-        try:
-            gray, found = models.explain_bytes(str(summary.path), stamp, upload.getvalue(), name)
-        except CxrError as error:
-            rows.append({"file": name, **dict.fromkeys(SUBTYPE_COLUMNS), "label": None, "error": str(error)})
-            st.error(str(error) if name in str(error) else f"{name}: {error}", icon=":material/broken_image:")
-            continue
+    rows: list[dict] = []
+    blank = {**dict.fromkeys(SUBTYPE_COLUMNS), "label": None}
+    for i, name, gray, found in explained_uploads(summary, files, rows, blank):
         probabilities = {c: float(found.probabilities[c]) for c in SUBTYPE_CLASSES}
         rows.append({"file": name, **{f"p_{c}": round(p, 4) for c, p in probabilities.items()},
                      "label": found.label, "error": ""})
         if i < MAX_DETAILED:
             show_subtype(name, gray, probabilities, found, opacity)
-        if progress is not None:
-            progress.progress((i + 1) / len(files), text=f"Classified {i + 1} of {len(files)}")
-    if progress is not None:
-        progress.empty()
-    if len(files) > MAX_DETAILED:
-        st.caption(f"Grad-CAM is shown for the first {MAX_DETAILED} images; every image is in the table below.")
     return rows
 
 

@@ -185,10 +185,17 @@ def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(heatmap[ys][:, xs]).astype(np.float32)
 
 
-def map_gallery(summary, rows, target: str, limit: int, caption) -> None:
-    """Three columns of Grad-CAM overlays of ``rows`` (image files on this server), each map showing
-    the evidence for ``target``; ``caption(row, explanation)`` labels each image. A file that cannot be
-    read gets one line, and a map without evidence says so instead of drawing a blank square."""
+def map_gallery(summary, rows, target: str, limit: int, caption, heading: str) -> None:
+    """Three columns of Grad-CAM overlays of ``rows`` under ``heading``, each map showing the evidence
+    for ``target``; ``caption(row, explanation)`` labels each image. Images not on this server are said
+    to be elsewhere; a file that cannot be read gets one line, and a map without evidence says so
+    instead of drawing a blank square."""
+    rows = rows[rows["path"].map(lambda p: Path(str(p)).is_file())]
+    if rows.empty:
+        st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
+                "Grad-CAM cannot be drawn here.", icon=":material/info:")
+        return
+    st.caption(heading)
     stamp = model_stamp(summary.path)
     columns = st.columns(3)
     for i, (_, row) in enumerate(rows.head(limit).iterrows()):

@@ -194,14 +194,9 @@ def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], where: str
                                     **{f"p_{c}": st.column_config.NumberColumn(f"P({c})", format="%.3f")
                                        for c in classes}})
         return
-    present = chosen[chosen["path"].map(lambda p: Path(str(p)).is_file())]
-    if present.empty:
-        st.info("The images of this test set are not on this machine (it was evaluated elsewhere), so their "
-                "Grad-CAM cannot be drawn here.", icon=":material/info:")
-        return
-    st.caption(map_caption(called_class, task="subtype"))
-    models.map_gallery(summary, present, called_class, limit,
-                       lambda row, _found: f"P({called_class}) = {row[f'p_{called_class}']:.2f} (truly {true_class})")
+    models.map_gallery(summary, chosen, called_class, limit,
+                       lambda row, _found: f"P({called_class}) = {row[f'p_{called_class}']:.2f} (truly {true_class})",
+                       map_caption(called_class, task="subtype"))
 
 
 def subtype_evaluation(summary, chosen: dict, where: str, limit: int = 6) -> None:
