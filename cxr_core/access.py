@@ -69,3 +69,16 @@ def role_for(how: str, *, email: str | None = None, operators: Iterable[str] | s
 def can(role: str, action: str) -> bool:
     """Whether ``role`` may do ``action``; anything not in ``OPERATOR_ONLY`` is open to everyone."""
     return role == OPERATOR or action not in OPERATOR_ONLY
+
+
+#: What a visitor sees beside the runs they may not delete.
+SHARED_RUN_SENTENCE = ("You can delete only the runs in your own workspace; the shared runs belong to the operator "
+                       "of this app.")
+
+
+def can_delete_run(role: str, run_owner: str, workspace: str | None) -> bool:
+    """The operator deletes any run; a visitor only a run of their own workspace (``run_owner`` is the
+    workspace a run belongs to, "" for a shared run)."""
+    if role == OPERATOR:
+        return True
+    return bool(run_owner) and run_owner == workspace

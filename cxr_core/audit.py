@@ -12,7 +12,7 @@ from pathlib import Path
 from cxr_core import atomic, runs
 
 AUDIT_FILE = "audit.jsonl"
-ACTIONS = ("start", "cancel", "delete", "download", "unpack", "practice", "weights")
+ACTIONS = ("start", "withdraw", "cancel", "delete", "download", "unpack", "practice", "weights", "jobs at once")
 
 
 def audit_path(root: str | os.PathLike | None = None) -> Path:

@@ -34,6 +34,10 @@ class TrainingBusyError(CxrError):
     """A training job is already running on this server."""
 
 
+class JobQueueError(CxrError):
+    """A training job the queue refuses (the owner's limit) or cannot change now."""
+
+
 class ServerBusyError(CxrError):
     """The server is already doing this one-at-a-time work (unpacking an archive); try again later."""
 

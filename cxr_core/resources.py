@@ -163,3 +163,69 @@ def unpack_slot(data_root: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+# --- Uploads per minute ---------------------------------------------------------------------------
+ENV_UPLOADS_PER_MINUTE = "CXR_UPLOADS_PER_MINUTE"
+#: Each uploaded image costs a decode, a prediction and a Grad-CAM (a fraction of a second of one core):
+#: this many per core and minute keeps one visitor from taking the server from the others.
+UPLOADS_PER_CORE_MINUTE = 20
+
+
+def uploads_per_minute(env: Mapping[str, str] | None = None, cores: int | None = None) -> int:
+    """How many images one visitor may upload per minute: ``$CXR_UPLOADS_PER_MINUTE`` when set, else
+    ``UPLOADS_PER_CORE_MINUTE`` per CPU core of this server.
+
+    Raises:
+        BadSettingError: the setting is not a whole number above 0.
+    """
+    env = os.environ if env is None else env
+    wanted = env.get(ENV_UPLOADS_PER_MINUTE, "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) <= 0:
+            raise BadSettingError(f"{ENV_UPLOADS_PER_MINUTE} must be a whole number above 0, not {wanted!r}; "
+                                  "fix or unset it.")
+        return int(wanted)
+    return UPLOADS_PER_CORE_MINUTE * max(1, cores if cores is not None else (os.cpu_count() or 1))
+
+
+class RateLimiter:
+    """At most ``per_minute`` events per key in any sliding minute (thread-safe: one per server)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        import threading  # noqa: PLC0415
+
+        self.per_minute = int(per_minute)
+        self._events: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        """Count one event for ``key`` and return True, or return False (and count nothing) at the limit."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = [t for t in self._events.get(key, []) if now - t < self.WINDOW_S]
+            allowed = len(recent) < self.per_minute
+            if allowed:
+                recent.append(now)
+            self._events[key] = recent
+            return allowed
+
+    def refusal(self) -> str:
+        images = "image" if self.per_minute == 1 else "images"
+        return (f"You have uploaded {self.per_minute} {images} in the last minute, the limit on this server; "
+                "wait a minute and upload the rest again.")
+
+
+# --- Training jobs at once --------------------------------------------------------------------------
+#: What one training process takes beside the app (TensorFlow, a backbone, a batch of images in flight).
+TRAINING_JOB_MB = 1536
+
+
+def max_training_jobs(memory_bytes: int | None = None, cores: int | None = None) -> int:
+    """The most training jobs this server can run at once: one per core, as many as its memory holds
+    beside the app (at least one)."""
+    memory_mb = (memory_limit_bytes() if memory_bytes is None else memory_bytes) // MB
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return int(max(1, min(cores, (memory_mb - APP_RESERVE_MB) // TRAINING_JOB_MB)))

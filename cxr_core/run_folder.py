@@ -9,7 +9,8 @@ export, the job launcher, the command line and the pages read through it. Every 
     skipped.csv       images that could not be read, with the reason
     history.csv       per epoch: phase, epoch, loss, accuracy, auc, precision, recall, val_* of each
     progress.jsonl    one JSON line per event: {"time", "event": "stage"|"extract"|"epoch"|"done"|...}
-    status.json       {"state", "pid", "pid_create_time", "started", "finished", "error", "message"}
+    status.json       {"state" (queued|running|done|failed|cancelled), "pid", "pid_create_time", "started",
+                      "finished", "error", "message"}
     metrics.json      {"threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"}, ...}
     predictions.csv   validation and test images: path, y, probability, split, label, patient_id
     model.keras       the classifier; written after metrics.json
@@ -64,7 +65,8 @@ EVALUATIONS_DIR = "evaluations"
 CANCEL_FILE = "cancel.request"
 LOG_FILE = "train.log"
 
-STATES = ("running", "done", "failed", "cancelled")
+#: "queued": waiting in the training queue (``job_queue``), no process yet and no start time.
+STATES = ("queued", "running", "done", "failed", "cancelled")
 HISTORY_COLUMNS = [
     "phase", "epoch", "loss", "accuracy", "auc", "precision", "recall",
     "val_loss", "val_accuracy", "val_auc", "val_precision", "val_recall", "seconds",
@@ -241,10 +243,11 @@ class RunFolder:
             "state": state,
             "pid": pid,
             "pid_create_time": previous["pid_create_time"] if same else _create_time(pid),
-            "started": previous.get("started", time.time()),
+            # A queued run has no start time (the caller passes started=None); it is set when it runs.
+            "started": previous.get("started") or time.time(),
             "updated": time.time(),
         }
-        if state != "running":
+        if state not in ("running", "queued"):
             status["finished"] = time.time()
         status.update(fields)
         write_json_atomic(self.path / STATUS_FILE, status)

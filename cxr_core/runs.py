@@ -8,8 +8,10 @@ shown as done without a loadable model, and none is shown as running forever.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,8 +24,9 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from . import heartbeat
 from .errors import BadRunError
-from .run_folder import MODEL_FILE, RunFolder
+from .run_folder import MODEL_FILE, STATUS_FILE, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ ARTIFACTS_DIR = PROJECT_ROOT / "artifacts"
 DEFAULT_RUNS_DIR = ARTIFACTS_DIR / "runs"
 #: The shipped demo run (trained from scratch on the real Kermany images; see its MODEL_CARD.md).
 DEMO_RUN_DIR = ARTIFACTS_DIR / "demo-mobilenet"
+#: The folder of the runs root that holds visitors' workspaces (``cxr_core.workspaces``); not a run.
+WORKSPACES_DIR = "workspaces"
 
 
 def demo_run_dir() -> Path:
@@ -102,8 +107,12 @@ def running_process(status: dict) -> psutil.Process | None:
 
     Portable (psutil; ``os.kill(pid, 0)`` would terminate the process on Windows). None when the
     process is gone, is a zombie (killed, not yet reaped), or is another program that got the
-    same pid later: its creation time differs from the recorded one.
+    same pid later: its creation time differs from the recorded one. None too for a status written on
+    another host (``host``): its pid names no process here, and a process here must not be taken for it.
     """
+    host = status.get("host")
+    if host and host != heartbeat.this_host():
+        return None
     try:
         pid = int(status.get("pid"))
     except (TypeError, ValueError):
@@ -127,7 +136,10 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     """The run's status, reconciled with reality.
 
     Returns a dict with at least ``state`` and ``message``. A "running" run whose process is gone
-    reads as "failed" (it was killed); a "done" run without its model reads as "failed" too.
+    reads as "failed" (it was killed); a "done" run without its model reads as "failed" too. A
+    "queued" run has no process yet and stays "queued" (``job_queue`` starts it or marks it failed).
+    A run training on another host (``host``; the run folder on shared storage) has no process here:
+    it is alive while its heartbeat is fresh (``heartbeat.STALE_AFTER_S``), else "failed", naming the host.
     """
     folder = RunFolder(run_dir)
     status = folder.read_status_file()
@@ -137,14 +149,102 @@ def read_status(run_dir: str | os.PathLike) -> dict:
             return {"state": "done", "message": "finished (no status file)"}
         return {"state": "failed", "message": "the run folder has no readable status.json", "error": "missing status"}
     status = dict(status)
-    if status["state"] == "running" and running_process(status) is None:
-        status["state"] = "failed"
-        status["error"] = status.get("error") or "the training process stopped without finishing (killed or crashed)"
+    if status["state"] == "running":
+        beat = heartbeat.read(folder.path)
+        host = _host(status, beat)
+        if host != heartbeat.this_host():
+            # Training on another machine, the run folder on shared storage: its heartbeat says whether it lives.
+            silent_s = _silent_s(folder, status, beat)
+            if silent_s > heartbeat.STALE_AFTER_S:
+                status["state"] = "failed"
+                status["error"] = status["message"] = (
+                    f"The training process on host {host} has not been heard from for {_duration(silent_s)}; "
+                    "it stopped or lost the shared folder.")
+        elif running_process(status) is None:
+            status["state"] = "failed"
+            status["error"] = (status.get("error")
+                               or "the training process stopped without finishing (killed or crashed)")
     if status["state"] == "done" and not folder.has_model():
         status["state"] = "failed"
         status["error"] = f"{MODEL_FILE} is missing"
     status.setdefault("message", status.get("error") or status["state"])
     return status
+
+
+def _host(status: dict, beat: dict | None) -> str:
+    """The host a run trains on: its status says, else its heartbeat (written before the status names
+    the host), else this host (a run from before either: judged by its pid, as always)."""
+    host = status.get("host") or (beat.get("host") if isinstance(beat, dict) else None)
+    return str(host) if host else heartbeat.this_host()
+
+
+def _silent_s(folder: RunFolder, status: dict, beat: dict | None) -> float:
+    """Seconds since the run's last sign of life: its heartbeat, else its status (a run that has not
+    beaten yet). Generous, as the two machines' clocks differ: the youngest of the file's time on the
+    shared storage and the time the writer put in it."""
+    name, recorded = ((heartbeat.HEARTBEAT_FILE, beat.get("time")) if isinstance(beat, dict)
+                      else (STATUS_FILE, status.get("updated")))
+    stamps = []
+    with contextlib.suppress(OSError):
+        stamps.append((folder.path / name).stat().st_mtime)
+    with contextlib.suppress(TypeError, ValueError):
+        stamps.append(float(recorded))
+    if not stamps:
+        return float("inf")
+    return max(0.0, time.time() - max(stamps))
+
+
+def _duration(seconds: float) -> str:
+    """'5 minutes', '3 hours', '2 days' (whole units, rounded down)."""
+    if not math.isfinite(seconds):
+        return "a long time"  # no sign of life at all
+    for unit, size, up_to in (("minute", 60, 120 * 60), ("hour", 3600, 48 * 3600), ("day", 86400, float("inf"))):
+        if seconds < up_to:
+            count = max(1, int(seconds // size))
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return "a long time"
+
+
+def running_elsewhere(root: str | os.PathLike | None = None) -> list[Path]:
+    """The runs directly under ``root`` that train on another host (started from the command line
+    there, writing to shared storage) and were heard from lately, newest first."""
+    root = Path(root) if root is not None else runs_root().path
+    try:
+        folders = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    found = []
+    for folder in folders:
+        written = folder.read_status_file()
+        if not written or written.get("state") != "running":
+            continue
+        status = read_status(folder.path)
+        if status["state"] == "running" and _host(status, heartbeat.read(folder.path)) != heartbeat.this_host():
+            found.append((status.get("started") or 0, folder.path))
+    return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def other_host(run_dir: str | os.PathLike) -> str | None:
+    """The host a run trains or trained on when that is not this machine (a run folder on shared storage), else None."""
+    folder = RunFolder(run_dir)
+    host = _host(folder.read_status_file() or {}, heartbeat.read(folder.path))
+    return None if host == heartbeat.this_host() else host
+
+
+#: What status.json (and the first "runtime" progress event) say about where a run trains.
+RUNTIME_FIELDS = ("host", "devices", "device_kind", "strategy", "replicas", "workers", "precision")
+
+
+def runtime(run_dir: str | os.PathLike) -> dict:
+    """Where a run trains or trained: the ``RUNTIME_FIELDS`` it recorded (status.json, else its
+    "runtime" progress event, which outlives the status of a finished run); {} for a run from before."""
+    folder = RunFolder(run_dir)
+    status = folder.read_status_file() or {}
+    found = {key: status[key] for key in RUNTIME_FIELDS if status.get(key) is not None}
+    if len(found) < len(RUNTIME_FIELDS):
+        event = next((e for e in folder.read_progress_events() if e.get("event") == "runtime"), {})
+        found = {**{key: event[key] for key in RUNTIME_FIELDS if event.get(key) is not None}, **found}
+    return found
 
 
 def read_progress(run_dir: str | os.PathLike) -> dict:
@@ -221,6 +321,8 @@ class RunSummary:
     recipe: str = ""
     #: The final model's AUC on the run's validation part (what the threshold was chosen on).
     val_auc: float | None = None
+    #: The workspace the run belongs to ("" for a shared run; see ``cxr_core.workspaces``).
+    owner: str = ""
 
     @property
     def learned_nothing(self) -> bool:
@@ -250,7 +352,7 @@ class RunSummary:
         }
 
 
-def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
+def summarize_run(run_dir: str | os.PathLike, owner: str = "") -> RunSummary:
     folder = RunFolder(run_dir)
     run_dir = folder.path
     status = read_status(run_dir)
@@ -281,21 +383,33 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         best_val_auc=best_val_auc,
         test_auc=test_auc,
         duration_s=duration,
-        started=started,
+        # A queued run has not started: listed by when it was submitted.
+        started=started if started or status["state"] != "queued" else status.get("submitted"),
         is_demo=run_dir.resolve() == demo_run_dir().resolve(),
         external_name=external_name,
         external_auc=external.get("roc_auc"),
         external_accuracy=external.get("accuracy"),
         recipe=config.train.recipe if config else "",
         val_auc=val_auc,
+        owner=owner,
     )
 
 
-def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True) -> list[RunSummary]:
-    """Every run under ``root`` (newest first), plus the shipped demo run when it exists."""
+def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True, *,
+              workspace: str | None = None, everyone: bool = False) -> list[RunSummary]:
+    """Every shared run under ``root`` (newest first), plus the runs of ``workspace`` (a visitor's own;
+    see ``cxr_core.workspaces``), or of every workspace when ``everyone`` (the operator), plus the
+    shipped demo run when it exists."""
     root = Path(root) if root is not None else runs_root().path
-    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
-    summaries = [summarize_run(p) for p in dirs]
+    dirs = _run_dirs(root)
+    spaces = root / WORKSPACES_DIR
+    if everyone and spaces.is_dir():
+        for space in spaces.iterdir():
+            if space.is_dir() and not space.name.startswith("."):
+                dirs += [(p, space.name) for p, _ in _run_dirs(space)]
+    elif workspace:
+        dirs += [(p, workspace) for p, _ in _run_dirs(spaces / workspace)]
+    summaries = [summarize_run(p, owner=owner) for p, owner in dirs]
     summaries.sort(key=lambda s: (s.started or 0, s.run_id), reverse=True)
     demo = demo_run_dir()
     if include_demo and RunFolder(demo).has_model():
@@ -303,13 +417,25 @@ def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True) 
     return summaries
 
 
-def delete_run(run_dir: str | os.PathLike) -> None:
-    """Delete a run folder. Refuses the shipped demo run and a run that is still running."""
+def _run_dirs(folder: Path) -> list[tuple[Path, str]]:
+    """The run folders directly in ``folder`` (hidden folders and the workspaces folder are not runs)."""
+    if not folder.is_dir():
+        return []
+    return [(p, "") for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name != WORKSPACES_DIR]
+
+
+def delete_run(run_dir: str | os.PathLike, *, queued_ok: bool = False) -> None:
+    """Delete a run folder. Refuses the shipped demo run, a run that is still running, and one waiting
+    in the training queue unless ``queued_ok`` (``job_queue.withdraw``, which also takes it out of the queue)."""
     run_dir = Path(run_dir)
     if run_dir.resolve() == demo_run_dir().resolve():
         raise BadRunError("The shipped demo run cannot be deleted from the app.")
-    if read_status(run_dir)["state"] == "running":
+    state = read_status(run_dir)["state"]
+    if state == "running":
         raise BadRunError(f"Run {run_dir.name} is still running; cancel it before deleting it.")
+    if state == "queued" and not queued_ok:
+        raise BadRunError(f"Run {run_dir.name} is waiting in the training queue; withdraw it instead.")
     # Rename first so a half-deleted folder never looks like a run.
     trash = run_dir.with_name(f".deleting-{run_dir.name}-{os.getpid()}")
     try:

@@ -11,7 +11,7 @@ from cxr_core.errors import CxrError
 from cxr_core.labels import CLASSES, label_for
 from cxr_core.predict import map_caption
 from cxr_core.run_folder import RunFolder
-from pages.ui import charts, datasets, frame, models, multiclass, session
+from pages.ui import access, charts, datasets, frame, models, multiclass, session
 
 frame.page_header(
     "Evaluation",
@@ -299,6 +299,10 @@ def other_folder(summary) -> None:
     name = st.selectbox("Data set", names, key="eval_other_dataset")
     limit = st.number_input("At most this many images (0 = all)", 0, 100_000, 0, 100, key="eval_other_limit",
                             help="A stratified sample keeps it quick on a laptop; all images give the real figure.")
+    # A visitor uses the operator's shared runs without changing them: the result is shown, not kept.
+    keep = access.can_delete(summary)
+    if not keep:
+        st.caption("This run is shared, so your result is shown here and not kept with the run.")
     if not st.button("Evaluate on this data set", icon=":material/play_arrow:"):
         return
     bar = st.progress(0.0, text="Classifying...")
@@ -309,7 +313,7 @@ def other_folder(summary) -> None:
     try:
         result = external.evaluate_folder(summary.path, datasets.data_root() / name,
                                           predictor=models.load_predictor(summary.path), on_progress=progress,
-                                          limit=int(limit) or None)
+                                          limit=int(limit) or None, store=keep)
     except CxrError as error:
         bar.empty()
         st.error(str(error))
@@ -319,15 +323,16 @@ def other_folder(summary) -> None:
         st.warning(result["warning"], icon=":material/warning:")
     if result.get("skipped"):
         st.warning(f"{len(result['skipped'])} image(s) could not be read and were left out.")
+    where = "It is now a test set above." if keep else "It was not kept (a shared run)."
     if result.get("task") == "subtype":
         st.success(f"Evaluated {result['n']} images of {name}: macro AUC {charts.fmt_num(result.get('roc_auc'))}, "
-                   f"accuracy {charts.fmt_num(result.get('accuracy'))} (most probable class). It is now a test set "
-                   "above.")
+                   f"accuracy {charts.fmt_num(result.get('accuracy'))} (most probable class). {where}")
     else:
         st.success(f"Evaluated {result['n']} images of {name}: AUC {charts.fmt_num(result['roc_auc'])}, accuracy "
-                   f"{charts.fmt_num(result['accuracy'])} at the run's threshold. It is now a test set above.")
-    st.session_state[KEY_SHOW_NEWEST] = True  # show the newest test set, which is this one
-    st.rerun()
+                   f"{charts.fmt_num(result['accuracy'])} at the run's threshold. {where}")
+    if keep:
+        st.session_state[KEY_SHOW_NEWEST] = True  # show the newest test set, which is this one
+        st.rerun()
 
 
 KEY_TEST_SET = "eval_test_set"
@@ -353,6 +358,8 @@ def prevalence_note(chosen: dict) -> None:
 
 summary = models.run_picker("Run", key="eval_run")
 models.warn_if_useless(summary)
+if summary is not None and (where := models.where_trained(summary.path)):
+    st.caption(where)  # host, devices, strategy and precision, when the run recorded them
 if summary is None:
     no_run_message()
 else:

@@ -7,7 +7,7 @@ import streamlit as st
 from cxr_core.errors import CxrError
 from cxr_core.labels import TASK_CLASSES, label_for
 from cxr_core.predict import overlay_heatmap
-from pages.ui import charts, datasets, frame, models, session
+from pages.ui import access, charts, datasets, frame, models, session
 
 frame.page_header(
     "Predict",
@@ -187,6 +187,7 @@ else:
                                  key="predict_upload", max_upload_size=min(PER_IMAGE_MB, datasets.upload_limit()[0]),
                                  help="One or many files. DICOM files are windowed as their header says.")
         st.caption(PRIVACY)
+        files = access.admitted_uploads(files)  # the per-minute limit of uploads, per visitor
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity", **session.KEEP,
                             help="0 shows only the X-ray, 1 only the heatmap.")
         if not files:

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import data, evaluate, jobs, plan, runs, weights
+from cxr_core import data, evaluate, job_queue, jobs, plan, resources, runs, weights, workspaces
 from cxr_core.backbones import BACKBONES
 from cxr_core.config import (
     BALANCE_STRATEGIES,
@@ -16,7 +16,7 @@ from cxr_core.config import (
     SPLIT_MODES,
     RunConfig,
 )
-from cxr_core.errors import CxrError, TrainingBusyError
+from cxr_core.errors import CxrError
 from cxr_core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
 from cxr_core.recipes import RECIPES, apply_recipe
 from cxr_core.run_folder import RunFolder
@@ -390,30 +390,59 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
         if source == "download":
             left.caption("The ImageNet weights are downloaded once when the run starts (they are not on this "
                          "machine yet).")
-    busy = jobs.active_run() is not None or problem is not None
-    if right.button("Start training", type="primary", icon=":material/play_arrow:", disabled=busy,
-                    width="stretch", help=("Fix the settings above first." if problem else
-                                           "Busy: a run is already training." if busy else None)):
+    ws = access.workspace()
+    if ws and problem is None:
         try:
-            run_dir = jobs.start_training(config)
-        except TrainingBusyError as error:
-            st.warning(str(error))
+            workspaces.check_room(ws)
         except CxrError as error:
-            st.error(str(error))
-        else:
-            access.record("start", Path(run_dir).name)
-            st.session_state[session.KEY_LAUNCHED] = st.session_state[KEY_WATCHED] = str(run_dir)
-            st.session_state.setdefault(KEY_LIVE_STATE, {})[str(run_dir)] = "running"
-            st.rerun()
+            problem = str(error)
+            st.error(problem, icon=":material/block:")
+    queued = not queue_has_room()
+    label = "Add to the queue" if queued else "Start training"
+    if right.button(label, type="primary", icon=":material/play_arrow:", disabled=problem is not None,
+                    width="stretch", help=("Fix the settings above first." if problem else
+                                           "The server's training places are taken: your run waits in the queue "
+                                           "and starts by itself." if queued else None)):
+        start_or_queue(config, ws)
+
+
+def queue_has_room() -> bool:
+    """Whether a new job would start now (a free place and nobody waiting before it)."""
+    return not job_queue.waiting() and jobs.running_count() < job_queue.max_concurrent()
+
+
+def start_or_queue(config: RunConfig, ws: str | None) -> None:
+    """Put the run in the queue (a visitor's into their workspace, one waiting job each) and start
+    whatever can start now; the run's panel then shows it running or its place in the queue."""
+    try:
+        job = job_queue.submit(config, owner=ws or access.who(), parent=workspaces.folder(ws) if ws else None,
+                               per_owner_limit=1 if ws else None)
+    except CxrError as error:
+        st.warning(str(error), icon=":material/hourglass_top:")
+        return
+    access.record("start", job.run_dir.name)
+    try:
+        job_queue.dispatch()
+    except CxrError as error:  # a job that cannot start is marked failed with its sentence; say it here too
+        st.error(str(error))
+    job_queue.start_dispatcher()  # the next ones start when a place frees, with or without this page open
+    st.session_state[session.KEY_LAUNCHED] = st.session_state[KEY_WATCHED] = str(job.run_dir)
+    st.session_state.setdefault(KEY_LIVE_STATE, {})[str(job.run_dir)] = runs.read_status(job.run_dir)["state"]
+    st.rerun()
 
 
 def watched_run() -> Path | None:
-    """The running job (from any session), else the run this session watched or launched last: a
-    run's panel stays, with its final state, after the run ends or is cancelled."""
-    active = jobs.active_run()
-    if active is not None:
-        st.session_state[KEY_WATCHED] = str(active)
-        return Path(active)
+    """The run this session launched while it trains or waits, else a running job this session may see
+    (from any session), else the run this session watched last: a run's panel stays, with its final
+    state, after the run ends or is cancelled."""
+    launched = st.session_state.get(session.KEY_LAUNCHED)
+    if launched and Path(launched).is_dir() and runs.read_status(launched)["state"] in ("running", "queued"):
+        return Path(launched)
+    visible = {str(s.path) for s in models.all_runs()}
+    for active in jobs.active_runs():
+        if str(active) in visible:
+            st.session_state[KEY_WATCHED] = str(active)
+            return Path(active)
     for key in (KEY_WATCHED, session.KEY_LAUNCHED):
         path = st.session_state.get(key)
         if path and Path(path).is_dir():
@@ -455,6 +484,14 @@ def render_run(run_dir: Path) -> str:
     with st.container(border=True):
         head, button = st.columns([4, 1], vertical_alignment="center")
         head.markdown(f"#### Run `{run_dir.name}`")
+        where = models.where_trained(run_dir, running=state == "running")
+        if where:  # a run from before these fields says nothing
+            st.caption(where)
+        elsewhere = models.elsewhere_note(run_dir) if state == "running" else ""
+        if elsewhere:
+            st.caption(elsewhere, help="The runs folder is shared storage that both machines see. The training "
+                                       "process there rewrites its heartbeat file regularly; a run not heard "
+                                       "from for a few minutes reads as failed.")
         if state == "running":
             st.progress(float(progress.get("fraction") or 0.0), text=progress_text(progress))
             if progress.get("message"):
@@ -462,7 +499,7 @@ def render_run(run_dir: Path) -> str:
             note = st.empty()
             # The cancel request is a file in the run folder, so every session sees it.
             cancelling = RunFolder(run_dir).cancel_requested()
-            if not cancelling:
+            if not cancelling and access.can_change_run(run_dir):  # a visitor cancels only their own runs
                 with button.popover("Cancel", icon=":material/stop:"):
                     st.markdown("Stop this run? It ends as cancelled, without a model.")
                     if st.button("Yes, stop it", type="primary", key=f"cancel_confirm_{run_dir.name}"):
@@ -471,6 +508,20 @@ def render_run(run_dir: Path) -> str:
                         cancelling = True
             if cancelling:
                 note.info("Cancelling: the job stops after the current batch.", icon=":material/hourglass_top:")
+        elif state == "queued":
+            place, waiting = job_queue.place(run_dir), len(job_queue.waiting())
+            st.info(f"Waiting in the queue: place {place or '?'} of {waiting}. It starts by itself when a place "
+                    "frees; you can leave this page meanwhile.", icon=":material/hourglass_top:")
+            if access.can_change_run(run_dir):
+                with button.popover("Withdraw", icon=":material/remove_circle:"):
+                    st.markdown("Take this run out of the queue? It is removed without training.")
+                    if st.button("Yes, withdraw it", type="primary", key=f"withdraw_confirm_{run_dir.name}"):
+                        if job_queue.withdraw(run_dir):
+                            access.record("withdraw", run_dir.name)
+                            for key in (KEY_WATCHED, session.KEY_LAUNCHED):
+                                if st.session_state.get(key) == str(run_dir):
+                                    st.session_state.pop(key, None)
+                        st.rerun(scope="app")
         elif state == "done":
             st.success(f"Finished: {status.get('message', 'done')}.", icon=":material/check_circle:")
             st.session_state[session.KEY_RUN] = str(run_dir)
@@ -526,13 +577,68 @@ def curves(history: pd.DataFrame, key: str, state: str = "running", task: str = 
 
 @st.fragment(run_every=2)
 def live_view(run_dir: Path) -> None:
-    """Polls the run folder every 2 s; refreshes the whole page once when the run ends."""
+    """Polls the run folder every 2 s; refreshes the whole page once when the run ends (or is withdrawn)."""
+    if not run_dir.is_dir():
+        st.rerun(scope="app")
     state = render_run(run_dir)
     seen = st.session_state.setdefault(KEY_LIVE_STATE, {})
     previous = seen.get(str(run_dir))
     seen[str(run_dir)] = state
-    if previous == "running" and state != "running":
+    if previous in ("running", "queued") and state not in ("running", "queued"):
         st.rerun(scope="app")
+
+
+KEY_REMOTE = "training_remote_runs"  # runs this session saw training on other machines (kept once they end)
+
+
+def remote_runs_section(current: Path | None) -> None:
+    """Runs that train on other machines into this runs folder (shared storage, started there from the
+    command line), live like the current run; each stays here with its final state once it ends."""
+    seen = st.session_state.setdefault(KEY_REMOTE, [])
+    root = models.runs_root_info()
+    for path in runs.running_elsewhere(root.path) if root is not None else []:
+        if str(path) not in seen:
+            seen.append(str(path))
+    shown = [Path(p) for p in seen if Path(p).is_dir() and Path(p) != current]
+    if not shown:
+        return
+    st.subheader("Training on other machines")
+    st.caption("These runs write into this app's runs folder from another machine that shares it. The app follows "
+               "their files as they are written; it never starts a run on another machine.")
+    for path in shown:
+        if runs.read_status(path)["state"] == "running":
+            live_view(path)
+        else:
+            render_run(path)
+
+
+def queue_section() -> None:
+    """The jobs waiting for a place, and, for the operator, how many train at once."""
+    waiting, running = job_queue.waiting(), jobs.active_runs()
+    limit = job_queue.max_concurrent()
+    if access.is_operator():
+        most = resources.max_training_jobs()
+        chosen = st.number_input(
+            "Training jobs at once", 1, max(most, limit), limit, key="queue_max_jobs",
+            help=f"This server has room for {most} at once ({os.cpu_count()} CPU cores; each job takes about "
+                 f"{resources.TRAINING_JOB_MB / 1024:.1f} GB of memory). Further jobs wait in the queue.")
+        if int(chosen) != limit:
+            job_queue.set_max_concurrent(int(chosen))
+            access.record("jobs at once", str(int(chosen)))
+            job_queue.dispatch()
+    if not waiting:
+        if running:
+            st.caption(f"{len(running)} of {limit} training place(s) in use; nobody is waiting.")
+        return
+    st.markdown(f"**Queue:** {len(running)} of {limit} training place(s) in use, {len(waiting)} run(s) waiting.")
+    rows = [{"place": job.place, "run": job.run_dir.name, "owner": access.runs_owner_label(job_owner(job)),
+             "waiting since": pd.Timestamp(job.submitted, unit="s").strftime("%H:%M:%S")} for job in waiting]
+    charts.table(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+def job_owner(job) -> str:
+    """The workspace a queued job's run folder is in ("" for the shared runs)."""
+    return workspaces.owner_of(job.run_dir) or ""
 
 
 def past_runs() -> None:
@@ -542,16 +648,21 @@ def past_runs() -> None:
         st.caption("No runs yet. They are kept in the runs folder and listed here.")
         return
     table = pd.DataFrame([{**s.as_row(), "demo": s.is_demo} for s in summaries])
+    if access.hosted():  # whose run it is: shared (the operator's), yours, or another visitor's workspace
+        table.insert(1, "owner", [access.runs_owner_label(s.owner) for s in summaries])
     tasks = [models.run_task(s.path) for s in summaries]
     if "subtype" in tasks:  # a subtype run's AUCs are macro AUCs over three classes: say which runs those are
         table.insert(1, "task", ["3 classes" if t == "subtype" else "2 classes" for t in tasks])
     # The figures that tell runs apart first; the table scrolls sideways to the rest, the run pinned.
-    first = ["run", "status", "task", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split",
+    first = ["run", "owner", "status", "task", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split",
              "images"]
     order = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
     charts.table(table, hide_index=True, width="stretch", column_config=RUNS_COLUMNS, column_order=order)
-    deletable = [s for s in summaries if not s.is_demo and s.state != "running"]
-    if not deletable or not access.allowed("delete"):
+    if access.hosted() and not access.is_operator():
+        st.info(access.SHARED_RUN_SENTENCE, icon=":material/lock:")
+    deletable = [s for s in summaries
+                 if not s.is_demo and s.state not in ("running", "queued") and access.can_delete(s)]
+    if not deletable:
         return
     by_path = {str(s.path): s for s in deletable}
     left, right = st.columns([3, 1], vertical_alignment="bottom")
@@ -578,6 +689,9 @@ _number = st.column_config.NumberColumn
 RUNS_COLUMNS = {
     "run": st.column_config.TextColumn("run", width="large", pinned=True),
     "status": st.column_config.TextColumn("status", width="medium"),
+    "owner": st.column_config.TextColumn("owner", width="small",
+                                         help="shared: the operator's runs, which everyone can use; yours: the runs "
+                                              "in your own workspace."),
     "task": st.column_config.TextColumn("task", width="small",
                                         help="2 classes: normal / pneumonia; 3 classes: normal / bacterial / viral "
                                              "(its AUCs are macro AUCs over the three)."),
@@ -603,10 +717,11 @@ show_running_settings()
 run_dir = watched_run()
 if run_dir is not None:
     st.subheader("Current run")
-    if runs.read_status(run_dir)["state"] == "running":
+    if runs.read_status(run_dir)["state"] in ("running", "queued"):
         live_view(run_dir)
     else:
         render_run(run_dir)
+remote_runs_section(run_dir)
 
 st.subheader("New run")
 result = datasets.current_scan()
@@ -625,5 +740,6 @@ except CxrError as error:
     st.error(str(error))
     config = None
 launch_section(config, n_images)
+queue_section()
 past_runs()
 access.audit_table()

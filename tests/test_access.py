@@ -20,7 +20,7 @@ PASSPHRASE = "correct horse battery staple 7"
 AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "not-a-real-secret",
         "client_id": "id", "client_secret": "secret",
         "server_metadata_url": "https://accounts.example.com/.well-known/openid-configuration"}
-DELETE_SENTENCE = access.OPERATOR_ONLY["delete"]
+DELETE_SENTENCE = access.SHARED_RUN_SENTENCE
 
 
 def runs_dir() -> Path:
@@ -137,18 +137,22 @@ def test_login_mode_allow_list(email, operator):
     assert not can_delete(at) and any(b.key == "access_login_default" for b in at.sidebar.button)
 
 
-def test_a_visitor_can_start_training_and_the_start_is_audited(monkeypatch):
-    from cxr_core import jobs
+def test_a_visitor_trains_into_their_workspace_through_the_queue(monkeypatch):
+    """A visitor's run goes to their own workspace; while the server's places are taken it waits with its
+    place shown, a second one is refused in one sentence, and withdrawing it removes it unstarted."""
+    from cxr_core import job_queue, jobs, workspaces
+    from cxr_core.run_folder import RunFolder
 
     make_dataset(data_root() / "small", n_normal=20, n_pneumonia=40, size=48, layout="kermany")
-
     started = []
 
-    def start_training(config):
-        started.append(config)
-        return fake_run("run-started", None, None, state="failed", error="x")
+    def start_training(config, root=None, run_dir=None):  # noqa: ARG001 (the real signature)
+        started.append(Path(run_dir))
+        RunFolder(run_dir).write_status("failed", error="not really trained in this test")
+        return Path(run_dir)
 
     monkeypatch.setattr(jobs, "start_training", start_training)
+    monkeypatch.setattr(job_queue, "start_dispatcher", lambda *_args, **_kwargs: None)
     weights_dir = Path(os.environ["CXR_WEIGHTS_DIR"])
     weights_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(TINY_WEIGHTS, weights_dir / "mobilenet_v2_0.35_tiny.weights.h5")
@@ -159,9 +163,28 @@ def test_a_visitor_can_start_training_and_the_start_is_audited(monkeypatch):
     render(at, None, "training (visitor, backbone)")
     next(b for b in at.button if b.label == "Start training").click()
     render(at, None, "training (visitor started)")
-    assert len(started) == 1
+    ws = at.session_state["access_browser_id"]
+    assert len(started) == 1 and started[0].parent == workspaces.workspaces_dir() / ws
     entry = audit.read(runs_dir())[0]
-    assert (entry["action"], entry["target"], entry["role"]) == ("start", "run-started", "visitor")
+    assert (entry["action"], entry["target"], entry["role"], entry["who"]) == ("start", started[0].name, "visitor", ws)
+
+    # The server's places are taken: the next run waits in the queue, its place shown.
+    monkeypatch.setattr(job_queue, "dispatch", lambda *_args, **_kwargs: [])
+    next(b for b in at.button if b.label == "Start training").click()
+    render(at, None, "training (visitor queued)")
+    waiting = job_queue.waiting()
+    assert len(waiting) == 1 and waiting[0].run_dir.parent == workspaces.workspaces_dir() / ws
+    assert "Waiting in the queue: place 1 of 1." in " ".join(infos(at))
+    assert next(b for b in at.button if b.label == "Add to the queue")  # the button says what will happen
+    next(b for b in at.button if b.label == "Add to the queue").click()
+    render(at, None, "training (a second one refused)")
+    assert ("You already have a training job waiting in the queue (the limit is 1 per visitor); withdraw it or wait "
+            "for it to start.") in [w.value for w in at.warning]
+    assert len(job_queue.waiting()) == 1
+    at.button(key=f"withdraw_confirm_{waiting[0].run_dir.name}").click()
+    render(at, None, "training (withdrawn)")
+    assert job_queue.waiting() == [] and not waiting[0].run_dir.exists() and len(started) == 1
+    assert audit.read(runs_dir())[0]["action"] == "withdraw"
 
 
 def test_the_training_job_does_not_inherit_the_passphrase(tmp_path, monkeypatch):

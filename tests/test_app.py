@@ -593,7 +593,7 @@ def test_training_page_progress_cancel_and_the_run_that_ends(monkeypatch):
                   {"event": "batch", "batch": 9, "batches": 23}):
         folder.append_progress(event)
     # The job was started by another session (or before a reload): this one only sees it running.
-    monkeypatch.setattr(jobs, "active_run", lambda _root=None: run)
+    monkeypatch.setattr(jobs, "active_runs", lambda _root=None: [run])
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
     render(at, "pages/training.py", "training (a run in progress)")
@@ -611,7 +611,7 @@ def test_training_page_progress_cancel_and_the_run_that_ends(monkeypatch):
     assert "Cancelling: the job stops after the current batch." in [i.value for i in at.info]
     # The job stops: the panel stays, with the run's final state.
     folder.write_status("cancelled", message="cancelled")
-    monkeypatch.setattr(jobs, "active_run", lambda _root=None: None)
+    monkeypatch.setattr(jobs, "active_runs", lambda _root=None: [])
     render(at, None, "training (cancelled)")
     assert "This run was cancelled." in [i.value for i in at.info]
     assert any("run-live" in m.value for m in at.markdown)

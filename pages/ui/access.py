@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from cxr_core import access, audit
+from cxr_core import access, audit, resources, workspaces
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,12 @@ KEY_OPERATOR = "access_operator"     # True once the right passphrase was typed 
 KEY_WRONG = "access_wrong"           # the last passphrase typed was wrong
 KEY_PASSPHRASE = "access_passphrase"  # the password field; emptied as soon as it has been checked
 KEY_SESSION_ID = "access_session_id"  # an anonymous id for the audit trail
+KEY_BROWSER_ID = "access_browser_id"  # the workspace id of a visitor who is not signed in
+KEY_COOKIE_SET = "access_cookie_set"  # this session has asked the browser to keep that id
+KEY_UPLOADS_SEEN = "access_uploads_seen"  # upload ids already counted against the per-minute limit
+COOKIE = "cxr_workspace"              # the browser keeps a visitor's workspace id in this cookie
+COOKIE_MAX_AGE_S = 365 * 24 * 3600
+SHARED_RUN_SENTENCE = access.SHARED_RUN_SENTENCE
 
 
 def secrets() -> dict[str, Any]:
@@ -57,13 +63,99 @@ def is_operator() -> bool:
 
 
 def who() -> str:
-    """The e-mail address of a signed-in user, else an anonymous id of this session."""
+    """The e-mail address of a signed-in user, else a visitor's workspace id, else an anonymous id of this session."""
     user = _user()
     if user.get("is_logged_in") and user.get("email"):
         return str(user["email"])
+    ws = workspace()
+    if ws:  # an anonymous visitor: the workspace id, which also names their runs' folder
+        return ws
     if KEY_SESSION_ID not in st.session_state:
         st.session_state[KEY_SESSION_ID] = f"session-{uuid.uuid4().hex[:8]}"
     return st.session_state[KEY_SESSION_ID]
+
+
+def hosted() -> bool:
+    """Whether this app has roles (secrets configured); a local app has one user and no workspaces."""
+    return mode() != access.LOCAL
+
+
+def workspace() -> str | None:
+    """This visitor's workspace id on a hosted app (from the signed-in address, else an id kept in the
+    browser); None for the operator and on a local app, whose runs are the shared ones."""
+    if not hosted() or is_operator():
+        return None
+    user = _user()
+    if user.get("is_logged_in") and user.get("email"):
+        return workspaces.id_for_email(str(user["email"]))
+    if KEY_BROWSER_ID not in st.session_state:
+        try:
+            kept = st.context.cookies.get(COOKIE)
+        except Exception:  # noqa: BLE001 (no cookies on this host or in a test)
+            kept = None
+        st.session_state[KEY_BROWSER_ID] = kept if workspaces.valid_id(kept) else workspaces.new_browser_id()
+    return st.session_state[KEY_BROWSER_ID]
+
+
+def keep_workspace_in_browser() -> None:
+    """Ask the browser to keep a visitor's random workspace id (a cookie for a year), so that a reload or a
+    later visit finds the same runs. Nothing for signed-in users, the operator or a local app."""
+    ws = workspace()
+    if ws is None or not ws.startswith("b-") or st.session_state.get(KEY_COOKIE_SET):
+        return
+    try:
+        if st.context.cookies.get(COOKIE) == ws:
+            st.session_state[KEY_COOKIE_SET] = True
+            return
+    except Exception:  # noqa: BLE001
+        pass
+    st.session_state[KEY_COOKIE_SET] = True
+    st.html(f"<script>document.cookie = '{COOKIE}={ws}; max-age={COOKIE_MAX_AGE_S}; path=/; SameSite=Lax';"
+            "</script>", unsafe_allow_javascript=True, width="content")
+
+
+def runs_owner_label(owner: str) -> str:
+    """How the runs table names a run's owner for this session."""
+    if not owner:
+        return "shared"
+    return "yours" if owner == workspace() else f"workspace {owner[:10]}"
+
+
+def can_delete(summary) -> bool:
+    """Whether this session may delete (or change) a run of the runs list."""
+    return access.can_delete_run(role(), summary.owner, workspace())
+
+
+def can_change_run(run_dir) -> bool:
+    """Like ``can_delete``, from a run folder (its workspace is where it lies)."""
+    return access.can_delete_run(role(), workspaces.owner_of(run_dir) or "", workspace())
+
+
+@st.cache_resource(show_spinner=False)
+def _upload_limiter(per_minute: int) -> resources.RateLimiter:
+    return resources.RateLimiter(per_minute)  # one per server: a visitor's sessions share it
+
+
+def admitted_uploads(files: list) -> list:
+    """The uploaded files this visitor may have classified now: each new file counts against the
+    per-minute limit of uploads; beyond it the page says so in one sentence and the rest wait."""
+    if not files:
+        return []
+    limiter = _upload_limiter(resources.uploads_per_minute())
+    seen = st.session_state.setdefault(KEY_UPLOADS_SEEN, set())
+    kept, refused = [], False
+    for file in files:
+        key = getattr(file, "file_id", None) or f"{file.name}:{getattr(file, 'size', '')}"
+        if key in seen:
+            kept.append(file)
+        elif limiter.allow(workspace() or who()):
+            seen.add(key)
+            kept.append(file)
+        else:
+            refused = True
+    if refused:
+        st.warning(limiter.refusal(), icon=":material/speed:")
+    return kept
 
 
 def allowed(action: str) -> bool:
@@ -106,8 +198,11 @@ def sidebar_panel() -> None:
     if how == access.LOCAL:
         return
     current = role()
+    keep_workspace_in_browser()
     with st.container(border=True):
         st.markdown(f"**Role:** {current}")
+        if current == access.VISITOR:
+            st.caption("Your runs go to your own workspace; the operator's runs are shared with everyone.")
         if how == access.LOGIN:
             user = _user()
             if user.get("is_logged_in"):

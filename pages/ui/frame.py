@@ -1,6 +1,7 @@
 """Routing and the page frame: the page list, the header every page starts with and the sidebar."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import streamlit as st
@@ -8,8 +9,10 @@ import streamlit as st
 from cxr_core.errors import CxrError
 from pages.ui import access, session
 from pages.ui.datasets import data_root, dataset_path, is_synthetic, list_datasets
-from pages.ui.models import runs_root_info, selected_run
+from pages.ui.models import all_runs, runs_root_info, selected_run
 from pages.ui.session import KEY_DATASET, KEY_ROUTED, KEY_SPLIT
+
+log = logging.getLogger(__name__)
 
 DISCLAIMER = (
     "Research and teaching tool, **not a medical device**: its outputs must not be used to "
@@ -83,13 +86,41 @@ def sidebar() -> None:
                 st.caption("No finished run yet. Train one on the Training page.")
             try:
                 from cxr_core import jobs  # noqa: PLC0415 (imported on first use)
-                active = jobs.active_run()
+                active = jobs.active_runs()
             except (ImportError, OSError, CxrError):
-                active = None
-            if active is not None:
-                st.caption(f":material/sync: Training now: `{Path(active).name}`")
+                active = []
+            visible = {str(s.path) for s in all_runs()} if active else set()
+            names = [Path(run).name for run in active if str(run) in visible]
+            if names:
+                st.caption(":material/sync: Training now: " + ", ".join(f"`{n}`" for n in names))
+            elif active:
+                st.caption(f":material/sync: {len(active)} training job(s) running on this server.")
         access.sidebar_panel()
+        housekeeping()
         st.caption(DISCLAIMER)
         root = runs_root_info()
         if root is not None and root.fallback:
             st.info(root.reason, icon=":material/info:")
+
+
+@st.cache_resource(ttl=3600, show_spinner=False)
+def _expire_workspaces(root: str) -> list[str]:
+    """At most once an hour per server: remove visitors' workspaces unused for too long."""
+    from cxr_core import workspaces  # noqa: PLC0415 (a hosted app's concern)
+
+    return workspaces.expire(root)
+
+
+def housekeeping() -> None:
+    """What keeps a shared server tidy, on every page: a queue left waiting (after a restart, say) gets its
+    dispatcher back, and expired workspaces go. A failure here never stops the page."""
+    try:
+        from cxr_core import job_queue, runs  # noqa: PLC0415
+
+        root = runs.runs_root().path
+        if job_queue.waiting(root):
+            job_queue.start_dispatcher(root)
+        if access.hosted():
+            _expire_workspaces(str(root))
+    except (ImportError, OSError, CxrError) as error:
+        log.warning("Housekeeping of the runs folder failed: %s", error)

@@ -13,6 +13,7 @@ from cxr_core.errors import CxrError
 from cxr_core.labels import TASKS
 from cxr_core.predict import overlay_heatmap
 from cxr_core.run_folder import RunFolder
+from pages.ui import access
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
 
@@ -21,8 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def all_runs() -> list:
+    """The runs this session sees: the shared ones, a visitor's own workspace, or every workspace for the
+    operator of a hosted app."""
     try:
-        return runs.list_runs()
+        return runs.list_runs(workspace=access.workspace(), everyone=access.hosted() and access.is_operator())
     except OSError:
         return []
 
@@ -211,3 +214,40 @@ def map_gallery(summary, rows, target: str, limit: int, caption, heading: str) -
                 continue
             st.image(overlay_heatmap(gray, found.heatmap, 0.4), width="stretch",
                      caption=f"{name}: {caption(row, found)}")
+
+
+def where_trained(run_dir: str | Path, running: bool = False) -> str:
+    """'Training on host gpu-01 · 2 × GPU (MirroredStrategy) · mixed_float16' from what the run
+    recorded (``runs.runtime``); what it did not record is left out, and a run from before says nothing."""
+    info = runs.runtime(run_dir)
+    parts = []
+    if info.get("host"):
+        workers = _count(info.get("workers"))
+        parts.append(f"host {info['host']}" + (f" (the chief of {workers} workers)" if workers > 1 else ""))
+    devices = info.get("devices") if isinstance(info.get("devices"), list) else []
+    count = _count(info.get("replicas")) or len(devices)
+    kind = info.get("device_kind") or (str(devices[0]).split(":")[0] if devices else "")
+    device = f"{count} × {kind}" if count and kind else kind or (f"{count} devices" if count else "")
+    strategy = info.get("strategy")
+    if strategy and strategy != "default":
+        device = f"{device} ({strategy})" if device else str(strategy)
+    parts += [p for p in (device, str(info.get("precision") or "")) if p]
+    if not parts:
+        return ""
+    return ("Training on " if running else "Trained on ") + " · ".join(parts)
+
+
+def _count(value) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def elsewhere_note(run_dir: str | Path) -> str:
+    """For a run that trains on another machine: who started it there, and that this page only reads its files."""
+    host = runs.other_host(run_dir)
+    if host is None:
+        return ""
+    how = "the app" if RunFolder(run_dir).log_path.is_file() else "the command line"  # the app's jobs write train.log
+    return f"Started from {how} on {host}; this page follows its files."
