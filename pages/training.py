@@ -438,7 +438,13 @@ def watched_run() -> Path | None:
     launched = st.session_state.get(session.KEY_LAUNCHED)
     if launched and Path(launched).is_dir() and runs.read_status(launched)["state"] in ("running", "queued"):
         return Path(launched)
-    visible = {str(s.path) for s in models.all_runs()}
+    summaries = models.all_runs()
+    ws = access.workspace()
+    if ws:  # a visitor back after a reload: their own run that trains or waits comes first
+        mine = [s for s in summaries if s.owner == ws and s.state in ("running", "queued")]
+        if mine:
+            return Path(mine[0].path)
+    visible = {str(s.path) for s in summaries}
     for active in jobs.active_runs():
         if str(active) in visible:
             st.session_state[KEY_WATCHED] = str(active)
@@ -539,6 +545,7 @@ def render_run(run_dir: Path) -> str:
 
 
 NO_CURVES = {"running": "Curves appear after the first epoch.",
+             "queued": "Curves appear once it has started and finished its first epoch.",
              "failed": "No curves: the run failed before its first epoch ended.",
              "cancelled": "No curves: the run was cancelled before its first epoch ended."}
 
@@ -618,7 +625,7 @@ def queue_section() -> None:
     limit = job_queue.max_concurrent()
     if access.is_operator():
         most = resources.max_training_jobs()
-        chosen = st.number_input(
+        chosen = st.columns([1, 3])[0].number_input(
             "Training jobs at once", 1, max(most, limit), limit, key="queue_max_jobs",
             help=f"This server has room for {most} at once ({os.cpu_count()} CPU cores; each job takes about "
                  f"{resources.TRAINING_JOB_MB / 1024:.1f} GB of memory). Further jobs wait in the queue.")
@@ -634,6 +641,16 @@ def queue_section() -> None:
     rows = [{"place": job.place, "run": job.run_dir.name, "owner": access.runs_owner_label(job_owner(job)),
              "waiting since": pd.Timestamp(job.submitted, unit="s").strftime("%H:%M:%S")} for job in waiting]
     charts.table(pd.DataFrame(rows), hide_index=True, width="stretch")
+    if not access.is_operator():
+        return  # a visitor withdraws their own run from its panel above
+    by_path = {str(job.run_dir): job for job in waiting}
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    choice = left.selectbox("Withdraw a waiting run", list(by_path), key="queue_withdraw_choice",
+                            format_func=lambda p: f"{by_path[p].place}. {Path(p).name}")
+    if right.button("Withdraw", icon=":material/remove_circle:", key="queue_withdraw"):
+        if job_queue.withdraw(choice):
+            access.record("withdraw", Path(choice).name)
+        st.rerun()
 
 
 def job_owner(job) -> str:
@@ -689,7 +706,7 @@ _number = st.column_config.NumberColumn
 RUNS_COLUMNS = {
     "run": st.column_config.TextColumn("run", width="large", pinned=True),
     "status": st.column_config.TextColumn("status", width="medium"),
-    "owner": st.column_config.TextColumn("owner", width="small",
+    "owner": st.column_config.TextColumn("owner", width="medium",
                                          help="shared: the operator's runs, which everyone can use; yours: the runs "
                                               "in your own workspace."),
     "task": st.column_config.TextColumn("task", width="small",
