@@ -185,7 +185,9 @@ else:
     if threshold is not None:
         files = st.file_uploader("Chest X-ray images", type=UPLOAD_TYPES, accept_multiple_files=True,
                                  key="predict_upload", max_upload_size=min(PER_IMAGE_MB, datasets.upload_limit()[0]),
-                                 help="One or many files. DICOM files are windowed as their header says.")
+                                 help="One or many files. DICOM files are windowed as their header says." +
+                                      (f" At most {access.uploads_per_minute()} images a minute per visitor."
+                                       if access.hosted() else ""))
         st.caption(PRIVACY)
         files = access.admitted_uploads(files)  # the per-minute limit of uploads, per visitor
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity", **session.KEEP,

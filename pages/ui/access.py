@@ -14,6 +14,7 @@ from typing import Any
 import streamlit as st
 
 from cxr_core import access, audit, resources, workspaces
+from cxr_core.errors import CxrError
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +137,21 @@ def _upload_limiter(per_minute: int) -> resources.RateLimiter:
     return resources.RateLimiter(per_minute)  # one per server: a visitor's sessions share it
 
 
+def uploads_per_minute() -> int:
+    """The per-visitor limit; a malformed operator setting is one sentence and the default applies."""
+    try:
+        return resources.uploads_per_minute()
+    except CxrError as error:
+        st.warning(str(error), icon=":material/settings:")
+        return resources.uploads_per_minute(env={})
+
+
 def admitted_uploads(files: list) -> list:
-    """The uploaded files this visitor may have classified now: each new file counts against the
-    per-minute limit of uploads; beyond it the page says so in one sentence and the rest wait."""
-    if not files:
-        return []
-    limiter = _upload_limiter(resources.uploads_per_minute())
+    """The uploaded files this visitor may have classified now: on a hosted app each new file counts
+    against the per-minute limit of uploads; beyond it the page says so in one sentence and the rest wait."""
+    if not files or not hosted():  # on your own machine nobody else shares it: no limit
+        return list(files or [])
+    limiter = _upload_limiter(uploads_per_minute())
     seen = st.session_state.setdefault(KEY_UPLOADS_SEEN, set())
     kept, refused = [], False
     for file in files:
