@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from . import plan
 from .backbones import BACKBONE_NAMES
 from .config import BALANCE_STRATEGIES, SCHEDULES, SPLIT_MODES, RunConfig
+from .distribute import DISTRIBUTE_MODES, LEARNING_RATE_RULE, PRECISIONS
 from .errors import CxrError
 from .labels import TASKS, THRESHOLD_RULES
 from .recipes import RECIPE_NAMES, apply_recipe
@@ -94,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", help="feature cache (default: $CXR_CACHE_DIR or ~/.cache/cxr-workbench/features)")
     t.add_argument("--export-litert", action=argparse.BooleanOptionalAction, default=None,
                    help="also write model.tflite for TensorFlow-free prediction (default: yes)")
+    t.add_argument("--distribute", choices=DISTRIBUTE_MODES,
+                   help="auto (default): mirrored when more than one GPU is visible, else off; mirrored: one "
+                        "replica per local GPU (or per --cpu-replicas CPU device); multi-worker: the machines "
+                        "named by TF_CONFIG, each running this same command with the same --out and --cache-dir "
+                        f"on shared storage. With several replicas, {LEARNING_RATE_RULE}")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): mixed float16 on GPUs of compute capability 7.0 or newer, else float32; "
+                        "mixed needs a GPU (the logits stay float32)")
+    t.add_argument("--cpu-replicas", type=int, metavar="N",
+                   help="split the CPU into N logical devices so that mirrored trains N replicas (for teaching "
+                        "and tests; no faster than one device)")
 
     e = sub.add_parser("evaluate", parents=[common],
                        help="metrics of a run over every image in a folder (one JSON object)")
@@ -168,7 +180,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
                      export_litert=args.export_litert, label_smoothing=args.label_smoothing,
                      warmup_epochs=args.warmup_epochs, schedule=args.schedule, balance_by=args.balance_by,
-                     fine_tune_batchnorm=args.fine_tune_batchnorm, weight_decay=args.weight_decay)
+                     fine_tune_batchnorm=args.fine_tune_batchnorm, weight_decay=args.weight_decay,
+                     distribute=args.distribute, precision=args.precision, cpu_replicas=args.cpu_replicas)
     except CxrError:
         raise
     except (TypeError, ValueError) as error:  # a section rejected a combination the flags allowed
@@ -183,9 +196,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from . import jobs  # noqa: PLC0415 - light; taken before TensorFlow loads, so the launcher waits little
 
         jobs.hold_training_lock(args.lock_file, args.run_dir)  # held until this process exits
-    from . import runs, train  # noqa: PLC0415
+    from . import distribute, heartbeat, runs, train  # noqa: PLC0415
 
     config = build_config(args)
+    # Before anything else touches TensorFlow: the logical CPU devices and the strategy come first.
+    try:
+        runtime = distribute.setup(config.train.distribute, config.train.precision, config.train.cpu_replicas)
+    except CxrError as error:
+        if args.run_dir:  # the launcher's folder says why
+            from .run_folder import RunFolder  # noqa: PLC0415
+
+            RunFolder(args.run_dir).write_status("failed", message=str(error), error=str(error))
+        raise
     if args.run_dir is None:
         # Before a run folder exists: a run that cannot start is one sentence and exit 2, nothing written.
         # (With --run-dir, train() makes the same checks and marks that folder failed with the sentence.)
@@ -198,7 +220,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     run_dir = args.run_dir
-    if run_dir is None:
+    if run_dir is None and runtime.is_chief:  # the other workers of a multi-worker run write no run folder
         root = Path(args.out) if args.out else runs.runs_root().path
         run_dir = runs.new_run_dir(root, hint=f"{config.model.backbone}-{config.data.split}")
 
@@ -207,7 +229,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             text = event.get("message") or json.dumps(event.get("logs", {}))
             print(f"[{event['event']}] {event.get('stage', '')} {text}", file=sys.stderr, flush=True)
 
-    run_dir = train.train(config, should_stop=lambda: stop["now"], on_progress=on_progress, run_dir=run_dir)
+    if not runtime.is_chief:
+        train.train(config, should_stop=lambda: stop["now"], on_progress=on_progress, runtime=runtime)
+        if stop["now"]:
+            print("Training was cancelled on this worker.", file=sys.stderr)
+            return EXIT_CANCELLED
+        print(f"Worker {runtime.worker_index} of {runtime.workers} is done; the chief writes the run folder.",
+              file=sys.stderr)
+        return EXIT_OK
+    with heartbeat.beating(run_dir):
+        run_dir = train.train(config, should_stop=lambda: stop["now"], on_progress=on_progress, run_dir=run_dir,
+                              runtime=runtime)
     state = runs.read_status(run_dir)["state"]
     print(run_dir)
     if state == "cancelled":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .backbones import get_backbone
+from .distribute import DISTRIBUTE_MODES, PRECISIONS
 from .errors import BadRunError, BadSettingError
 from .labels import TASKS, THRESHOLD_RULES
 
@@ -193,6 +194,10 @@ class TrainConfig:
         fine_tune_batchnorm: while fine-tuning pretrained weights, let the unfrozen BatchNorm layers
             learn the X-rays' statistics (momentum 0.9) instead of keeping ImageNet's.
         weight_decay: decoupled weight decay of the fine-tuning optimiser (AdamW); 0 = Adam.
+        distribute: ``auto``, ``off``, ``mirrored`` or ``multi-worker`` (``cxr_core.distribute``);
+            ``batch_size`` is then per replica and the learning rates stay as configured.
+        precision: ``auto`` (mixed float16 on GPUs that gain from it, else float32), ``float32`` or ``mixed``.
+        cpu_replicas: split the CPU into this many logical devices for ``mirrored`` (0 = no split).
     """
 
     epochs: int = 10
@@ -216,8 +221,17 @@ class TrainConfig:
     schedule: str = "constant"
     fine_tune_batchnorm: bool = False
     weight_decay: float = 0.0
+    distribute: str = "auto"
+    precision: str = "auto"
+    cpu_replicas: int = 0
 
     def __post_init__(self) -> None:
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise BadSettingError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}; got {self.distribute!r}.")
+        if self.precision not in PRECISIONS:
+            raise BadSettingError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        if not (0 <= self.cpu_replicas <= 64):
+            raise BadSettingError(f"cpu_replicas must be between 0 and 64; got {self.cpu_replicas}.")
         if self.balance not in BALANCE_STRATEGIES:
             raise BadSettingError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
         if self.threshold_rule not in THRESHOLD_RULES:

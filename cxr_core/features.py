@@ -14,6 +14,9 @@ Entries are written atomically; a damaged or wrong-shape entry is noticed on rea
 A pack holds the features of a whole row list in one file, so a rerun on the same data (a warm
 run) reads one file instead of thousands; it is only a faster copy of the entries.
 
+Several workers of a multi-worker run share one cache: each computes its shard of the missing
+entries (``shard=``), then every worker reads them all.
+
 Throughput: images are decoded and resized in threads (OpenCV and Pillow release the GIL) while
 the model runs the previous batch through one compiled function, and cache writes happen on a
 writer thread, so the model, not the pipeline, sets the pace.
@@ -26,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +109,7 @@ def model_key_parts(model_cfg: ModelConfig, seed: int) -> dict:
             identity = "sha256:" + file_sha256(Path(weights).expanduser())
         except OSError:
             identity = "missing:" + weights  # build_backbone will raise the proper error
-    return {
+    parts = {
         "version": CACHE_VERSION,
         "backbone": spec.name,
         "weights": identity,
@@ -113,6 +117,13 @@ def model_key_parts(model_cfg: ModelConfig, seed: int) -> dict:
         "alpha": float(model_cfg.alpha) if spec.supports_alpha else None,
         "resize": _RESIZE,
     }
+    # A mixed precision policy (a GPU run) computes slightly different features: a key of its own,
+    # added only then so that float32 keys, and the caches made before, stay as they were.
+    keras = sys.modules.get("keras")  # not imported here: when Keras is not loaded, nothing set a policy
+    policy = keras.mixed_precision.global_policy().name if keras is not None else "float32"
+    if policy != "float32":
+        parts["precision"] = policy
+    return parts
 
 
 def model_key(model_cfg: ModelConfig, seed: int) -> str:
@@ -205,6 +216,7 @@ def extract_features(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     workers: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> FeatureResult:
     """Pooled backbone features of every readable row, from the cache where possible.
 
@@ -220,6 +232,10 @@ def extract_features(
         should_stop: checked between batches; when it returns True the function returns at once
             with ``cancelled=True``.
         workers: decoding threads (default: the number of CPUs, at most 8).
+        shard: (this worker's index, number of workers) in a multi-worker run: compute only every
+            n-th image missing from the cache (the others compute the rest into the same cache), so
+            the result holds the cached rows and this shard's; call again, after every worker is
+            done, for all rows.
 
     Returns:
         A ``FeatureResult``. Unreadable images are listed in ``errors`` and left out of ``index``.
@@ -320,6 +336,8 @@ def extract_features(
             if done:
                 progress(done, total)
 
+        if shard is not None:
+            misses = misses[shard[0]::shard[1]]
         # Phase 2: run the model on the misses, loading batch N+1 while batch N runs.
         if misses and not cancelled:
             batches = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
@@ -357,7 +375,7 @@ def extract_features(
     features = np.zeros((len(index), dim), np.float32)
     for i, pos in enumerate(index):
         features[i] = vectors[int(pos)]
-    if not cancelled and not errors and total and dim and not writer.failed:
+    if not cancelled and not errors and total and dim and not writer.failed and shard is None:
         if keys is None:  # the hashes were computed during the look-ups
             keys = [entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
         # Rewritten when a pack was looked for and could not be used (it was damaged); else only when absent.

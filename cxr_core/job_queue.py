@@ -8,13 +8,13 @@ dispatch at the same time, and the queue is still there after the server restart
 starts the oldest waiting jobs while fewer than ``max_concurrent`` run; ``jobs`` owns the slots, their
 locks and the launch.
 
-Who calls ``dispatch``: the app, on every Training page run, and one daemon thread per server process
-(``start_dispatcher``) that calls it every two seconds. The training process does not call it when it
-ends: a job killed outright (out of memory, SIGKILL, the server's container replaced) never gets the
-chance, so a poller is needed anyway, and with one a job's end is noticed within ``every_s``. A
-training process that launched the next job would also make that job the child of a process on its
-way out, outside the server that watches its jobs. After a restart the queue file is read again by
-the first dispatch, from the page or the thread the app starts again.
+Who calls ``dispatch``: the app, when a job is submitted, and one daemon thread per server process
+(``start_dispatcher``, started by any page while jobs wait) that calls it every two seconds. The training
+process does not call it when it ends: a job killed outright (out of memory, SIGKILL, the server's
+container replaced) never gets the chance, so a poller is needed anyway, and with one a job's end is
+noticed within ``every_s``. A training process that launched the next job would also make that job the
+child of a process on its way out, outside the server that watches its jobs. After a restart the queue
+file is read again by the first dispatch, from the page or the thread the app starts again.
 """
 from __future__ import annotations
 

@@ -182,8 +182,10 @@ def build_head(feature_dim: int, dropout: float, seed: int | None = None, n_outp
     """
     inputs = keras.Input((int(feature_dim),), dtype="float32", name="features")
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
+    # float32 logits even under a mixed precision policy: float16 would round the loss and the threshold.
     outputs = keras.layers.Dense(
-        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit"
+        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit",
+        dtype="float32",
     )(x)
     return keras.Model(inputs, outputs, name="head")
 
@@ -219,7 +221,8 @@ def build_classifier(
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(rate, seed=seed, name="dropout")(x)
     logit_layer = keras.layers.Dense(
-        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit"
+        int(n_outputs), kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="logit",
+        dtype="float32",
     )
     outputs = logit_layer(x)
     model = keras.Model(inputs, outputs, name="classifier")
