@@ -163,7 +163,6 @@ def test_cancellation_between_batches(tiny_dataset: Path, tmp_path: Path):
     assert stopped.cancelled and stopped.n_computed == 0 and stopped.features.shape[0] == 0
 
 
-@pytest.mark.slow  # seconds of model building; the full suite runs it
 def test_packs_are_exact_checked_and_pruned(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset)
     first = extract_features(rows.iloc[:10], CFG, None, cache_dir=tmp_path)

@@ -103,7 +103,6 @@ def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
     assert lite.label(float(p_lite[0])) == keras_.label(float(p_keras[0]))
 
 
-@pytest.mark.slow  # seconds of model building; the full suite runs it
 @pytest.mark.parametrize("target", ["PNEUMONIA", "NORMAL"])
 def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
     """The export's second output holds ReLU(S) and ReLU(-S); Keras computes Grad-CAM of the logit and
@@ -162,7 +161,6 @@ def test_predicting_with_litert_never_imports_tensorflow(exported_run):
     assert lines[-1] == "False False"
 
 
-@pytest.mark.slow  # seconds of model building; the full suite runs it
 def test_stale_export_is_not_used(exported_run, tmp_path):
     from cxr_core.model import build_classifier
 
