@@ -198,6 +198,12 @@ def recipe_choice() -> str:
     return name
 
 
+def _initial(key: str) -> dict:
+    """A form widget's starting value: the default, unless the session already holds one (a recipe or a
+    running run's settings put it there), which a default beside it would conflict with."""
+    return {} if key in st.session_state else {"value": FORM_DEFAULTS[key]}
+
+
 def _options(values: list, current) -> list:
     """Slider options that include a value a recipe put into the form."""
     return sorted(set(values) | ({current} if current is not None else set()))
@@ -258,8 +264,11 @@ def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
         weights_value = weights_choice(c2, backbone, st.session_state.get(f"train_size_{backbone}"))
         sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size}
                        | {st.session_state.get(f"train_size_{backbone}") or spec.default_size})
-        size = c3.select_slider("Image size (pixels)", sizes, value=spec.default_size, key=f"train_size_{backbone}",
-                                **PERSIST,
+        size_key = f"train_size_{backbone}"
+        # A value set in the session (a recipe, a running run's settings) wins; a default beside it would be
+        # a conflict Streamlit warns about.
+        start = {} if size_key in st.session_state else {"value": spec.default_size}
+        size = c3.select_slider("Image size (pixels)", sizes, key=size_key, **start, **PERSIST,
                                 help="Images are resized to a square of this side. Smaller is much faster "
                                      "and loses fine detail.")
         alpha = 1.0
@@ -267,26 +276,26 @@ def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
             # A weights file fits one width only; Keras names them ..._<alpha>_<size>_no_top...
             fixed = (weights.alpha_of(Path(weights_value).name)
                      if weights_value not in ("imagenet", "none", UPLOAD) else None)
-            alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0],
-                                     value=fixed if fixed else 1.0,
-                                     key=f"train_alpha_{fixed if fixed else 'free'}",
+            alpha_key = f"train_alpha_{fixed if fixed else 'free'}"
+            start = {} if fixed is None and alpha_key in st.session_state else {"value": fixed or 1.0}
+            alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0], key=alpha_key, **start,
                                      disabled=fixed is not None, **PERSIST,
                                      help="MobileNetV2's width multiplier: 0.35 is about 8× smaller and faster. "
                                           "A weights file fixes it.")
         dropout = c2.slider("Dropout before the last layer", *FORM_RANGES["train_dropout"],
-                            FORM_DEFAULTS["train_dropout"], step=0.05, key="train_dropout", **PERSIST,
+                            **_initial("train_dropout"), step=0.05, key="train_dropout", **PERSIST,
                             help="Randomly silences this share of features while training (0.5 in the reference), "
                                  "which fights overfitting.")
 
         st.markdown("**Training**")
         c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Epochs", *FORM_RANGES["train_epochs"], FORM_DEFAULTS["train_epochs"],
+        epochs = c1.number_input("Epochs", *FORM_RANGES["train_epochs"], **_initial("train_epochs"),
                                  key="train_epochs", **PERSIST,
                                  help="Passes over the training images for the head (fast: on cached features).")
         batches = _options([8, 16, 32, 64, 128], st.session_state.get("train_batch"))
-        batch = c2.select_slider("Batch size", batches, FORM_DEFAULTS["train_batch"], key="train_batch", **PERSIST)
+        batch = c2.select_slider("Batch size", batches, **_initial("train_batch"), key="train_batch", **PERSIST)
         rates = _options([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], st.session_state.get("train_lr"))
-        lr = c3.select_slider("Learning rate", rates, FORM_DEFAULTS["train_lr"], key="train_lr",
+        lr = c3.select_slider("Learning rate", rates, **_initial("train_lr"), key="train_lr",
                               format_func=lambda v: f"{v:g}",
                               **PERSIST)
         c1, c2, c3 = st.columns(3)
@@ -299,7 +308,7 @@ def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
                                  help="After the head, unfreeze this many top backbone layers and train on at a low "
                                       "learning rate (1e-5). Slower: the images go through the backbone every epoch.")
         ft_epochs = c2.number_input("Fine-tune epochs", *FORM_RANGES["train_ft_epochs"],
-                                    FORM_DEFAULTS["train_ft_epochs"], key="train_ft_epochs", **PERSIST,
+                                    **_initial("train_ft_epochs"), key="train_ft_epochs", **PERSIST,
                                     disabled=ft_layers == 0)
         threshold_rule = c3.selectbox("Threshold rule", THRESHOLD_RULES, key="train_rule", **PERSIST,
                                       disabled=task == "subtype",  # three classes: the most probable one
@@ -330,7 +339,7 @@ def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
                                                         else "Augment NORMAL (reference)"),
                                                                  "class_weight": "Class weights", "none": "None"}.get)
         limit = c3.number_input("Quick demo: use only this many images (0 = all)", *FORM_RANGES[session.KEY_LIMIT],
-                                FORM_DEFAULTS[session.KEY_LIMIT], step=50,
+                                **_initial(session.KEY_LIMIT), step=50,
                                 key=session.KEY_LIMIT, **PERSIST,
                                 help="A stratified subset (same class shares) for a fast first run; at least 10.")
         aug = session.augment_config()
