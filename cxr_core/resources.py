@@ -37,6 +37,21 @@ CHUNK_BYTES = 1 << 20
 _NO_LIMIT = 1 << 60  # cgroup v1 writes a huge number for "no limit"
 
 
+def positive_int_setting(name: str, env: Mapping[str, str] | None = None, unit: str = "") -> int | None:
+    """An operator's whole-number setting from the environment (or a top-level secret, which Streamlit
+    copies there); None when unset.
+
+    Raises:
+        BadSettingError: it is set but not a whole number above 0 (one sentence naming it).
+    """
+    wanted = (os.environ if env is None else env).get(name, "").strip()
+    if not wanted:
+        return None
+    if not wanted.isdigit() or int(wanted) <= 0:
+        raise BadSettingError(f"{name} must be a whole number{unit} above 0, not {wanted!r}; fix or unset it.")
+    return int(wanted)
+
+
 def _read_limit(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
@@ -95,13 +110,9 @@ def upload_limit_mb(memory_bytes: int | None = None, server_max_mb: int = 1024,
     Raises:
         BadSettingError: ``$CXR_MAX_UPLOAD_MB`` is not a whole number above 0.
     """
-    env = os.environ if env is None else env
-    wanted = env.get(ENV_MAX_UPLOAD, "").strip()
-    if wanted:
-        if not wanted.isdigit() or int(wanted) <= 0:
-            raise BadSettingError(
-                f"{ENV_MAX_UPLOAD} must be a whole number of megabytes above 0, not {wanted!r}; fix or unset it.")
-        return min(int(wanted), server_max_mb)
+    wanted = positive_int_setting(ENV_MAX_UPLOAD, env, unit=" of megabytes")
+    if wanted is not None:
+        return min(wanted, server_max_mb)
     memory_mb = (memory_limit_bytes() if memory_bytes is None else memory_bytes) // MB
     share = (memory_mb - APP_RESERVE_MB) // (CONCURRENT_UPLOADS * COPIES_WHILE_RECEIVED)
     return int(max(MIN_UPLOAD_MB, min(server_max_mb, share)))
@@ -179,13 +190,9 @@ def uploads_per_minute(env: Mapping[str, str] | None = None, cores: int | None =
     Raises:
         BadSettingError: the setting is not a whole number above 0.
     """
-    env = os.environ if env is None else env
-    wanted = env.get(ENV_UPLOADS_PER_MINUTE, "").strip()
-    if wanted:
-        if not wanted.isdigit() or int(wanted) <= 0:
-            raise BadSettingError(f"{ENV_UPLOADS_PER_MINUTE} must be a whole number above 0, not {wanted!r}; "
-                                  "fix or unset it.")
-        return int(wanted)
+    wanted = positive_int_setting(ENV_UPLOADS_PER_MINUTE, env)
+    if wanted is not None:
+        return wanted
     return UPLOADS_PER_CORE_MINUTE * max(1, cores if cores is not None else (os.cpu_count() or 1))
 
 

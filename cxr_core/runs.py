@@ -210,7 +210,7 @@ def running_elsewhere(root: str | os.PathLike | None = None) -> list[Path]:
     there, writing to shared storage) and were heard from lately, newest first."""
     root = Path(root) if root is not None else runs_root().path
     try:
-        folders = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        folders = [RunFolder(p) for p, _ in _run_dirs(root)]
     except OSError:
         return []
     found = []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .atomic import write_bytes_atomic
 from .errors import BadSettingError, CxrError
+from .resources import positive_int_setting
 from .runs import WORKSPACES_DIR, read_status, runs_root
 
 LAST_USED_FILE = ".last-used"
@@ -110,13 +111,9 @@ def limit_mb(root: str | os.PathLike | None = None, env: Mapping[str, str] | Non
     Raises:
         BadSettingError: ``$CXR_WORKSPACE_MB`` is not a whole number above 0.
     """
-    env = os.environ if env is None else env
-    wanted = env.get(ENV_MB, "").strip()
-    if wanted:
-        if not wanted.isdigit() or int(wanted) <= 0:
-            raise BadSettingError(f"{ENV_MB} must be a whole number of megabytes above 0, not {wanted!r}; "
-                                  "fix or unset it.")
-        return int(wanted)
+    wanted = positive_int_setting(ENV_MB, env, unit=" of megabytes")
+    if wanted is not None:
+        return wanted
     if free_bytes is None:
         free_bytes = shutil.disk_usage(_root(root)).free
     return int(max(MIN_MB, min(MAX_MB, free_bytes * DISK_SHARE // MB)))
