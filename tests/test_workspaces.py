@@ -178,3 +178,29 @@ def test_predict_takes_at_most_the_uploads_per_minute_and_says_so(monkeypatch):
     assert ("You have uploaded 1 image in the last minute, the limit on this server; wait a minute and upload the "
             "rest again.") in [w.value for w in at.warning]
     assert list(at.dataframe[0].value["file"]) == ["xray0.png"]  # the first was classified, the second waits
+
+
+def test_only_the_operator_sets_how_many_jobs_train_at_once_and_it_is_audited(monkeypatch):
+    from cxr_core import audit, job_queue
+
+    monkeypatch.delenv("CXR_MAX_JOBS", raising=False)
+    monkeypatch.setattr(resources, "max_training_jobs", lambda *_args, **_kwargs: 3)
+    at = _visitor("b-" + "d" * 24)
+    render(at, "pages/training.py", "training (visitor)")
+    assert not [n for n in at.number_input if n.key == "queue_max_jobs"]
+    at.text_input(key="access_passphrase").input(PASSPHRASE)
+    render(at, None, "training (operator)")
+    at.number_input(key="queue_max_jobs").set_value(2)
+    render(at, None, "training (two at once)")
+    assert job_queue.max_concurrent() == 2
+    entry = audit.read(runs_dir())[0]
+    assert (entry["action"], entry["target"], entry["role"]) == ("jobs at once", "2", "operator")
+
+
+def test_a_visitor_without_a_cookie_gets_one_and_a_kept_id_is_reused():
+    at = _visitor()
+    render(at, "pages/training.py", "training (first visit)")
+    ws = at.session_state["access_browser_id"]
+    assert workspaces.valid_id(ws) and ws.startswith("b-")
+    scripts = [str(getattr(h, "proto", h)) for h in at.get("html")]
+    assert any(f"cxr_workspace={ws}" in s for s in scripts)  # the browser is asked to keep it

@@ -23,7 +23,6 @@ KEY_WRONG = "access_wrong"           # the last passphrase typed was wrong
 KEY_PASSPHRASE = "access_passphrase"  # the password field; emptied as soon as it has been checked
 KEY_SESSION_ID = "access_session_id"  # an anonymous id for the audit trail
 KEY_BROWSER_ID = "access_browser_id"  # the workspace id of a visitor who is not signed in
-KEY_COOKIE_SET = "access_cookie_set"  # this session has asked the browser to keep that id
 KEY_UPLOADS_SEEN = "access_uploads_seen"  # upload ids already counted against the per-minute limit
 COOKIE = "cxr_workspace"              # the browser keeps a visitor's workspace id in this cookie
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
@@ -102,15 +101,14 @@ def keep_workspace_in_browser() -> None:
     """Ask the browser to keep a visitor's random workspace id (a cookie for a year), so that a reload or a
     later visit finds the same runs. Nothing for signed-in users, the operator or a local app."""
     ws = workspace()
-    if ws is None or not ws.startswith("b-") or st.session_state.get(KEY_COOKIE_SET):
+    if ws is None or not ws.startswith("b-"):
         return
     try:
         if st.context.cookies.get(COOKIE) == ws:
-            st.session_state[KEY_COOKIE_SET] = True
-            return
-    except Exception:  # noqa: BLE001
+            return  # the browser sent it with this session: it keeps it already
+    except Exception:  # noqa: BLE001 (no cookies on this host or in a test)
         pass
-    st.session_state[KEY_COOKIE_SET] = True
+    # On every run of this session (a run cut short by a rerun may never reach the browser): an invisible element.
     st.html(f"<script>document.cookie = '{COOKIE}={ws}; max-age={COOKIE_MAX_AGE_S}; path=/; SameSite=Lax';"
             "</script>", unsafe_allow_javascript=True, width="content")
 
