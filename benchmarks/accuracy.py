@@ -48,8 +48,8 @@ def load_data(work: Path) -> dict:
     if cache.exists():
         z = np.load(cache, allow_pickle=True)
         return {k: z[k] for k in z.files}
-    from cxr_core.data import make_split, scan_dataset
-    from cxr_core.images import load_gray
+    from cxr_core.data.scan import make_split, scan_dataset
+    from cxr_core.io.images import load_gray
 
     scan = scan_dataset(DATA)
     split = make_split(scan.manifest, mode="patient", seed=123)
@@ -207,7 +207,7 @@ def report(name: str, args_line: str, seconds: float, yv, pv, yt, pt, extra: dic
            tsrc=None) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from cxr_core.evaluate import choose_threshold
+    from cxr_core.core.metrics import choose_threshold
 
     thr = float(choose_threshold(yv, pv, rule="youden"))
     row = {
@@ -445,8 +445,8 @@ def _run_predictions(run_dir: Path, d: dict) -> tuple[np.ndarray, np.ndarray, np
     """Validation labels and probabilities from a product run folder, and its probabilities on test-dev."""
     import keras
 
-    from cxr_core.images import to_model_input
-    from cxr_core.model import load_classifier
+    from cxr_core.engine.model import load_classifier
+    from cxr_core.io.images import to_model_input
 
     cfg = json.loads((run_dir / "config.json").read_text())
     size = int(cfg["model"]["image_size"] or 224)

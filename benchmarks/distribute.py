@@ -39,9 +39,9 @@ def pipeline(data: Path, limit: int, batch: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from cxr_core.config import DataConfig, ModelConfig, RunConfig
-    from cxr_core.data import scan_dataset, stratified_subset
-    from cxr_core.train import ImageBatches
+    from cxr_core.core.config import DataConfig, ModelConfig, RunConfig
+    from cxr_core.data.scan import scan_dataset, stratified_subset
+    from cxr_core.engine.train import ImageBatches
 
     config = RunConfig(data=DataConfig(data_dir=str(data)),
                        model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=224))
@@ -122,7 +122,7 @@ def main() -> None:
                             fine_tune(args.data, args.limit, args.batch, "mirrored", 2)]}
     out = PROJECT_ROOT / "benchmarks" / "results" / f"distribute-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    from cxr_core.atomic import write_json_atomic
+    from cxr_core.io.atomic import write_json_atomic
 
     write_json_atomic(out, result)
     print(json.dumps(result, indent=1))

@@ -31,7 +31,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def score(run_dir: Path, test: Path, seconds: float | None = None, command: str = "") -> dict:
     """The figures of one finished run on ``test`` (the evaluation is stored with the run)."""
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     result = _cli("evaluate", "--run", str(run_dir), "--data", str(test))
     if result.returncode != 0:

@@ -8,7 +8,7 @@ base over every image in every epoch (and over the validation images after every
     Input -> preprocess_input -> base(training=False) -> GlobalAveragePooling2D -> Dropout(0.5)
           -> Dense(1, sigmoid);  Adam(1e-3), binary crossentropy, batch 32.
 
-Same data and split as ``cxr_core.train``: the image list comes from the harness (path,label in
+Same data and split as ``cxr_core.engine.train``: the image list comes from the harness (path,label in
 the manifest's order), the split is sklearn's stratified 80/20 then 50/50 with random_state=seed,
 and the training part gets ``n_pneumonia - n_normal`` augmented NORMAL images (rotation +-0.3
 degrees, horizontal flip, brightness 0.9..1.1, shifts 5 %: the reference's ImageDataGenerator
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                              "shuffle seed gives both ways the same batches")
     parser.add_argument("--augmented", default=None,
                         help="CSV path,augment_seed: make the extra NORMAL images from these sources with "
-                             "cxr_core.augment.augment_image, so both ways train on the same images")
+                             "cxr_core.data.augment.augment_image, so both ways train on the same images")
     args = parser.parse_args(argv)
 
     t_start = time.time()
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.augmented:
         # The same augmented images as the other side (same sources, seeds and transform): the
         # comparison is then about how features reach the head, not about different training data.
-        from cxr_core.augment import augment_image
-        from cxr_core.config import AugmentConfig
+        from cxr_core.core.config import AugmentConfig
+        from cxr_core.data.augment import augment_image
 
         extra = pd.read_csv(args.augmented)
         if len(extra) != n_extra:

@@ -188,7 +188,7 @@ class Context:
 
     def manifest(self):
         if self._manifest is None:
-            from cxr_core import data
+            from cxr_core.data import scan as data
 
             t = time.time()
             self._manifest = data.scan_dataset(DATA).manifest
@@ -197,7 +197,7 @@ class Context:
 
     def subset_csv(self, n: int | None, name: str) -> Path:
         """path,label,sha256 of a stratified subset (seed 123; the same rows train(limit=n) uses)."""
-        from cxr_core import data
+        from cxr_core.data import scan as data
 
         manifest = self.manifest()
         rows = manifest if n is None or n >= len(manifest) else data.stratified_subset(manifest, n, seed=123)
@@ -244,7 +244,8 @@ def inception_weights() -> Path:
     path = TMP / "inception_v3_random_299.weights.h5"
     if not path.is_file():
         TMP.mkdir(parents=True, exist_ok=True)
-        code = ("import sys; from cxr_core.config import ModelConfig; from cxr_core.model import build_backbone; "
+        code = ("import sys; from cxr_core.core.config import ModelConfig; "
+                "from cxr_core.engine.model import build_backbone; "
                 "build_backbone(ModelConfig(backbone='inception_v3', weights='none', image_size=299), seed=123)"
                 ".save_weights(sys.argv[1])")
         subprocess.run([PYTHON, "-c", code, str(path)], check=True, cwd=ROOT)
@@ -252,7 +253,7 @@ def inception_weights() -> Path:
 
 
 def run_config(backbone: str, limit: int | None, epochs: int, cache_dir: Path) -> dict:
-    from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from cxr_core.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     return RunConfig(
         data=DataConfig(data_dir=str(DATA), split="random", seed=123, limit=limit),
@@ -267,8 +268,8 @@ def run_config(backbone: str, limit: int | None, epochs: int, cache_dir: Path) -
 # 1 + 2. Training time and peak memory: reference way vs ours (cold cache, warm cache)
 # ---------------------------------------------------------------------------------------------
 def augmented_csv(ctx: Context, n: int | None, name: str) -> Path:
-    """path,augment_seed of the extra NORMAL images cxr_core.train makes for this subset (same calls)."""
-    from cxr_core import augment, data
+    """path,augment_seed of the extra NORMAL images cxr_core.engine.train makes for this subset (same calls)."""
+    from cxr_core.data import augment, scan as data
 
     manifest = ctx.manifest()
     if n is not None and n < len(manifest):
@@ -354,7 +355,7 @@ def bench_extract(ctx: Context) -> dict:
         bare = worker("extract_bare", {"rows": str(rows), "model": margs, "size": margs["image_size"]},
                       f"extract-{backbone}-bare")
         log(f"  bare: {bare['images_per_s']:.1f} img/s")
-        log(f"extract {backbone}: cxr_core.features.extract_features, cold cache, {n} images")
+        log(f"extract {backbone}: cxr_core.engine.features.extract_features, cold cache, {n} images")
         ours = worker("extract_ours", {"rows": str(rows), "model": margs, "cache_dir": str(cache)},
                       f"extract-{backbone}-ours")
         log(f"  ours: {ours['images_per_s']:.1f} img/s end to end, {ours['images_per_s_excl_build']:.1f} "

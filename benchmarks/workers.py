@@ -43,12 +43,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1 + 2. Our training (cxr_core.train.train), cold or warm cache
+# 1 + 2. Our training (cxr_core.engine.train.train), cold or warm cache
 # ---------------------------------------------------------------------------------------------
 def train_ours(args: dict) -> dict:
     t0 = time.time()
-    from cxr_core.config import RunConfig
-    from cxr_core.train import train
+    from cxr_core.core.config import RunConfig
+    from cxr_core.engine.train import train
 
     config = RunConfig.from_dict(args["config"])
     stages: dict[str, float] = {}
@@ -99,11 +99,11 @@ def train_ours(args: dict) -> dict:
 # 3. Feature extraction throughput
 # ---------------------------------------------------------------------------------------------
 def extract_ours(args: dict) -> dict:
-    """cxr_core.features.extract_features on a cold cache (decode + resize + model + cache writes)."""
+    """cxr_core.engine.features.extract_features on a cold cache (decode + resize + model + cache writes)."""
     import pandas as pd
 
-    from cxr_core import features
-    from cxr_core.config import AugmentConfig, ModelConfig
+    from cxr_core.core.config import AugmentConfig, ModelConfig
+    from cxr_core.engine import features
 
     rows = pd.read_csv(args["rows"])
     rows["augment_seed"] = -1
@@ -198,9 +198,9 @@ def extract_bare(args: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def make_run_folder(args: dict) -> dict:
     """A finished run folder holding an untrained classifier (enough for latency: same graph)."""
-    from cxr_core import model as model_lib
-    from cxr_core.atomic import write_json_atomic
-    from cxr_core.config import ModelConfig, RunConfig
+    from cxr_core.core.config import ModelConfig, RunConfig
+    from cxr_core.engine import model as model_lib
+    from cxr_core.io.atomic import write_json_atomic
 
     run_dir = Path(args["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,10 +209,10 @@ def make_run_folder(args: dict) -> dict:
     classifier.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "config.json", config.to_dict())
     write_json_atomic(run_dir / "metrics.json", {"threshold": 0.5})
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     RunFolder(run_dir).write_status("done", message="benchmark fixture (untrained head)")
-    from cxr_core.litert import export_classifier
+    from cxr_core.engine.litert import export_classifier
 
     t = time.time()
     export_classifier(classifier, run_dir, config.model.backbone)
@@ -222,10 +222,10 @@ def make_run_folder(args: dict) -> dict:
 def latency(args: dict) -> dict:
     import pandas as pd
 
-    from cxr_core.images import load_gray
+    from cxr_core.io.images import load_gray
 
     t = time.time()
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     import_s = time.time() - t
     paths = pd.read_csv(args["rows"])["path"].astype(str).tolist()
@@ -290,12 +290,12 @@ def app_inprocess(args: dict) -> dict:
     import streamlit  # noqa: F401
 
     steps["import streamlit+plotly+pandas"] = _status_mb()
-    from cxr_core import predict, runs  # noqa: F401
+    from cxr_core.inference import predictor as predict
 
-    steps["import cxr_core.predict"] = _status_mb()
+    steps["import cxr_core.inference.predictor"] = _status_mb()
     if mode == "no_tf":
         return {"steps": steps, "maxrss_mb": _maxrss_mb()}
-    from cxr_core.images import load_gray
+    from cxr_core.io.images import load_gray
 
     predictor = predict.Predictor.from_run(args["run_dir"])
     steps["Predictor.from_run"] = _status_mb()

@@ -1,4 +1,4 @@
 """``python -m cxr_core``: see cxr_core/cli.py."""
-from .cli import main
+from cxr_core.cli import main
 
 raise SystemExit(main())

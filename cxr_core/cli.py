@@ -17,13 +17,13 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from . import plan
-from .backbones import BACKBONE_NAMES
-from .config import BALANCE_STRATEGIES, SCHEDULES, SPLIT_MODES, RunConfig
-from .distribute import DISTRIBUTE_MODES, LEARNING_RATE_RULE, PRECISIONS
-from .errors import CxrError
-from .labels import TASKS, THRESHOLD_RULES
-from .recipes import RECIPE_NAMES, apply_recipe
+from cxr_core.core.backbones import BACKBONE_NAMES
+from cxr_core.core.config import BALANCE_STRATEGIES, DISTRIBUTE_MODES, PRECISIONS, SCHEDULES, SPLIT_MODES, RunConfig
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import TASKS, THRESHOLD_RULES
+from cxr_core.core.recipes import RECIPE_NAMES, apply_recipe
+from cxr_core.data import plan
+from cxr_core.engine.distribute import LEARNING_RATE_RULE
 
 log = logging.getLogger("cxr_core")
 
@@ -141,7 +141,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     """A RunConfig from ``--config`` (if any) overridden by the flags given."""
     base = RunConfig()
     if args.config:
-        from .atomic import read_json  # noqa: PLC0415
+        from cxr_core.io.atomic import read_json  # noqa: PLC0415
 
         loaded = read_json(args.config, default=None)
         if loaded is None:
@@ -193,10 +193,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.lock_file:
         if not args.run_dir:
             raise CxrError("--lock-file is for the background launcher and needs --run-dir.")
-        from . import jobs  # noqa: PLC0415 - light; taken before TensorFlow loads, so the launcher waits little
+        from cxr_core.hosting import jobs  # noqa: PLC0415 - light; taken before TensorFlow loads, so the launcher waits little
 
         jobs.hold_training_lock(args.lock_file, args.run_dir)  # held until this process exits
-    from . import distribute, heartbeat, runs, train  # noqa: PLC0415
+    from cxr_core.engine import distribute, train  # noqa: PLC0415
+    from cxr_core.runs import heartbeat, registry as runs  # noqa: PLC0415
 
     config = build_config(args)
     # Before anything else touches TensorFlow: the logical CPU devices and the strategy come first.
@@ -204,7 +205,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         runtime = distribute.setup(config.train.distribute, config.train.precision, config.train.cpu_replicas)
     except CxrError as error:
         if args.run_dir:  # the launcher's folder says why
-            from .run_folder import RunFolder  # noqa: PLC0415
+            from cxr_core.runs.run_folder import RunFolder  # noqa: PLC0415
 
             RunFolder(args.run_dir).write_status("failed", message=str(error), error=str(error))
         raise
@@ -249,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .external import evaluate_folder  # noqa: PLC0415
+    from cxr_core.evaluation.external import evaluate_folder  # noqa: PLC0415
 
     result = evaluate_folder(args.run, args.data, threshold=args.threshold, engine=args.engine,
                              store=not args.no_store)
@@ -260,7 +261,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, overlay_heatmap  # noqa: PLC0415
+    from cxr_core.inference.predictor import Predictor, overlay_heatmap  # noqa: PLC0415
 
     predictor = Predictor.from_run(args.run, engine=args.engine)
     if args.threshold is not None:
@@ -280,7 +281,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .litert import export_run, lite_status  # noqa: PLC0415
+    from cxr_core.engine.litert import export_run, lite_status  # noqa: PLC0415
 
     path = export_run(args.run)
     print(path)
@@ -291,7 +292,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from .ensemble import make_ensemble  # noqa: PLC0415
+    from cxr_core.evaluation.ensemble import make_ensemble  # noqa: PLC0415
 
     print(make_ensemble(args.runs, out_dir=args.out, threshold_rule=args.threshold_rule))
     return EXIT_OK
@@ -301,8 +302,8 @@ def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> dict
     """Write the overlay of the evidence for the predicted class; the fields it adds to the result."""
     import cv2  # noqa: PLC0415
 
-    from .atomic import write_bytes_atomic  # noqa: PLC0415
-    from .images import load_gray  # noqa: PLC0415
+    from cxr_core.io.atomic import write_bytes_atomic  # noqa: PLC0415
+    from cxr_core.io.images import load_gray  # noqa: PLC0415
 
     gray = load_gray(file)
     found = predictor.explanation(gray)

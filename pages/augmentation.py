@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cxr_core import augment
-from cxr_core.config import BALANCE_STRATEGIES, AugmentConfig, DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import CxrError
-from cxr_core.labels import CLASSES, TASKS
+from cxr_core.core.config import BALANCE_STRATEGIES, AugmentConfig, DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import CLASSES, TASKS
+from cxr_core.data import augment
 from pages.ui import charts, datasets, frame, session
 
 frame.page_header(

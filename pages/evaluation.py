@@ -6,11 +6,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import evaluate, external
-from cxr_core.errors import CxrError
-from cxr_core.labels import CLASSES, label_for
-from cxr_core.predict import map_caption
-from cxr_core.run_folder import RunFolder
+from cxr_core.core import metrics as evaluate
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import CLASSES, label_for
+from cxr_core.evaluation import external
+from cxr_core.inference.predictor import map_caption
+from cxr_core.runs.run_folder import RunFolder
 from pages.ui import access, charts, datasets, frame, models, multiclass, session
 
 frame.page_header(

@@ -1,7 +1,7 @@
 """Home: what the workbench does, the four steps and where this session stands on each."""
 import streamlit as st
 
-from cxr_core.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder
 from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(

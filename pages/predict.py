@@ -4,9 +4,9 @@ import io
 import pandas as pd
 import streamlit as st
 
-from cxr_core.errors import CxrError
-from cxr_core.labels import TASK_CLASSES, label_for
-from cxr_core.predict import overlay_heatmap
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import TASK_CLASSES, label_for
+from cxr_core.inference.predictor import overlay_heatmap
 from pages.ui import access, charts, datasets, frame, models, session
 
 frame.page_header(

@@ -8,18 +8,22 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import data, evaluate, job_queue, jobs, plan, resources, runs, weights, workspaces
-from cxr_core.backbones import BACKBONES
-from cxr_core.config import (
+from cxr_core.core import metrics as evaluate
+from cxr_core.core.backbones import BACKBONES
+from cxr_core.core.config import (
     BALANCE_STRATEGIES,
     SPLIT_LABELS,
     SPLIT_MODES,
     RunConfig,
 )
-from cxr_core.errors import CxrError
-from cxr_core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
-from cxr_core.recipes import RECIPES, apply_recipe
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
+from cxr_core.core.recipes import RECIPES, apply_recipe
+from cxr_core.data import plan, scan as data
+from cxr_core.hosting import job_queue, jobs, resources, workspaces
+from cxr_core.io import weights
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 from pages.ui import access, charts, datasets, frame, models, session
 
 frame.page_header(

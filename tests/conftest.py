@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_core.config import ModelConfig
+from cxr_core.core.config import ModelConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,8 +32,8 @@ TINY_PRETRAINED = dataclasses.replace(TINY_MODEL, weights=str(TINY_WEIGHTS))
 def tiny_weights_file() -> Path:
     """Write ``TINY_WEIGHTS`` (a seeded random initialisation) unless an earlier session did."""
     if not TINY_WEIGHTS.is_file():
-        from cxr_core.atomic import atomic_path
-        from cxr_core.model import build_backbone
+        from cxr_core.engine.model import build_backbone
+        from cxr_core.io.atomic import atomic_path
 
         with atomic_path(TINY_WEIGHTS, suffix=".weights.h5") as tmp:
             build_backbone(TINY_MODEL, seed=1).save_weights(str(tmp))

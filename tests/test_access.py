@@ -1,6 +1,6 @@
 """Roles and the audit trail: the operator changes the server for everyone, visitors explore.
 
-Three modes (cxr_core.access): no secrets (a local app: the single user is the operator), an
+Three modes (cxr_core.hosting.access): no secrets (a local app: the single user is the operator), an
 ``operator_passphrase`` typed in the sidebar, and a login (``[auth]``) with an allow-list of e-mails.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import TINY_WEIGHTS, make_dataset
-from cxr_core import access, audit
+from cxr_core.hosting import access, audit
 from test_app import HOME, KEY_DATASET, TIMEOUT, data_root, fake_run, render, text_of
 
 PASSPHRASE = "correct horse battery staple 7"
@@ -140,8 +140,8 @@ def test_login_mode_allow_list(email, operator):
 def test_a_visitor_trains_into_their_workspace_through_the_queue(monkeypatch):
     """A visitor's run goes to their own workspace; while the server's places are taken it waits with its
     place shown, a second one is refused in one sentence, and withdrawing it removes it unstarted."""
-    from cxr_core import job_queue, jobs, workspaces
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.hosting import job_queue, jobs, workspaces
+    from cxr_core.runs.run_folder import RunFolder
 
     make_dataset(data_root() / "small", n_normal=20, n_pneumonia=40, size=48, layout="kermany")
     started = []
@@ -189,8 +189,8 @@ def test_a_visitor_trains_into_their_workspace_through_the_queue(monkeypatch):
 
 def test_the_training_job_does_not_inherit_the_passphrase(tmp_path, monkeypatch):
     """Streamlit copies top-level secrets into os.environ; the training process gets none of it."""
-    from cxr_core import jobs
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.hosting import jobs
+    from cxr_core.runs.run_folder import RunFolder
 
     seen = {}
     monkeypatch.setenv(access.PASSPHRASE_SECRET, PASSPHRASE)

@@ -75,9 +75,9 @@ def small_kermany() -> str:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A tiny finished run trained in-process with cxr_core.train.train (MobileNetV2 0.35, 32 px)."""
-    from cxr_core import train
-    from cxr_core.config import DataConfig, RunConfig, TrainConfig
+    """A tiny finished run trained in-process with cxr_core.engine.train.train (MobileNetV2 0.35, 32 px)."""
+    from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+    from cxr_core.engine import train
 
     base = tmp_path_factory.mktemp("trained")
     data_dir = make_dataset(base / "tiny", n_normal=20, n_pneumonia=40, size=48)
@@ -87,7 +87,7 @@ def trained_run(tmp_path_factory) -> Path:
         train=TrainConfig(epochs=2, batch_size=16, balance="none", cache_dir=str(base / "cache")),
     )
     run_dir = train.train(config, run_dir=base / "runs" / "tiny-run")
-    from cxr_core import runs
+    from cxr_core.runs import registry as runs
 
     assert runs.read_status(run_dir)["state"] == "done", runs.read_status(run_dir)
     return run_dir
@@ -190,8 +190,8 @@ def test_dataset_page_unpacks_an_uploaded_zip(tmp_path):
 
 def test_dataset_download_failure_is_one_sentence(monkeypatch):
     """Offline, the Kermany download fails: the page shows cxr_core's sentence, not a traceback."""
-    from cxr_core import download
-    from cxr_core.errors import DownloadError
+    from cxr_core.core.errors import DownloadError
+    from cxr_core.data import download
 
     def offline(*_args, **_kwargs):
         raise DownloadError(
@@ -225,7 +225,7 @@ def test_augmentation_preview_follows_the_sliders(small_kermany):
 
 
 def test_training_page_recipe_fills_the_form_and_the_augmentation_plan_follows_the_limit(small_kermany):
-    from cxr_core.recipes import RECIPES
+    from cxr_core.core.recipes import RECIPES
 
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
@@ -320,7 +320,7 @@ def test_training_page_launches_a_tiny_run_and_shows_its_curves(small_kermany):
     assert not at.error, [e.value for e in at.error]
     assert any("Finished" in s.value for s in at.success), "the run did not finish in time"
     assert len(at.get("plotly_chart")) >= 3  # loss, accuracy and AUC curves
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     history = RunFolder(Path(at.session_state[KEY_RUN])).read_history()
     assert len(history) == 2
@@ -382,7 +382,7 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run, mo
     import pandas as pd
     import streamlit
 
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     downloads = []
     real_download_button = streamlit.download_button
@@ -429,8 +429,8 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run, mo
 
 # --- The shipped demo run ------------------------------------------------------------------------
 def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
-    from cxr_core import runs
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs import registry as runs
+    from cxr_core.runs.run_folder import RunFolder
 
     monkeypatch.delenv("CXR_DEMO_RUN")
     if not RunFolder(runs.DEMO_RUN_DIR).has_model():
@@ -442,7 +442,7 @@ def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
     at.file_uploader(key="predict_upload").set_value([("chest.png", png_bytes(True), "image/png")])
     render(at, None, "predict (demo, 1 upload)")
     table = at.dataframe[0].value
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     demo = Predictor.from_run(runs.DEMO_RUN_DIR)
     expected = demo.predict_bytes(png_bytes(True), "chest.png")["probability"]
@@ -464,9 +464,9 @@ def normal_png(lungs: int = 40, chest: int = 230) -> bytes:
 def test_predict_page_says_what_the_map_of_each_result_shows(monkeypatch):
     """A NORMAL result shows the evidence for NORMAL (not a blank square), with a line saying so; a map
     with nothing in it is replaced by one line."""
-    from cxr_core import runs
-    from cxr_core.predict import EMPTY_MAP_CAPTIONS, MAP_CAPTIONS, Predictor
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.inference.predictor import EMPTY_MAP_CAPTIONS, MAP_CAPTIONS, Predictor
+    from cxr_core.runs import registry as runs
+    from cxr_core.runs.run_folder import RunFolder
 
     monkeypatch.delenv("CXR_DEMO_RUN")
     if not RunFolder(runs.DEMO_RUN_DIR).has_model():
@@ -508,9 +508,9 @@ def fake_run(name: str, p_test, y_test, p_val=None, y_val=None, config: bool = T
     import pandas as pd
 
     from conftest import TINY_MODEL
-    from cxr_core import evaluate
-    from cxr_core.config import DataConfig, RunConfig
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.core import metrics as evaluate
+    from cxr_core.core.config import DataConfig, RunConfig
+    from cxr_core.runs.run_folder import RunFolder
 
     folder = RunFolder(Path(os.environ["CXR_RUNS_DIR"]) / name)
     folder.path.mkdir(parents=True)
@@ -583,8 +583,8 @@ def _epochs(val_loss: list[float], loss: list[float]) -> list[dict]:
 
 
 def test_training_page_progress_cancel_and_the_run_that_ends(monkeypatch):
-    from cxr_core import jobs
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.hosting import jobs
+    from cxr_core.runs.run_folder import RunFolder
 
     run = fake_run("run-live", None, None, state="running", pid=os.getpid(),
                    history=_epochs(val_loss=[0.5, 0.55, 0.6], loss=[0.6, 0.5, 0.4]))
@@ -618,7 +618,7 @@ def test_training_page_progress_cancel_and_the_run_that_ends(monkeypatch):
 
 
 def test_training_page_says_why_a_run_failed_and_the_runs_table_has_short_headers():
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     run = fake_run("run-failed", None, None, state="failed",
                    error="The data folder /nowhere does not exist; choose a data set on the Dataset page.")
@@ -648,7 +648,7 @@ def test_the_only_data_set_is_chosen(small_kermany):
 
 
 def test_a_link_with_settings_fills_the_widgets_and_ignores_what_cannot_be_used(small_kermany):
-    from cxr_core.backbones import BACKBONES
+    from cxr_core.core.backbones import BACKBONES
 
     make_dataset(data_root() / "other", n_normal=4, n_pneumonia=4, size=32)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
@@ -682,9 +682,9 @@ def test_a_link_with_settings_fills_the_widgets_and_ignores_what_cannot_be_used(
 
 def test_a_reload_keeps_the_choices_and_a_reload_during_training_shows_the_runs_own_settings(
         small_kermany, monkeypatch):
-    from cxr_core import jobs
-    from cxr_core.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.core.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+    from cxr_core.hosting import jobs
+    from cxr_core.runs.run_folder import RunFolder
 
     make_dataset(data_root() / "other", n_normal=4, n_pneumonia=4, size=32)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)

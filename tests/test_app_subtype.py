@@ -33,9 +33,9 @@ def _probabilities(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def subtype_run(name: str = "run-subtype", model: bool = False) -> Path:
     """A finished subtype run; ``model`` writes a real (untrained) three-output model.keras."""
-    from cxr_core import evaluate
-    from cxr_core.config import DataConfig, RunConfig
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.core import metrics as evaluate
+    from cxr_core.core.config import DataConfig, RunConfig
+    from cxr_core.runs.run_folder import RunFolder
 
     folder = RunFolder(Path(os.environ["CXR_RUNS_DIR"]) / name)
     folder.path.mkdir(parents=True)
@@ -54,7 +54,7 @@ def subtype_run(name: str = "run-subtype", model: bool = False) -> Path:
             for i, (y, p) in enumerate(zip(ys, ps))]
     folder.write_predictions(pd.DataFrame(rows))
     if model:
-        from cxr_core.model import build_classifier
+        from cxr_core.engine.model import build_classifier
 
         build_classifier(TINY_MODEL, seed=1, n_outputs=3).save(folder.model_path)
     else:
@@ -107,9 +107,9 @@ def test_training_page_offers_the_subtype_task_and_refuses_a_data_set_without_su
     assert not any("no subtype" in e.value for e in at.error)
 
     # After a reload while a subtype run trains, the form shows that run's task.
-    from cxr_core import jobs
-    from cxr_core.config import DataConfig, RunConfig
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.core.config import DataConfig, RunConfig
+    from cxr_core.hosting import jobs
+    from cxr_core.runs.run_folder import RunFolder
 
     folder = RunFolder(Path(os.environ["CXR_RUNS_DIR"]) / "run-training")
     folder.write_config(RunConfig(data=DataConfig(data_dir=str(root / "named"), task="subtype"), model=TINY_MODEL))
@@ -122,7 +122,7 @@ def test_training_page_offers_the_subtype_task_and_refuses_a_data_set_without_su
 
 
 def test_evaluation_page_of_a_subtype_run():
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     run = subtype_run()
     test = RunFolder(run).read_metrics()["test"]["at_threshold"]
@@ -163,7 +163,7 @@ def test_home_and_the_run_picker_show_a_subtype_run():
     run = subtype_run()
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "home (subtype run)")
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     test = RunFolder(run).read_metrics()["test"]["at_threshold"]
     metrics = {m.label: m.value for m in at.metric}
@@ -178,7 +178,7 @@ def test_home_and_the_run_picker_show_a_subtype_run():
 def test_predict_page_shows_three_probabilities_and_writes_one_column_per_class(monkeypatch):
     import streamlit
 
-    from cxr_core.predict import Predictor, map_caption
+    from cxr_core.inference.predictor import Predictor, map_caption
     from pages.ui import models
 
     downloads = []

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_core.augment import (
+from cxr_core.core.config import AugmentConfig
+from cxr_core.core.errors import BadDatasetError
+from cxr_core.data.augment import (
     augment_image,
     augment_variants,
     augmented_rows,
     balance_plan,
     with_augmented_rows,
 )
-from cxr_core.config import AugmentConfig
-from cxr_core.errors import BadDatasetError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_variants_are_consecutive_seeds():
 
 
 def test_augment_does_not_import_tensorflow():
-    code = "import sys, cxr_core.augment; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    code = "import sys, cxr_core.data.augment; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT)
 
 
@@ -174,7 +174,7 @@ def _texture(h: int = 95, w: int = 80) -> np.ndarray:
 
 
 def test_robustness_options_are_off_by_default_and_keep_the_reference_draws():
-    from cxr_core.augment import params_key
+    from cxr_core.data.augment import params_key
 
     gray = _texture()
     reference = AugmentConfig(rotation_range=5, zoom=0.1)

@@ -25,11 +25,13 @@ import pytest
 
 import badfiles
 from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS, make_dataset
-from cxr_core import data, resources, runs
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.download import safe_extract_zip
-from cxr_core.errors import BadDatasetError, BadImageError, BadRunError, CxrError
-from cxr_core.images import image_header, load_gray
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadDatasetError, BadImageError, BadRunError, CxrError
+from cxr_core.data import scan as data
+from cxr_core.data.download import safe_extract_zip
+from cxr_core.hosting import resources
+from cxr_core.io.images import image_header, load_gray
+from cxr_core.runs import registry as runs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
@@ -110,8 +112,8 @@ def test_accepted_odd_images_decode():
 
 BOMB_PROBE = r"""
 import json, resource, sys, time
-from cxr_core.errors import BadImageError
-from cxr_core.images import image_header, load_gray
+from cxr_core.core.errors import BadImageError
+from cxr_core.io.images import image_header, load_gray
 results = {}
 for path in sys.argv[1:]:
     data = open(path, "rb").read()
@@ -286,7 +288,7 @@ def test_duplicates_are_reported_and_never_on_two_sides_of_a_split(tmp_path, mod
 @pytest.mark.slow
 def test_training_goes_on_past_bad_files_and_lists_them(tmp_path):
     """A data set with every bad file in it still trains; each bad file is listed with its sentence."""
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     root = make_dataset(tmp_path / "mixed", n_normal=20, n_pneumonia=20, size=32)
     bad = write_all(root / "NORMAL", badfiles.REFUSED)
@@ -350,8 +352,8 @@ def test_zip_over_a_small_size_limit_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A loadable run folder: an untrained tiny classifier saved as a training run would save it."""
-    from cxr_core import model as model_lib
-    from cxr_core.atomic import write_json_atomic
+    from cxr_core.engine import model as model_lib
+    from cxr_core.io.atomic import write_json_atomic
 
     base = tmp_path_factory.mktemp("bad-input-run")
     run = base / "tiny-run"
@@ -374,7 +376,7 @@ def _config_dict(run: Path) -> dict:
 
 
 def test_run_without_model_or_config_is_one_sentence(run_copy):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     (run_copy / "model.keras").unlink()
     with pytest.raises(BadRunError, match="has no model.keras") as info:
@@ -394,7 +396,7 @@ def test_run_without_model_or_config_is_one_sentence(run_copy):
 
 @pytest.mark.slow  # builds or loads models: seconds
 def test_config_from_an_older_version_still_loads(run_copy, tiny_run):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     old = _config_dict(run_copy)
     model = {k: v for k, v in old["model"].items() if k in ("backbone", "alpha", "weights", "image_size")}
@@ -422,7 +424,7 @@ def test_config_from_an_older_version_still_loads(run_copy, tiny_run):
 
 @pytest.mark.parametrize("content", ["text", "truncated", "empty"])
 def test_model_file_that_is_not_a_model_is_bad_run_error(run_copy, content):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     model = run_copy / "model.keras"
     if content == "text":
@@ -441,7 +443,7 @@ def test_model_with_a_lambda_layer_is_refused_and_its_code_never_runs(run_copy, 
     is unpickled or executed. The lambda would create a marker file if it ever ran."""
     import keras
 
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     marker = tmp_path / "lambda-ran"
     # A real lambda (not a named function), so Keras stores its bytecode; the path is a literal in it.
@@ -481,7 +483,7 @@ def test_cli_predict_answers_every_good_file_and_one_line_per_bad_file(tiny_run,
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["file"] for line in lines] == [str(p) for p in order]
     by_file = {line["file"]: line for line in lines}
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     expected = {r["file"]: r for r in Predictor.from_run(tiny_run).predict_files([str(p) for p in good.values()])}
     for path in good.values():

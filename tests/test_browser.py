@@ -54,7 +54,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90.0) ->
 @pytest.fixture
 def served_app(tmp_path):
     """`streamlit run Home.py` on a free port, with a practice data set in the (temporary) data root."""
-    from cxr_core import practice
+    from cxr_core.data import practice
 
     practice.make_practice_dataset(Path(os.environ["CXR_DATA_ROOT"]), n_normal=12, n_pneumonia=24, size=64)
     port = _free_port()
@@ -145,7 +145,7 @@ def test_a_link_with_settings_and_a_reload_keep_the_data_set_and_the_settings(se
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
     from conftest import make_dataset
-    from cxr_core.practice import PRACTICE_FOLDER_NAME
+    from cxr_core.data.practice import PRACTICE_FOLDER_NAME
 
     make_dataset(Path(os.environ["CXR_DATA_ROOT"]) / "other", n_normal=4, n_pneumonia=4, size=32)  # two to choose
     link = f"{served_app}/training?dataset={PRACTICE_FOLDER_NAME}&split=patient&rotation_range=5&train_epochs=7"

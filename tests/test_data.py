@@ -1,4 +1,4 @@
-"""cxr_core.data: layouts, manifest, patient ids, duplicates, splits and subsets."""
+"""cxr_core.data.scan: layouts, manifest, patient ids, duplicates, splits and subsets."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,8 @@ import pytest
 from sklearn.model_selection import train_test_split
 
 from conftest import make_dataset
-from cxr_core.data import (
+from cxr_core.core.errors import BadDatasetError
+from cxr_core.data.scan import (
     CLASSES,
     MANIFEST_COLUMNS,
     ScanResult,
@@ -24,7 +25,6 @@ from cxr_core.data import (
     scan_dataset,
     stratified_subset,
 )
-from cxr_core.errors import BadDatasetError
 
 
 def _image(path: Path, value: int = 100, size: int = 32) -> Path:

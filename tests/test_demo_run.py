@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from cxr_core import run_folder, runs
-from cxr_core.config import RunConfig
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import RunConfig
+from cxr_core.runs import registry as runs, run_folder
+from cxr_core.runs.run_folder import RunFolder
 
 DEMO = runs.DEMO_RUN_DIR
 
@@ -37,7 +37,7 @@ def test_demo_run_is_complete_small_and_trained_from_scratch(demo):
 
 
 def test_demo_run_predicts_and_explains(demo):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     predictor = Predictor.from_run(demo)
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def test_demo_run_predicts_and_explains(demo):
 
 
 def test_demo_run_separates_real_images(demo, shared_dir):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     predictor = Predictor.from_run(demo)
     folder = shared_dir / "data" / "kermany-originals-sample"
@@ -62,8 +62,8 @@ def test_demo_run_separates_real_images(demo, shared_dir):
 
 
 def test_demo_run_ships_a_current_litert_export(demo):
-    from cxr_core import litert
-    from cxr_core.predict import Predictor
+    from cxr_core.engine import litert
+    from cxr_core.inference.predictor import Predictor
 
     if not litert.runtime_available():
         pytest.skip("ai-edge-litert is not installed")

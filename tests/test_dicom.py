@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from badfiles import dicom_bytes
-from cxr_core.errors import BadImageError
-from cxr_core.images import image_header, load_gray
+from cxr_core.core.errors import BadImageError
+from cxr_core.io.images import image_header, load_gray
 
 imagecodecs = pytest.importorskip("imagecodecs")  # test-only: encodes the files the tests decode
 

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL, make_dataset
-from cxr_core import distribute
-from cxr_core.config import RunConfig
-from cxr_core.errors import BadSettingError
+from cxr_core.core.config import RunConfig
+from cxr_core.core.errors import BadSettingError
+from cxr_core.engine import distribute
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = {"host", "devices", "device_kind", "strategy", "replicas", "workers", "precision"}
@@ -88,9 +88,9 @@ def setting(tmp_path_factory) -> dict:
     import cv2
     import keras
 
-    from cxr_core.backbones import get_backbone
-    from cxr_core.images import to_model_input
-    from cxr_core.model import Preprocess, build_backbone
+    from cxr_core.core.backbones import get_backbone
+    from cxr_core.engine.model import Preprocess, build_backbone
+    from cxr_core.io.images import to_model_input
 
     base_dir = tmp_path_factory.mktemp("distribute")
     data = make_dataset(base_dir / "data", n_normal=16, n_pneumonia=24, size=48)
@@ -253,7 +253,7 @@ def test_a_worker_killed_mid_run_fails_the_run_in_one_sentence_without_a_model(s
 def test_mixed_precision_features_have_a_cache_key_of_their_own():
     import keras
 
-    from cxr_core.features import model_key
+    from cxr_core.engine.features import model_key
 
     plain = model_key(TINY_MODEL, 1)
     keras.mixed_precision.set_global_policy("mixed_float16")

@@ -1,4 +1,4 @@
-"""cxr_core.download: resumable checksummed downloads from a local server, safe zip extraction."""
+"""cxr_core.data.download: resumable checksummed downloads from a local server, safe zip extraction."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_core.data import scan_dataset
-from cxr_core.download import (
+from cxr_core.core.errors import BadDatasetError, DownloadError
+from cxr_core.data.download import (
     KERMANY_SHA256,
     KERMANY_URL,
     DownloadCancelled,
@@ -24,7 +24,7 @@ from cxr_core.download import (
     safe_extract_zip,
     sha256_file,
 )
-from cxr_core.errors import BadDatasetError, DownloadError
+from cxr_core.data.scan import scan_dataset
 
 PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -10,15 +10,17 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL
-from cxr_core import cli, litert, runs
-from cxr_core.config import ModelConfig, RunConfig, TrainConfig
-from cxr_core.ensemble import make_ensemble
-from cxr_core.errors import BadRunError, BadSettingError
-from cxr_core.evaluate import choose_threshold
-from cxr_core.images import to_model_input
-from cxr_core.labels import sigmoid
-from cxr_core.predict import Predictor
-from cxr_core.run_folder import RunFolder
+from cxr_core import cli
+from cxr_core.core.config import ModelConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadRunError, BadSettingError
+from cxr_core.core.labels import sigmoid
+from cxr_core.core.metrics import choose_threshold
+from cxr_core.engine import litert
+from cxr_core.evaluation.ensemble import make_ensemble
+from cxr_core.inference.predictor import Predictor
+from cxr_core.io.images import to_model_input
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 
 SIZE = 64  # MobileNetV2 downsamples 32x: 2 x 2 conv maps, the smallest that can vary
 MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
@@ -50,7 +52,7 @@ def _predictions(seed: int, paths: list[str] | None = None) -> pd.DataFrame:
 def _member(root: Path, name: str, cfg: ModelConfig, seed: int, state: str = "done", export: bool = False,
             predictions: pd.DataFrame | None = None) -> Path:
     """A finished run folder made directly (no training): model.keras, config, status, predictions."""
-    from cxr_core.model import build_classifier, gradcam_parts
+    from cxr_core.engine.model import build_classifier, gradcam_parts
 
     model = build_classifier(cfg, seed=seed)
     # An untrained network's features are tiny; scale the head so logits differ by about one across images.
@@ -156,7 +158,7 @@ def test_heatmap_is_the_gradient_weighted_sum_of_the_members_maps(members, ensem
 def test_combine_maps_resizes_to_the_largest_grid():
     import keras
 
-    from cxr_core.model import EnsembleGradcamParts, MeanProbabilityLogit
+    from cxr_core.engine.model import EnsembleGradcamParts, MeanProbabilityLogit
 
     parts = EnsembleGradcamParts(members=[], combine=MeanProbabilityLogit(), last_conv_layer="")
     fine = np.ones((1, 3, 3), np.float32)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from cxr_core.errors import CxrError
-from cxr_core.evaluate import (
+from cxr_core.core.errors import CxrError
+from cxr_core.core.metrics import (
     binary_metrics,
     calibration_bins,
     choose_threshold,
@@ -140,7 +140,7 @@ def test_choose_threshold_sensitivity(target: float, expected: float) -> None:
 
 
 def test_choose_threshold_one_class_falls_back(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="cxr_core.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="cxr_core.core.metrics"):
         assert choose_threshold([1, 1, 1], [0.2, 0.7, 0.9]) == 0.5
     assert "one class" in caplog.text
 
@@ -187,7 +187,7 @@ def test_metrics_report_layout() -> None:
 
 
 def test_prevalence_is_recovered_by_em_on_calibrated_synthetic_scores():
-    from cxr_core.evaluate import estimate_prior_em, shift_probabilities, threshold_for_prior
+    from cxr_core.core.metrics import estimate_prior_em, shift_probabilities, threshold_for_prior
 
     rng = np.random.default_rng(0)
 
@@ -217,7 +217,7 @@ def test_prevalence_is_recovered_by_em_on_calibrated_synthetic_scores():
 
 
 def test_midpoint_rule_lies_halfway_between_the_class_medians_in_logit_space():
-    from cxr_core.evaluate import choose_threshold
+    from cxr_core.core.metrics import choose_threshold
 
     logits = np.array([-4.0, -3.0, -2.0, -1.0, 2.0, 3.0, 6.0, 7.0, 8.0])
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
@@ -233,7 +233,7 @@ def test_midpoint_rule_lies_halfway_between_the_class_medians_in_logit_space():
 
 # --- Intervals and the "few test images" rule ----------------------------------------------------
 def test_wilson_interval_hand_computed() -> None:
-    from cxr_core.evaluate import proportion_interval
+    from cxr_core.core.metrics import proportion_interval
 
     # Wilson, z = 1.959964: 8 of 10 -> centre (8 + z²/2) / (10 + z²), half-width z·sqrt(pq/n + z²/4n²) / (1 + z²/n).
     low, high = proportion_interval(8, 10)
@@ -244,7 +244,7 @@ def test_wilson_interval_hand_computed() -> None:
 
 
 def test_few_test_images_rule_depends_on_the_smaller_class_not_the_total() -> None:
-    from cxr_core.evaluate import intervals_are_wide, rate_intervals
+    from cxr_core.core.metrics import intervals_are_wide, rate_intervals
 
     def metrics(tn, fp, fn, tp):
         return {"confusion_matrix": [[tn, fp], [fn, tp]]}
@@ -271,7 +271,7 @@ def _history(loss, val_loss, auc=None, val_auc=None, phase=None):
 
 
 def test_fit_diagnosis_sees_overfitting_only_when_validation_loss_rises_as_training_loss_falls() -> None:
-    from cxr_core.evaluate import fit_diagnosis
+    from cxr_core.core.metrics import fit_diagnosis
 
     rising = fit_diagnosis(_history([0.6, 0.4, 0.3, 0.2], [0.5, 0.45, 0.5, 0.6]))
     assert rising.kind == "overfitting" and rising.is_warning
@@ -286,7 +286,7 @@ def test_fit_diagnosis_sees_overfitting_only_when_validation_loss_rises_as_train
 
 
 def test_fit_diagnosis_gap_chance_short_and_phases() -> None:
-    from cxr_core.evaluate import fit_diagnosis
+    from cxr_core.core.metrics import fit_diagnosis
 
     gap = fit_diagnosis(_history([0.3, 0.2, 0.1], [0.4, 0.4, 0.39], auc=[0.9, 0.97, 0.99], val_auc=[0.8, 0.82, 0.8]))
     assert gap.kind == "gap" and "0.99" in gap.message and "0.80" in gap.message

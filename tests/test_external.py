@@ -11,22 +11,22 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL, make_dataset
-from cxr_core import runs
 from cxr_core.cli import _parser, build_config, main
-from cxr_core.config import DataConfig, RunConfig
-from cxr_core.data import scan_dataset
-from cxr_core.errors import BadSettingError
-from cxr_core.evaluate import binary_metrics
-from cxr_core.external import evaluate_folder, overlap_warning
-from cxr_core.recipes import RECIPES, apply_recipe
-from cxr_core.run_folder import RunFolder, evaluation_name
+from cxr_core.core.config import DataConfig, RunConfig
+from cxr_core.core.errors import BadSettingError
+from cxr_core.core.metrics import binary_metrics
+from cxr_core.core.recipes import RECIPES, apply_recipe
+from cxr_core.data.scan import scan_dataset
+from cxr_core.evaluation.external import evaluate_folder, overlap_warning
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder, evaluation_name
 
 
 @pytest.fixture(scope="module")
 def run_with_split(tmp_path_factory) -> tuple[Path, Path]:
     """A run (untrained tiny classifier, threshold 0.4) whose split.csv lists the images of a
     training data set; returns (run folder, that data set)."""
-    from cxr_core.model import build_classifier
+    from cxr_core.engine.model import build_classifier
 
     base = tmp_path_factory.mktemp("ext")
     train_data = make_dataset(base / "trainset", n_normal=6, n_pneumonia=8, seed=1)
@@ -155,8 +155,8 @@ def test_a_stored_evaluation_survives_a_torn_neighbour(run_with_split):
 
 
 def test_balance_by_weights_make_a_confounded_property_uninformative(tmp_path):
-    from cxr_core.plan import plan_run
-    from cxr_core.train import TrainingContext
+    from cxr_core.data.plan import plan_run
+    from cxr_core.engine.train import TrainingContext
 
     root = make_dataset(tmp_path / "site", n_normal=12, n_pneumonia=24, seed=2)
     scan = scan_dataset(root)
@@ -185,8 +185,8 @@ def test_balance_by_weights_make_a_confounded_property_uninformative(tmp_path):
 
 
 def test_balance_by_a_missing_column_is_one_sentence(tmp_path):
-    from cxr_core.errors import BadDatasetError
-    from cxr_core.plan import plan_run
+    from cxr_core.core.errors import BadDatasetError
+    from cxr_core.data.plan import plan_run
 
     root = make_dataset(tmp_path / "d", n_normal=12, n_pneumonia=12)
     config = build_config(_args("--data", str(root), "--balance-by", "scanner"))
@@ -195,7 +195,7 @@ def test_balance_by_a_missing_column_is_one_sentence(tmp_path):
 
 
 def test_fine_tuning_learning_rate_schedules():
-    from cxr_core.train import _learning_rate
+    from cxr_core.engine.train import _learning_rate
 
     def config(**train):
         return build_config(_args("--data", ".", "--fine-tune-layers", "-1", "--fine-tune-epochs", "5",
@@ -214,7 +214,7 @@ def test_fine_tuning_learning_rate_schedules():
 
 @pytest.mark.slow
 def test_a_run_with_every_robustness_choice_trains_and_records_them(tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     root = make_dataset(tmp_path / "site", n_normal=16, n_pneumonia=24, size=40, seed=4)
     scan = scan_dataset(root)
@@ -237,7 +237,7 @@ def test_a_run_with_every_robustness_choice_trains_and_records_them(tmp_path):
 
 
 def test_a_recipe_balances_by_its_column_only_when_the_data_set_has_it(tmp_path):
-    from cxr_core.plan import plan_run
+    from cxr_core.data.plan import plan_run
 
     root = make_dataset(tmp_path / "plain", n_normal=12, n_pneumonia=12)
     config = build_config(_args("--data", str(root), "--recipe", "best"))

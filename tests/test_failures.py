@@ -25,11 +25,12 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_PRETRAINED, make_dataset
-from cxr_core import jobs, run_folder, runs
-from cxr_core.atomic import read_jsonl
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadRunError, CxrError, DiskFullError
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadRunError, CxrError, DiskFullError
+from cxr_core.hosting import jobs
+from cxr_core.io.atomic import read_jsonl
+from cxr_core.runs import registry as runs, run_folder
+from cxr_core.runs.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
@@ -77,7 +78,8 @@ sys.exit(main(sys.argv[1:]))
 
 KILL_IN_CACHE_WRITE = r"""
 import numpy as np
-from cxr_core import atomic, features
+from cxr_core.engine import features
+from cxr_core.io import atomic
 _real_write_entry = features._write_entry
 _count = [0]
 
@@ -156,8 +158,8 @@ def assert_killed_and_clean(run_dir: Path, process: subprocess.Popen, root: Path
 
 
 def test_sigkill_while_writing_the_feature_cache(tmp_path, monkeypatch):
-    from cxr_core import features
-    from cxr_core.train import train
+    from cxr_core.engine import features
+    from cxr_core.engine.train import train
 
     data = make_dataset(tmp_path / "data", n_normal=16, n_pneumonia=24, size=32)
     cache = tmp_path / "cache"
@@ -201,7 +203,7 @@ def test_sigkill_while_writing_the_feature_cache(tmp_path, monkeypatch):
 
 
 def test_sigkill_while_saving_the_model(tmp_path, monkeypatch):
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     data = make_dataset(tmp_path / "data", n_normal=12, n_pneumonia=16, size=32)
     root = tmp_path / "runs"
@@ -248,7 +250,7 @@ def test_cancel_a_background_job(tmp_path):
 @pytest.fixture(scope="module")
 def previous_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, runs root, a finished run in that root); each disk-full case adds its run beside it."""
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     base = tmp_path_factory.mktemp("disk-full")
     data = make_dataset(base / "data", n_normal=12, n_pneumonia=16, size=32)
@@ -266,8 +268,9 @@ def _enospc(path) -> OSError:
 def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
     import keras
 
-    from cxr_core import atomic, train as train_lib
-    from cxr_core.predict import Predictor
+    from cxr_core.engine import train as train_lib
+    from cxr_core.inference.predictor import Predictor
+    from cxr_core.io import atomic
 
     data, root, previous = previous_run
     before = snapshot(previous)
@@ -281,7 +284,7 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
 
         monkeypatch.setattr(keras.Model, "save", full_save)
     else:
-        # Every file of a run is written by RunFolder (cxr_core.run_folder).
+        # Every file of a run is written by RunFolder (cxr_core.runs.run_folder).
         real = run_folder.write_json_atomic
 
         def full_json(path, obj):
@@ -314,8 +317,8 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
 
 
 def test_disk_full_in_the_feature_cache_only_loses_the_cache(tmp_path, monkeypatch):
-    from cxr_core import features
-    from cxr_core.train import train
+    from cxr_core.engine import features
+    from cxr_core.engine.train import train
 
     data = make_dataset(tmp_path / "data", n_normal=12, n_pneumonia=16, size=32)
 
@@ -337,7 +340,7 @@ def test_disk_full_in_the_feature_cache_only_loses_the_cache(tmp_path, monkeypat
 def test_read_only_runs_folder_falls_back_and_training_still_works(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     blocker = tmp_path / "artifacts"
     blocker.write_text("a file where the folder should be (chmod does not stop root; this does)")

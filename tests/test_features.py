@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL as CFG
-from cxr_core.augment import augment_image
-from cxr_core.config import AugmentConfig, ModelConfig
-from cxr_core.features import default_cache_dir, entry_key, extract_features, model_key
-from cxr_core.images import load_gray, to_model_input
-from cxr_core.model import build_feature_extractor
+from cxr_core.core.config import AugmentConfig, ModelConfig
+from cxr_core.data.augment import augment_image
+from cxr_core.engine.features import default_cache_dir, entry_key, extract_features, model_key
+from cxr_core.engine.model import build_feature_extractor
+from cxr_core.io.images import load_gray, to_model_input
 
 AUG = AugmentConfig(rotation_range=10, width_shift=0.1, height_shift=0.1)
 

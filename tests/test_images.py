@@ -1,4 +1,4 @@
-"""cxr_core.images: decoding every accepted format, refusing bad files with one sentence."""
+"""cxr_core.io.images: decoding every accepted format, refusing bad files with one sentence."""
 from __future__ import annotations
 
 import io
@@ -19,8 +19,8 @@ from badfiles import (
     png_header_only as _png_header_only,
     ramp12 as _ramp12,
 )
-from cxr_core.errors import BadImageError
-from cxr_core.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_header, load_gray, to_model_input
+from cxr_core.core.errors import BadImageError
+from cxr_core.io.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_header, load_gray, to_model_input
 
 # ---------------------------------------------------------------------------------------------
 # Formats

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAINED, make_dataset
-from cxr_core import job_queue, jobs, runs
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadSettingError, JobQueueError, TrainingBusyError
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadSettingError, JobQueueError, TrainingBusyError
+from cxr_core.hosting import job_queue, jobs
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LIMIT_SENTENCE = ("You already have a training job waiting in the queue (the limit is 1 per visitor); "
@@ -30,7 +31,7 @@ LIMIT_SENTENCE = ("You already have a training job waiting in the queue (the lim
 # The training command's first step (take the slot's lock, write itself into the status), then a sleep.
 STAND_IN = r"""
 import sys, time
-from cxr_core import jobs
+from cxr_core.hosting import jobs
 seconds, args = float(sys.argv[1]), sys.argv[2:]
 jobs.hold_training_lock(args[args.index("--lock-file") + 1], args[args.index("--run-dir") + 1])
 time.sleep(seconds)
@@ -39,7 +40,7 @@ time.sleep(seconds)
 # A fresh process (nothing of the test's memory) that launches stand-ins and dispatches the queue once.
 DISPATCH_AFRESH = r"""
 import json, subprocess, sys
-from cxr_core import job_queue, jobs
+from cxr_core.hosting import job_queue, jobs
 STAND_IN, real = sys.argv[2], subprocess.Popen
 jobs.subprocess.Popen = lambda cmd, **kw: real([cmd[0], "-c", STAND_IN, "1", *cmd[4:]], **kw)
 print(json.dumps([str(p) for p in job_queue.dispatch(sys.argv[1])]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
 
 
 def _separable_dataset(root: Path, n_per_class: int = 100, size: int = 48, seed: int = 5) -> Path:
@@ -40,9 +40,9 @@ def _calibrated_random_weights(path: Path, images: list[np.ndarray]) -> Path:
     """
     import keras
 
-    from cxr_core.backbones import get_backbone
-    from cxr_core.images import to_model_input
-    from cxr_core.model import Preprocess, build_backbone
+    from cxr_core.core.backbones import get_backbone
+    from cxr_core.engine.model import Preprocess, build_backbone
+    from cxr_core.io.images import to_model_input
 
     base = build_backbone(TINY_MODEL, seed=1)
     for layer in base.layers:
@@ -57,7 +57,7 @@ def _calibrated_random_weights(path: Path, images: list[np.ndarray]) -> Path:
 
 @pytest.mark.slow
 def test_a_short_training_separates_separable_images(tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     data = _separable_dataset(tmp_path / "data")
     unlabelled = _separable_dataset(tmp_path / "calibration", n_per_class=32, seed=99)

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY_WEIGHTS
-from cxr_core import hashing, litert, run_folder, runs
-from cxr_core.atomic import write_json_atomic
-from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadRunError, CxrError
-from cxr_core.predict import Predictor
+from cxr_core.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadRunError, CxrError
+from cxr_core.engine import litert
+from cxr_core.inference.predictor import Predictor
+from cxr_core.io import hashing
+from cxr_core.io.atomic import write_json_atomic
+from cxr_core.runs import registry as runs, run_folder
 
 pytestmark = pytest.mark.skipif(not litert.runtime_available(), reason="ai-edge-litert is not installed")
 
@@ -44,8 +46,8 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory) -> Path:
     """A run folder with a classifier (a head strong enough to vary) and its LiteRT export."""
-    from cxr_core.images import to_model_input
-    from cxr_core.model import build_classifier, gradcam_parts
+    from cxr_core.engine.model import build_classifier, gradcam_parts
+    from cxr_core.io.images import to_model_input
 
     model = build_classifier(MODEL_CFG, seed=11)
     # An untrained deep network's activations shrink to about 1e-11; scale the head so that the
@@ -147,7 +149,7 @@ def test_threads_share_one_predictor(exported_run):
 def test_predicting_with_litert_never_imports_tensorflow(exported_run):
     script = (
         "import sys, numpy as np\n"
-        "from cxr_core.predict import Predictor\n"
+        "from cxr_core.inference.predictor import Predictor\n"
         f"p = Predictor.from_run({str(exported_run)!r})\n"
         "prob, cam = p.explain(np.full((50, 60), 100, np.uint8))\n"
         "print(p.engine, round(prob, 6), cam.shape)\n"
@@ -162,7 +164,7 @@ def test_predicting_with_litert_never_imports_tensorflow(exported_run):
 
 
 def test_stale_export_is_not_used(exported_run, tmp_path):
-    from cxr_core.model import build_classifier
+    from cxr_core.engine.model import build_classifier
 
     run = _copy(exported_run, tmp_path / "run")
     build_classifier(MODEL_CFG, seed=99).save(run / "model.keras")  # the model changed after the export
@@ -236,7 +238,7 @@ def test_unknown_engine_is_refused(exported_run):
 
 @pytest.mark.slow
 def test_training_exports_litert(tiny_dataset, tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
                        model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8))
@@ -250,7 +252,7 @@ def test_training_exports_litert(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     def refuse(*_args, **_kwargs):
         raise CxrError("The model could not be converted to LiteRT (ConverterError).")
@@ -268,7 +270,7 @@ def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_training_without_export(tiny_dataset, tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
                        model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8, export_litert=False))

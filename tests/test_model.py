@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_core import atomic
-from cxr_core.backbones import BACKBONES
-from cxr_core.config import ModelConfig
-from cxr_core.errors import BadRunError, BadSettingError
-from cxr_core.model import (
+from cxr_core.core.backbones import BACKBONES
+from cxr_core.core.config import ModelConfig
+from cxr_core.core.errors import BadRunError, BadSettingError
+from cxr_core.engine.model import (
     Preprocess,
     build_backbone,
     build_classifier,
@@ -26,6 +25,7 @@ from cxr_core.model import (
     load_classifier,
     unfreeze_top_layers,
 )
+from cxr_core.io import atomic
 
 SMALL = {"inception_v3": 75, "mobilenet_v2": 32, "efficientnet_b0": 32, "densenet121": 32}
 FEATURE_DIM = {"inception_v3": 2048, "mobilenet_v2": 1280, "efficientnet_b0": 1280, "densenet121": 1024}
@@ -220,7 +220,7 @@ def test_the_table_is_read_without_importing_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; import cxr_core.backbones, cxr_core.config; "
+    code = ("import sys; import cxr_core.core.backbones, cxr_core.core.config; "
             "print('tensorflow' in sys.modules or 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

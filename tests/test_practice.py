@@ -1,4 +1,4 @@
-"""cxr_core.practice: the synthetic practice data set."""
+"""cxr_core.data.practice: the synthetic practice data set."""
 from __future__ import annotations
 
 import hashlib
@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_core.data import make_split, scan_dataset
-from cxr_core.errors import BadDatasetError, BadSettingError
-from cxr_core.images import load_gray
-from cxr_core.practice import PRACTICE_FOLDER_NAME, make_practice_dataset
+from cxr_core.core.errors import BadDatasetError, BadSettingError
+from cxr_core.data.practice import PRACTICE_FOLDER_NAME, make_practice_dataset
+from cxr_core.data.scan import make_split, scan_dataset
+from cxr_core.io.images import load_gray
 
 
 def _digest(folder: Path) -> str:

@@ -9,10 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_core.atomic import write_json_atomic
-from cxr_core.config import ModelConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadImageError, BadRunError, CxrError
-from cxr_core.predict import (
+from cxr_core.core.config import ModelConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadImageError, BadRunError, CxrError
+from cxr_core.inference.predictor import (
     EMPTY_MAP_CAPTIONS,
     MAP_CAPTIONS,
     Explanation,
@@ -21,6 +20,7 @@ from cxr_core.predict import (
     map_caption,
     overlay_heatmap,
 )
+from cxr_core.io.atomic import write_json_atomic
 
 SIZE = 64  # MobileNetV2 downsamples 32x: 2 x 2 conv maps, the smallest that can vary
 MODEL_CFG = ModelConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, alpha=0.35, dropout=0.5)
@@ -45,7 +45,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def classifier():
     import keras
 
-    from cxr_core.model import build_classifier
+    from cxr_core.engine.model import build_classifier
 
     model = build_classifier(MODEL_CFG, seed=7)
     # A random head gives logits near zero; a larger kernel makes the differences between images visible.
@@ -89,7 +89,7 @@ def test_from_run_reads_config_and_threshold(predictor: Predictor) -> None:
 
 
 def test_probabilities_equal_model_sigmoid(predictor: Predictor, classifier) -> None:
-    from cxr_core.images import to_model_input
+    from cxr_core.io.images import to_model_input
 
     grays = [_xray(i, h=30 + 7 * i, w=60 - 5 * i) for i in range(5)]
     probs = predictor.predict_grays(grays)
@@ -142,7 +142,7 @@ def test_predict_files_mix_of_good_and_bad(predictor: Predictor, tmp_path: Path)
     assert len(good) == 3 and len(bad) == 3
     for r in bad:
         assert isinstance(r["error"], str) and r["error"]
-    from cxr_core.images import load_gray
+    from cxr_core.io.images import load_gray
 
     for r, path in zip(good, files):
         assert 0.0 <= r["probability"] <= 1.0
@@ -188,8 +188,8 @@ def test_gradcam_shape_range_and_variation(predictor: Predictor) -> None:
 
 def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
     """With global average pooling after the last conv, Grad-CAM is ReLU(conv . kernel), normalised."""
-    from cxr_core.images import to_model_input
-    from cxr_core.model import gradcam_parts
+    from cxr_core.engine.model import gradcam_parts
+    from cxr_core.io.images import to_model_input
 
     gray = _xray(2, h=40, w=44)
     parts = gradcam_parts(classifier)
@@ -204,8 +204,8 @@ def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
 
 def _closed_form_map(classifier, gray: np.ndarray, sign: float) -> np.ndarray:
     """ReLU(sign * sum_k w_k A_k) from the model's own layers, normalised and resized as the predictor does."""
-    from cxr_core.images import to_model_input
-    from cxr_core.model import gradcam_parts
+    from cxr_core.engine.model import gradcam_parts
+    from cxr_core.io.images import to_model_input
 
     parts = gradcam_parts(classifier)
     conv = np.asarray(parts.conv_model(parts.preprocess(to_model_input(gray, SIZE)[None]), training=False)[0])[0]
@@ -222,8 +222,8 @@ LEANING = [_xray(10 + i, h=40 + 3 * i, w=44 - 2 * i) for i in range(4)]
 @pytest.fixture(scope="module")
 def centred(run_dir):
     """The run's model with its head weights set: the logits of ``LEANING`` spread by about one around 0."""
-    from cxr_core.images import to_model_input
-    from cxr_core.model import gradcam_parts, load_classifier
+    from cxr_core.engine.model import gradcam_parts, load_classifier
+    from cxr_core.io.images import to_model_input
 
     model = load_classifier(run_dir)
     parts = gradcam_parts(model)
@@ -304,7 +304,7 @@ def test_a_map_without_evidence_says_so() -> None:
 
 
 def test_warmup(predictor: Predictor, classifier, monkeypatch) -> None:
-    from cxr_core.images import to_model_input
+    from cxr_core.io.images import to_model_input
 
     gray = _xray(4)
     before = predictor.predict_gray(gray), predictor.gradcam(gray)

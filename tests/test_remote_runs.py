@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import heartbeat, runs
-from cxr_core.atomic import write_json_atomic
-from cxr_core.run_folder import RunFolder
+from cxr_core.io.atomic import write_json_atomic
+from cxr_core.runs import heartbeat, registry as runs
+from cxr_core.runs.run_folder import RunFolder
 
 HOME = str(Path(__file__).resolve().parents[1] / "Home.py")
 # Where a run trains, as the training process records it (status.json and the "runtime" progress event).
@@ -154,8 +154,8 @@ def _finished_run_with_runtime(name: str) -> Path:
     import pandas as pd
 
     from conftest import TINY_MODEL
-    from cxr_core import evaluate
-    from cxr_core.config import RunConfig
+    from cxr_core.core import metrics as evaluate
+    from cxr_core.core.config import RunConfig
 
     folder = RunFolder(runs_dir() / name)
     folder.path.mkdir(parents=True)

@@ -9,8 +9,8 @@ import threading
 import psutil
 import pytest
 
-from cxr_core import resources
-from cxr_core.errors import BadSettingError, ServerBusyError
+from cxr_core.core.errors import BadSettingError, ServerBusyError
+from cxr_core.hosting import resources
 
 MB = resources.MB
 PHYSICAL = psutil.virtual_memory().total

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAINED
-from cxr_core import jobs, run_folder, runs
-from cxr_core.atomic import append_jsonl, read_jsonl, write_json_atomic
-from cxr_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadRunError, TrainingBusyError
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadRunError, TrainingBusyError
+from cxr_core.hosting import jobs
+from cxr_core.io.atomic import append_jsonl, read_jsonl, write_json_atomic
+from cxr_core.runs import registry as runs, run_folder
+from cxr_core.runs.run_folder import RunFolder
 
 
 def test_runs_root_uses_env_and_falls_back_when_read_only(tmp_path, monkeypatch):
@@ -177,7 +178,7 @@ REAL_POPEN = subprocess.Popen
 # (take the lock, report), then a sleep instead of TensorFlow.
 STAND_IN = r"""
 import sys, time
-from cxr_core import jobs
+from cxr_core.hosting import jobs
 seconds, args = float(sys.argv[1]), sys.argv[2:]
 jobs.hold_training_lock(args[args.index("--lock-file") + 1], args[args.index("--run-dir") + 1])
 time.sleep(seconds)
@@ -280,7 +281,7 @@ def test_the_lock_is_released_when_the_job_is_killed_outright(tmp_path, monkeypa
 
 
 def test_a_child_that_dies_before_taking_the_lock_is_one_sentence(tmp_path, monkeypatch, tiny_dataset):
-    from cxr_core.errors import CxrError
+    from cxr_core.core.errors import CxrError
 
     root = tmp_path / "runs"
     _stand_in(monkeypatch, script="import sys; print('ModuleNotFoundError: No module named filelock'); sys.exit(1)")
@@ -338,7 +339,7 @@ def test_cancel_and_terminate(tmp_path, monkeypatch, tiny_dataset):
 
 def test_atomic_writes_wait_for_a_reader_on_windows(tmp_path, monkeypatch):
     """Windows cannot replace a file another process has open: the write waits for the reader."""
-    from cxr_core import atomic
+    from cxr_core.io import atomic
 
     real_replace = os.replace
     refused: list = []
@@ -385,7 +386,7 @@ def test_no_cxr_core_module_uses_posix_only_process_calls():
     assert not offenders
 
 
-@pytest.mark.slow  # imports TensorFlow (through cxr_core.model) in a fresh process
+@pytest.mark.slow  # imports TensorFlow (through cxr_core.engine.model) in a fresh process
 def test_every_module_imports_without_fcntl():
     """As on Windows, where there is no fcntl: every module of cxr_core imports."""
     script = (
@@ -415,7 +416,7 @@ def test_progress_moves_within_an_epoch(tmp_path):
 
 
 def test_sweep_stale_temps_keeps_fresh_ones(tmp_path):
-    from cxr_core.atomic import sweep_stale_temps
+    from cxr_core.io.atomic import sweep_stale_temps
 
     old = tmp_path / "ab" / ".x.npy.tmp-123.npy"
     fresh = tmp_path / "ab" / ".y.npy.tmp-456.npy"

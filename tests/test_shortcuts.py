@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_core.data import MANIFEST_COLUMNS, read_sidecar_columns, scan_dataset
-from cxr_core.shortcuts import (
+from cxr_core.data.scan import MANIFEST_COLUMNS, read_sidecar_columns, scan_dataset
+from cxr_core.data.shortcuts import (
     balancing_weights,
     feature_probe,
     image_properties,
@@ -91,7 +91,7 @@ def test_sidecar_columns_join_the_scan(confounded: Path):
 )
 def test_a_malformed_sidecar_is_ignored_with_a_warning(confounded: Path, content: bytes, caplog):
     (confounded / "manifest.csv").write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="cxr_core.data"):
+    with caplog.at_level(logging.WARNING, logger="cxr_core.data.scan"):
         result = scan_dataset(confounded)
     assert list(result.manifest.columns) == MANIFEST_COLUMNS and len(result.manifest) == 40
     assert "manifest.csv" in caplog.text

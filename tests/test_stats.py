@@ -1,4 +1,4 @@
-"""cxr_core.stats: summaries for the Dataset page."""
+"""cxr_core.data.stats: summaries for the Dataset page."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_core import stats
-from cxr_core.data import make_split, scan_dataset
-from cxr_core.errors import BadDatasetError
+from cxr_core.core.errors import BadDatasetError
+from cxr_core.data import stats
+from cxr_core.data.scan import make_split, scan_dataset
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_core import augment, data, plan
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadDatasetError, CxrError
-from cxr_core.evaluate import binary_metrics, calibration_bins, multiclass_metrics
-from cxr_core.labels import TASK_CLASSES
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadDatasetError, CxrError
+from cxr_core.core.labels import TASK_CLASSES
+from cxr_core.core.metrics import binary_metrics, calibration_bins, multiclass_metrics
+from cxr_core.data import augment, plan, scan as data
 
 SUBTYPES = TASK_CLASSES["subtype"]
 
@@ -193,7 +193,7 @@ def test_multiclass_metrics_refuse_bad_input():
 @pytest.fixture(scope="module")
 def subtype_run(tmp_path_factory) -> tuple[Path, Path]:
     from conftest import TINY_PRETRAINED, make_dataset
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     base = tmp_path_factory.mktemp("subtype")
     folder = make_dataset(base / "data", n_normal=18, n_pneumonia=36, size=32)
@@ -204,7 +204,7 @@ def subtype_run(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_subtype_run_files_follow_the_contract(subtype_run):
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     run, _ = subtype_run
     folder = RunFolder(run)
@@ -262,7 +262,7 @@ def test_macro_auc_metric_matches_sklearn():
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from cxr_core.train import SparseMacroAUC
+    from cxr_core.engine.train import SparseMacroAUC
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)

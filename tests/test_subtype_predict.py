@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL
-from cxr_core import cli, litert
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadRunError, BadSettingError
-from cxr_core.labels import TASK_CLASSES
-from cxr_core.predict import SUBTYPE_EMPTY_MAP_CAPTIONS, SUBTYPE_MAP_CAPTIONS, Predictor
-from cxr_core.run_folder import RunFolder
+from cxr_core import cli
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadRunError, BadSettingError
+from cxr_core.core.labels import TASK_CLASSES
+from cxr_core.engine import litert
+from cxr_core.inference.predictor import SUBTYPE_EMPTY_MAP_CAPTIONS, SUBTYPE_MAP_CAPTIONS, Predictor
+from cxr_core.runs.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # every test builds and exports a model (seconds each)
 
@@ -46,8 +47,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def _conv_maps(model, grays: list[np.ndarray]) -> np.ndarray:
     """The last conv maps A (n, h', w', k) of the classifier for these images."""
-    from cxr_core.images import to_model_input
-    from cxr_core.model import gradcam_parts
+    from cxr_core.engine.model import gradcam_parts
+    from cxr_core.io.images import to_model_input
 
     parts = gradcam_parts(model)
     batch = np.stack([to_model_input(g, SIZE) for g in grays]).astype(np.float32)
@@ -56,7 +57,7 @@ def _conv_maps(model, grays: list[np.ndarray]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def classifier():
-    from cxr_core.model import build_classifier, n_outputs_for
+    from cxr_core.engine.model import build_classifier, n_outputs_for
 
     model = build_classifier(MODEL_CFG, seed=5, n_outputs=n_outputs_for("subtype"))
     assert model.get_layer("logit").units == 3 and model.output_shape == (None, 3)
@@ -92,7 +93,7 @@ def keras_predictor(subtype_run) -> Predictor:
 
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory) -> Path:
-    from cxr_core.model import build_classifier
+    from cxr_core.engine.model import build_classifier
 
     folder = RunFolder(tmp_path_factory.mktemp("binary") / "run")
     folder.write_config(BINARY_CFG)
@@ -103,7 +104,7 @@ def binary_run(tmp_path_factory) -> Path:
 
 
 def test_head_width_follows_the_task() -> None:
-    from cxr_core.model import build_head, n_outputs_for
+    from cxr_core.engine.model import build_head, n_outputs_for
 
     assert (n_outputs_for("pneumonia"), n_outputs_for("subtype")) == (1, 3)
     assert build_head(16, 0.5).output_shape == (None, 1)
@@ -111,7 +112,7 @@ def test_head_width_follows_the_task() -> None:
 
 
 def test_probabilities_are_the_softmax_of_the_keras_model(keras_predictor, classifier) -> None:
-    from cxr_core.images import to_model_input
+    from cxr_core.io.images import to_model_input
 
     predictor = keras_predictor
     assert (predictor.task, predictor.classes) == ("subtype", CLASSES)
@@ -206,7 +207,7 @@ def test_cli_predict_prints_each_class_for_subtype_and_the_old_format_for_binary
 
 
 def test_ensemble_refuses_mixed_tasks_and_subtype_runs(subtype_run, binary_run, tmp_path) -> None:
-    from cxr_core.ensemble import make_ensemble
+    from cxr_core.evaluation.ensemble import make_ensemble
 
     with pytest.raises(BadSettingError) as info:
         make_ensemble([binary_run, subtype_run], out_dir=tmp_path / "mixed")

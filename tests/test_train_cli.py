@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS
-from cxr_core import runs
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadDatasetError
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadDatasetError
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Every test here trains (in-process or a `python -m cxr_core train` process): the slow lane.
@@ -41,7 +41,7 @@ def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     from conftest import make_dataset
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data", n_normal=24, n_pneumonia=40, size=48)
@@ -77,7 +77,7 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
     sides = originals.groupby("patient_id")["split"].nunique()
     assert (sides == 1).all()
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    from cxr_core.evaluate import choose_threshold
+    from cxr_core.core.metrics import choose_threshold
 
     val = pd.read_csv(trained_run / "predictions.csv").query("split == 'val'")
     assert metrics["threshold"] == pytest.approx(choose_threshold(val["y"], val["probability"], "youden"))
@@ -90,7 +90,7 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
 
 
 def test_second_run_extracts_nothing(trained_run: Path, tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     config = RunConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
     run = train(config, run_dir=tmp_path / "again")
@@ -104,7 +104,7 @@ def test_second_run_extracts_nothing(trained_run: Path, tmp_path):
 
 
 def test_cancel_marks_the_run_cancelled_without_a_model(tiny_dataset, tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     calls = {"n": 0}
 
@@ -125,7 +125,7 @@ def test_cancel_marks_the_run_cancelled_without_a_model(tiny_dataset, tmp_path):
 
 def test_single_class_folder_fails_with_one_sentence(tmp_path):
     from conftest import make_dataset
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     data = make_dataset(tmp_path / "one", n_normal=10, n_pneumonia=10)
     import shutil
@@ -138,7 +138,7 @@ def test_single_class_folder_fails_with_one_sentence(tmp_path):
 
 
 def test_fine_tune_from_scratch_streams_images(tiny_dataset, tmp_path):
-    from cxr_core.train import train
+    from cxr_core.engine.train import train
 
     config = RunConfig(
         data=DataConfig(data_dir=str(tiny_dataset), split="random"),
@@ -176,7 +176,7 @@ def test_cli_train_evaluate_predict(tiny_dataset, tmp_path):
     result = run_cli("predict", "--run", str(run_dir), str(good), str(bad), "--gradcam", str(tmp_path / "cams"))
     assert result.returncode == 2
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    from cxr_core.predict import Predictor
+    from cxr_core.inference.predictor import Predictor
 
     (expected,) = Predictor.from_run(run_dir).predict_files([good])
     assert lines[0]["file"] == str(good)

@@ -100,8 +100,8 @@ def test_a_dicom_upload_with_patient_tags_gives_a_result_without_them(monkeypatc
     import pandas as pd
     import streamlit
 
-    from cxr_core import runs
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs import registry as runs
+    from cxr_core.runs.run_folder import RunFolder
 
     monkeypatch.delenv("CXR_DEMO_RUN")
     if not RunFolder(runs.DEMO_RUN_DIR).has_model():
@@ -169,7 +169,7 @@ def test_a_dicom_upload_with_patient_tags_gives_a_result_without_them(monkeypatc
 
 def test_a_dicom_file_is_read_without_its_patient_elements():
     """Only the image's own elements are parsed, so no later message or log can quote a patient tag."""
-    from cxr_core import images
+    from cxr_core.io import images
 
     data, _ = _patient_dicom()
     ds = images._read_dicom(data, "study.dcm", stop_before_pixels=False)
@@ -184,8 +184,8 @@ def test_a_dicom_file_is_read_without_its_patient_elements():
 def test_formats_pillow_decodes_through_temporary_files_are_refused():
     """An EPS disguised as a PNG would be rasterised by Ghostscript through temporary files; it is refused
     before that, as is any format beyond JPEG, PNG, BMP, TIFF and DICOM."""
-    from cxr_core.errors import BadImageError
-    from cxr_core.images import image_header, load_gray
+    from cxr_core.core.errors import BadImageError
+    from cxr_core.io.images import image_header, load_gray
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\n%%EOF\n"
     for read in (load_gray, image_header):

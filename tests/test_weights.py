@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS, make_dataset
-from cxr_core import plan, runs, weights
-from cxr_core.config import DataConfig, RunConfig, TrainConfig
-from cxr_core.errors import BadSettingError
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
+from cxr_core.core.errors import BadSettingError
+from cxr_core.data import plan
+from cxr_core.io import weights
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KERAS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
@@ -128,7 +130,7 @@ def test_an_uploaded_weights_file_is_kept_whole_and_inside_the_folder(tmp_path):
 
 
 def test_build_backbone_turns_a_failed_imagenet_download_into_one_sentence(monkeypatch):
-    from cxr_core import model as model_lib
+    from cxr_core.engine import model as model_lib
 
     def offline(**_kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
@@ -173,7 +175,7 @@ def test_cli_refuses_before_any_run_folder_exists(tmp_path, capsys, flags, expec
 
 
 def test_train_marks_a_run_that_cannot_learn_failed_with_the_sentence(tmp_path):
-    from cxr_core import train
+    from cxr_core.engine import train
 
     data = make_dataset(tmp_path / "data", n_normal=4, n_pneumonia=4)
     config = RunConfig(data=DataConfig(data_dir=str(data)), model=TINY_MODEL, train=TrainConfig(epochs=1))

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import access, resources, runs, workspaces
-from cxr_core.errors import BadSettingError
+from cxr_core.core.errors import BadSettingError
+from cxr_core.hosting import access, resources, workspaces
+from cxr_core.runs import registry as runs
 from test_access import AUTH, PASSPHRASE, app, can_delete, infos
 from test_app import HOME, TIMEOUT, fake_run, render, text_of
 
@@ -162,7 +163,7 @@ def test_predict_takes_at_most_the_uploads_per_minute_and_says_so(monkeypatch):
     import cv2
     import numpy as np
 
-    from cxr_core.run_folder import RunFolder
+    from cxr_core.runs.run_folder import RunFolder
 
     monkeypatch.delenv("CXR_DEMO_RUN")
     if not RunFolder(runs.DEMO_RUN_DIR).has_model():
@@ -181,7 +182,7 @@ def test_predict_takes_at_most_the_uploads_per_minute_and_says_so(monkeypatch):
 
 
 def test_only_the_operator_sets_how_many_jobs_train_at_once_and_it_is_audited(monkeypatch):
-    from cxr_core import audit, job_queue
+    from cxr_core.hosting import audit, job_queue
 
     monkeypatch.delenv("CXR_MAX_JOBS", raising=False)
     monkeypatch.setattr(resources, "max_training_jobs", lambda *_args, **_kwargs: 3)

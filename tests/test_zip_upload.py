@@ -13,7 +13,7 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 from streamlit.testing.v1 import AppTest
 
 from conftest import make_dataset
-from cxr_core import resources
+from cxr_core.hosting import resources
 
 HOME = str(Path(__file__).resolve().parents[1] / "Home.py")
 HELD_ZIP = "dataset_held_zip"

@@ -2,7 +2,7 @@
 
 ``st.user`` with an allow-list ``operators`` when the deployment has an identity provider
 (``[auth]`` in secrets.toml), else the ``operator_passphrase`` typed in the sidebar, else (no
-secrets: a local app) the single user is the operator. The rules live in ``cxr_core.access``.
+secrets: a local app) the single user is the operator. The rules live in ``cxr_core.hosting.access``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import streamlit as st
 
-from cxr_core import access, audit, resources, workspaces
-from cxr_core.errors import CxrError
+from cxr_core.core.errors import CxrError
+from cxr_core.hosting import access, audit, resources, workspaces
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core.labels import CLASSES
+from cxr_core.core.labels import CLASSES
 
 CLASS_COLORS = {"NORMAL": "#2e9e6a", "PNEUMONIA": "#d1495b", "BACTERIA": "#d1495b", "VIRUS": "#e08a1e"}
 MISSING = "—"  # how every table and figure shows a value that does not exist

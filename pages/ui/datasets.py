@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cxr_core import resources
-from cxr_core.errors import CxrError
+from cxr_core.core.errors import CxrError
+from cxr_core.hosting import resources
 from pages.ui import PROJECT_ROOT
 from pages.ui.session import KEY_DATASET, KEY_SPLIT
 
@@ -44,7 +44,7 @@ def dataset_path(name: str | None = None) -> Path | None:
 
 def is_synthetic(path: Path) -> bool:
     """True for the generated practice set (its folder name or marker file says so)."""
-    from cxr_core import practice  # noqa: PLC0415 (imported on first use)
+    from cxr_core.data import practice  # noqa: PLC0415 (imported on first use)
     return "synthetic" in path.name.lower() or (path / practice.MARKER_FILE).is_file()
 
 
@@ -61,12 +61,12 @@ def fingerprint(folder: Path) -> str:
 
 @st.cache_data(show_spinner="Reading the data set (once; cached afterwards)...", max_entries=8)
 def _scan_cached(path: str, fingerprint: str):  # noqa: ARG001 (fingerprint: part of the cache key)
-    from cxr_core import data  # noqa: PLC0415 (imported on first use)
+    from cxr_core.data import scan as data  # noqa: PLC0415 (imported on first use)
     return data.scan_dataset(path)
 
 
 def scan(path: Path):
-    """``cxr_core.data.scan_dataset`` cached by folder and contents; raises CxrError."""
+    """``cxr_core.data.scan.scan_dataset`` cached by folder and contents; raises CxrError."""
     return _scan_cached(str(path), fingerprint(path))
 
 
@@ -84,7 +84,7 @@ def current_scan(where: Any = None):
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _split_cached(path: str, fingerprint: str, mode: str, seed: int = 123) -> pd.DataFrame:
-    from cxr_core import data  # noqa: PLC0415 (imported on first use)
+    from cxr_core.data import scan as data  # noqa: PLC0415 (imported on first use)
     result = _scan_cached(path, fingerprint)
     return data.make_split(result.manifest, mode=mode, seed=seed)
 
@@ -100,8 +100,8 @@ def current_split(mode: str | None = None) -> pd.DataFrame | None:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def dataset_stats(path: str, fingerprint: str) -> dict:
-    """The Dataset page's summaries (cxr_core.stats), computed once per data set contents."""
-    from cxr_core import stats  # noqa: PLC0415 (imported on first use)
+    """The Dataset page's summaries (cxr_core.data.stats), computed once per data set contents."""
+    from cxr_core.data import stats  # noqa: PLC0415 (imported on first use)
     result = _scan_cached(path, fingerprint)
     return {
         "summary": stats.dataset_summary(result),
@@ -116,7 +116,7 @@ def dataset_stats(path: str, fingerprint: str) -> dict:
 
 @st.cache_data(show_spinner="Measuring pixel intensities on a sample of images...", max_entries=8)
 def intensity_histograms(path: str, fingerprint: str, n_per_class: int = 40) -> pd.DataFrame:
-    from cxr_core import stats  # noqa: PLC0415 (imported on first use)
+    from cxr_core.data import stats  # noqa: PLC0415 (imported on first use)
     return stats.intensity_histograms(_scan_cached(path, fingerprint), n_per_class=n_per_class, bins=64)
 
 
@@ -134,20 +134,20 @@ def downscale(gray: np.ndarray, size: int = 512) -> np.ndarray:
 @st.cache_data(show_spinner=False, max_entries=256)
 def thumbnail(path: str, size: int = 256) -> np.ndarray:
     """A small grayscale copy of an image file for grids (aspect ratio kept); raises CxrError."""
-    from cxr_core import images  # noqa: PLC0415 (imported on first use)
+    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     return downscale(images.load_gray(path), size)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _plan_cached(path: str, fingerprint: str, config_dict: dict):
-    from cxr_core import plan  # noqa: PLC0415 (imported on first use)
-    from cxr_core.config import RunConfig  # noqa: PLC0415
+    from cxr_core.core.config import RunConfig  # noqa: PLC0415
+    from cxr_core.data import plan  # noqa: PLC0415 (imported on first use)
 
     return plan.plan_run(RunConfig.from_dict(config_dict), _scan_cached(path, fingerprint).manifest)
 
 
 def run_plan(config) -> Any:
-    """``cxr_core.plan.plan_run`` for the chosen data set (what training will use), cached;
+    """``cxr_core.data.plan.plan_run`` for the chosen data set (what training will use), cached;
     None when no data set is chosen. Raises CxrError."""
     path = dataset_path()
     if path is None:
@@ -157,7 +157,7 @@ def run_plan(config) -> Any:
 
 def upload_limit() -> tuple[int, int]:
     """(largest zip in MB, the server's memory in MB): sized from the memory the server really has
-    (``cxr_core.resources``); ``$CXR_MAX_UPLOAD_MB`` overrides it."""
+    (``cxr_core.hosting.resources``); ``$CXR_MAX_UPLOAD_MB`` overrides it."""
     server_max = int(st.get_option("server.maxUploadSize"))
     memory_mb = resources.memory_limit_bytes() // resources.MB
     try:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from cxr_core.errors import CxrError
-from pages.ui import access, session
+from cxr_core.core.errors import CxrError
+from pages.ui import access, links
 from pages.ui.datasets import data_root, dataset_path, is_synthetic, list_datasets
 from pages.ui.models import all_runs, runs_root_info, selected_run
 from pages.ui.session import KEY_DATASET, KEY_ROUTED, KEY_SPLIT
@@ -50,11 +50,11 @@ def ensure_routed() -> None:
 def page_header(title: str, intro: str) -> None:
     """Title, the page's short teaching introduction, and the shared sidebar."""
     ensure_routed()
-    session.restore_from_url()  # a reload or an opened link: the URL's choices, once per session
+    links.restore_from_url()  # a reload or an opened link: the URL's choices, once per session
     st.title(title)
     st.markdown(intro)
     sidebar()
-    session.keep_in_url()  # the choices so far (widget callbacks ran before the page) into the URL
+    links.keep_in_url()  # the choices so far (widget callbacks ran before the page) into the URL
 
 
 def choose_only_dataset() -> None:
@@ -85,7 +85,7 @@ def sidebar() -> None:
             else:
                 st.caption("No finished run yet. Train one on the Training page.")
             try:
-                from cxr_core import jobs  # noqa: PLC0415 (imported on first use)
+                from cxr_core.hosting import jobs  # noqa: PLC0415 (imported on first use)
                 active = jobs.active_runs()
             except (ImportError, OSError, CxrError):
                 active = []
@@ -106,7 +106,7 @@ def sidebar() -> None:
 @st.cache_resource(ttl=3600, show_spinner=False)
 def _expire_workspaces(root: str) -> list[str]:
     """At most once an hour per server: remove visitors' workspaces unused for too long."""
-    from cxr_core import workspaces  # noqa: PLC0415 (a hosted app's concern)
+    from cxr_core.hosting import workspaces  # noqa: PLC0415 (a hosted app's concern)
 
     return workspaces.expire(root)
 
@@ -115,7 +115,8 @@ def housekeeping() -> None:
     """What keeps a shared server tidy, on every page: a queue left waiting (after a restart, say) gets its
     dispatcher back, and expired workspaces go. A failure here never stops the page."""
     try:
-        from cxr_core import job_queue, runs  # noqa: PLC0415
+        from cxr_core.hosting import job_queue  # noqa: PLC0415
+        from cxr_core.runs import registry as runs  # noqa: PLC0415
 
         root = runs.runs_root().path
         if job_queue.waiting(root):

@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import streamlit as st
 
-from cxr_core import runs
-from cxr_core.errors import CxrError
-from cxr_core.labels import TASKS
-from cxr_core.predict import overlay_heatmap
-from cxr_core.run_folder import RunFolder
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import TASKS
+from cxr_core.inference.predictor import overlay_heatmap
+from cxr_core.runs import registry as runs
+from cxr_core.runs.run_folder import RunFolder
 from pages.ui import access
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cxr_core.predict import Explanation
+    from cxr_core.inference.predictor import Explanation
 
 
 def all_runs() -> list:
@@ -133,12 +133,12 @@ def model_stamp(run_dir: str | Path) -> float:
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)
 def _predictor_cached(run_dir: str, stamp: float):  # noqa: ARG001 (stamp: part of the cache key)
-    from cxr_core.predict import Predictor  # noqa: PLC0415 (TensorFlow may come with it)
+    from cxr_core.inference.predictor import Predictor  # noqa: PLC0415 (TensorFlow may come with it)
     return Predictor.from_run(run_dir)
 
 
 def load_predictor(run_dir: str | Path):
-    """A cached ``cxr_core.predict.Predictor``; raises CxrError."""
+    """A cached ``cxr_core.inference.predictor.Predictor``; raises CxrError."""
     return _predictor_cached(str(run_dir), model_stamp(run_dir))
 
 
@@ -152,7 +152,7 @@ def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[n
     Cached by run and file contents, so moving the opacity slider does not rerun the model.
     Raises CxrError for a file that is not a usable image.
     """
-    from cxr_core import images  # noqa: PLC0415 (imported on first use)
+    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(data, name)
     found = _predictor_cached(run_dir, stamp).explanation(gray)
     small = downscale(gray, 640)
@@ -163,7 +163,7 @@ def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[n
 def explain_path(run_dir: str, stamp: float, path: str, target: str | None = None) -> tuple[np.ndarray, Explanation]:
     """Like ``explain_bytes`` for an image file on the server (Evaluation's gallery); ``target`` picks
     the class whose evidence the map shows (by default the predicted one)."""
-    from cxr_core import images  # noqa: PLC0415 (imported on first use)
+    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(path)
     found = _predictor_cached(run_dir, stamp).explanation(gray, target)
     small = downscale(gray, 512)

@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import evaluate
-from cxr_core.predict import map_caption
+from cxr_core.core import metrics as evaluate
+from cxr_core.inference.predictor import map_caption
 from pages.ui import charts, models
 
 #: Kermany et al. (2018), Cell 172(5), on their test set: the figures this workbench aims at.

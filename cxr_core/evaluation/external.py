@@ -1,0 +1,162 @@
+"""Evaluate a run on a data set outside its split, and remember the result in the run folder.
+
+This is the honest figure. A split of one collection shares its hospital, its scanners and the
+way its copies were made between training and test; another collection (the official Kermany
+test set, another site) does not, and models score lower there. ``evaluate_folder`` runs the
+run's model on every image of a folder, reports the metrics at the run's own threshold and at
+0.5, warns when some of those images were in the run's training part (matched by content hash),
+and stores the result under ``evaluations/<data set name>`` so the pages show it first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_core.core.errors import BadSettingError, CxrError
+from cxr_core.core.metrics import binary_metrics, estimate_prior_em, multiclass_metrics, threshold_for_prior
+from cxr_core.runs.run_folder import RunFolder, evaluation_name
+
+log = logging.getLogger(__name__)
+
+
+def training_overlap(folder: RunFolder, sha256: pd.Series) -> dict[str, int]:
+    """How many of the given images (by content hash) were in each part of the run's split."""
+    split = folder.read_split()
+    if "sha256" not in split.columns or "split" not in split.columns:
+        return {}
+    if "is_augmented" in split.columns:
+        split = split[~split["is_augmented"].astype(bool)]
+    wanted = set(sha256.dropna().astype(str))
+    return {part: int(split.loc[split["split"] == part, "sha256"].astype(str).isin(wanted).sum())
+            for part in ("train", "val", "test")}
+
+
+def overlap_warning(overlap: dict[str, int], n: int) -> str | None:
+    """One sentence when evaluated images were in the run's training part, else None."""
+    in_train = int(overlap.get("train", 0))
+    if not in_train:
+        return None
+    return (f"{in_train} of these {n} images were in this run's training part, so this is not an "
+            "external test: its figures are optimistic.")
+
+
+def prevalence_adjustment(folder: RunFolder, prob: np.ndarray, y: np.ndarray, threshold: float) -> dict | None:
+    """The threshold moved to the new images' prevalence, estimated from their probabilities alone
+    (EM, Saerens et al. 2002; the labels are used only to report how that threshold does).
+
+    Returns None when the run does not record its validation prevalence.
+    """
+    val = (folder.read_metrics() or {}).get("val") or {}
+    n, n_pos = val.get("n"), val.get("n_positive")
+    if not n or n_pos is None or not 0 < n_pos < n:
+        return None
+    train_prior = float(n_pos) / float(n)
+    estimated = estimate_prior_em(prob, train_prior)
+    adjusted = threshold_for_prior(threshold, train_prior, estimated)
+    return {"validation_prevalence": train_prior, "estimated_prevalence": estimated,
+            "true_prevalence": float(np.mean(y)), "threshold": adjusted,
+            "at_threshold": binary_metrics(y, prob, threshold=adjusted)}
+
+
+def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, threshold: float | None = None,
+                    engine: str = "auto", store: bool = True, predictor: Any = None,
+                    on_progress: Any = None, limit: int | None = None) -> dict:
+    """Metrics of a run over every image of a folder.
+
+    Args:
+        run_dir: the run folder.
+        data_dir: a data set folder (Kermany layout or class folders).
+        threshold: overrides the run's chosen threshold for the headline metrics.
+        engine: ``auto``, ``litert`` or ``keras`` (see ``predict.Predictor.from_run``).
+        store: remember the result in the run folder (``evaluations/<name>.json`` and ``.csv``).
+        predictor: an already loaded ``Predictor`` of this run (the app keeps one cached).
+        on_progress: called with (done, total) while images are classified.
+        limit: evaluate a stratified, seeded sample of at most this many images (quicker; the
+            result says ``sampled_from``).
+
+    Returns:
+        The ``evaluate`` JSON: task ("pneumonia"), n, accuracy, roc_auc, pr_auc, sensitivity,
+        specificity, precision, f1, brier, threshold, confusion_matrix at the threshold; ``at_0.5``;
+        ``skipped``; ``duplicates``; ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per
+        part of the run's split) and ``warning`` (one sentence, or None). For a subtype run,
+        ``evaluate.multiclass_metrics`` (task "subtype", classes, per_class, pneumonia_vs_normal,
+        bacterial_vs_viral, ...) with the same bookkeeping keys and no ``prevalence``.
+
+    Raises:
+        CxrError: the run or the folder cannot be used, or no image could be read (for a subtype
+            run also: images without a subtype in their name, or a threshold given).
+    """
+    from cxr_core.data.scan import scan_dataset, task_labels  # noqa: PLC0415
+    from cxr_core.inference.predictor import Predictor  # noqa: PLC0415
+
+    folder = RunFolder(run_dir)
+    if predictor is None:
+        predictor = Predictor.from_run(folder.path, engine=engine)
+    task = getattr(predictor, "task", "pneumonia")
+    multiclass = task != "pneumonia"
+    if multiclass and threshold is not None:
+        raise BadSettingError(f"The run {folder.name} is a {task} run, which labels each image with its most probable "
+                              "class, so a threshold does not apply to it.")
+    chosen = None if multiclass else (predictor.threshold if threshold is None else float(threshold))
+    scan = scan_dataset(data_dir)
+    manifest = task_labels(scan.manifest, task)
+    sampled_from = None
+    if limit and len(manifest) > int(limit):
+        from cxr_core.data.scan import stratified_subset  # noqa: PLC0415
+
+        sampled_from = int(len(manifest))
+        manifest = stratified_subset(manifest, int(limit), seed=123, task=task)
+    paths = manifest["path"].tolist()
+    results: list[dict] = []
+    step = 64
+    for start in range(0, len(paths), step):
+        results.extend(predictor.predict_files(paths[start:start + step]))
+        if on_progress is not None:
+            on_progress(min(start + step, len(paths)), len(paths))
+    ok = np.array(["error" not in r for r in results], dtype=bool)
+    skipped = [{"path": str(p), "reason": str(r)} for p, r in zip(scan.skipped["path"], scan.skipped["reason"])]
+    skipped += [{"path": r["file"], "reason": r["error"]} for r in results if "error" in r]
+    if not ok.any():
+        raise CxrError(f"None of the images in {data_dir} could be read.")
+    used = manifest[ok].copy()
+    y = used["y"].to_numpy()
+    if multiclass:
+        classes = tuple(predictor.classes)
+        probs = np.array([[r["probabilities"][c] for c in classes] for r in results if "error" not in r],
+                         dtype=np.float64).reshape(-1, len(classes))
+        for c, name in enumerate(classes):
+            used[f"p_{name}"] = probs[:, c]
+        used["probability"] = 1.0 - probs[:, 0]
+        used["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+        result = multiclass_metrics(y, probs, classes)
+    else:
+        used["probability"] = [r["probability"] for r in results if "error" not in r]
+        prob = used["probability"].to_numpy()
+        result = {"task": task, **binary_metrics(y, prob, threshold=chosen)}
+        result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    result["skipped"] = skipped
+    result["duplicates"] = int(len(scan.duplicates))
+    result["run"] = str(run_dir)
+    result["data"] = str(data_dir)
+    name = evaluation_name(data_dir)
+    result["name"] = name
+    result["engine"] = predictor.engine
+    result["sampled_from"] = sampled_from
+    overlap = training_overlap(folder, used["sha256"]) if "sha256" in used else {}
+    result["overlap"] = overlap
+    result["warning"] = overlap_warning(overlap, len(used))
+    if not multiclass:
+        result["prevalence"] = prevalence_adjustment(folder, prob, y, chosen)
+    if store:
+        # label is the true class, as for the pneumonia task; a subtype run adds p_<class> and predicted.
+        extra = [f"p_{name}" for name in classes] + ["predicted"] if multiclass else []
+        columns = [c for c in ("path", "y", "probability", *extra, "label", "patient_id") if c in used.columns]
+        try:
+            folder.write_evaluation(name, result, used[columns])
+        except OSError as error:  # a read-only run (the shipped demo on a hosted app) still answers
+            log.warning("Could not store the evaluation in %s: %s", folder.path, error)
+    return result
