@@ -41,7 +41,7 @@ def pipeline(data: Path, limit: int, batch: int) -> dict:
 
     from cxr_core.core.config import DataConfig, ModelConfig, RunConfig
     from cxr_core.data.scan import scan_dataset, stratified_subset
-    from cxr_core.engine.train import ImageBatches
+    from cxr_core.engine.batches import ImageBatches
 
     config = RunConfig(data=DataConfig(data_dir=str(data)),
                        model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=224))

@@ -6,24 +6,26 @@ Exit codes: 0 ok; 2 bad input (one sentence on stderr, no traceback); 3 training
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cxr_core.core.backbones import BACKBONE_NAMES
-from cxr_core.core.config import BALANCE_STRATEGIES, DISTRIBUTE_MODES, PRECISIONS, SCHEDULES, SPLIT_MODES, RunConfig
+from cxr_core.core import settings
+from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError
-from cxr_core.core.labels import TASKS, THRESHOLD_RULES
+from cxr_core.core.labels import THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPE_NAMES, apply_recipe
 from cxr_core.data import plan
-from cxr_core.engine.distribute import LEARNING_RATE_RULE
+from cxr_core.io.atomic import json_default, read_json
 
 log = logging.getLogger("cxr_core")
 
@@ -42,9 +44,6 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common], help="train a classifier; prints the run folder as its last line")
     t.add_argument("--data", help="data set folder (Kermany layout or NORMAL/PNEUMONIA folders)")
-    t.add_argument("--task", choices=TASKS,
-                   help="pneumonia: NORMAL / PNEUMONIA (default); subtype: NORMAL / BACTERIA / VIRUS, read from the "
-                        "file names (person1_bacteria_1.jpeg)")
     t.add_argument("--config", help="a config.json to start from (flags given on the command line override it)")
     t.add_argument("--recipe", choices=RECIPE_NAMES,
                    help="a named recipe that sets every training choice except the data, backbone, alpha and "
@@ -53,59 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help=argparse.SUPPRESS)
     # The background launcher (jobs.start_training) passes its one-job lock file; the process takes it first.
     t.add_argument("--lock-file", help=argparse.SUPPRESS)
-    t.add_argument("--backbone", help=f"{', '.join(BACKBONE_NAMES)} (default {BACKBONE_NAMES[0]})")
-    t.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier (e.g. 0.35)")
-    t.add_argument("--weights", help="imagenet (default), none, or a path to a weights file")
-    t.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    t.add_argument("--dropout", type=float, help="dropout before the last layer (reference: 0.5)")
-    t.add_argument("--epochs", type=int, help="epochs of the head phase on cached features (default 10)")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--learning-rate", type=float)
-    t.add_argument("--balance", choices=BALANCE_STRATEGIES)
-    t.add_argument("--split", choices=SPLIT_MODES)
-    t.add_argument("--val-fraction", type=float)
-    t.add_argument("--test-fraction", type=float)
-    t.add_argument("--fine-tune-layers", type=int, help="unfreeze this many top backbone layers (-1 = all)")
-    t.add_argument("--fine-tune-epochs", type=int)
-    t.add_argument("--fine-tune-learning-rate", type=float)
-    t.add_argument("--online-augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="augment training images anew every fine-tuning epoch")
-    t.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
-    t.add_argument("--target-sensitivity", type=float)
-    t.add_argument("--label-smoothing", type=float, help="pull training targets towards 0.5 by this much (0-0.5)")
-    t.add_argument("--warmup-epochs", type=int, help="fine-tuning epochs of linear learning-rate warm-up")
-    t.add_argument("--schedule", choices=SCHEDULES, help="fine-tuning learning rate: constant or cosine decay")
-    t.add_argument("--fine-tune-batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                   help="let the unfrozen BatchNorm layers learn the X-rays' statistics while fine-tuning")
-    t.add_argument("--weight-decay", type=float, help="decoupled weight decay while fine-tuning (AdamW); 0 = Adam")
-    t.add_argument("--balance-by", metavar="COLUMN",
-                   help="a manifest column (e.g. source_resolution) the model must not learn: training images are "
-                        "weighted so that it tells nothing about the label")
-    t.add_argument("--rotation-range", type=float, help="degrees (reference: 0.3)")
-    t.add_argument("--shift", type=float, help="maximum width and height shift, as a fraction (reference: 0.05)")
-    t.add_argument("--zoom", type=float, help="maximum zoom in or out, as a fraction")
-    t.add_argument("--blur", type=float, help="robustness: maximum Gaussian blur sigma, in pixels")
-    t.add_argument("--downscale", type=float, help="robustness: maximum loss of resolution, as a fraction")
-    t.add_argument("--jpeg-quality", type=int, help="robustness: lowest JPEG re-compression quality (0 = off)")
-    t.add_argument("--contrast", type=float, help="robustness: maximum change of contrast, as a fraction")
-    t.add_argument("--gamma", type=float, help="robustness: maximum change of gamma (log of the exponent)")
-    t.add_argument("--no-flip", action="store_true", help="no horizontal flips")
-    t.add_argument("--limit", type=int, help="stratified subset of N images, for quick demos")
-    t.add_argument("--seed", type=int, help="seed of split, augmentation and training (default 123)")
-    t.add_argument("--cache-dir", help="feature cache (default: $CXR_CACHE_DIR or ~/.cache/cxr-workbench/features)")
-    t.add_argument("--export-litert", action=argparse.BooleanOptionalAction, default=None,
-                   help="also write model.tflite for TensorFlow-free prediction (default: yes)")
-    t.add_argument("--distribute", choices=DISTRIBUTE_MODES,
-                   help="auto (default): mirrored when more than one GPU is visible, else off; mirrored: one "
-                        "replica per local GPU (or per --cpu-replicas CPU device); multi-worker: the machines "
-                        "named by TF_CONFIG, each running this same command with the same --out and --cache-dir "
-                        f"on shared storage. With several replicas, {LEARNING_RATE_RULE}")
-    t.add_argument("--precision", choices=PRECISIONS,
-                   help="auto (default): mixed float16 on GPUs of compute capability 7.0 or newer, else float32; "
-                        "mixed needs a GPU (the logits stay float32)")
-    t.add_argument("--cpu-replicas", type=int, metavar="N",
-                   help="split the CPU into N logical devices so that mirrored trains N replicas (for teaching "
-                        "and tests; no faster than one device)")
+    for row in settings.cli_rows():  # every setting of a run: one row each in cxr_core.core.settings
+        t.add_argument(row.flag, **row.argparse_kwargs())
 
     e = sub.add_parser("evaluate", parents=[common],
                        help="metrics of a run over every image in a folder (one JSON object)")
@@ -134,59 +82,45 @@ def _parser() -> argparse.ArgumentParser:
                    help="two or more finished run folders with the same image size and split")
     n.add_argument("--out", help="the new run folder (default: a new folder under $CXR_RUNS_DIR or artifacts/runs)")
     n.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="default: the first run's rule")
+
+    lab = sub.add_parser("shortcut-lab", parents=[common],
+                         help="copy a data set with a marker burnt into most PNEUMONIA and a few NORMAL images, "
+                              "to teach shortcut learning; prints the new data set's folder as its last line")
+    lab.add_argument("--data", required=True, help="data set folder to copy (Kermany layout or class folders)")
+    lab.add_argument("--out", required=True, help="the new data set's folder (new or empty, outside --data)")
+    lab.add_argument("--positive-rate", type=float, default=0.9, help="share of PNEUMONIA images marked (0.9)")
+    lab.add_argument("--negative-rate", type=float, default=0.1, help="share of NORMAL images marked (0.1)")
+    lab.add_argument("--seed", type=int, default=123, help="seed of which images are marked and where (123)")
+
+    nb = sub.add_parser("lesson-notebook", parents=[common],
+                        help="write a lesson of lessons/ as a Jupyter notebook that runs its experiments with the "
+                             "library")
+    nb.add_argument("lesson", metavar="NAME", help="the lesson's id (e.g. leakage) or its Markdown file")
+    nb.add_argument("--out", required=True, help="the notebook file to write (.ipynb)")
+    nb.add_argument("--data", required=True, help="the data set to train on")
+    nb.add_argument("--external", help="the external test set (default: another data set beside --data, one whose "
+                                       "name says test when there is one)")
+    nb.add_argument("--runs", help="where the notebook's runs go (default: lesson-runs/<lesson> beside the data "
+                                   "folder)")
+    nb.add_argument("--weights", help="starting weights file for every run (default: the lesson's, ImageNet)")
     return parser
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """A RunConfig from ``--config`` (if any) overridden by the flags given."""
+    """A RunConfig from ``--config`` (if any) and ``--recipe`` (if any), overridden by the flags given."""
     base = RunConfig()
     if args.config:
-        from cxr_core.io.atomic import read_json  # noqa: PLC0415
-
         loaded = read_json(args.config, default=None)
         if loaded is None:
             raise CxrError(f"{args.config} is not a readable config.json.")
         base = RunConfig.from_dict(loaded)
     if args.recipe:
         base = apply_recipe(base, args.recipe)
-
-    def pick(section, **values):
-        given = {k: v for k, v in values.items() if v is not None}
-        return type(section)(**{**section.__dict__, **given})
-
     data_dir = args.data if args.data is not None else base.data.data_dir
     if not data_dir:
         raise CxrError("No data set given; pass --data with a folder of chest X-rays.")
-    try:
-        data = pick(base.data, data_dir=str(Path(data_dir).expanduser().resolve()), split=args.split, seed=args.seed,
-                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, limit=args.limit,
-                    task=args.task)
-        augment = pick(base.augment, rotation_range=args.rotation_range,
-                       horizontal_flip=False if args.no_flip else None, width_shift=args.shift,
-                       height_shift=args.shift, zoom=args.zoom, blur=args.blur, downscale=args.downscale,
-                       jpeg_quality=args.jpeg_quality, contrast=args.contrast, gamma=args.gamma)
-        weights = args.weights
-        if weights and weights.lower() not in ("imagenet", "none"):
-            # checked with the other starting conditions in plan.preflight
-            weights = str(Path(weights).expanduser().resolve())
-        elif weights:
-            weights = weights.lower()
-        model = pick(base.model, backbone=args.backbone, alpha=args.alpha, weights=weights,
-                     image_size=args.image_size, dropout=args.dropout)
-        train = pick(base.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     balance=args.balance, fine_tune_layers=args.fine_tune_layers,
-                     fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                     online_augment=args.online_augment, threshold_rule=args.threshold_rule,
-                     target_sensitivity=args.target_sensitivity, seed=args.seed, cache_dir=args.cache_dir,
-                     export_litert=args.export_litert, label_smoothing=args.label_smoothing,
-                     warmup_epochs=args.warmup_epochs, schedule=args.schedule, balance_by=args.balance_by,
-                     fine_tune_batchnorm=args.fine_tune_batchnorm, weight_decay=args.weight_decay,
-                     distribute=args.distribute, precision=args.precision, cpu_replicas=args.cpu_replicas)
-    except CxrError:
-        raise
-    except (TypeError, ValueError) as error:  # a section rejected a combination the flags allowed
-        raise CxrError(str(error)) from error
-    return RunConfig(data=data, augment=augment, model=model, train=train)
+    data = dataclasses.replace(base.data, data_dir=str(Path(data_dir).expanduser().resolve()))
+    return settings.config_from_values(dataclasses.replace(base, data=data), settings.values_from_args(args))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -298,6 +232,31 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_shortcut_lab(args: argparse.Namespace) -> int:
+    from cxr_core.data.shortcut_lab import make_shortcut_lab  # noqa: PLC0415
+
+    lab = make_shortcut_lab(args.data, args.out, positive_rate=args.positive_rate,
+                            negative_rate=args.negative_rate, seed=args.seed)
+    for path, reason in zip(lab.skipped["path"], lab.skipped["reason"]):
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"Marked {lab.marked['PNEUMONIA']} of {lab.counts['PNEUMONIA']} PNEUMONIA and {lab.marked['NORMAL']} of "
+          f"{lab.counts['NORMAL']} NORMAL images.", file=sys.stderr)
+    print(lab.folder)
+    return EXIT_OK
+
+
+def _cmd_lesson_notebook(args: argparse.Namespace) -> int:
+    from cxr_core.teaching import lessons, notebook  # noqa: PLC0415
+
+    found = lessons.load_lessons()
+    lesson = lessons.read_lesson(args.lesson) if Path(args.lesson).suffix == ".md" else found.get(args.lesson)
+    if lesson is None:
+        known = ", ".join(item.id for item in found.lessons)
+        raise CxrError(f"There is no lesson {args.lesson!r}; choose one of {known}, or give a lesson's .md file.")
+    print(notebook.write_lesson_notebook(lesson, args.out, args.data, args.external, args.runs, args.weights))
+    return EXIT_OK
+
+
 def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> dict:
     """Write the overlay of the evidence for the predicted class; the fields it adds to the result."""
     import cv2  # noqa: PLC0415
@@ -317,18 +276,44 @@ def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> dict
 
 
 def _json_default(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+    """The conversions of the run files' JSON (numpy, paths, sets); anything else as its text, so that an answer
+    is always printed."""
+    try:
+        return json_default(obj)
+    except TypeError:
+        return str(obj)
+
+
+class _PlainFormatter(logging.Formatter):
+    """Log lines for a person: a message without the traceback it may carry (ours or a library's)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record) + (" (run with -v for details)" if saved[0] else "")
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Warnings on stderr, progress too with -v; tracebacks only with -v."""
+    handler = logging.StreamHandler()
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt) if verbose else _PlainFormatter(fmt))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    # pydicom logs each of its warnings (one line, above) and also issues it as a Python warning,
+    # which would print again with its source file and line.
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-                "export": _cmd_export, "ensemble": _cmd_ensemble}
+                "export": _cmd_export, "ensemble": _cmd_ensemble, "shortcut-lab": _cmd_shortcut_lab,
+                "lesson-notebook": _cmd_lesson_notebook}
     started = time.time()
     try:
         return handlers[args.command](args)

@@ -48,9 +48,11 @@ def apply_pending() -> None:
 def folder_tab() -> None:
     names = datasets.list_datasets()
     root = datasets.data_root()
+    operator = access.is_operator()  # a visitor sees no path of the server
     if not names:
         st.info(f"There are no data sets in the data folder (`{root}`) yet. Download the Kermany release, "
-                "upload a zip, or make the synthetic practice set in the other tabs.", icon=":material/info:")
+                "upload a zip, or make the synthetic practice set in the other tabs." if operator else
+                "There are no data sets here yet; the operator of this app adds them.", icon=":material/info:")
         return
     current = st.session_state.get(session.KEY_DATASET)
     if st.session_state.get(W_CHOICE) not in names:
@@ -58,7 +60,8 @@ def folder_tab() -> None:
     choice = st.selectbox("Data set folder", names, key=W_CHOICE, placeholder="Choose a data set",
                           on_change=session.copy_state, args=(W_CHOICE, session.KEY_DATASET),
                           format_func=lambda n: f"{n}  (synthetic)" if datasets.is_synthetic(root / n) else n,
-                          help=f"Folders under the data folder `{root}` (set CXR_DATA_ROOT to use another).")
+                          help=f"Folders under the data folder `{root}` (set CXR_DATA_ROOT to use another)." if operator
+                          else "The data sets on this server.")
     st.session_state[session.KEY_DATASET] = choice
     st.caption("A folder may hold NORMAL/ and PNEUMONIA/ subfolders, or the Kermany layout "
                "(train/, val/, test/, each with NORMAL/ and PNEUMONIA/).")
@@ -137,13 +140,13 @@ def discard_held(held: dict | None) -> None:
 
 
 def upload_tab() -> None:
+    if not access.allowed("unpack"):  # a visitor is told who can, and nothing about the server's size
+        return
     limit_mb, memory_mb = datasets.upload_limit()
     st.markdown("Upload a zip of chest X-rays: NORMAL/ and PNEUMONIA/ folders, or the Kermany layout. "
                 f"This server takes archives up to **{limit_mb:,} MB** (it has {memory_mb:,} MB of memory); "
                 "for the full Kermany release use the Download tab, which streams to disk. "
                 "Archives that would write outside their folder are refused.")
-    if not access.allowed("unpack"):
-        return
     root = datasets.data_root()
     held = st.session_state.get(HELD_ZIP)
     if held and not Path(held["path"]).is_file():
@@ -400,6 +403,53 @@ def shortcuts_section(path: Path, result) -> None:
     )
 
 
+def shortcut_lab_section(path: Path, result) -> None:
+    from cxr_core.data import shortcut_lab  # noqa: PLC0415 (imported on first use)
+
+    st.subheader("Shortcut lab: plant a shortcut and watch a model take it")
+    st.markdown(
+        "Published models have learned things that are not the disease: a hospital's identity alone predicted "
+        "the label with AUC 0.86 (Zech et al. 2018), and COVID-19 detectors read the text and markers on the "
+        "films instead of the lungs (DeGrave et al. 2021). The lab makes a copy of this data set with a small "
+        "lead marker (a white L or R in a corner, as radiographers put on films) burnt into most pneumonia "
+        "images and a few normal ones. The marker says nothing about the lungs, yet it predicts the label. "
+        "Train on the copy, then evaluate the run on a clean data set: the Evaluation page shows how often the "
+        "model's Grad-CAM map peaks on the marker, and a score that drops on clean images is the shortcut's cost."
+    )
+    if (path / shortcut_lab.SETTINGS_FILE).is_file():
+        st.info("This data set is a shortcut-lab copy: its manifest.csv records which images carry the marker "
+                "(the shortcut check above lists it). Train on it, then evaluate the run on a clean data set.",
+                icon=":material/science:")
+        return
+    if not access.allowed("shortcut lab"):
+        return
+    left, right = st.columns(2)
+    positive = left.slider("Share of pneumonia images marked", 0.0, 1.0, shortcut_lab.DEFAULT_POSITIVE_RATE, 0.05,
+                           key="lab_positive_rate")
+    negative = right.slider("Share of normal images marked", 0.0, 1.0, shortcut_lab.DEFAULT_NEGATIVE_RATE, 0.05,
+                            key="lab_negative_rate")
+    target = shortcut_lab.free_folder(datasets.data_root(), path.name)
+    if not st.button(f"Make the lab copy as `{target.name}` ({len(result.manifest):,} images)", key="make_lab",
+                     icon=":material/science:"):
+        return
+    bar = st.progress(0.0, text="Copying...")
+    try:
+        lab = shortcut_lab.make_shortcut_lab(
+            path, target, positive_rate=positive, negative_rate=negative,
+            on_progress=lambda d, t: bar.progress(min(1.0, d / max(t, 1)), text=f"Copied {d:,} of {t:,} images"))
+    except (CxrError, OSError) as error:
+        bar.empty()
+        st.error(f"The lab copy could not be made: {error}", icon=":material/error:")
+        return
+    bar.empty()
+    access.record("shortcut lab", target.name)
+    if len(lab.skipped):  # say so before moving on: choose the copy above when ready
+        st.warning(f"`{target.name}` is made, but {len(lab.skipped)} file(s) could not be read and were left out: "
+                   + "; ".join(lab.skipped["reason"].astype(str).head(3)), icon=":material/warning:")
+        return
+    select_next_run(target.name)
+
+
 def sample_grid(result) -> None:
     st.subheader("Sample images")
     c1, c2, c3 = st.columns([1, 1, 1], vertical_alignment="bottom")
@@ -478,6 +528,7 @@ else:
         composition(data)
         sizes_and_intensity(path, data)
         shortcuts_section(path, result)
+        shortcut_lab_section(path, result)
         sample_grid(result)
         problems(result)
         st.page_link("pages/augmentation.py", label="Next: choose the augmentation", icon=":material/arrow_forward:")

@@ -341,6 +341,18 @@ KEY_THRESHOLD_FOR = "eval_threshold_for"  # the slider key (run and test set) th
 KEY_SHOW_NEWEST = "eval_show_newest"
 
 
+def marker_note(chosen: dict) -> None:
+    """A shortcut-lab test set: how often the model's pneumonia map peaks on the planted marker."""
+    result = chosen["at_threshold"] or {}
+    if result.get("marker_attention") is None:
+        return
+    st.metric("Grad-CAM peak on the planted marker", f"{result['marker_attention']:.0%}",
+              help="The peak of the map of the evidence for pneumonia, within one map cell of the marker's box.")
+    st.caption(f"Of the {result.get('n_marked', '?')} images here that carry the shortcut lab's marker, this is the "
+               "share whose strongest evidence for pneumonia lies on the marker, not in the lungs: the higher, the "
+               "more the model reads the marker.")
+
+
 def prevalence_note(chosen: dict) -> None:
     shift = chosen.get("prevalence")
     if not shift:
@@ -389,6 +401,7 @@ else:
             p = preds["probability"].astype(float).to_numpy()
             headline(chosen)
             prevalence_note(chosen)
+            marker_note(chosen)
             key = f"eval_threshold_{summary.run_id}_{chosen['name']}"
             if len(np.unique(y)) < 2:
                 st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")

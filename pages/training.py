@@ -1,6 +1,7 @@
 """Training: configure a run, launch it in the background, watch it live, manage past runs."""
 import dataclasses
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -85,23 +86,51 @@ def _save_uploaded_weights(key: str) -> None:
     st.session_state[KEY_WEIGHTS_UPLOAD + "_n"] = st.session_state.get(KEY_WEIGHTS_UPLOAD + "_n", 0) + 1
 
 
+ALPHAS = [0.35, 0.5, 0.75, 1.0]  # MobileNetV2's widths that Keras has ImageNet weights for
+KEY_ALPHA_FREE = "train_alpha_free"  # the width slider while no weights file fixes it (ImageNet or None)
+
+
+def _imagenet_alpha() -> float:
+    """The width the ImageNet file is for: the free width slider's value (drawn after the weights, so read from
+    the session, else from the URL that seeds it), else 1.0."""
+    value = st.session_state.get(KEY_ALPHA_FREE, st.query_params.get(KEY_ALPHA_FREE))
+    try:
+        return float(value) if float(value) in ALPHAS else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def weights_help(spec, alpha: float, size: int | None, operator: bool) -> str:
+    """The starting weights' help: the server's folders for the operator only (a visitor sees no path)."""
+    imagenet_file = spec.imagenet_filename(alpha, size)
+    if operator:
+        return (f"Pretrained weights make a few epochs enough. Files are looked for in {weights.upload_dir()} "
+                f"and Keras' cache ({weights.keras_cache_dir()}); without internet, place a weights file there or "
+                f"upload one. {spec.label}'s ImageNet file is {imagenet_file}.")
+    return ("Pretrained weights make a few epochs enough. ImageNet weights are downloaded once, or used from "
+            f"the server when its operator has added them ({spec.label}'s file is {imagenet_file}); files the "
+            "operator added to the server are listed here too.")
+
+
 def weights_choice(column, backbone: str, size: int | None) -> str:
     """The starting weights: the files found on this machine for ``backbone`` first (they work
-    offline), ImageNet (said to be cached when Keras has its file), random, or an upload.
-    The choice survives a change of backbone whenever it still fits."""
+    offline), ImageNet (said to be cached when Keras has its file), random, or (the operator only)
+    an upload. The choice survives a change of backbone whenever it still fits."""
     spec = BACKBONES[backbone]
+    operator = access.is_operator()
     found = [f for f in weights.find_weight_files() if f.source == "weights folder"]
     matching = [str(f.path) for f in found if f.backbone == backbone]
     unknown = [str(f.path) for f in found if f.backbone is None]
-    options = [*matching, "imagenet", "none", *unknown, UPLOAD]
+    # Only the operator may add a file to the server: a visitor is not offered an upload they would be refused.
+    options = [*matching, "imagenet", "none", *unknown, *([UPLOAD] if operator else [])]
     current = st.session_state.get(KEY_WEIGHTS)
     # A person's choice (made here or carried by a link) stays while it fits the backbone; otherwise
     # the first option is the default: a file made for this backbone (works offline), else ImageNet.
     chosen = st.session_state.get(KEY_WEIGHTS_CHOSEN) or KEY_WEIGHTS in st.query_params
     if current not in options or not chosen:
         st.session_state[KEY_WEIGHTS] = options[0]
-    alpha = st.session_state.get(f"train_alpha_{st.session_state.get(KEY_WEIGHTS)}")
-    cached = weights.cached_imagenet(backbone, float(alpha or 1.0), size)
+    alpha = _imagenet_alpha() if spec.supports_alpha else 1.0
+    cached = weights.cached_imagenet(backbone, alpha, size)
     by_path = {str(f.path): f for f in found}
     names = {"imagenet": (f"ImageNet (on this machine: {cached.name})" if cached
                           else "ImageNet (downloads once; needs internet)"),
@@ -110,9 +139,11 @@ def weights_choice(column, backbone: str, size: int | None) -> str:
         "Starting weights", options, key=KEY_WEIGHTS, **PERSIST,
         on_change=lambda: st.session_state.__setitem__(KEY_WEIGHTS_CHOSEN, True),
         format_func=lambda w: names.get(w) or f"File: {Path(w).name} ({by_path[w].source if w in by_path else 'file'})",
-        help=f"Pretrained weights make a few epochs enough. Files are looked for in {weights.upload_dir()} "
-             f"and Keras' cache ({weights.keras_cache_dir()}); without internet, place a weights file there or "
-             f"upload one. {spec.label}'s ImageNet file is {spec.imagenet_filename(float(alpha or 1.0), size)}.")
+        help=weights_help(spec, alpha, size, operator))
+    if not operator:
+        others = "a file listed here, " if matching or unknown else ""
+        column.caption(f"Only the operator of this app can add weights files; you can start from ImageNet, {others}"
+                       "or random weights (None).")
     note = st.session_state.pop(KEY_WEIGHTS_NOTE, None)
     if note:
         (st.error if note[0] == "error" else st.success)(note[1])
@@ -132,19 +163,22 @@ def _fill_from_recipe() -> None:
     task = (RECIPES[name].settings.get("data") or {}).get("task")
     if task in TASKS:  # a recipe made for one task chooses it; the others leave the choice alone
         st.session_state["train_task"] = task
-    _fill_form(apply_recipe(RunConfig(), name), st.session_state.get("train_backbone", "inception_v3"))
+    _fill_form(apply_recipe(RunConfig(), name))
 
 
-def _fill_form(config: RunConfig, backbone: str) -> None:
-    """Put ``config``'s settings into the form's widgets (for ``backbone``) and the shared choices."""
+def _fill_form(config: RunConfig) -> None:
+    """Put ``config``'s settings into the form's widgets (the image size for every backbone) and the
+    shared choices."""
     values = {
         "train_epochs": config.train.epochs, "train_batch": config.train.batch_size,
         "train_lr": config.train.learning_rate, "train_ft_layers": config.train.fine_tune_layers,
         "train_ft_epochs": config.train.fine_tune_epochs, "train_rule": config.train.threshold_rule,
         "train_split": config.data.split, "train_balance": config.train.balance,
         session.KEY_LIMIT: config.data.limit or 0, "train_dropout": config.model.dropout,
-        f"train_size_{backbone}": config.model.image_size or BACKBONES[backbone].default_size,
     }
+    # Every backbone's size: a backbone chosen afterwards keeps the recipe's size, not its own default.
+    values.update({f"train_size_{name}": max(config.model.image_size or spec.default_size, spec.min_size)
+                   for name, spec in BACKBONES.items()})
     for key, value in values.items():
         low, high = FORM_RANGES.get(key, (value, value))
         st.session_state[key] = min(max(value, low), high)
@@ -168,7 +202,7 @@ def show_running_settings() -> None:
     backbone = config.model.backbone
     if backbone not in BACKBONES:
         return
-    _fill_form(config, backbone)
+    _fill_form(config)
     st.session_state["train_task"] = config.data.task
     st.session_state["train_backbone"] = backbone
     st.session_state[session.KEY_RECIPE] = config.train.recipe if config.train.recipe in RECIPES else ""
@@ -395,7 +429,8 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
                   "backbone, size and images are reused, so a second run is much faster.")
     problem = None
     try:
-        source = plan.preflight(config, probe=_imagenet_reachable, where="app")
+        # A visitor's advice names no folder of the server (they could not place a file there anyway).
+        source = plan.preflight(config, probe=_imagenet_reachable, where="app" if access.is_operator() else "visitor")
     except CxrError as error:
         problem = str(error)
         st.error(problem, icon=":material/block:")
@@ -455,7 +490,8 @@ def watched_run() -> Path | None:
     ws = access.workspace()
     if ws:  # a visitor back after a reload: their own run that trains or waits comes first
         mine = [s for s in summaries if s.owner == ws and s.state in ("running", "queued")]
-        if mine:
+        if mine:  # remembered, so that its panel stays with its finish once it ends
+            st.session_state[KEY_WATCHED] = str(mine[0].path)
             return Path(mine[0].path)
     visible = {str(s.path) for s in summaries}
     for active in jobs.active_runs():
@@ -466,11 +502,35 @@ def watched_run() -> Path | None:
         path = st.session_state.get(key)
         if path and Path(path).is_dir():
             return Path(path)
-    return None
+    ended = recently_ended(summaries, owner=ws or "")
+    if ended is not None:  # a session opened just as its run ended (a reload) still sees the finish
+        st.session_state[KEY_WATCHED] = str(ended)
+    return ended
+
+
+RECENT_S = 10 * 60  # a run of this workspace that ended this recently is still its current run
+
+
+def recently_ended(summaries: list, owner: str, now: float | None = None) -> Path | None:
+    """The run of ``owner``'s workspace ("" for the shared runs) that ended last, if it ended within
+    ``RECENT_S``: a new session (a reload) knows nothing else of the run it followed."""
+    now = time.time() if now is None else now
+    ended = []
+    for summary in summaries:
+        if summary.owner != owner or summary.is_demo or summary.state in ("running", "queued"):
+            continue
+        finished = (RunFolder(summary.path).read_status_file() or {}).get("finished")
+        if isinstance(finished, (int, float)) and now - finished <= RECENT_S:
+            ended.append((finished, Path(summary.path)))
+    return max(ended)[1] if ended else None
+
+
+QUIET_S = 5  # a run that has written nothing for this long says since when (it may be building the network)
 
 
 def progress_text(progress: dict) -> str:
-    """'Training the head: epoch 2 of 5 · about 3 min left' (the epoch under way, never a fraction)."""
+    """'Training the head: epoch 2 of 5 · about 3 min left' (the epoch under way, never a fraction),
+    or '... · last update 12 s ago' when the job has been quiet for a while and its estimate is spent."""
     stage = progress.get("stage") or ""
     text = STAGES.get(stage, stage or "Starting")
     done, total = float(progress.get("done") or 0), int(progress.get("total") or 0)
@@ -482,6 +542,8 @@ def progress_text(progress: dict) -> str:
             text += f": {int(done):,} of {total:,} images"
     if progress.get("eta_s") is not None:
         text += f" · about {charts.fmt_seconds(progress['eta_s'])} left"
+    elif (progress.get("quiet_s") or 0) >= QUIET_S:
+        text += f" · last update {charts.fmt_seconds(progress['quiet_s'])} ago"
     return text
 
 
@@ -671,11 +733,19 @@ def job_owner(job) -> str:
     return workspaces.owner_of(job.run_dir) or ""
 
 
+KEY_DELETE_POPOVER = "train_delete_popover"  # the delete confirmation's open state
+KEY_DELETE_NOTE = "train_delete_note"        # what the last delete did, shown once
+KEY_DELETED = "train_deleted_run"            # the run this session deleted last
+
+
 def past_runs() -> None:
     st.subheader("Past runs")
     summaries = models.all_runs()
+    note = st.session_state.pop(KEY_DELETE_NOTE, None)
     if not summaries:
         st.caption("No runs yet. They are kept in the runs folder and listed here.")
+        if note:
+            show_note(note)
         return
     table = pd.DataFrame([{**s.as_row(), "demo": s.is_demo} for s in summaries])
     if access.hosted():  # whose run it is: shared (the operator's), yours, or another visitor's workspace
@@ -692,26 +762,52 @@ def past_runs() -> None:
         st.info(access.SHARED_RUN_SENTENCE, icon=":material/lock:")
     deletable = [s for s in summaries
                  if not s.is_demo and s.state not in ("running", "queued") and access.can_delete(s)]
-    if not deletable:
+    if deletable:
+        by_path = {str(s.path): s for s in deletable}
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        choice = left.selectbox("Delete a run", list(by_path), key="train_delete_choice",
+                                format_func=lambda p: f"{by_path[p].run_id} ({by_path[p].state})")
+        # Its open state is kept (on_change), so that a delete can close it.
+        with right.popover("Delete...", icon=":material/delete:", key=KEY_DELETE_POPOVER, on_change="rerun"):
+            run_id = by_path[choice].run_id
+            st.markdown(f"Delete `{run_id}` and its model for good?")
+            # Bound to the run it names: a second click on this confirmation never reaches another run.
+            st.button("Yes, delete it", type="primary", key=f"train_delete_confirm_{run_id}",
+                      on_click=delete_confirmed, args=(choice, run_id))
+    if note:
+        show_note(note)
+
+
+def show_note(note: tuple[str, str]) -> None:
+    """What the last delete did: ("success" | "info" | "error", sentence)."""
+    kind, text = note
+    {"success": st.success, "info": st.info}.get(kind, st.error)(text)
+
+
+def delete_confirmed(path: str, run_id: str) -> None:
+    """The confirm button's callback: delete the run the confirmation named, if it still exists and may
+    be deleted, then close the confirmation and say what happened."""
+    st.session_state[KEY_DELETE_POPOVER] = False
+    target = next((s for s in models.all_runs() if str(s.path) == path), None)
+    if target is None or not Path(path).is_dir():  # gone: a double click's second click, or another session
+        st.session_state[KEY_DELETE_NOTE] = (
+            ("success", f"Deleted run {run_id} and its model.") if st.session_state.get(KEY_DELETED) == path
+            else ("info", f"Run {run_id} is deleted already; nothing else was deleted."))
         return
-    by_path = {str(s.path): s for s in deletable}
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
-    choice = left.selectbox("Delete a run", list(by_path), key="train_delete_choice",
-                            format_func=lambda p: f"{by_path[p].run_id} ({by_path[p].state})")
-    with right.popover("Delete...", icon=":material/delete:"):
-        st.markdown(f"Delete `{by_path[choice].run_id}` and its model for good?")
-        if st.button("Yes, delete it", type="primary", key="train_delete_confirm"):
-            try:
-                runs.delete_run(by_path[choice].path)
-            except CxrError as error:
-                st.error(str(error))
-            else:
-                access.record("delete", by_path[choice].run_id)
-                if st.session_state.get(session.KEY_RUN) == choice:
-                    st.session_state.pop(session.KEY_RUN, None)
-                if st.session_state.get(session.KEY_LAUNCHED) == choice:
-                    st.session_state.pop(session.KEY_LAUNCHED, None)
-                st.rerun()
+    if target.is_demo or target.state in ("running", "queued") or not access.can_delete(target):
+        st.session_state[KEY_DELETE_NOTE] = ("error", f"Run {run_id} cannot be deleted now; nothing was deleted.")
+        return
+    try:
+        runs.delete_run(path)
+    except CxrError as error:
+        st.session_state[KEY_DELETE_NOTE] = ("error", str(error))
+        return
+    access.record("delete", run_id)
+    st.session_state[KEY_DELETED] = path
+    for key in (session.KEY_RUN, session.KEY_LAUNCHED, KEY_WATCHED):
+        if st.session_state.get(key) == path:
+            st.session_state.pop(key, None)
+    st.session_state[KEY_DELETE_NOTE] = ("success", f"Deleted run {run_id} and its model.")
 
 
 _number = st.column_config.NumberColumn

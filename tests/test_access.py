@@ -42,7 +42,7 @@ def infos(at: AppTest) -> list[str]:
 
 
 def can_delete(at: AppTest) -> bool:
-    return any(b.key == "train_delete_confirm" for b in at.button)
+    return any(str(b.key).startswith("train_delete_confirm_") for b in at.button)
 
 
 def test_the_rules():
@@ -105,12 +105,12 @@ def test_passphrase_mode_visitor_then_operator_and_the_passphrase_is_never_writt
     assert at.session_state["access_passphrase"] == ""
     render(at, "pages/training.py", "training (operator)")
     assert can_delete(at)
-    at.button(key="train_delete_confirm").click()
+    at.button(key="train_delete_confirm_run-class").click()
     render(at, None, "training (deleted)")
     assert not run.exists()
     entry = audit.read(runs_dir())[0]
     assert (entry["action"], entry["target"], entry["role"]) == ("delete", "run-class", "operator")
-    assert entry["who"].startswith("session-")
+    assert entry["who"] == at.session_state["access_browser_id"]  # the browser's id, the same in its every session
     assert any("Audit trail" in e.label for e in at.expander)
     # Another session is a visitor again.
     other = app({"operator_passphrase": PASSPHRASE})
@@ -205,11 +205,14 @@ def test_a_visitor_cannot_add_a_weights_file_to_the_server(small_kermany_for_acc
     at = app({"operator_passphrase": PASSPHRASE})
     at.session_state[KEY_DATASET] = small_kermany_for_access
     render(at, "pages/training.py", "training (visitor)")
-    at.selectbox(key="train_weights").set_value("upload")
-    render(at, None, "training (visitor wants to upload weights)")
-    assert access.OPERATOR_ONLY["weights"] in infos(at) and not at.file_uploader
+    # A visitor is not offered the upload at all (and so never reads a refusal of it).
+    offered = at.selectbox(key="train_weights").options
+    assert offered and not any("upload" in str(option).lower() for option in offered) and not at.file_uploader
+    assert access.OPERATOR_ONLY["weights"] not in infos(at)
     at.text_input(key="access_passphrase").input(PASSPHRASE)
     render(at, None, "training (operator)")
+    at.selectbox(key="train_weights").set_value("upload")
+    render(at, None, "training (operator uploads weights)")
     assert at.file_uploader and access.OPERATOR_ONLY["weights"] not in infos(at)
 
 

@@ -727,3 +727,168 @@ def test_a_reload_keeps_the_choices_and_a_reload_during_training_shows_the_runs_
     assert during.selectbox(key="train_recipe").value == "quick"
     assert "rotation ±4°" in text_of(during)
     assert during.session_state[KEY_DATASET] == "other"  # the link named a data set: it wins
+
+
+# --- Faults a class found on the Training page -----------------------------------------------------
+def _blocks(node):
+    """Every block and element under ``node`` (AppTest's tree), depth first."""
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from _blocks(child)
+
+
+def _popover_open(at: AppTest, key: str) -> bool:
+    """Whether the popover with ``key`` is drawn open."""
+    protos = [getattr(b, "proto", None) for b in _blocks(at.main)]
+    found = [p.popover for p in protos
+             if type(p).__name__ == "Block" and p.HasField("popover") and p.popover.id.endswith(key)]
+    assert len(found) == 1, f"no popover {key}"
+    return found[0].open
+
+
+def test_deleting_a_run_deletes_the_run_it_named_closes_the_confirmation_and_says_so():
+    """Delete... -> Yes: that run goes, the confirmation closes and says which; a second click on the same
+    (now stale) confirmation, as a double click sends it, deletes nothing else."""
+    from cxr_core.hosting import audit
+
+    for name in ("run-a", "run-b", "run-c"):
+        fake_run(name, None, None, state="failed", error="x")
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/training.py", "training (three runs)")
+    named = Path(at.selectbox(key="train_delete_choice").value).name
+    at.session_state["train_delete_popover"] = True  # the person opened the confirmation
+    render(at, None, "training (confirmation open)")
+    assert _popover_open(at, "train_delete_popover")
+    assert f"Delete `{named}` and its model for good?" in [m.value for m in at.markdown]
+    confirm = at.button(key=f"train_delete_confirm_{named}")
+    confirm.click().run(timeout=TIMEOUT)
+    assert not at.exception
+    left = sorted(p.name for p in Path(os.environ["CXR_RUNS_DIR"]).iterdir() if p.name.startswith("run-"))
+    assert left == sorted({"run-a", "run-b", "run-c"} - {named})
+    assert f"Deleted run {named} and its model." in [s.value for s in at.success]
+    assert not _popover_open(at, "train_delete_popover")
+    # What is offered now names another run, and its button is that run's.
+    other = Path(at.selectbox(key="train_delete_choice").value).name
+    assert [b.key for b in at.button if str(b.key).startswith("train_delete_confirm")] == [
+        f"train_delete_confirm_{other}"]
+    # The same confirmation clicked again (the old page's state, as a double click sends it): nothing else goes.
+    confirm.click().run(timeout=TIMEOUT)
+    assert not at.exception
+    assert sorted(p.name for p in Path(os.environ["CXR_RUNS_DIR"]).iterdir() if p.name.startswith("run-")) == left
+    assert f"Deleted run {named} and its model." in [s.value for s in at.success]
+    assert [e["target"] for e in audit.read(Path(os.environ["CXR_RUNS_DIR"])) if e["action"] == "delete"] == [named]
+    # A confirmation whose run another session deleted meanwhile deletes nothing and says so.
+    stale = at.button(key=f"train_delete_confirm_{other}")
+    shutil.rmtree(Path(os.environ["CXR_RUNS_DIR"]) / other)
+    stale.click().run(timeout=TIMEOUT)
+    assert not at.exception
+    assert f"Run {other} is deleted already; nothing else was deleted." in [i.value for i in at.info]
+    assert len([p for p in Path(os.environ["CXR_RUNS_DIR"]).iterdir() if p.name.startswith("run-")]) == 1
+
+
+def test_a_recipes_image_size_holds_when_the_backbone_is_chosen_after_it(small_kermany):
+    from cxr_core.core.recipes import RECIPES
+
+    quick = RECIPES["quick"].settings["model"]["image_size"]
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_DATASET] = small_kermany
+    render(at, "pages/training.py", "training (fresh)")
+    at.selectbox(key="train_recipe").set_value("quick")
+    render(at, None, "training (recipe, then...)")
+    at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at, None, "training (...backbone)")
+    assert at.select_slider(key="train_size_mobilenet_v2").value == quick
+    estimate = next(m.value for m in at.markdown if "Estimated time" in m.value)
+    # The same choices in the other order give the same form and the same estimate.
+    again = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(again, None, "router")
+    again.session_state[KEY_DATASET] = small_kermany
+    render(again, "pages/training.py", "training (fresh)")
+    again.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(again, None, "training (backbone, then...)")
+    again.selectbox(key="train_recipe").set_value("quick")
+    render(again, None, "training (...recipe)")
+    assert again.select_slider(key="train_size_mobilenet_v2").value == quick
+    assert next(m.value for m in again.markdown if "Estimated time" in m.value) == estimate
+    # A size the person sets wins over the recipe's, and stays with its backbone; another backbone keeps the recipe's.
+    at.select_slider(key="train_size_mobilenet_v2").set_value(160)
+    render(at, None, "training (size changed)")
+    at.selectbox(key="train_backbone").set_value("inception_v3")
+    render(at, None, "training (InceptionV3)")
+    assert at.select_slider(key="train_size_inception_v3").value == quick
+    at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at, None, "training (MobileNetV2 again)")
+    assert at.select_slider(key="train_size_mobilenet_v2").value == 160
+    # A recipe with no size of its own gives every backbone its default size.
+    at.selectbox(key="train_recipe").set_value("reference")
+    render(at, None, "training (reference recipe)")
+    assert at.select_slider(key="train_size_mobilenet_v2").value == 224
+    at.selectbox(key="train_backbone").set_value("inception_v3")
+    render(at, None, "training (reference, InceptionV3)")
+    assert at.select_slider(key="train_size_inception_v3").value == 299
+
+
+def test_a_reload_during_training_still_shows_the_runs_finish():
+    """A visitor reloads while their run trains: the new session follows that run and shows its finish
+    (the test AUC and the link to its evaluation), as the session that started it does."""
+    from cxr_core.hosting import workspaces
+    from cxr_core.runs.run_folder import RunFolder
+    from test_access import AUTH
+
+    email = "student@school.org"
+    run = workspaces.folder(workspaces.id_for_email(email)) / "run-reloaded"
+    os.replace(fake_run("run-reloaded", [0.2, 0.9, 0.3, 0.8], [0, 1, 0, 1]), run)
+    folder = RunFolder(run)
+    folder.write_status("running", pid=os.getpid())
+    folder.append_progress({"time": time.time(), "event": "stage", "stage": "train", "total": 8})
+
+    def reload(address: str, label: str) -> AppTest:
+        at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+        at.secrets["auth"] = AUTH
+        at.secrets["operators"] = ["teacher@school.org"]
+        at.user = {"is_logged_in": True, "email": address}
+        render(at, None, "router")
+        return render(at, "pages/training.py", label)
+
+    def shows_the_finish(at: AppTest) -> bool:
+        return ("Finished: done in 27 s, test AUC 0.996." in [s.value for s in at.success]
+                and any(link.proto.label == "See its evaluation" for link in at.get("page_link")))
+
+    reloaded = reload(email, "training (reloaded while the run trains)")
+    assert "Current run" in [h.value for h in reloaded.subheader]
+    assert [p.proto.text for p in reloaded.get("progress")] == ["Training the head: epoch 1 of 8"]
+    folder.write_status("done", message="done in 27 s, test AUC 0.996")
+    render(reloaded, None, "training (the run ended)")  # the panel's poll sees the end and redraws the page
+    assert shows_the_finish(reloaded)
+    # A session opened just after the end (a reload then) sees the finish too; another visitor does not.
+    assert shows_the_finish(reload(email, "training (reloaded after the end)"))
+    other = reload("other@school.org", "training (another visitor)")
+    assert "Current run" not in [h.value for h in other.subheader]
+
+
+def test_the_progress_panel_never_shows_a_spent_estimate_and_follows_the_newest_event(monkeypatch):
+    """The job wrote '8 of 600 images, about 4 s left' and then nothing for 20 s (it was building the
+    network): the panel says how long it has been quiet instead of '4 s left'; a newer event shows at once."""
+    from cxr_core.hosting import jobs
+    from cxr_core.runs.run_folder import RunFolder
+
+    run = fake_run("run-quiet", None, None, state="running", pid=os.getpid())
+    folder = RunFolder(run)
+    then = time.time() - 20
+    folder.append_progress({"time": then, "event": "stage", "stage": "extract", "total": 600})
+    folder.append_progress({"time": then, "event": "extract", "done": 8, "total": 600, "eta_s": 4.0})
+    monkeypatch.setattr(jobs, "active_runs", lambda _root=None: [run])
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    render(at, "pages/training.py", "training (a quiet run)")
+    [text] = [p.proto.text for p in at.get("progress")]
+    assert text.startswith("Extracting features: 8 of 600 images · last update ") and text.endswith(" s ago")
+    assert "left" not in text
+    folder.append_progress({"time": time.time(), "event": "extract", "done": 600, "total": 600, "eta_s": 0.0})
+    folder.append_progress({"time": time.time(), "event": "stage", "stage": "train", "total": 8})
+    folder.append_progress({"time": time.time(), "event": "epoch", "epoch": 3, "epochs": 8, "eta_s": 50.0})
+    render(at, None, "training (the run moved on)")
+    [text] = [p.proto.text for p in at.get("progress")]
+    assert text.startswith("Training the head: epoch 4 of 8 · about ") and text.endswith(" s left"), text

@@ -31,8 +31,10 @@ def _probabilities(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def subtype_run(name: str = "run-subtype", model: bool = False) -> Path:
-    """A finished subtype run; ``model`` writes a real (untrained) three-output model.keras."""
+def subtype_run(name: str = "run-subtype", model: bool = False,
+                test_counts: tuple[int, int, int] = (10, 16, 9)) -> Path:
+    """A finished subtype run with ``test_counts`` NORMAL, BACTERIA and VIRUS test images; ``model`` writes a
+    real (untrained) three-output model.keras."""
     from cxr_core.core import metrics as evaluate
     from cxr_core.core.config import DataConfig, RunConfig
     from cxr_core.runs.run_folder import RunFolder
@@ -41,7 +43,7 @@ def subtype_run(name: str = "run-subtype", model: bool = False) -> Path:
     folder.path.mkdir(parents=True)
     folder.write_config(RunConfig(data=DataConfig(data_dir="/somewhere/kermany", task="subtype"), model=TINY_MODEL))
     rng = np.random.default_rng(0)
-    y_val, y_test = np.repeat([0, 1, 2], [6, 10, 6]), np.repeat([0, 1, 2], [10, 16, 9])
+    y_val, y_test = np.repeat([0, 1, 2], [6, 10, 6]), np.repeat([0, 1, 2], list(test_counts))
     p_val, p_test = _probabilities(y_val, rng), _probabilities(y_test, rng)
     folder.write_metrics({
         "task": "subtype", "classes": list(CLASSES), "threshold": None, "threshold_rule": "argmax",
@@ -157,6 +159,34 @@ def test_evaluation_page_of_a_subtype_run():
     calibration = json.loads(next(c for c in at.get("plotly_chart") if "_cal" in c.proto.id).proto.spec)
     assert [t["name"] for t in calibration["data"]] == ["perfect", *CLASSES]
     assert at.radio(key="eval_gallery_pair").value == "VIRUS called BACTERIA"
+
+
+def few_images_warnings(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning if w.value.startswith("Few test images")]
+
+
+def test_a_three_class_run_warns_of_few_test_images_by_the_two_class_rule():
+    """The two-class page warns when the share of either class found (sensitivity, specificity) is known only to
+    within more than ±0.10; a three-class run is held to the same rule, class by class."""
+    from cxr_core.core import metrics as evaluate
+    from cxr_core.runs.run_folder import RunFolder
+
+    few = subtype_run("run-few", test_counts=(12, 11, 8))  # 31 test images, 8 of them viral
+    many = subtype_run("run-many", test_counts=(400, 400, 400))
+    virus_found = RunFolder(few).read_metrics()["test"]["at_threshold"]["confusion_matrix"][2][2]
+    low, high = evaluate.proportion_interval(virus_found, 8)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    render(at, None, "router")
+    at.session_state[KEY_RUN] = str(few)
+    render(at, "pages/evaluation.py", "evaluation (subtype run, 31 test images)")
+    warned = few_images_warnings(at)
+    assert len(warned) == 1 and "the share of VIRUS images called VIRUS (8 images)" in warned[0], warned
+    assert f"±{(high - low) / 2:.2f}" in warned[0]
+    # Many test images of every class: every share is known to within ±0.10, so nothing is said.
+    at.selectbox(key="eval_run").set_value(str(many))
+    render(at, None, "evaluation (subtype run, 1,200 test images)")
+    assert Path(at.selectbox(key="eval_run").value).name == "run-many"
+    assert few_images_warnings(at) == []
 
 
 def test_home_and_the_run_picker_show_a_subtype_run():

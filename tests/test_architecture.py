@@ -130,3 +130,25 @@ def test_pages_never_import_tensorflow_nor_the_engine_at_module_level():
         everywhere = _imports(path)
         assert not {m for m in everywhere if m.split(".")[0] in HEAVY}, path
         assert not everywhere & heavy_engine, path
+
+
+def test_the_run_folder_layout_is_written_once_in_its_module():
+    from cxr_core.runs import run_folder
+
+    names = {value for key, value in vars(run_folder).items() if key.endswith(("_FILE", "_DIR"))}
+    assert len(names) >= 14
+    listed = {line.split()[0].rstrip("/") for line in run_folder.__doc__.splitlines() if line.startswith("    ")}
+    assert names <= listed, names - listed
+    for doc in ("README.md", "docs/ARCHITECTURE.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert "progress.jsonl    one JSON line" not in text and "run_folder.py" in text, doc
+
+
+def test_an_installed_package_holds_every_subpackage():
+    import tomllib
+
+    from setuptools import find_packages
+
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = set(find_packages(str(ROOT), **settings["packages"]["find"]))
+    assert found == {"cxr_core", *(f"cxr_core.{layer}" for layer in LAYERS)}

@@ -156,7 +156,7 @@ def test_a_stored_evaluation_survives_a_torn_neighbour(run_with_split):
 
 def test_balance_by_weights_make_a_confounded_property_uninformative(tmp_path):
     from cxr_core.data.plan import plan_run
-    from cxr_core.engine.train import TrainingContext
+    from cxr_core.engine.context import TrainingContext
 
     root = make_dataset(tmp_path / "site", n_normal=12, n_pneumonia=24, seed=2)
     scan = scan_dataset(root)
@@ -195,7 +195,7 @@ def test_balance_by_a_missing_column_is_one_sentence(tmp_path):
 
 
 def test_fine_tuning_learning_rate_schedules():
-    from cxr_core.engine.train import _learning_rate
+    from cxr_core.engine.losses import learning_rate as _learning_rate
 
     def config(**train):
         return build_config(_args("--data", ".", "--fine-tune-layers", "-1", "--fine-tune-epochs", "5",

@@ -140,6 +140,23 @@ def test_report_finds_the_confounded_columns_and_not_the_noise():
     assert list(report_table(list(report.values())).columns) == ["property", "kind", "n", "auc", "direction", "warning"]
 
 
+def test_a_yes_no_column_is_described_by_its_shares_and_a_marker_box_is_not_a_property():
+    frame = _frame(1000)
+    pneumonia = (frame["label"] == "PNEUMONIA").to_numpy()
+    rng = np.random.default_rng(2)
+    frame["marker"] = np.where(pneumonia, rng.random(len(frame)) < 0.9, rng.random(len(frame)) < 0.1).astype(int)
+    frame["marker_x"] = np.where(frame["marker"] == 1, np.where(pneumonia, 5.0, 90.0), np.nan)  # where, if marked
+    frame["portable"] = 1 - frame["marker"]  # the same fact the other way round
+    report = {e["property"]: e for e in property_report(frame)}
+    shares = {label: frame.loc[frame["label"] == label, "marker"].mean() for label in ("PNEUMONIA", "NORMAL")}
+    assert report["marker"]["direction"] == (f"marker = 1 is commoner in PNEUMONIA ({shares['PNEUMONIA']:.0%} of "
+                                             f"PNEUMONIA vs {shares['NORMAL']:.0%} of NORMAL)")
+    assert report["portable"]["direction"].startswith("portable = 0 is commoner in PNEUMONIA")
+    assert report["marker"]["auc"] == pytest.approx(report["portable"]["auc"]) and report["marker"]["auc"] > 0.85
+    assert "marker_x" not in report  # it would "predict" the label perfectly, but only says where a marker is
+    assert report["dose"]["direction"].startswith("lower dose goes with PNEUMONIA (median")  # other numbers as before
+
+
 def test_many_small_categories_do_not_fit_the_label_by_themselves():
     frame = _frame(400)
     frame["tiny_groups"] = [f"g{i // 2}" for i in range(len(frame))]  # 2 rows per category, unrelated to y

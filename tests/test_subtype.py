@@ -262,7 +262,7 @@ def test_macro_auc_metric_matches_sklearn():
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from cxr_core.engine.train import SparseMacroAUC
+    from cxr_core.engine.losses import SparseMacroAUC
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)

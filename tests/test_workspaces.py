@@ -6,6 +6,7 @@ the shared runs and their own, deletes only their own, and does not see another 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_visitors_see_their_own_runs_and_the_shared_ones_and_delete_only_their_o
     assert owners == {"run-shared": "shared", "run-mine": "yours"}  # not the other visitor's run
     assert access.SHARED_RUN_SENTENCE in infos(at)
     assert at.selectbox(key="train_delete_choice").options == ["run-mine (failed)"]
-    at.button(key="train_delete_confirm").click()
+    at.button(key="train_delete_confirm_run-mine").click()
     render(at, None, "training (visitor deleted their run)")
     assert not mine.exists() and (runs_dir() / "run-shared").is_dir()
     # The operator sees every workspace and may delete anything.
@@ -198,10 +199,52 @@ def test_only_the_operator_sets_how_many_jobs_train_at_once_and_it_is_audited(mo
     assert (entry["action"], entry["target"], entry["role"]) == ("jobs at once", "2", "operator")
 
 
-def test_a_visitor_without_a_cookie_gets_one_and_a_kept_id_is_reused():
+def _kept_cookie(at: AppTest) -> str | None:
+    """The workspace cookie this run asks the browser to keep (None when it asks nothing)."""
+    scripts = " ".join(str(getattr(h, "proto", h)) for h in at.get("html"))
+    found = re.search(r"cxr_workspace=([^;]*);", scripts)
+    return found.group(1) if found else None
+
+
+def _sending(monkeypatch, cookie: str | None) -> None:
+    """What the browser sends with a new session (AppTest cannot seed st.context.cookies)."""
+    import pages.ui.access as ui
+
+    monkeypatch.setattr(ui, "_request_cookies", lambda: {} if cookie is None else {"cxr_workspace": cookie})
+
+
+def test_a_visitor_gets_a_signed_id_and_a_forged_one_gets_a_fresh_workspace(monkeypatch):
+    from cxr_core.hosting import cookies
+
+    _sending(monkeypatch, None)
     at = _visitor()
     render(at, "pages/training.py", "training (first visit)")
     ws = at.session_state["access_browser_id"]
     assert workspaces.valid_id(ws) and ws.startswith("b-")
-    scripts = [str(getattr(h, "proto", h)) for h in at.get("html")]
-    assert any(f"cxr_workspace={ws}" in s for s in scripts)  # the browser is asked to keep it
+    signed = _kept_cookie(at)
+    secret = cookies.server_secret(runs_dir())
+    assert signed == cookies.sign_browser_id(ws, secret) and signed != ws  # the browser keeps it signed
+    scripts = " ".join(str(getattr(h, "proto", h)) for h in at.get("html"))
+    assert "SameSite=Strict" in scripts and "Secure" in scripts  # Secure whenever the page came over https
+
+    # The next visit sends it back: the same workspace, and nothing more to keep.
+    _sending(monkeypatch, signed)
+    again = _visitor()
+    render(again, "pages/training.py", "training (return visit)")
+    assert again.session_state["access_browser_id"] == ws and _kept_cookie(again) is None
+
+    # Another visitor's id, a made-up one, or a signature from elsewhere: a fresh workspace, not theirs.
+    theirs = "b-" + "e" * 24
+    move_into(fake_run("run-theirs", None, None, state="failed", error="x"), theirs)
+    listed = lambda at: any("run-theirs" in set(d.value.get("run", [])) for d in at.dataframe)  # noqa: E731
+    _sending(monkeypatch, cookies.sign_browser_id(theirs, secret))
+    render(owner := _visitor(), "pages/training.py", "training (their own signed cookie)")
+    assert owner.session_state["access_browser_id"] == theirs and listed(owner)  # what the check below would see
+    for cookie in (theirs, "b-0000000000000000", f"{theirs}.{signed.rpartition('.')[2]}"):
+        _sending(monkeypatch, cookie)
+        visitor = _visitor()
+        render(visitor, "pages/training.py", f"training (forged cookie {cookie[:20]})")
+        got = visitor.session_state["access_browser_id"]
+        assert got not in (theirs, "b-0000000000000000", ws) and workspaces.valid_id(got)
+        assert _kept_cookie(visitor) == cookies.sign_browser_id(got, secret)  # the browser is given the new one
+        assert not listed(visitor)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
 from cxr_core.core.errors import BadDatasetError
+from cxr_core.core.tasks import TASKS as _TASKS, sigmoid, softmax  # noqa: F401 - re-exported: they live with the tasks
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 NEGATIVE, POSITIVE = CLASSES
 LABEL_TO_Y = {label: index for index, label in enumerate(CLASSES)}
 #: What a run learns to tell apart: ``pneumonia`` (NORMAL / PNEUMONIA) or ``subtype`` (NORMAL /
 #: BACTERIA / VIRUS, the order of the softmax head's outputs).
-TASKS = ("pneumonia", "subtype")
-TASK_CLASSES = {"pneumonia": ("NORMAL", "PNEUMONIA"), "subtype": ("NORMAL", "BACTERIA", "VIRUS")}
+TASKS = tuple(_TASKS)
+TASK_CLASSES = {name: task.classes for name, task in _TASKS.items()}
 
 
 def classes_for(task: str) -> tuple[str, ...]:
@@ -35,18 +34,6 @@ SPLITS = ("train", "val", "test")
 #: ``midpoint`` lies halfway between the classes' median logits.
 THRESHOLD_RULES = ("youden", "sensitivity", "midpoint")
 DEFAULT_THRESHOLD = 0.5
-
-
-def sigmoid(logits: Iterable[float] | np.ndarray) -> np.ndarray:
-    """Probabilities from logits: float64, the two-sided form, exact for large |logit| without
-    overflow warnings."""
-    z = np.asarray(logits, dtype=np.float64)
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1.0 + ez)
-    return out
 
 
 def label_for(probability: float, threshold: float) -> str:

@@ -24,6 +24,101 @@ log = logging.getLogger(__name__)
 
 
 
+@dataclass(frozen=True)
+class _Draws:
+    """Every random value of one augmented image, drawn in a fixed order (see ``_draw``)."""
+
+    angle: float
+    tx: float
+    ty: float
+    zx: float
+    zy: float
+    flip: bool
+    brightness: float
+    apply: np.ndarray  # blur, downscale, jpeg, contrast, gamma, noise: each on half of the images
+    sigma: float
+    shrink: float
+    quality: int
+    contrast: float
+    gamma: float
+    noise_sd: float
+    noise_seed: int
+
+
+def _draw(params: AugmentConfig, seed: int, h: int, w: int) -> _Draws:
+    rng = np.random.default_rng(seed)
+    # Every value is drawn whatever the settings, in a fixed order, so switching one option off
+    # does not change the draws of the others for the same seed.
+    # rotation_range is in DEGREES, as in ImageDataGenerator (0.3 means +-0.3 degrees). Keras'
+    # RandomRotation layer takes a fraction of a full turn instead; 0.3 there would be +-108 degrees.
+    angle = np.deg2rad(rng.uniform(-params.rotation_range, params.rotation_range))
+    tx = rng.uniform(-params.width_shift, params.width_shift) * w
+    ty = rng.uniform(-params.height_shift, params.height_shift) * h
+    zx, zy = rng.uniform(1 - params.zoom, 1 + params.zoom, size=2)
+    flip = bool(rng.uniform() < 0.5) and params.horizontal_flip
+    low, high = params.brightness_range
+    brightness = rng.uniform(low, high)
+    # The robustness draws come after the reference's, so the reference's images for a seed never change.
+    apply = rng.uniform(size=6) < 0.5
+    sigma = rng.uniform(0.0, params.blur)
+    shrink = rng.uniform(1.0 - params.downscale, 1.0)
+    quality = int(rng.integers(params.jpeg_quality, 96)) if params.jpeg_quality else 95
+    contrast = rng.uniform(1.0 - params.contrast, 1.0 + params.contrast)
+    gamma = float(np.exp(rng.uniform(-params.gamma, params.gamma)))
+    noise_sd = rng.uniform(0.0, params.noise)
+    noise_seed = int(rng.integers(2**31 - 1))
+    return _Draws(angle, tx, ty, zx, zy, flip, brightness, apply, sigma, shrink, quality, contrast, gamma,
+                  noise_sd, noise_seed)
+
+
+def _degrade(gray: np.ndarray, params: AugmentConfig, d: _Draws) -> np.ndarray:
+    """JPEG re-compression, lost resolution and blur, as a different scanner or copy would have made the film."""
+    h, w = gray.shape
+    if params.jpeg_quality and d.apply[2]:
+        gray = cv2.imdecode(cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, d.quality])[1],
+                            cv2.IMREAD_GRAYSCALE)
+    if params.downscale and d.apply[1] and d.shrink < 1.0:
+        small = (max(8, round(w * d.shrink)), max(8, round(h * d.shrink)))
+        gray = cv2.resize(cv2.resize(gray, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+    if params.blur and d.apply[0] and d.sigma > 0.05:
+        gray = cv2.GaussianBlur(gray, (0, 0), d.sigma)
+    return gray
+
+
+def _warp(gray: np.ndarray, d: _Draws) -> np.ndarray:
+    """Rotate, zoom, shift and flip: the map from output pixel to input pixel, as ImageDataGenerator's
+    transform matrix, about the image centre (zoom > 1 shows more of the image, i.e. zooms out)."""
+    h, w = gray.shape
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    cos, sin = np.cos(d.angle), np.sin(d.angle)
+    linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag([d.zx, d.zy])
+    if d.flip:
+        linear = linear @ np.diag([-1.0, 1.0])
+    offset = centre - linear @ centre - np.array([d.tx, d.ty])
+    matrix = np.hstack([linear, offset[:, None]]).astype(np.float64)
+    return cv2.warpAffine(gray, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)  # ImageDataGenerator's default fill_mode "nearest"
+
+
+def _tone(out: np.ndarray, params: AugmentConfig, d: _Draws) -> np.ndarray:
+    """Brightness, gamma, contrast and noise, through lookup tables (exact, and faster than float arithmetic)."""
+    if d.brightness != 1.0:
+        lut = np.clip(np.arange(256, dtype=np.float64) * d.brightness + 0.5, 0, 255).astype(np.uint8)
+        out = cv2.LUT(out, lut)
+    if (params.gamma and d.apply[4]) or (params.contrast and d.apply[3]):
+        levels = np.arange(256, dtype=np.float64)
+        if params.gamma and d.apply[4]:
+            levels = 255.0 * (levels / 255.0) ** d.gamma
+        if params.contrast and d.apply[3]:
+            mean = float(out.mean())
+            levels = (levels - mean) * d.contrast + mean
+        out = cv2.LUT(out, np.clip(levels + 0.5, 0, 255).astype(np.uint8))
+    if params.noise and d.apply[5] and d.noise_sd > 0:
+        noisy = out + np.random.default_rng(d.noise_seed).normal(0.0, d.noise_sd, out.shape)
+        out = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
 def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndarray:
     """Return a randomly transformed copy of ``gray``; the same ``seed`` gives the same image.
 
@@ -39,73 +134,9 @@ def augment_image(gray: np.ndarray, params: AugmentConfig, seed: int) -> np.ndar
         raise ValueError(f"augment_image expects a 2-D grayscale image; got shape {gray.shape}.")
     if gray.dtype != np.uint8:
         gray = np.clip(gray, 0, 255).astype(np.uint8)
-    h, w = gray.shape
-    rng = np.random.default_rng(seed)
-    # Every value is drawn whatever the settings, in a fixed order, so switching one option off
-    # does not change the draws of the others for the same seed.
-    # rotation_range is in DEGREES, as in ImageDataGenerator (0.3 means +-0.3 degrees). Keras'
-    # RandomRotation layer takes a fraction of a full turn instead; 0.3 there would be +-108 degrees.
-    angle = np.deg2rad(rng.uniform(-params.rotation_range, params.rotation_range))
-    tx = rng.uniform(-params.width_shift, params.width_shift) * w
-    ty = rng.uniform(-params.height_shift, params.height_shift) * h
-    zx, zy = rng.uniform(1 - params.zoom, 1 + params.zoom, size=2)
-    flip = bool(rng.uniform() < 0.5) and params.horizontal_flip
-    low, high = params.brightness_range
-    brightness = rng.uniform(low, high)
-    # The robustness draws come after the reference's, so the reference's images for a seed never change.
-    apply = rng.uniform(size=6) < 0.5  # blur, downscale, jpeg, contrast, gamma, noise: half of the images each
-    sigma = rng.uniform(0.0, params.blur)
-    shrink = rng.uniform(1.0 - params.downscale, 1.0)
-    quality = int(rng.integers(params.jpeg_quality, 96)) if params.jpeg_quality else 95
-    contrast = rng.uniform(1.0 - params.contrast, 1.0 + params.contrast)
-    gamma = float(np.exp(rng.uniform(-params.gamma, params.gamma)))
-    noise_sd = rng.uniform(0.0, params.noise)
-    noise_seed = int(rng.integers(2**31 - 1))
-
+    draws = _draw(params, seed, *gray.shape)
     # Degradations first, as a different scanner or copy of the data would have made the film.
-    if params.jpeg_quality and apply[2]:
-        gray = cv2.imdecode(cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_GRAYSCALE)
-    if params.downscale and apply[1] and shrink < 1.0:
-        small = (max(8, round(w * shrink)), max(8, round(h * shrink)))
-        gray = cv2.resize(cv2.resize(gray, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
-    if params.blur and apply[0] and sigma > 0.05:
-        gray = cv2.GaussianBlur(gray, (0, 0), sigma)
-
-    # Build the map from output pixel to input pixel (as ImageDataGenerator's transform matrix):
-    # about the image centre, rotate and scale (zoom > 1 shows more of the image, i.e. zooms out),
-    # then shift; a flip mirrors the output afterwards.
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    cos, sin = np.cos(angle), np.sin(angle)
-    linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag([zx, zy])
-    if flip:
-        linear = linear @ np.diag([-1.0, 1.0])
-    centre = np.array([cx, cy])
-    offset = centre - linear @ centre - np.array([tx, ty])
-    matrix = np.hstack([linear, offset[:, None]]).astype(np.float64)
-
-    out = cv2.warpAffine(
-        gray,
-        matrix,
-        (w, h),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,  # ImageDataGenerator's default fill_mode "nearest"
-    )
-    if brightness != 1.0:
-        # A lookup table is exact and faster than float arithmetic on the whole image.
-        lut = np.clip(np.arange(256, dtype=np.float64) * brightness + 0.5, 0, 255).astype(np.uint8)
-        out = cv2.LUT(out, lut)
-    if (params.gamma and apply[4]) or (params.contrast and apply[3]):
-        levels = np.arange(256, dtype=np.float64)
-        if params.gamma and apply[4]:
-            levels = 255.0 * (levels / 255.0) ** gamma
-        if params.contrast and apply[3]:
-            mean = float(out.mean())
-            levels = (levels - mean) * contrast + mean
-        out = cv2.LUT(out, np.clip(levels + 0.5, 0, 255).astype(np.uint8))
-    if params.noise and apply[5] and noise_sd > 0:
-        noisy = out + np.random.default_rng(noise_seed).normal(0.0, noise_sd, out.shape)
-        out = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
-    return out
+    return _tone(_warp(_degrade(gray, params, draws), draws), params, draws)
 
 
 def augment_variants(gray: np.ndarray, params: AugmentConfig, seed: int, n: int) -> list[np.ndarray]:

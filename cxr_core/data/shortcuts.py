@@ -12,6 +12,7 @@ properties and how well each one alone predicts the label.
   one-sentence warning when the AUC reaches a threshold.
 * ``shortcut_check``: the side-car manifest columns (see ``data.read_sidecar_columns``) plus the
   image properties of a sample, reported together.
+  A shortcut-lab copy (``data.shortcut_lab``) lists its planted ``marker`` here like any other column.
 * ``feature_probe``: how well frozen backbone features tell the groups of a property apart.
 * ``balancing_weights``: sample weights that make a property independent of the label.
 
@@ -46,6 +47,9 @@ MISSING = "(missing)"
 NOT_PROPERTIES = {
     "path", "relpath", "patient_id", "sha256", "subtype", "label", "y", "official_split", "split",
     "file", "filename", "name", "augment_seed", "is_augmented", "duplicate_of", "error",
+    # Where a shortcut-lab marker sits (data.shortcut_lab): recorded for marked images only, so they
+    # describe the marker, not the images; ``marker`` (0/1) itself is a property.
+    "marker_x", "marker_y", "marker_w", "marker_h",
 }
 IMAGE_PROPERTY_COLUMNS = [
     "width", "height", "aspect", "bytes_per_pixel", "sharpness", "jpeg_quality", "mean_intensity", "std_intensity",
@@ -332,9 +336,15 @@ def _numeric_entry(
     if not np.isfinite(raw) or np.unique(x).size < 2:
         return None
     sign = 1.0 if raw >= 0.5 else -1.0
-    med_pos, med_neg = float(np.median(x[y == 1])), float(np.median(x[y == 0]))
-    word = "higher" if sign > 0 else "lower"
-    direction = f"{word} {name} goes with {positive} (median {_fmt(med_pos)} vs {_fmt(med_neg)} in {negative})"
+    if set(np.unique(x)) <= {0.0, 1.0}:
+        # A yes/no column (a planted marker, a portable film): the shares say more than medians of 0 and 1.
+        value = 1 if sign > 0 else 0
+        direction = (f"{name} = {value} is commoner in {positive} ({np.mean(x[y == 1] == value):.0%} of {positive} "
+                     f"vs {np.mean(x[y == 0] == value):.0%} of {negative})")
+    else:
+        med_pos, med_neg = float(np.median(x[y == 1])), float(np.median(x[y == 0]))
+        word = "higher" if sign > 0 else "lower"
+        direction = f"{word} {name} goes with {positive} (median {_fmt(med_pos)} vs {_fmt(med_neg)} in {negative})"
     by_part = {}
     for part in pd.unique(part_of):
         mask = part_of == part

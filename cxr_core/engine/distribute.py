@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxr_core.core import settings
 from cxr_core.core.config import DISTRIBUTE_MODES, PRECISIONS
 from cxr_core.core.errors import BadSettingError, CxrError
 
@@ -33,14 +34,9 @@ from cxr_core.core.errors import BadSettingError, CxrError
 #: before the run fails: a dead worker then ends the run instead of hanging it. Long enough for the
 #: chief's validation pass between epochs; ``CXR_COLLECTIVE_TIMEOUT_S`` overrides it.
 COLLECTIVE_TIMEOUT_S = 600.0
-#: Stated in the CLI help. The learning rate is kept as configured, not scaled with the replicas:
-#: the optimisers here are Adam/AdamW, for which the linear scaling rule (made for SGD) overshoots,
-#: and keeping it makes a run on N replicas of batch B the same computation as a run on one device
-#: with batch N x B, so results can be compared and reproduced; pass --learning-rate to scale it.
-LEARNING_RATE_RULE = ("the global batch is --batch-size per replica times the replicas, and the learning rate is "
-                      "kept as configured (not scaled: Adam does not follow the SGD linear rule, and N replicas "
-                      "then train exactly as one device with an N times larger batch); pass --learning-rate to "
-                      "change it")
+#: Stated in the CLI help; written with the settings (cxr_core.core.settings), which also say why the learning
+#: rate is not scaled with the replicas.
+LEARNING_RATE_RULE = settings.LEARNING_RATE_RULE
 
 
 class WorkerLostError(CxrError):

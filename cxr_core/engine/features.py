@@ -205,6 +205,176 @@ def _prepare_rows(rows: pd.DataFrame) -> tuple[list[str], list[str | None], list
     return paths, shas, seeds
 
 
+class FeatureCache:
+    """One model's cache entries on disk: ``<cache_dir>/<model_key>/`` with its entries, packs and meta.
+
+    ``dim`` is the feature length once known (from meta.json, or set by ``learn_dim`` when the model
+    first runs); entries are read only when it is known. Writes go through one background ``_Writer``:
+    a failing disk loses the cache, never the features.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, seed: int, cache_dir: str | os.PathLike | None = None) -> None:
+        self.model_cfg, self.seed = model_cfg, seed
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.key = model_key(model_cfg, seed)
+        self.folder = root / self.key
+        if self.folder.is_dir():
+            atomic.sweep_stale_temps(self.folder)  # leftovers of a process killed mid-write
+        meta = atomic.read_json(self.folder / _META, default=None)
+        known = isinstance(meta, dict) and isinstance(meta.get("feature_dim"), int)
+        self.dim = int(meta["feature_dim"]) if known else 0
+        self.writer = _Writer()
+
+    def entry_path(self, key: str) -> Path:
+        return _entry_path(self.folder, key)
+
+    def read(self, path: Path) -> np.ndarray | None:
+        return _read_entry(path, self.dim) if self.dim else None
+
+    def write(self, path: Path, vec: np.ndarray) -> None:
+        self.writer.submit(path, vec)
+
+    def learn_dim(self, dim: int) -> None:
+        """The model's feature length: recorded in meta.json when it differs from what the cache held."""
+        if dim != self.dim:
+            self.dim = dim
+            _write_meta(self.folder, self.model_cfg, self.seed, dim, self.writer)
+
+    def read_pack(self, keys: list[str] | None) -> np.ndarray | None:
+        return _read_pack(_pack_path(self.folder, keys), keys, self.dim) if keys and self.dim else None
+
+    def write_pack(self, keys: list[str], features: np.ndarray, *, replace: bool) -> None:
+        _write_pack(_pack_path(self.folder, keys), keys, features, replace=replace)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    @property
+    def failed(self) -> bool:
+        return self.writer.failed
+
+
+class _Extraction:
+    """One pass over a row list: look every row up in the cache, then run the model on the misses,
+    loading batch N+1 on a thread while batch N runs."""
+
+    def __init__(self, rows: pd.DataFrame, cache: FeatureCache, augment_cfg: AugmentConfig | None, *,
+                 batch_size: int, workers: int, progress: ProgressFn, stop: StopFn) -> None:
+        self.paths, self.shas, self.aug_seeds = _prepare_rows(rows)
+        if augment_cfg is None and any(s >= 0 for s in self.aug_seeds):
+            raise ValueError("rows with augment_seed >= 0 need an augment_cfg to make their augmented images.")
+        self.cache, self.augment_cfg = cache, augment_cfg
+        self.size = cache.model_cfg.resolved_image_size
+        self.batch_size, self.progress, self.stop = batch_size, progress, stop
+        self.total = len(self.paths)
+        self.vectors: dict[int, np.ndarray] = {}
+        self.errors: list[tuple[int, str, str]] = []
+        self.entry_paths: list[Path | None] = [None] * self.total
+        self.n_cached = self.n_computed = self.done = 0
+        self.cancelled = False
+        self.backbone = None
+        self.pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="cxr-features")
+        self.prefetch = cf.ThreadPoolExecutor(1, thread_name_prefix="cxr-prefetch")
+
+    def keys(self) -> list[str] | None:
+        """Every row's entry key, or None while some image's hash is unknown."""
+        if any(sha is None for sha in self.shas):
+            return None
+        return [entry_key(sha, seed, self.augment_cfg) for sha, seed in zip(self.shas, self.aug_seeds)]
+
+    def _lookup(self, pos: int) -> tuple[int, np.ndarray | None, str | None]:
+        """Key the row (hashing the file when needed) and read its entry; (pos, vector, error)."""
+        if self.shas[pos] is None:
+            try:
+                self.shas[pos] = file_sha256(self.paths[pos])
+            except OSError as error:
+                return pos, None, f"The file cannot be read ({error.strerror or error})."
+        key = entry_key(self.shas[pos], self.aug_seeds[pos], self.augment_cfg)
+        self.entry_paths[pos] = self.cache.entry_path(key)
+        return pos, self.cache.read(self.entry_paths[pos]), None
+
+    def _load_image(self, pos: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            gray = load_gray(self.paths[pos])
+            if self.aug_seeds[pos] >= 0:
+                gray = augment_image(gray, self.augment_cfg, self.aug_seeds[pos])
+            return pos, to_model_input(gray, self.size), None
+        except CxrError as error:
+            return pos, None, str(error)
+
+    def _load_batch(self, positions: list[int]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+        batch = np.empty((len(positions), self.size, self.size, 3), np.float32)
+        kept: list[int] = []
+        failed: list[tuple[int, str]] = []
+        for pos, image, error in self.pool.map(self._load_image, positions):
+            if image is None:
+                failed.append((pos, error or "unreadable"))
+            else:
+                batch[len(kept)] = image
+                kept.append(pos)
+        return kept, batch[: len(kept)], failed
+
+    def look_up(self) -> list[int]:
+        """Phase 1: keys and cache look-ups, a batch at a time so progress moves and stop is honoured;
+        returns the rows the cache lacks."""
+        misses: list[int] = []
+        for start in range(0, self.total, self.batch_size):
+            if self.stop():
+                self.cancelled = True
+                break
+            chunk = range(start, min(start + self.batch_size, self.total))
+            for pos, vec, error in self.pool.map(self._lookup, chunk):
+                if error is not None:
+                    self.errors.append((pos, self.paths[pos], error))
+                    self.done += 1
+                elif vec is not None:
+                    self.vectors[pos] = vec
+                    self.n_cached += 1
+                    self.done += 1
+                else:
+                    misses.append(pos)
+            if self.done:
+                self.progress(self.done, self.total)
+        return misses
+
+    def compute(self, misses: list[int]) -> None:
+        """Phase 2: run the model on the misses and write their entries."""
+        batches = [misses[i : i + self.batch_size] for i in range(0, len(misses), self.batch_size)]
+        # Always compiled: eager calls of a large backbone (InceptionV3) keep every intermediate tensor and
+        # peaked at over 5 GB on 60 images; compiling costs about a second once.
+        extractor, self.backbone, predict = _make_extractor(self.cache.model_cfg, self.cache.seed, self.size)
+        self.cache.learn_dim(int(extractor.output.shape[-1]))
+        pending = self.prefetch.submit(self._load_batch, batches[0])
+        for number in range(len(batches)):
+            kept, images, failed = pending.result()
+            if number + 1 < len(batches):
+                pending = self.prefetch.submit(self._load_batch, batches[number + 1])
+            if kept:
+                for pos, vec in zip(kept, predict(images)):
+                    self.vectors[pos] = vec
+                    self.cache.write(self.entry_paths[pos], vec)
+                self.n_computed += len(kept)
+            self.errors.extend((pos, self.paths[pos], error) for pos, error in failed)
+            self.done += len(kept) + len(failed)
+            self.progress(self.done, self.total)
+            if number + 1 < len(batches) and self.stop():
+                self.cancelled = True
+                break
+
+    def close(self) -> None:
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True)
+        self.cache.close()
+
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index of the rows kept, their features in that order)."""
+        index = np.array(sorted(self.vectors), dtype=np.int64)
+        features = np.zeros((len(index), self.cache.dim), np.float32)
+        for i, pos in enumerate(index):
+            features[i] = self.vectors[int(pos)]
+        return index, features
+
+
 def extract_features(
     rows: pd.DataFrame,
     model_cfg: ModelConfig,
@@ -242,160 +412,40 @@ def extract_features(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-    size = model_cfg.resolved_image_size
-    paths, shas, aug_seeds = _prepare_rows(rows)
-    if augment_cfg is None and any(s >= 0 for s in aug_seeds):
-        raise ValueError("rows with augment_seed >= 0 need an augment_cfg to make their augmented images.")
-    total = len(paths)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = model_key(model_cfg, seed)
-    model_dir = root / key
-    if model_dir.is_dir():
-        atomic.sweep_stale_temps(model_dir)  # leftovers of a process killed mid-write
-    meta = atomic.read_json(model_dir / _META, default=None)
-    dim = int(meta["feature_dim"]) if isinstance(meta, dict) and isinstance(meta.get("feature_dim"), int) else 0
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
-    stop = should_stop or (lambda: False)
-    progress = on_progress or (lambda _done, _total: None)
-
+    cache = FeatureCache(model_cfg, seed, cache_dir)
+    run = _Extraction(rows, cache, augment_cfg, batch_size=batch_size,
+                      workers=workers or max(1, min(8, os.cpu_count() or 1)),
+                      progress=on_progress or (lambda _done, _total: None), stop=should_stop or (lambda: False))
     # The whole row list in one read when a previous run packed it (keys need every image's hash).
-    keys = ([entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
-            if all(sha is not None for sha in shas) else None)
-    pack_path = _pack_path(model_dir, keys) if keys and dim else None
-    packed = _read_pack(pack_path, keys, dim) if pack_path is not None else None
+    keys = run.keys()
+    packed = cache.read_pack(keys)
     if packed is not None:
-        progress(total, total)
-        log.info("features %s: %d from one pack", key, total)
-        return FeatureResult(features=packed, index=np.arange(total, dtype=np.int64),
-                             errors=pd.DataFrame(columns=["path", "reason"]), n_cached=total, n_computed=0,
-                             rows=rows, model_key=key, feature_dim=dim)
-
-    errors: list[tuple[int, str, str]] = []
-    vectors: dict[int, np.ndarray] = {}
-    entry_paths: list[Path | None] = [None] * total
-    n_cached = n_computed = 0
-    done = 0
-    cancelled = False
-    extractor = None
-    backbone = None
-    writer = _Writer()
-    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="cxr-features")
-    prefetch = cf.ThreadPoolExecutor(1, thread_name_prefix="cxr-prefetch")
-
-    def lookup(pos: int) -> tuple[int, np.ndarray | None, str | None]:
-        """Key the row (hashing the file when needed) and read its entry; (pos, vector, error)."""
-        sha = shas[pos]
-        if sha is None:
-            try:
-                sha = file_sha256(paths[pos])
-            except OSError as error:
-                return pos, None, f"The file cannot be read ({error.strerror or error})."
-            shas[pos] = sha
-        entry_paths[pos] = _entry_path(model_dir, entry_key(sha, aug_seeds[pos], augment_cfg))
-        return pos, (_read_entry(entry_paths[pos], dim) if dim else None), None
-
-    def load_image(pos: int) -> tuple[int, np.ndarray | None, str | None]:
-        try:
-            gray = load_gray(paths[pos])
-            if aug_seeds[pos] >= 0:
-                gray = augment_image(gray, augment_cfg, aug_seeds[pos])
-            return pos, to_model_input(gray, size), None
-        except CxrError as error:
-            return pos, None, str(error)
-
-    def load_batch(positions: list[int]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
-        batch = np.empty((len(positions), size, size, 3), np.float32)
-        kept: list[int] = []
-        failed: list[tuple[int, str]] = []
-        for pos, image, error in pool.map(load_image, positions):
-            if image is None:
-                failed.append((pos, error or "unreadable"))
-            else:
-                batch[len(kept)] = image
-                kept.append(pos)
-        return kept, batch[: len(kept)], failed
-
+        run.close()
+        run.progress(run.total, run.total)
+        log.info("features %s: %d from one pack", cache.key, run.total)
+        return FeatureResult(features=packed, index=np.arange(run.total, dtype=np.int64),
+                             errors=pd.DataFrame(columns=["path", "reason"]), n_cached=run.total, n_computed=0,
+                             rows=rows, model_key=cache.key, feature_dim=cache.dim)
+    pack_was_looked_for = bool(keys and cache.dim)
     try:
-        # Phase 1: keys and cache look-ups, a batch at a time so progress moves and stop is honoured.
-        misses: list[int] = []
-        for start in range(0, total, batch_size):
-            if stop():
-                cancelled = True
-                break
-            chunk = range(start, min(start + batch_size, total))
-            for pos, vec, error in pool.map(lookup, chunk):
-                if error is not None:
-                    errors.append((pos, paths[pos], error))
-                    done += 1
-                elif vec is not None:
-                    vectors[pos] = vec
-                    n_cached += 1
-                    done += 1
-                else:
-                    misses.append(pos)
-            if done:
-                progress(done, total)
-
+        misses = run.look_up()
         if shard is not None:
             misses = misses[shard[0]::shard[1]]
-        # Phase 2: run the model on the misses, loading batch N+1 while batch N runs.
-        if misses and not cancelled:
-            batches = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
-            # Always compiled: eager calls of a large backbone (InceptionV3) keep every intermediate tensor and
-            # peaked at over 5 GB on 60 images; compiling costs about a second once.
-            extractor, backbone, predict = _make_extractor(model_cfg, seed, size)
-            model_dim = int(extractor.output.shape[-1])
-            if model_dim != dim:
-                dim = model_dim
-                _write_meta(model_dir, model_cfg, seed, dim, writer)
-            pending = prefetch.submit(load_batch, batches[0])
-            for number in range(len(batches)):
-                kept, images, failed = pending.result()
-                if number + 1 < len(batches):
-                    pending = prefetch.submit(load_batch, batches[number + 1])
-                if len(kept):
-                    feats = predict(images)
-                    for pos, vec in zip(kept, feats):
-                        vectors[pos] = vec
-                        writer.submit(entry_paths[pos], vec)
-                    n_computed += len(kept)
-                for pos, error in failed:
-                    errors.append((pos, paths[pos], error))
-                done += len(kept) + len(failed)
-                progress(done, total)
-                if number + 1 < len(batches) and stop():
-                    cancelled = True
-                    break
+        if misses and not run.cancelled:
+            run.compute(misses)
     finally:
-        prefetch.shutdown(wait=True, cancel_futures=True)
-        pool.shutdown(wait=True)
-        writer.close()
-
-    index = np.array(sorted(vectors), dtype=np.int64)
-    features = np.zeros((len(index), dim), np.float32)
-    for i, pos in enumerate(index):
-        features[i] = vectors[int(pos)]
-    if not cancelled and not errors and total and dim and not writer.failed and shard is None:
-        if keys is None:  # the hashes were computed during the look-ups
-            keys = [entry_key(sha, seed_, augment_cfg) for sha, seed_ in zip(shas, aug_seeds)]
+        run.close()
+    index, features = run.features()
+    if not run.cancelled and not run.errors and run.total and cache.dim and not cache.failed and shard is None:
         # Rewritten when a pack was looked for and could not be used (it was damaged); else only when absent.
-        _write_pack(_pack_path(model_dir, keys), keys, features, replace=pack_path is not None)
-    errors.sort()
-    error_frame = pd.DataFrame([(p, r) for _, p, r in errors], columns=["path", "reason"])
-    log.info("features %s: %d cached, %d computed, %d unreadable%s", key, n_cached, n_computed,
-             len(errors), " (cancelled)" if cancelled else "")
-    return FeatureResult(
-        features=features,
-        index=index,
-        errors=error_frame,
-        n_cached=n_cached,
-        n_computed=n_computed,
-        cancelled=cancelled,
-        rows=rows.iloc[index],
-        backbone=backbone,
-        model_key=key,
-        feature_dim=dim,
-    )
+        cache.write_pack(keys or run.keys(), features, replace=pack_was_looked_for)
+    run.errors.sort()
+    error_frame = pd.DataFrame([(p, r) for _, p, r in run.errors], columns=["path", "reason"])
+    log.info("features %s: %d cached, %d computed, %d unreadable%s", cache.key, run.n_cached, run.n_computed,
+             len(run.errors), " (cancelled)" if run.cancelled else "")
+    return FeatureResult(features=features, index=index, errors=error_frame, n_cached=run.n_cached,
+                         n_computed=run.n_computed, cancelled=run.cancelled, rows=rows.iloc[index],
+                         backbone=run.backbone, model_key=cache.key, feature_dim=cache.dim)
 
 
 def _pack_path(model_dir: Path, keys: list[str]) -> Path:

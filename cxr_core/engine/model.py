@@ -22,7 +22,7 @@ import keras
 from cxr_core.core.backbones import BACKBONES, PREPROCESS_MODES, BackboneSpec, get_backbone
 from cxr_core.core.config import ModelConfig
 from cxr_core.core.errors import BadRunError, BadSettingError
-from cxr_core.core.labels import classes_for
+from cxr_core.core.tasks import get_task
 from cxr_core.io import weights as weights_lib
 from cxr_core.runs.run_folder import MODEL_FILE
 
@@ -169,9 +169,8 @@ def build_feature_extractor(cfg: ModelConfig, seed: int = 123, backbone: keras.M
 
 
 def n_outputs_for(task: str) -> int:
-    """The number of logits of a task's head: 1 (a sigmoid) for two classes, else one per class (a softmax)."""
-    n_classes = len(classes_for(task))
-    return 1 if n_classes == 2 else n_classes
+    """The number of logits of a task's head (``Task.n_outputs``)."""
+    return get_task(task).n_outputs
 
 
 def build_head(feature_dim: int, dropout: float, seed: int | None = None, n_outputs: int = 1) -> keras.Model:

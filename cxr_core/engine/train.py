@@ -31,9 +31,8 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import numpy as np
@@ -41,120 +40,27 @@ import pandas as pd
 
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError, DiskFullError
-from cxr_core.core.labels import classes_for, require_both_classes, sigmoid
+from cxr_core.core.labels import classes_for, require_both_classes
 from cxr_core.data import scan as data
-from cxr_core.data.augment import augment_image
-from cxr_core.data.plan import RunPlan, plan_run, preflight
+from cxr_core.data.plan import plan_run, preflight
 from cxr_core.engine import distribute, features, litert, model as model_lib
-from cxr_core.io.images import load_gray, to_model_input
+from cxr_core.engine.batches import ImageBatches
+from cxr_core.engine.callbacks import EpochRecorder
+from cxr_core.engine.context import (
+    Cancelled,
+    EpochCallback,
+    ProgressCallback,
+    Reporter,
+    StopCheck,
+    TrainingContext,
+)
+from cxr_core.engine.losses import compile_model, learning_rate, optimizer as make_optimizer
+from cxr_core.engine.sync_fit import plain_copy, predict_logits, row_weights, sync_fit
+from cxr_core.io.images import load_gray
 from cxr_core.runs import registry as runs
 from cxr_core.runs.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
-
-EpochCallback = Callable[[int, dict], None]
-StopCheck = Callable[[], bool]
-ProgressCallback = Callable[[dict], None]
-
-
-class _Cancelled(Exception):
-    """Raised inside training when the user asked to stop."""
-
-
-class Reporter:
-    """Writes progress events to the run folder and forwards them to a callback."""
-
-    def __init__(self, folder: RunFolder, on_progress: ProgressCallback | None) -> None:
-        self.folder = folder
-        self.on_progress = on_progress
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        record = {"time": time.time(), "event": event, **fields}
-        self.folder.append_progress(record)
-        if self.on_progress is not None:
-            self.on_progress(record)
-
-
-@dataclass
-class TrainingContext:
-    """What every stage reads, and what the stages hand on to each other."""
-
-    config: RunConfig
-    folder: RunFolder
-    report: Reporter
-    should_stop: StopCheck | None = None
-    on_epoch_end: EpochCallback | None = None
-    # Filled in by the stages, in order.
-    scan: Any = None
-    plan: RunPlan | None = None
-    rows: pd.DataFrame | None = None            # readable rows (augmented ones included)
-    problems: list[pd.DataFrame] = field(default_factory=list)
-    features: np.ndarray | None = None          # one row per entry of ``rows`` (head phase only)
-    backbone: Any = None
-    head: Any = None
-    classifier: Any = None
-    history: list[dict] = field(default_factory=list)
-    evaluated: pd.DataFrame | None = None       # validation and test rows with their probability
-    metrics: dict | None = None
-    started: float = field(default_factory=time.time)
-    runtime: distribute.Runtime | None = None    # the strategy this process trains under
-
-    @property
-    def status_fields(self) -> dict:
-        """Where the run trains, kept in every status.json written (``Runtime.fields``)."""
-        return self.runtime.fields() if self.runtime is not None else {}
-
-    def stop_requested(self) -> bool:
-        return self.folder.cancel_requested() or bool(self.should_stop and self.should_stop())
-
-    def check_stop(self) -> None:
-        if self.stop_requested():
-            raise _Cancelled
-
-    @property
-    def class_weight(self) -> dict[int, float] | None:
-        weights = self.plan.balance.class_weight if self.plan is not None else None
-        return dict(weights) if weights else None
-
-    def sample_weights(self, rows: pd.DataFrame) -> np.ndarray | None:
-        """Per-image training weights when a property must tell the model nothing (``balance_by``):
-        within each of its values the classes weigh as in the whole part, times the class weights.
-        None when the plain class weights (or none) apply."""
-        column = self.plan.balance_by if self.plan is not None else self.config.train.balance_by
-        if not column:
-            return None
-        from cxr_core.data.shortcuts import balancing_weights  # noqa: PLC0415 (only runs that balance a property)
-
-        weights = balancing_weights(rows["y"].to_numpy(), rows[column].to_numpy())
-        if self.class_weight:
-            weights = weights * rows["y"].map(self.class_weight).to_numpy(dtype=np.float64)
-        return (weights / weights.mean()).astype(np.float32)
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """The task's classes, in the order of the head's outputs."""
-        return classes_for(self.config.data.task)
-
-    @property
-    def n_outputs(self) -> int:
-        """Logits of the head: 1 (a sigmoid) for the binary task, one per class for a softmax."""
-        return model_lib.n_outputs_for(self.config.data.task)
-
-    @property
-    def fine_tunes(self) -> bool:
-        return self.config.train.fine_tune_epochs > 0 and self.config.train.fine_tune_layers != 0
-
-    @property
-    def from_scratch(self) -> bool:
-        """A randomly initialised backbone trained whole: its BatchNorm layers must learn too."""
-        return self.config.model.weights == "none" and self.config.train.fine_tune_layers == -1
-
-    @property
-    def trains_batchnorm(self) -> bool:
-        """Whether the unfrozen BatchNorm layers learn their statistics while fine-tuning (from
-        scratch they must; on pretrained weights only when asked, to follow the X-rays' statistics)."""
-        return self.fine_tunes and (self.from_scratch or self.config.train.fine_tune_batchnorm)
-
 
 def train(
     config: RunConfig,
@@ -220,7 +126,7 @@ def _train(config: RunConfig, run_dir: str | os.PathLike, runtime: distribute.Ru
                 continue
             with distribute.collective_errors(runtime):
                 stage(ctx)
-    except _Cancelled:
+    except Cancelled:
         report("cancelled", message="cancelled by the user")
         folder.write_status("cancelled", message="cancelled by the user", **where)
         return folder.path
@@ -313,10 +219,10 @@ def _extract(ctx: TrainingContext) -> None:
                                           shard=(runtime.worker_index, runtime.workers), **options)
         computed = share.n_computed
         if runtime.any(share.cancelled):
-            raise _Cancelled
+            raise Cancelled
     result = features.extract_features(rows, config.model, config.augment, **options)
     if result.cancelled:
-        raise _Cancelled
+        raise Cancelled
     report("extract", done=total, total=total, eta_s=0.0, cached=int(result.n_cached - computed),
            computed=int(result.n_computed + computed))
     ctx.rows = rows.iloc[np.asarray(result.index, dtype=int)].reset_index(drop=True)
@@ -348,8 +254,8 @@ def _train_head(ctx: TrainingContext) -> None:
             # A head step on in-memory features costs microseconds; running many steps per call removes
             # the per-step Python overhead that would otherwise dominate an epoch. (Not under a strategy:
             # Keras' multi-step loop fails there with "You must feed a value for placeholder tensor".)
-            _compile(head, config.train.learning_rate, config.train.label_smoothing,
-                     steps_per_execution=1 if runtime.distributed else 32, n_outputs=ctx.n_outputs)
+            compile_model(head, ctx.task, config.train.learning_rate, config.train.label_smoothing,
+                          steps_per_execution=1 if runtime.distributed else 32)
     ctx.report("stage", stage="train", total=config.train.epochs,
                message=f"training the head for {config.train.epochs} epochs on cached features")
     n_batches = math.ceil(train_mask.sum() / batch_size)
@@ -359,17 +265,17 @@ def _train_head(ctx: TrainingContext) -> None:
         train_x, train_y = ctx.features[train_mask], y[train_mask]
         val_x, val_y = ctx.features[val_mask], y[val_mask]
         with runtime.scope():
-            optimizer = keras.optimizers.Adam(config.train.learning_rate)
+            optimizer = make_optimizer(config.train.learning_rate)
         # Every worker validates the head (in-memory features: cheap), so all keep the same best epoch.
-        _sync_fit(ctx, head, optimizer, recorder, config.train.epochs, len(train_x), lambda pos: train_x[pos],
-                  train_y, _row_weights(ctx, train_y, weights), validate=lambda: (val_y, _predict(head, val_x)))
+        sync_fit(ctx, head, optimizer, recorder, config.train.epochs, len(train_x), lambda pos: train_x[pos],
+                 train_y, row_weights(ctx, train_y, weights), validate=lambda: (val_y, predict_logits(head, val_x)))
     else:
         head.fit(
             ctx.features[train_mask], y[train_mask],
             validation_data=(ctx.features[val_mask], y[val_mask]),
             epochs=config.train.epochs, batch_size=batch_size, shuffle=True,
             class_weight=ctx.class_weight if weights is None else None, sample_weight=weights,
-            callbacks=[recorder], verbose=0,
+            callbacks=recorder.callbacks, verbose=0,
         )
     recorder.finish(head)
     ctx.head = head
@@ -408,11 +314,11 @@ def _fine_tune(ctx: TrainingContext) -> None:
     weights = ctx.sample_weights(train_rows)
     train_data = ImageBatches(train_rows, config, batch_size, shuffle=True,
                               online_augment=config.train.online_augment, weights=weights)
-    rate = _learning_rate(config, len(train_data))
+    rate = learning_rate(config, len(train_data))
     if not runtime.distributed:
         with runtime.scope():
-            _compile(classifier, rate, config.train.label_smoothing, weight_decay=config.train.weight_decay,
-                     n_outputs=ctx.n_outputs)
+            compile_model(classifier, ctx.task, rate, config.train.label_smoothing,
+                          weight_decay=config.train.weight_decay)
     ctx.report("stage", stage="fine_tune", total=epochs,
                message=f"fine-tuning {'all' if config.train.fine_tune_layers < 0 else config.train.fine_tune_layers} "
                        f"backbone layers for {epochs} epochs on streamed images")
@@ -424,16 +330,16 @@ def _fine_tune(ctx: TrainingContext) -> None:
         # did not train as one device does with the same global batch (the histories parted after one
         # epoch), whereas this step does.
         with runtime.scope():
-            optimizer = _optimizer(rate, config.train.weight_decay)
+            optimizer = make_optimizer(rate, config.train.weight_decay)
         train_y = train_rows["y"].to_numpy(dtype=np.float32)
         # Only the chief keeps the model, so only the chief spends time validating the fine-tuned one.
         validate = None
         if runtime.is_chief:
             def validate():
                 return (val_rows["y"].to_numpy(dtype=np.float32),
-                        _predict(classifier, ImageBatches(val_rows, config, 64, with_labels=False)))
-        _sync_fit(ctx, classifier, optimizer, recorder, epochs, len(train_rows), train_data.load, train_y,
-                  _row_weights(ctx, train_y, weights), validate=validate, dataset=train_data)
+                        predict_logits(classifier, ImageBatches(val_rows, config, 64, with_labels=False)))
+        sync_fit(ctx, classifier, optimizer, recorder, epochs, len(train_rows), train_data.load, train_y,
+                 row_weights(ctx, train_y, weights), validate=validate, dataset=train_data)
     else:
         val_data = ImageBatches(val_rows, config, batch_size)
         # ImageBatches draws each epoch's order from the run's seed (Keras' own shuffle of a PyDataset's
@@ -441,7 +347,8 @@ def _fine_tune(ctx: TrainingContext) -> None:
         # feature cache, so the two runs did not agree); the tf.data pipeline decodes in parallel.
         classifier.fit(train_data.training_dataset(epochs), validation_data=val_data, epochs=epochs,
                        steps_per_epoch=len(train_data), shuffle=False,
-                       class_weight=ctx.class_weight if weights is None else None, callbacks=[recorder], verbose=0)
+                       class_weight=ctx.class_weight if weights is None else None, callbacks=recorder.callbacks,
+                       verbose=0)
     recorder.finish(classifier)
 
 
@@ -449,17 +356,17 @@ def _leave_strategy(ctx: TrainingContext) -> None:
     """Plain copies of the trained models (outside the strategy), to evaluate, save and export."""
     if ctx.runtime is None or not ctx.runtime.distributed:
         return
-    ctx.head = _plain_copy(ctx.head) if ctx.head is not None else None
-    ctx.classifier = _plain_copy(ctx.classifier) if ctx.classifier is not None else None
+    ctx.head = plain_copy(ctx.head) if ctx.head is not None else None
+    ctx.classifier = plain_copy(ctx.classifier) if ctx.classifier is not None else None
 
 
 def _evaluate(ctx: TrainingContext) -> None:
     """Threshold on validation, metrics on test; metrics.json and predictions.csv."""
     from cxr_core.core.metrics import metrics_report, multiclass_metrics  # noqa: PLC0415
 
-    multiclass = ctx.n_outputs > 1
-    ctx.report("stage", stage="evaluate", message="testing the most probable class" if multiclass
-               else "choosing the threshold on validation, testing")
+    task = ctx.task
+    ctx.report("stage", stage="evaluate", message="choosing the threshold on validation, testing"
+               if task.uses_threshold else "testing the most probable class")
     rows = ctx.rows
     mask = rows["split"].isin(["val", "test"]).to_numpy()
     if ctx.fine_tunes or ctx.features is None:
@@ -467,34 +374,32 @@ def _evaluate(ctx: TrainingContext) -> None:
         logits = ctx.classifier.predict(data_, verbose=0)
     else:
         logits = ctx.head.predict(ctx.features[mask], batch_size=256, verbose=0)
-    if multiclass:
-        probs = _softmax(logits)
-        # probability stays P(PNEUMONIA), so readers of the binary columns still make sense of it.
-        evaluated = rows[mask].assign(probability=1.0 - probs[:, 0],
-                                      **{f"p_{name}": probs[:, c] for c, name in enumerate(ctx.classes)},
-                                      label=np.asarray(ctx.classes, dtype=object)[probs.argmax(axis=1)])
-    else:
-        evaluated = rows[mask].assign(probability=sigmoid(logits.reshape(-1)))
+    probs = task.probabilities(logits)
+    # probability is P(disease) for every task, so readers of the binary columns still make sense of it.
+    evaluated = rows[mask].assign(probability=task.disease_probability(probs))
+    if not task.is_binary:
+        evaluated = evaluated.assign(**{f"p_{name}": probs[:, c] for c, name in enumerate(task.classes)},
+                                     label=task.labels(probs, None))
     val = evaluated[evaluated["split"] == "val"]
     test = evaluated[evaluated["split"] == "test"]
-    if multiclass:
-        columns = [f"p_{name}" for name in ctx.classes]
-
-        def report(part: pd.DataFrame) -> dict | None:
-            if not len(part):
-                return None
-            return multiclass_metrics(part["y"].to_numpy(), part[columns].to_numpy(), ctx.classes)
-
-        test_metrics = report(test)
-        metrics = {"threshold": None, "threshold_rule": "argmax", "val": report(val),
-                   "test": {"at_threshold": test_metrics} if test_metrics is not None else None}
-    else:
+    if task.uses_threshold:
         metrics = metrics_report(
             val["y"].to_numpy(), val["probability"].to_numpy(),
             test["y"].to_numpy(), test["probability"].to_numpy(),
             rule=ctx.config.train.threshold_rule, target_sensitivity=ctx.config.train.target_sensitivity,
         )
-    metrics = {"task": ctx.config.data.task, "classes": list(ctx.classes), **metrics}
+    else:
+        columns = [f"p_{name}" for name in task.classes]
+
+        def report(part: pd.DataFrame) -> dict | None:
+            if not len(part):
+                return None
+            return multiclass_metrics(part["y"].to_numpy(), part[columns].to_numpy(), task.classes)
+
+        test_metrics = report(test)
+        metrics = {"threshold": None, "threshold_rule": "argmax", "val": report(val),
+                   "test": {"at_threshold": test_metrics} if test_metrics is not None else None}
+    metrics = {"task": task.name, "classes": list(task.classes), **metrics}
     balance = ctx.plan.balance
     # Counted on the readable images, which are the ones the run really used.
     originals = rows[~rows["is_augmented"].astype(bool)]
@@ -569,13 +474,6 @@ def _require_both_classes(rows: pd.DataFrame, classes: tuple[str, ...] = classes
                              else "add more readable images of every class", classes)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from a softmax head's logits (float64, rows sum to 1)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def _readable_rows(rows: pd.DataFrame,
                    classes: tuple[str, ...] = classes_for("pneumonia")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode every image once (in threads) and drop the unreadable ones before streaming."""
@@ -595,407 +493,3 @@ def _readable_rows(rows: pd.DataFrame,
     return kept, pd.DataFrame({"path": bad, "reason": [reasons[p] for p in bad]})
 
 
-class EpochRecorder(keras.callbacks.Callback):
-    """history.csv + progress events + the user's callback + cancellation + the best weights."""
-
-    def __init__(self, ctx: TrainingContext, phase: str, epochs: int, n_batches: int) -> None:
-        super().__init__()
-        self.ctx, self.phase, self.epochs = ctx, phase, epochs
-        self.offset = len(ctx.history)
-        self.n_batches = max(int(n_batches), 1)
-        self.cancelled = False
-        self.best_auc = -math.inf
-        self.best_weights = None
-        self._epoch = 0
-        self._t_epoch = time.time()
-        self._t_batch_report = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):  # noqa: ARG002 - Keras passes logs= by keyword
-        self._t_epoch = time.time()
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):  # noqa: ARG002 - Keras passes logs= by keyword
-        if self.ctx.stop_requested():
-            self.cancelled = True
-            self.model.stop_training = True
-        now = time.time()
-        if now - self._t_batch_report > 2.0:
-            # Long epochs (fine-tuning on a CPU) still show life between epochs.
-            self._t_batch_report = now
-            rate = (batch + 1) / max(now - self._t_epoch, 1e-6)
-            epochs_left = self.epochs - self._epoch - 1
-            eta = (self.n_batches - batch - 1 + epochs_left * self.n_batches) / rate
-            self.ctx.report("batch", phase=self.phase, batch=batch + 1, batches=self.n_batches, eta_s=eta)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        row = {"phase": self.phase, "epoch": self.offset + epoch + 1}
-        for key in ("loss", "accuracy", "auc", "precision", "recall"):
-            row[key] = logs.get(key)
-            row[f"val_{key}"] = logs.get(f"val_{key}")
-        row["seconds"] = time.time() - self._t_epoch
-        self.ctx.history.append(row)
-        self.ctx.folder.write_history(self.ctx.history)
-        remaining = (self.epochs - epoch - 1) * row["seconds"]
-        self.ctx.report("epoch", phase=self.phase, epoch=epoch + 1, epochs=self.epochs, eta_s=remaining, logs=logs)
-        val_auc = logs.get("val_auc")
-        if val_auc is not None and val_auc > self.best_auc:
-            self.best_auc = val_auc
-            self.best_weights = self.model.get_weights()
-        if self.ctx.on_epoch_end is not None:
-            self.ctx.on_epoch_end(self.offset + epoch + 1, dict(row))
-        if self.ctx.stop_requested():
-            self.cancelled = True
-            self.model.stop_training = True
-
-    def finish(self, model) -> None:
-        """After ``fit``: stop the run if it was cancelled, else keep the best epoch's weights."""
-        if self.cancelled:
-            raise _Cancelled
-        if self.ctx.config.train.restore_best and self.best_weights is not None:
-            model.set_weights(self.best_weights)
-
-
-def _learning_rate(config: RunConfig, steps_per_epoch: int):
-    """The fine-tuning learning rate: a number, or a schedule (linear warm-up, then constant or cosine)."""
-    rate = config.train.fine_tune_learning_rate
-    warmup = config.train.warmup_epochs * steps_per_epoch
-    total = config.train.fine_tune_epochs * steps_per_epoch
-    if not warmup and config.train.schedule == "constant":
-        return rate
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=rate / 100 if warmup else rate, decay_steps=max(total - warmup, 1),
-        alpha=1.0 if config.train.schedule == "constant" else 0.0,
-        warmup_target=rate if warmup else None, warmup_steps=warmup)
-
-
-@keras.saving.register_keras_serializable(package="cxr_core")
-class SparseMacroAUC(keras.metrics.AUC):
-    """Macro one-vs-rest ROC AUC of a softmax head, from class indices and logits (the ``auc`` of the
-    subtype task's history, so the best epoch is chosen on validation as for the binary head)."""
-
-    def __init__(self, num_classes: int = 3, name: str = "auc", **kwargs) -> None:
-        kwargs.pop("multi_label", None), kwargs.pop("num_labels", None), kwargs.pop("from_logits", None)
-        super().__init__(name=name, multi_label=True, num_labels=int(num_classes), from_logits=False, **kwargs)
-        self.num_classes = int(num_classes)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
-        return super().update_state(y_true, keras.ops.softmax(y_pred, axis=-1), sample_weight)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "num_classes": self.num_classes}
-
-
-@keras.saving.register_keras_serializable(package="cxr_core")
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Sparse categorical cross-entropy on logits with label smoothing, which Keras' sparse loss lacks."""
-
-    def __init__(self, num_classes: int = 3, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy",
-                 **kwargs) -> None:
-        super().__init__(name=name, **kwargs)
-        self.num_classes, self.label_smoothing = int(num_classes), float(label_smoothing)
-
-    def call(self, y_true, y_pred):
-        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
-        return keras.losses.categorical_crossentropy(y_true, y_pred, from_logits=True,
-                                                     label_smoothing=self.label_smoothing)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
-
-
-def _optimizer(learning_rate, weight_decay: float = 0.0):
-    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
-                 else keras.optimizers.Adam(learning_rate))
-    if keras.mixed_precision.global_policy().name == "mixed_float16":
-        # float16 gradients underflow without loss scaling (compile adds it itself; the step below needs it).
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-def _metric_objects(n_outputs: int) -> list:
-    # The model outputs logits; thresholds at 0 on a logit are 0.5 on a probability.
-    if n_outputs > 1:
-        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), SparseMacroAUC(n_outputs, name="auc")]
-    return [
-        keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0),
-        keras.metrics.AUC(name="auc", from_logits=True),
-        # Precision and recall, because with 27:73 classes accuracy alone flatters the majority.
-        keras.metrics.Precision(name="precision", thresholds=0.0),
-        keras.metrics.Recall(name="recall", thresholds=0.0),
-    ]
-
-
-def _per_example_loss(n_outputs: int, label_smoothing: float) -> Callable:
-    """The training loss of one example (the same as ``_compile``'s), unreduced."""
-    def loss(y_true, logits):
-        logits = keras.ops.cast(logits, "float32")
-        if n_outputs > 1:
-            target = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), n_outputs)
-            return keras.losses.categorical_crossentropy(target, logits, from_logits=True,
-                                                         label_smoothing=label_smoothing)
-        return keras.losses.binary_crossentropy(keras.ops.reshape(y_true, (-1, 1)), logits, from_logits=True,
-                                                label_smoothing=label_smoothing)
-    return loss
-
-
-def _epoch_logs(ctx: TrainingContext, y_true: np.ndarray, logits: np.ndarray, weights: np.ndarray | None = None,
-                prefix: str = "") -> dict:
-    """Loss and metrics of one pass, as Keras' fit reports them (loss: weighted sum over the examples)."""
-    per = np.asarray(_per_example_loss(ctx.n_outputs, ctx.config.train.label_smoothing)(y_true, logits))
-    weights = np.ones(len(per), np.float32) if weights is None else weights
-    logs = {f"{prefix}loss": float((per * weights).sum() / max(len(per), 1))}
-    target = y_true if ctx.n_outputs > 1 else y_true.reshape(-1, 1)
-    for metric in _metric_objects(ctx.n_outputs):
-        metric.update_state(target, logits)
-        logs[f"{prefix}{metric.name}"] = float(metric.result())
-    return logs
-
-
-def _row_weights(ctx: TrainingContext, y: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Per-example training weights: the sample weights, else the class weights, else ones."""
-    if weights is not None:
-        return np.asarray(weights, np.float32)
-    if ctx.class_weight:
-        return np.array([ctx.class_weight.get(int(v), 1.0) for v in y], np.float32)
-    return np.ones(len(y), np.float32)
-
-
-def _predict(model, inputs) -> np.ndarray:
-    """Logits of ``inputs`` (an array, or batches of images), called directly: Keras' predict cannot
-    run under MultiWorkerMirroredStrategy, and this runs on this worker alone."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    if isinstance(inputs, np.ndarray):
-        batches = [inputs[i:i + 256] for i in range(0, len(inputs), 256)]
-    else:
-        batches = (inputs[i][0] for i in range(len(inputs)))
-    parts = [np.asarray(forward(tf.convert_to_tensor(batch)), np.float32) for batch in batches]
-    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-
-
-def _plain_copy(model):
-    """The same model and weights, built outside any strategy (to evaluate, save and export)."""
-    copy = keras.Model.from_config(model.get_config())
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def _sync_fit(ctx: TrainingContext, model, optimizer, recorder: "EpochRecorder", epochs: int, n_rows: int,
-              load: Callable[[np.ndarray], np.ndarray], y: np.ndarray, weights: np.ndarray,
-              validate: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
-              dataset: ImageBatches | None = None) -> None:
-    """Synchronous data-parallel training for MultiWorkerMirroredStrategy, whose ``fit`` Keras 3 cannot run.
-
-    Every worker draws the same shuffled order each epoch and cuts it into global batches of
-    ``batch_size x replicas``; replica r trains on its slice, so the workers take the same number
-    of steps (a worker one step short would leave the others waiting). A short last batch is padded
-    with rows of weight 0, so every step has one shape and the loss is still divided by the real
-    number of examples (``tf.nn.compute_average_loss``); the optimiser sums the replicas' gradients.
-    The gathered logits give the epoch's training metrics; ``validate`` (on this worker only) the
-    ``val_*`` ones. Cancellation is agreed by all workers between steps. ``recorder`` writes
-    history.csv and the progress events as under ``fit``. With ``dataset`` (the training images), its
-    epoch order and online augmentation are used, driven as ``fit`` drives a PyDataset (``on_epoch_end``
-    when training starts and after every epoch), so a run trains on the same batches as on one device.
-    """
-    import tensorflow as tf  # noqa: PLC0415
-
-    runtime = ctx.runtime
-    strategy = runtime.strategy
-    per_replica = ctx.config.train.batch_size
-    global_batch = runtime.global_batch(per_replica)
-    n_steps = max(math.ceil(n_rows / global_batch), 1)
-    loss_of = _per_example_loss(ctx.n_outputs, ctx.config.train.label_smoothing)
-    with runtime.scope():
-        optimizer.build(model.trainable_variables)
-
-    def replica_step(x, y_true, w, n_real):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = tf.nn.compute_average_loss(loss_of(y_true, logits), sample_weight=w, global_batch_size=n_real)
-            scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return keras.ops.cast(logits, "float32")
-
-    @tf.function
-    def step(x, y_true, w, n_real):
-        return strategy.gather(strategy.run(replica_step, args=(x, y_true, w, n_real)), axis=0)
-
-    recorder.set_model(model)
-    seed = ctx.config.train.seed
-    if dataset is not None:
-        dataset.on_epoch_end()
-    for epoch in range(epochs):
-        recorder.on_epoch_begin(epoch)
-        # The same on every worker: drawn from the run's seed.
-        order = dataset.order if dataset is not None else np.random.default_rng(seed + epoch).permutation(n_rows)
-        seen: list[np.ndarray] = []
-        logits_seen: list[np.ndarray] = []
-        for number in range(n_steps):
-            chosen = order[number * global_batch:(number + 1) * global_batch]
-            slots = np.full(global_batch, -1)
-            slots[:len(chosen)] = chosen
-            made: dict[int, tuple] = {}
-
-            def part(replica_ctx, which, slots=slots, made=made):
-                r = replica_ctx.replica_id_in_sync_group
-                if r not in made:
-                    mine = slots[r * per_replica:(r + 1) * per_replica]
-                    real = mine[mine >= 0]
-                    x = load(real)
-                    if len(real) < per_replica:  # padding of weight 0
-                        x = np.concatenate([x, np.zeros((per_replica - len(real), *x.shape[1:]), x.dtype)])
-                    yy, ww = np.zeros(per_replica, np.float32), np.zeros(per_replica, np.float32)
-                    yy[:len(real)], ww[:len(real)] = y[real], weights[real]
-                    made[r] = (np.asarray(x, np.float32), yy, ww)
-                return tf.constant(made[r][which])
-
-            x, y_true, w = (strategy.experimental_distribute_values_from_function(
-                lambda c, k=k: part(c, k)) for k in range(3))
-            logits = np.asarray(step(x, y_true, w, tf.constant(len(chosen), tf.int64)))
-            seen.append(chosen)
-            logits_seen.append(logits[:len(chosen)])
-            recorder.on_train_batch_end(number)
-            if runtime.any(recorder.cancelled):
-                recorder.cancelled = True
-                break
-        if recorder.cancelled:
-            break
-        rows_seen = np.concatenate(seen)
-        logs = _epoch_logs(ctx, y[rows_seen], np.concatenate(logits_seen), weights[rows_seen])
-        if validate is not None:
-            val_y, val_logits = validate()
-            logs.update(_epoch_logs(ctx, val_y, val_logits, prefix="val_"))
-        recorder.on_epoch_end(epoch, logs)
-        if dataset is not None:
-            dataset.on_epoch_end()  # the next epoch's order and online augmentation
-        if runtime.any(recorder.cancelled):
-            recorder.cancelled = True
-            break
-
-
-def _compile(model, learning_rate, label_smoothing: float = 0.0, steps_per_execution: int = 1,
-             weight_decay: float = 0.0, n_outputs: int = 1) -> None:
-    # The model outputs logits; thresholds at 0 on a logit are 0.5 on a probability.
-    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
-                 else keras.optimizers.Adam(learning_rate))
-    if n_outputs > 1:
-        # A softmax head over class indices; the history keeps the binary column names.
-        loss = (SmoothedSparseCrossentropy(n_outputs, label_smoothing) if label_smoothing
-                else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.compile(optimizer=optimizer, loss=loss,
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                               SparseMacroAUC(n_outputs, name="auc")],
-                      steps_per_execution=steps_per_execution)
-        return
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing),
-        metrics=[
-            keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0),
-            keras.metrics.AUC(name="auc", from_logits=True),
-            # Precision and recall, because with 27:73 classes accuracy alone flatters the majority.
-            keras.metrics.Precision(name="precision", thresholds=0.0),
-            keras.metrics.Recall(name="recall", thresholds=0.0),
-        ],
-        steps_per_execution=steps_per_execution,
-    )
-
-
-class ImageBatches(keras.utils.PyDataset):
-    """Batches decoded from disk in worker threads (never the whole set in memory)."""
-
-    def __init__(self, rows: pd.DataFrame, config: RunConfig, batch_size: int, shuffle: bool = False,
-                 online_augment: bool = False, with_labels: bool = True, weights: np.ndarray | None = None) -> None:
-        super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
-        self.config, self.batch_size = config, batch_size
-        self.shuffle, self.online_augment, self.with_labels = shuffle, online_augment, with_labels
-        self.size = config.model.resolved_image_size
-        self.paths = rows["path"].tolist()
-        self.seeds = (rows["augment_seed"].fillna(-1).astype(int).tolist() if "augment_seed" in rows
-                      else [-1] * len(rows))
-        self.labels = rows["y"].to_numpy(dtype=np.float32)
-        self.weights = weights
-        self.order = np.arange(len(self.paths))
-        self.epoch = 0
-        self._shuffle()
-
-    def _shuffle(self) -> None:
-        self.order = self.epoch_order(self.epoch)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The row order of epoch counter ``epoch`` (drawn from the run's seed when shuffling)."""
-        if not self.shuffle:
-            return np.arange(len(self.paths))
-        return np.random.default_rng(self.config.train.seed + epoch).permutation(len(self.paths))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
-
-    def image(self, i: int, epoch: int | None = None) -> np.ndarray:
-        """The model input of row ``i`` (its stored augmentation, and the epoch's online one)."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        gray = load_gray(self.paths[i])
-        if self.seeds[i] >= 0:
-            gray = augment_image(gray, self.config.augment, self.seeds[i])
-        if self.online_augment:
-            seed = self.config.train.seed * 1_000_003 + epoch * 100_003 + int(i)
-            gray = augment_image(gray, self.config.augment, seed)
-        return to_model_input(gray, self.size)
-
-    def load(self, positions) -> np.ndarray:
-        """The model inputs of the rows at ``positions`` (decoded in threads), float32 (n, size, size, 3)."""
-        if not len(positions):
-            return np.zeros((0, self.size, self.size, 3), np.float32)
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            return np.stack(list(pool.map(self.image, [int(i) for i in positions]))).astype(np.float32)
-
-    def __getitem__(self, index):
-        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        batch = np.stack([self.image(i) for i in chosen]).astype(np.float32)
-        if not self.with_labels:
-            return (batch,)
-        if self.weights is not None:
-            return batch, self.labels[chosen], self.weights[chosen]
-        return batch, self.labels[chosen]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._shuffle()
-
-    def training_dataset(self, epochs: int):
-        """``epochs`` epochs of training batches as one tf.data pipeline: images decoded in parallel
-        (``map`` with AUTOTUNE, in order) and prefetched, also across epoch boundaries. Measured on
-        2 CPU cores (benchmarks/distribute.py) it delivers about 1.6 times the images per second of
-        this PyDataset under ``fit``, so a fast device waits less for JPEG decoding.
-
-        Epoch k has the order and online augmentation of epoch counter k + 1, the batches ``fit``
-        gives a PyDataset (it calls ``on_epoch_end`` once before training). Use it with
-        ``steps_per_epoch=len(self)``, so that ``fit`` keeps one iterator for all epochs.
-        """
-        import tensorflow as tf  # noqa: PLC0415
-
-        n, size = len(self.paths), self.size
-        plan = np.stack([np.stack([self.epoch_order(k + 1), np.full(n, k + 1)], axis=1) for k in range(epochs)])
-        labels = tf.constant(self.labels)
-        weights = tf.constant(self.weights, tf.float32) if self.weights is not None else None
-
-        def decode(pair: np.ndarray) -> np.ndarray:
-            return self.image(int(pair[0]), int(pair[1])).astype(np.float32, copy=False)
-
-        def load(pair):
-            image = tf.ensure_shape(tf.numpy_function(decode, [pair], tf.float32), (size, size, 3))
-            row = pair[0]
-            if weights is not None:
-                return image, tf.gather(labels, row), tf.gather(weights, row)
-            return image, tf.gather(labels, row)
-
-        def epoch_batches(pairs):
-            return (tf.data.Dataset.from_tensor_slices(pairs)
-                    .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(self.batch_size))
-
-        return (tf.data.Dataset.from_tensor_slices(plan.astype(np.int64)).flat_map(epoch_batches)
-                .prefetch(tf.data.AUTOTUNE))

@@ -6,6 +6,16 @@ test set, another site) does not, and models score lower there. ``evaluate_folde
 run's model on every image of a folder, reports the metrics at the run's own threshold and at
 0.5, warns when some of those images were in the run's training part (matched by content hash),
 and stores the result under ``evaluations/<data set name>`` so the pages show it first.
+
+On a data set whose manifest records a planted marker (a shortcut-lab copy, ``data.shortcut_lab``)
+it also reports ``marker_attention``: the share of marked images whose Grad-CAM map peaks on the
+marker. The map is the one of the evidence for PNEUMONIA (for a subtype run, of the predicted
+class), whatever the image's label or prediction: the marker was planted as a sign of pneumonia,
+so the question is whether the strongest evidence the model found for pneumonia is the marker. A
+NORMAL call does not hide a marker the model used, and an image without any pneumonia evidence
+(an empty map) counts as not looking at it. The peak counts as on the marker when it lies in the
+marker's box grown by one cell of the map on every side: the map is coarse (7 x 7 cells for
+MobileNetV2 at 224 pixels), so its peak can only say which cell the evidence is in.
 """
 from __future__ import annotations
 
@@ -17,7 +27,9 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.core.errors import BadSettingError, CxrError
+from cxr_core.core.labels import POSITIVE
 from cxr_core.core.metrics import binary_metrics, estimate_prior_em, multiclass_metrics, threshold_for_prior
+from cxr_core.io.images import load_gray
 from cxr_core.runs.run_folder import RunFolder, evaluation_name
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,73 @@ def prevalence_adjustment(folder: RunFolder, prob: np.ndarray, y: np.ndarray, th
             "at_threshold": binary_metrics(y, prob, threshold=adjusted)}
 
 
+def _map_grid(predictor: Any) -> tuple[int, int]:
+    """(rows, columns) of the run's raw Grad-CAM map, from one blank forward pass.
+
+    ``Explanation`` holds the map already stretched to the image, so the engine is asked directly.
+    """
+    size = int(predictor.image_size)
+    _, cams = predictor._engine.explain(np.zeros((1, size, size, 3), np.float32))
+    return int(cams.shape[1]), int(cams.shape[2])
+
+
+def peak_on_marker(heatmap: np.ndarray, box: tuple[float, float, float, float], grid: tuple[int, int]) -> bool:
+    """Whether the peak of ``heatmap`` (h, w) lies in ``box`` (x, y, w, h) grown by one map cell.
+
+    An empty map (no evidence for its class anywhere) has no peak, so it is not on the marker.
+    """
+    if not np.any(heatmap > 0):
+        return False
+    height, width = heatmap.shape
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    cell_w, cell_h = width / grid[1], height / grid[0]
+    x, y, w, h = (float(v) for v in box)
+    return (x - cell_w <= col + 0.5 <= x + w + cell_w) and (y - cell_h <= row + 0.5 <= y + h + cell_h)
+
+
+def marker_attention(predictor: Any, manifest: pd.DataFrame, on_progress: Any = None) -> dict | None:
+    """The share of marked images whose Grad-CAM peak lies on the marker (see the module's notes).
+
+    Args:
+        predictor: the run's ``Predictor``.
+        manifest: the evaluated rows with ``path`` and the marker columns of a shortcut-lab copy.
+        on_progress: called with (done, total) over the marked images.
+
+    Returns:
+        {"marker_attention": share or None (no marked image could be read), "n_marked": images
+        checked, "marker_map": the class whose map was used}, or None when the manifest records no marker.
+    """
+    from cxr_core.data.shortcut_lab import read_markers  # noqa: PLC0415 (as scan: only when evaluating)
+
+    markers = read_markers(manifest)
+    if markers is None:
+        return None
+    marked = manifest.loc[markers["marker"] == 1, "path"].astype(str)
+    boxes = markers.loc[marked.index, ["marker_x", "marker_y", "marker_w", "marker_h"]].to_numpy(np.float64)
+    multiclass = getattr(predictor, "multiclass", False)
+    target = None if multiclass else POSITIVE
+    hits = checked = 0
+    grid = _map_grid(predictor) if len(marked) else (1, 1)
+    step = 16
+    paths = marked.tolist()
+    for start in range(0, len(paths), step):
+        grays, chosen = [], []
+        for offset, path in enumerate(paths[start:start + step]):
+            try:
+                grays.append(load_gray(path))
+                chosen.append(start + offset)
+            except CxrError:
+                continue  # already listed in ``skipped`` by the prediction pass
+        if grays:
+            for explanation, index in zip(predictor.explanations(grays, target), chosen):
+                checked += 1
+                hits += peak_on_marker(explanation.heatmap, tuple(boxes[index]), grid)
+        if on_progress is not None:
+            on_progress(min(start + step, len(paths)), len(paths))
+    return {"marker_attention": float(hits / checked) if checked else None, "n_marked": checked,
+            "marker_map": "predicted class" if multiclass else POSITIVE}
+
+
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, threshold: float | None = None,
                     engine: str = "auto", store: bool = True, predictor: Any = None,
                     on_progress: Any = None, limit: int | None = None) -> dict:
@@ -82,7 +161,9 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         The ``evaluate`` JSON: task ("pneumonia"), n, accuracy, roc_auc, pr_auc, sensitivity,
         specificity, precision, f1, brier, threshold, confusion_matrix at the threshold; ``at_0.5``;
         ``skipped``; ``duplicates``; ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per
-        part of the run's split) and ``warning`` (one sentence, or None). For a subtype run,
+        part of the run's split) and ``warning`` (one sentence, or None); on a data set whose manifest
+        records markers (a shortcut-lab copy) also ``marker_attention``, ``n_marked`` and ``marker_map``
+        (see ``marker_attention``). For a subtype run,
         ``evaluate.multiclass_metrics`` (task "subtype", classes, per_class, pneumonia_vs_normal,
         bacterial_vs_viral, ...) with the same bookkeeping keys and no ``prevalence``.
 
@@ -151,6 +232,9 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
     result["warning"] = overlap_warning(overlap, len(used))
     if not multiclass:
         result["prevalence"] = prevalence_adjustment(folder, prob, y, chosen)
+    attention = marker_attention(predictor, used, on_progress)
+    if attention is not None:
+        result.update(attention)
     if store:
         # label is the true class, as for the pneumonia task; a subtype run adds p_<class> and predicted.
         extra = [f"p_{name}" for name in classes] + ["predicted"] if multiclass else []

@@ -20,6 +20,7 @@ OPERATOR_ONLY = {
     "download": "Only the operator of this app can download data sets to the server; ask your teacher.",
     "unpack": "Only the operator of this app can upload and unpack data sets; ask your teacher.",
     "practice": "Only the operator of this app can make the practice set; ask your teacher.",
+    "shortcut lab": "Only the operator of this app can make shortcut-lab copies of data sets; ask your teacher.",
     "data_root": "Only the operator of this app can change the data folder; ask your teacher.",
     "weights": "Only the operator of this app can add weights files to the server; ask your teacher.",
 }

@@ -1,7 +1,10 @@
 """The audit trail: who started, cancelled or deleted what, and when, in ``audit.jsonl`` in the runs root.
 
 Append-only JSON lines (``atomic.append_jsonl``), so the log survives restarts and a torn last line
-costs one entry. ``who`` is an e-mail address or an anonymous session id; never a passphrase.
+costs one entry. ``who`` is an e-mail address, else the browser id the browser keeps in its signed cookie
+(the same for every session of that browser, operator or visitor), else an anonymous session id; never a
+passphrase. Signing in as the operator, signing out, every wrong passphrase and every lockout are recorded
+too (an attempt refused unchecked during a lockout is not: a script could fill the disk with them).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from cxr_core.io import atomic
 from cxr_core.runs import registry as runs
 
 AUDIT_FILE = "audit.jsonl"
-ACTIONS = ("start", "withdraw", "cancel", "delete", "download", "unpack", "practice", "weights", "jobs at once")
+ACTIONS = ("start", "withdraw", "cancel", "delete", "download", "unpack", "practice", "weights", "jobs at once",
+           "sign in", "sign out", "wrong passphrase", "lockout", "shortcut lab")
 
 
 def audit_path(root: str | os.PathLike | None = None) -> Path:

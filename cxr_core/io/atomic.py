@@ -91,7 +91,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
@@ -100,7 +100,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     An append cannot be made atomic by rename; instead readers (``read_jsonl``) ignore a last
     line that was cut off, so a kill mid-write loses at most that one event.
     """
-    line = json.dumps(obj, default=_json_default) + "\n"
+    line = json.dumps(obj, default=json_default) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
@@ -134,8 +134,9 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays, Paths and tuples appear in metrics and configs.
+def json_default(obj: Any) -> Any:
+    """``json.dumps``' ``default`` for the run files: numpy scalars and arrays, paths and sets (they appear in
+    metrics and configs); TypeError for anything else, so that nothing unknown is written silently."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, os.PathLike):

@@ -2,11 +2,14 @@
 
 Accepted: JPEG, PNG, BMP and TIFF (8- or 16-bit; grayscale, RGB, RGBA, CMYK, palette) through
 Pillow, and DICOM through pydicom (rescale slope/intercept, the file's VOI LUT or window, and
-MONOCHROME1 inversion applied, as a radiology viewer would). Compressed DICOM decodes through
-pydicom's plugins: JPEG Baseline/Extended and JPEG 2000 through Pillow, RLE through pydicom, JPEG
-Lossless (process 14, the usual CR/DX export, often 12-bit) and JPEG-LS through pylibjpeg with
-pylibjpeg-libjpeg. Every refusal is a ``BadImageError`` whose message is one sentence naming the
-file (and, for pixel data that cannot be decoded, its transfer syntax by name and UID).
+MONOCHROME1 inversion applied, as a radiology viewer would; RGB, YBR and PALETTE COLOR of 8 to 32
+bits per sample reduced to luminance like any colour image). Compressed DICOM decodes through
+pydicom's plugins: GDCM (python-gdcm) first where it is installed, for JPEG Lossless (process 14,
+the usual CR/DX export, often 12-bit), JPEG-LS, JPEG Baseline/Extended and JPEG 2000; Pillow for
+JPEG Baseline and JPEG 2000 and pydicom itself for RLE. Every refusal is a ``BadImageError`` whose
+message is one sentence naming the file and what was found (for pixel data that cannot be decoded,
+its transfer syntax by name and UID). A decoder plugin's own failure report (pydicom logs each at
+ERROR with its traceback, even when another plugin then succeeds) goes to this module's debug log.
 
 Size is checked from the header before any pixel is decoded, so a 20000 x 20000 image or a
 decompression bomb is refused in milliseconds instead of exhausting memory.
@@ -44,6 +47,29 @@ _EXIF_ORIENTATION_TAG = 0x0112
 # warnings.catch_warnings swaps a process-wide filter list; scans open headers from several
 # threads, so the swap is serialised (header parsing only: decoding runs outside the lock).
 _PIL_OPEN_LOCK = threading.Lock()
+# pydicom's logger for its decoder plugins: it logs every failing plugin with its traceback.
+_PYDICOM_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+
+
+def _decoder_tracebacks_to_debug(record: logging.LogRecord) -> bool:
+    """A logging filter: a record that carries a traceback is passed on at DEBUG through this module's
+    logger and dropped at its own level, so a person reads our one sentence and not a library's
+    traceback (the refusal already says what failed); any other record goes through unchanged."""
+    if record.exc_info and record.levelno > logging.DEBUG:
+        log.debug("%s (reported by %s)", record.getMessage(), record.name, exc_info=record.exc_info)
+        return False
+    return True
+
+
+def _install_decoder_filter() -> None:
+    decoder_log = logging.getLogger(_PYDICOM_DECODER_LOGGER)
+    # By name, so importing this module again (a reload) does not add a second filter.
+    if not any(getattr(f, "__name__", None) == _decoder_tracebacks_to_debug.__name__ for f in decoder_log.filters):
+        decoder_log.addFilter(_decoder_tracebacks_to_debug)
+
+
+# At import and not at the first decode: pydicom need not be imported for its logger to exist.
+_install_decoder_filter()
 
 # ---------------------------------------------------------------------------------------------
 # Reading the source
@@ -262,21 +288,62 @@ def _dicom_gray(data: bytes, label: str) -> np.ndarray:
         )
     width, height = _dicom_size(ds, label)
     _check_size(width, height, label)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         # Decode the first frame only: a multi-frame study could be gigabytes.
         arr = pixels.pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     except Exception as error:  # decoder plugins raise whatever their C library reports
         raise _undecodable(ds, label, error) from error
+    try:
+        return _decoded_to_gray(ds, arr, photometric, label)
+    except BadImageError:
+        raise
+    except Exception as error:
+        # Whatever else this pixel data holds, the person learns what was found and what to do.
+        log.debug("Could not convert the pixel data of %s to gray", label, exc_info=True)
+        raise BadImageError(
+            f"The DICOM file {label} holds {_pixel_description(ds, arr)}, which could not be converted to a "
+            f"grayscale image ({type(error).__name__}); export it as a grayscale DICOM or PNG image."
+        ) from error
+
+
+def _pixel_description(ds, arr: np.ndarray | None = None) -> str:
+    """What the header says the pixels are, e.g. 'RGB pixel data (3 samples of 16 bits per pixel)'."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip() or "unlabelled"
+    samples = ds.get("SamplesPerPixel", None)
+    bits = ds.get("BitsAllocated", None)
+    parts = []
+    if samples is not None:
+        parts.append(f"{samples} sample{'s' if samples != 1 else ''}")
+    if bits is not None:
+        parts.append(f"of {bits} bits" if parts else f"{bits} bits")
+    layout = f" ({' '.join(parts)} per pixel)" if parts else ""
+    shape = f", decoded to shape {tuple(arr.shape)}" if arr is not None else ""
+    return f"{photometric} pixel data{layout}{shape}"
+
+
+def _decoded_to_gray(ds, arr: np.ndarray, photometric: str, label: str) -> np.ndarray:
+    from pydicom import pixels  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
 
     if photometric == "PALETTE COLOR":
-        arr = pixels.apply_color_lut(arr, ds)
-        photometric = "RGB"
+        try:
+            arr = pixels.apply_color_lut(arr, ds)
+            # The palette's entries have the bit depth its descriptor gives (8 or 16), not the indices'.
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except Exception as error:
+            log.debug("Could not apply the colour palette of %s", label, exc_info=True)
+            raise BadImageError(
+                f"The DICOM file {label} holds PALETTE COLOR pixels but its colour palette (the red, green "
+                "and blue lookup tables) is missing or damaged, so the colours are unknown; export it as an "
+                "RGB or grayscale DICOM, or as PNG."
+            ) from error
+        return _color_to_gray(arr, bits)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and not photometric.startswith("MONOCHROME"):
         # pydicom converts YBR to RGB by default; reduce colour to luminance as for other formats.
-        rgb = _stretch(arr[..., :3]) if arr.dtype != np.uint8 else arr[..., :3]
-        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+        # Colour pixels have no modality or VOI LUT (PS3.3 C.11: those are for grayscale), so their
+        # full sample range maps to 0..255, as an 8-bit photo's does.
+        return _color_to_gray(arr, int(ds.get("BitsStored", 0) or 0) or arr.dtype.itemsize * 8)
     if arr.ndim != 2:
         raise BadImageError(
             f"The DICOM file {label} has pixel data of shape {arr.shape}, not a single 2-D image; "
@@ -309,7 +376,8 @@ def _undecodable(ds, label: str, error: BaseException) -> BadImageError:
     from pydicom.pixels import get_decoder  # noqa: PLC0415 - lazy, as above
     from pydicom.uid import UID  # noqa: PLC0415 - as above
 
-    log.warning("Could not decode the pixel data of %s: %s", label, error)
+    # pydicom's report lists every plugin on its own line: the refusal below names what matters.
+    log.debug("Could not decode the pixel data of %s: %s", label, error)
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not uid:
         return BadImageError(
@@ -327,10 +395,40 @@ def _undecodable(ds, label: str, error: BaseException) -> BadImageError:
             f"The DICOM file {label} is compressed with {named}, which cannot be decoded here; "
             "export it as uncompressed DICOM or PNG."
         )
+    if _every_plugin_unsupported(error):
+        # E.g. 12-bit JPEG Extended: GDCM's and Pillow's plugins decline it (only GPL libjpeg decodes it).
+        bits = ds.get("BitsStored", None)
+        depth = f" at {bits} bits per sample" if bits else ""
+        return BadImageError(
+            f"The DICOM file {label} is compressed with {named}{depth}, a form that no decoder installed here "
+            "supports; export it as uncompressed DICOM or PNG."
+        )
     return BadImageError(
         f"The DICOM file {label} could not be decoded: its pixel data in {named} is damaged or does not match "
         "its header; export it again as uncompressed DICOM or PNG."
     )
+
+
+def _every_plugin_unsupported(error: BaseException) -> bool:
+    """Whether every plugin declined the data as a form it does not support (rather than failing on it).
+
+    pydicom reports one line per plugin under its first line ("  gdcm: GDCM does not support ...")."""
+    plugin_lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return bool(plugin_lines) and all("does not support" in line.lower() for line in plugin_lines)
+
+
+def _color_to_gray(arr: np.ndarray, bits: int) -> np.ndarray:
+    """ITU-R 601 luminance of colour pixels with ``bits`` per sample, as ``uint8`` 0..255."""
+    rgb = np.ascontiguousarray(arr[..., :3])
+    if rgb.dtype == np.uint8:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    # 16- or 32-bit samples: each sample's nominal range (signed ones shifted to start at 0) to 0..255
+    # first, so white stays white and an image looks the same at any depth, then luminance as above.
+    # float32 is exact to far better than one of 256 levels, at half float64's memory.
+    bits = max(1, min(int(bits), rgb.dtype.itemsize * 8))
+    low = -(2.0 ** (bits - 1)) if np.issubdtype(rgb.dtype, np.signedinteger) else 0.0
+    scaled = np.rint((rgb.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (2.0**bits - 1)))
+    return cv2.cvtColor(np.clip(scaled, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
 
 
 def _voi_lut_range(item) -> tuple[float, float]:

@@ -126,16 +126,21 @@ def reachable(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-#: The other ways to start, as the command line and the Training page spell them.
+#: The other ways to start, as the command line, the Training page and a hosted app's visitor (who
+#: cannot add files to the server, and is not shown its folders) spell them.
 OTHER_WAYS = {
     "cli": "choose a weights file (--weights PATH), or train from scratch (--weights none --fine-tune-layers -1)",
     "app": "choose or upload a weights file, or train from scratch (weights None, fine-tune all layers)",
+    "visitor": "choose a weights file offered here, or train from scratch (weights None, fine-tune all layers)",
 }
 
 
 def imagenet_help(backbone: str, alpha: float = 1.0, image_size: int | None = None, where: str = "cli") -> str:
     """Part of one sentence: the file to place and where, or the other two ways to start."""
     spec = get_backbone(backbone)
+    if where == "visitor":
+        return (f"ask the operator of this app to add {spec.imagenet_filename(alpha, image_size)} to the server, "
+                f"{OTHER_WAYS[where]}")
     return f"place {spec.imagenet_filename(alpha, image_size)} in {keras_cache_dir()}, {OTHER_WAYS[where]}"
 
 

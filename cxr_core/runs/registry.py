@@ -247,20 +247,29 @@ def runtime(run_dir: str | os.PathLike) -> dict:
     return found
 
 
-def read_progress(run_dir: str | os.PathLike) -> dict:
-    """The latest progress of a run, for a progress bar.
+def read_progress(run_dir: str | os.PathLike, now: float | None = None) -> dict:
+    """The latest progress of a run, for a progress bar, as of ``now`` (default: the clock).
+
+    An event's ``eta_s`` is the time left when it was written; here it counts down from then, and
+    is None once spent while the stage goes on (a job that writes nothing for a while, e.g. while it
+    builds the network, must not keep saying "about 4 s left").
 
     Returns:
         dict with ``stage`` (scan / split / extract / train / fine_tune / evaluate / save / export / done),
         ``done`` and ``total`` (units of the stage), ``fraction`` (0..1 of the stage), ``eta_s``
-        (seconds left in the stage, or None), ``epoch``/``epochs`` and ``message``.
+        (seconds left in the stage now, or None), ``epoch``/``epochs``, ``message`` and ``quiet_s``
+        (seconds since the last event; None without events).
     """
     events = RunFolder(run_dir).read_progress_events()
     result: dict[str, Any] = {
         "stage": None, "done": 0, "total": 0, "fraction": 0.0, "eta_s": None,
         "epoch": 0, "epochs": 0, "batch": 0, "batches": 0, "message": "", "events": len(events),
+        "quiet_s": None,
     }
+    eta_time = None  # when the ETA in ``result`` was written
     for event in events:
+        if event.get("eta_s") is not None:
+            eta_time = event.get("time")
         kind = event.get("event")
         if kind == "stage":
             result.update(stage=event.get("stage"), message=event.get("message", ""), done=0,
@@ -281,6 +290,14 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
             result.update(stage=kind, message=event.get("message", ""))
     if result["total"]:
         result["fraction"] = min(1.0, float(result["done"]) / float(result["total"]))
+    now = time.time() if now is None else now
+    times = [float(e["time"]) for e in events if isinstance(e.get("time"), (int, float))]
+    if times:
+        # max(0, ...): a run on another machine may write times a little ahead of this clock.
+        result["quiet_s"] = max(0.0, now - max(times))
+    if result["eta_s"] is not None and isinstance(eta_time, (int, float)):
+        left = float(result["eta_s"]) - max(0.0, now - float(eta_time))
+        result["eta_s"] = left if left > 0 else None
     return result
 
 

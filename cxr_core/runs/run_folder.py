@@ -4,21 +4,27 @@
 export, the job launcher, the command line and the pages read through it. Every write is atomic
 (``cxr_core.io.atomic``), so a reader never sees half a file.
 
-    config.json       RunConfig.to_dict()
+    config.json       RunConfig.to_dict() (train.recipe names the recipe it started from)
     split.csv         every image with its split (+ augmented rows: source path and augment_seed)
     skipped.csv       images that could not be read, with the reason
     history.csv       per epoch: phase, epoch, loss, accuracy, auc, precision, recall, val_* of each
-    progress.jsonl    one JSON line per event: {"time", "event": "stage"|"extract"|"epoch"|"done"|...}
-    status.json       {"state" (queued|running|done|failed|cancelled), "pid", "pid_create_time", "started",
-                      "finished", "error", "message"}
-    metrics.json      {"threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"}, ...}
-    predictions.csv   validation and test images: path, y, probability, split, label, patient_id
-    model.keras       the classifier; written after metrics.json
-    model.tflite      its LiteRT export (outputs: logit, both classes' CAMs); .json: the source's sha256
-    members.json      an ensemble's member run folders ({"members": [absolute paths]}); absent for other runs
-    evaluations/      one JSON per external data set the run was evaluated on (<name>.json)
+    progress.jsonl    one JSON line per event: {"time", "event": "stage"|"extract"|"epoch"|"batch"|"done"|...}
+    status.json       {"state": queued|running|done|failed|cancelled, "pid", "pid_create_time", "started", "finished",
+                      "error", "message"}
+    metrics.json      {"task", "classes", "threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"},
+                      "split_counts", ...}; a subtype run: threshold null, rule "argmax", test {"at_threshold"}
+    predictions.csv   validation and test images: path, y, probability, split, label, patient_id (+ p_NORMAL,
+                      p_BACTERIA, p_VIRUS for a subtype run, whose probability is P(pneumonia) = 1 - p_NORMAL)
+    model.keras       the classifier, written after metrics.json
+    model.tflite      its LiteRT export (written last)
+    model.tflite.json the sha256 of the model.keras it was exported from
+    members.json      an ensemble's member run folders (only in an ensemble run, whose train.recipe is "ensemble")
+    evaluations/      <data set>.json (the evaluate JSON) and <data set>.csv (per-image probabilities) for
+                      every external test set; the newest one none of whose images the run trained on is
+                      the run's headline figure on the Home and Evaluation pages and in the runs table
     cancel.request    present when a person asked the job to stop
-    train.log         the background job's stdout and stderr
+    train.log         the background job's output
+    heartbeat.json    a training process's sign of life (pid, host, time), read from another machine
 """
 from __future__ import annotations
 

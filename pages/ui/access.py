@@ -2,11 +2,14 @@
 
 ``st.user`` with an allow-list ``operators`` when the deployment has an identity provider
 (``[auth]`` in secrets.toml), else the ``operator_passphrase`` typed in the sidebar, else (no
-secrets: a local app) the single user is the operator. The rules live in ``cxr_core.hosting.access``.
+secrets: a local app) the single user is the operator. The rules live in ``cxr_core.hosting.access``;
+wrong passphrases are limited by ``cxr_core.hosting.attempts``, and what the browser keeps (its id, the
+operator role for 12 h) is signed by ``cxr_core.hosting.cookies``.
 """
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -14,18 +17,22 @@ from typing import Any
 import streamlit as st
 
 from cxr_core.core.errors import CxrError
-from cxr_core.hosting import access, audit, resources, workspaces
+from cxr_core.hosting import access, attempts, audit, cookies, resources, workspaces
+from cxr_core.runs import registry as runs
 
 log = logging.getLogger(__name__)
 
-KEY_OPERATOR = "access_operator"     # True once the right passphrase was typed in this session
-KEY_WRONG = "access_wrong"           # the last passphrase typed was wrong
+KEY_OPERATOR = "access_operator"     # this session's signed operator token ("": signed out; absent: the cookie's)
+KEY_NOTICE = "access_notice"         # the sentence after the last passphrase typed (wrong, locked out, busy)
 KEY_PASSPHRASE = "access_passphrase"  # the password field; emptied as soon as it has been checked
-KEY_SESSION_ID = "access_session_id"  # an anonymous id for the audit trail
-KEY_BROWSER_ID = "access_browser_id"  # the workspace id of a visitor who is not signed in
+KEY_SESSION_ID = "access_session_id"  # an anonymous id of this session (the audit trail, the attempts' limit)
+KEY_BROWSER_ID = "access_browser_id"  # this browser's id on a hosted app (a visitor's workspace when not signed in)
 KEY_UPLOADS_SEEN = "access_uploads_seen"  # upload ids already counted against the per-minute limit
-COOKIE = "cxr_workspace"              # the browser keeps a visitor's workspace id in this cookie
+COOKIE = "cxr_workspace"              # the browser keeps its signed id in this cookie
+OPERATOR_COOKIE = "cxr_operator"      # ... and the operator role, signed, for 12 h
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
+LOCKED = "locked"                     # KEY_NOTICE during a lockout: the sentence says how long is left
+WRONG_SENTENCE = "That passphrase is not the operator's."
 SHARED_RUN_SENTENCE = access.SHARED_RUN_SENTENCE
 
 
@@ -55,7 +62,7 @@ def role() -> str:
     user = _user()
     email = user.get("email") if user.get("is_logged_in", how != access.LOGIN) else None
     return access.role_for(how, email=email, operators=found.get("operators"),
-                           passphrase_ok=bool(st.session_state.get(KEY_OPERATOR)))
+                           passphrase_ok=how == access.PASSPHRASE and _operator_until(found) is not None)
 
 
 def is_operator() -> bool:
@@ -63,16 +70,66 @@ def is_operator() -> bool:
 
 
 def who() -> str:
-    """The e-mail address of a signed-in user, else a visitor's workspace id, else an anonymous id of this session."""
+    """The e-mail address of a signed-in user, else this browser's id on a hosted app (the same in every session
+    of the browser, as a visitor or as the operator), else an anonymous id of this session."""
     user = _user()
     if user.get("is_logged_in") and user.get("email"):
         return str(user["email"])
-    ws = workspace()
-    if ws:  # an anonymous visitor: the workspace id, which also names their runs' folder
-        return ws
+    if hosted():
+        return browser_id()
+    return _session_id()
+
+
+def _session_id() -> str:
     if KEY_SESSION_ID not in st.session_state:
         st.session_state[KEY_SESSION_ID] = f"session-{uuid.uuid4().hex[:8]}"
     return st.session_state[KEY_SESSION_ID]
+
+
+def _request_cookies() -> Mapping[str, str]:
+    """The cookies the browser sent when this session began."""
+    try:
+        return st.context.cookies
+    except Exception:  # noqa: BLE001 (no cookies on this host or in a test)
+        return {}
+
+
+def _client_address() -> str | None:
+    """The address of this session's connection; None on localhost (or behind a proxy on the same host)."""
+    try:
+        return st.context.ip_address
+    except Exception:  # noqa: BLE001 (no connection on this host or in a test)
+        return None
+
+
+@st.cache_resource(show_spinner=False)
+def _cached_secret(root: str, configured: str) -> bytes:
+    return cookies.server_secret(root, configured or None)
+
+
+def _secret(found: Mapping[str, Any] | None = None) -> bytes:
+    found = secrets() if found is None else found
+    return _cached_secret(str(runs.runs_root().path), str(found.get("cookie_secret") or ""))
+
+
+def browser_id() -> str:
+    """This browser's id on a hosted app: the one its cookie carries when the signature holds, else a fresh one
+    (a cookie written by hand, guessed or copied without its signature gets nothing)."""
+    if KEY_BROWSER_ID not in st.session_state:
+        kept = cookies.browser_id_from(_request_cookies().get(COOKIE), _secret())
+        st.session_state[KEY_BROWSER_ID] = kept or workspaces.new_browser_id()
+    return st.session_state[KEY_BROWSER_ID]
+
+
+def _operator_until(found: Mapping[str, Any]) -> float | None:
+    """When this session's operator role ends (the signed token typed here or kept by the browser), or None."""
+    if KEY_OPERATOR not in st.session_state:
+        st.session_state[KEY_OPERATOR] = _request_cookies().get(OPERATOR_COOKIE) or ""
+    token = st.session_state[KEY_OPERATOR]
+    if not token:
+        return None
+    return cookies.operator_expiry(token, _secret(found), str(found.get(access.PASSPHRASE_SECRET) or ""),
+                                   browser_id(), time.time())
 
 
 def hosted() -> bool:
@@ -88,29 +145,36 @@ def workspace() -> str | None:
     user = _user()
     if user.get("is_logged_in") and user.get("email"):
         return workspaces.id_for_email(str(user["email"]))
-    if KEY_BROWSER_ID not in st.session_state:
-        try:
-            kept = st.context.cookies.get(COOKIE)
-        except Exception:  # noqa: BLE001 (no cookies on this host or in a test)
-            kept = None
-        st.session_state[KEY_BROWSER_ID] = kept if workspaces.valid_id(kept) else workspaces.new_browser_id()
-    return st.session_state[KEY_BROWSER_ID]
+    return browser_id()
 
 
-def keep_workspace_in_browser() -> None:
-    """Ask the browser to keep a visitor's random workspace id (a cookie for a year), so that a reload or a
-    later visit finds the same runs. Nothing for signed-in users, the operator or a local app."""
-    ws = workspace()
-    if ws is None or not ws.startswith("b-"):
+def _cookie_script(name: str, value: str, max_age_s: int) -> str:
+    # Only ids, digits, '.' and base64url characters reach here: nothing to escape. Secure over https only,
+    # where the page knows it best; Strict: no other site's page sends it along.
+    return (f"document.cookie = '{name}={value}; max-age={max_age_s}; path=/; SameSite=Strict' + "
+            "(location.protocol === 'https:' ? '; Secure' : '');")
+
+
+def keep_in_browser() -> None:
+    """Ask the browser to keep its signed id (a year) and, for the operator, the signed role until it ends, or
+    to drop an operator cookie that no longer holds (signed out, expired, another passphrase). Nothing on a
+    local app or for a signed-in user, whose address is their identity."""
+    found = secrets()
+    how = access.mode(found)
+    user = _user()
+    if how == access.LOCAL or (user.get("is_logged_in") and user.get("email")):
         return
-    try:
-        if st.context.cookies.get(COOKIE) == ws:
-            return  # the browser sent it with this session: it keeps it already
-    except Exception:  # noqa: BLE001 (no cookies on this host or in a test)
-        pass
-    # On every run of this session (a run cut short by a rerun may never reach the browser): an invisible element.
-    st.html(f"<script>document.cookie = '{COOKIE}={ws}; max-age={COOKIE_MAX_AGE_S}; path=/; SameSite=Lax';"
-            "</script>", unsafe_allow_javascript=True, width="content")
+    wanted = {COOKIE: (cookies.sign_browser_id(browser_id(), _secret(found)), COOKIE_MAX_AGE_S)}
+    if how == access.PASSPHRASE:
+        until = _operator_until(found)
+        wanted[OPERATOR_COOKIE] = ((st.session_state[KEY_OPERATOR], int(until - time.time())) if until
+                                   else ("", 0))
+    sent = _request_cookies()
+    scripts = [_cookie_script(name, value, age) for name, (value, age) in wanted.items()
+               if (sent.get(name) or "") != value]
+    if scripts:
+        # On every run of this session (a run cut short by a rerun may never reach the browser): an invisible element.
+        st.html("<script>" + " ".join(scripts) + "</script>", unsafe_allow_javascript=True, width="content")
 
 
 def runs_owner_label(owner: str) -> str:
@@ -182,15 +246,58 @@ def record(action: str, target: str) -> None:
         log.warning("The audit trail could not be written: %s", error)
 
 
+@st.cache_resource(show_spinner=False)
+def _attempts(root: str) -> attempts.PassphraseAttempts:
+    return attempts.PassphraseAttempts(root)
+
+
+def _attempt_keys() -> dict[str, int]:
+    return attempts.keys_for(_session_id(), browser_id(), _client_address())
+
+
 def _check_passphrase() -> None:
     typed = st.session_state.get(KEY_PASSPHRASE) or ""
-    ok = access.passphrase_matches(typed, str(secrets().get(access.PASSPHRASE_SECRET) or ""))
-    st.session_state[KEY_OPERATOR], st.session_state[KEY_WRONG] = ok, bool(typed) and not ok
     st.session_state[KEY_PASSPHRASE] = ""  # the passphrase is not kept in the session
+    if not typed:
+        return
+    found = secrets()
+    expected = str(found.get(access.PASSPHRASE_SECRET) or "")
+    try:
+        outcome = _attempts(str(runs.runs_root().path)).attempt(
+            _attempt_keys(), lambda: access.passphrase_matches(typed, expected))
+    except CxrError as error:
+        st.session_state[KEY_NOTICE] = str(error)
+        return
+    if outcome.ok:
+        st.session_state[KEY_OPERATOR] = cookies.operator_token(browser_id(), _secret(found), expected, time.time())
+        st.session_state.pop(KEY_NOTICE, None)
+        record("sign in", "operator")
+        return
+    if outcome.checked:
+        record("wrong passphrase", "operator")
+        if outcome.locked:
+            record("lockout", f"{', '.join(outcome.locked)} for {outcome.wait_s:.0f} s")
+    st.session_state[KEY_NOTICE] = LOCKED if outcome.wait_s > 0 else WRONG_SENTENCE
 
 
-def _leave() -> None:
-    st.session_state[KEY_OPERATOR] = False
+def _notice() -> str | None:
+    """The sentence under the passphrase field: wrong, how long a lockout has left, or why it was not checked."""
+    notice = st.session_state.get(KEY_NOTICE)
+    if notice != LOCKED:
+        return notice
+    try:
+        wait = _attempts(str(runs.runs_root().path)).wait_s(_attempt_keys())
+    except CxrError as error:
+        return str(error)
+    if wait <= 0:
+        st.session_state.pop(KEY_NOTICE, None)
+        return None
+    return attempts.refusal(wait)
+
+
+def _sign_out() -> None:
+    record("sign out", "operator")  # while still the operator
+    st.session_state[KEY_OPERATOR] = ""
 
 
 def _providers(auth: Mapping) -> list[str | None]:
@@ -206,7 +313,7 @@ def sidebar_panel() -> None:
     if how == access.LOCAL:
         return
     current = role()
-    keep_workspace_in_browser()
+    keep_in_browser()
     with st.container(border=True):
         st.markdown(f"**Role:** {current}")
         if current == access.VISITOR:
@@ -223,12 +330,14 @@ def sidebar_panel() -> None:
                     if st.button(label, key=f"access_login_{provider or 'default'}", icon=":material/login:"):
                         st.login(provider) if provider else st.login()
         elif current == access.OPERATOR:
-            st.button("Leave the operator role", key="access_leave", on_click=_leave)
+            st.caption("This browser stays the operator for 12 hours, or until you sign out.")
+            st.button("Sign out", key="access_sign_out", icon=":material/logout:", on_click=_sign_out)
         else:
             st.text_input("Operator passphrase", type="password", key=KEY_PASSPHRASE, on_change=_check_passphrase,
                           help="The operator (the teacher) can delete runs and add data sets.")
-            if st.session_state.get(KEY_WRONG):
-                st.caption(":red[That passphrase is not the operator's.]")
+            notice = _notice()
+            if notice:
+                st.caption(f":red[{notice}]")
 
 
 def audit_table() -> None:
@@ -238,7 +347,8 @@ def audit_table() -> None:
     entries = audit.read(limit=200)
     with st.expander(f"Audit trail ({len(entries)} newest entries)", icon=":material/history:"):
         if not entries:
-            st.caption("Nothing yet: starting, cancelling and deleting runs and adding data sets are recorded here.")
+            st.caption("Nothing yet: starting, cancelling and deleting runs, adding data sets and signing in as the "
+                       "operator are recorded here.")
             return
         st.dataframe(entries, hide_index=True, width="stretch",
                      column_order=["time", "who", "role", "action", "target"])

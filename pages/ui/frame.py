@@ -24,6 +24,7 @@ def app_pages() -> list:
     """The app's pages, in menu order (paths are relative to Home.py)."""
     return [
         st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/lessons.py", title="Lessons", icon=":material/school:", url_path="lessons"),
         st.Page("pages/dataset.py", title="Dataset", icon=":material/folder_open:", url_path="dataset"),
         st.Page("pages/augmentation.py", title="Augmentation", icon=":material/tune:", url_path="augmentation"),
         st.Page("pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),

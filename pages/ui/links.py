@@ -5,7 +5,6 @@ every run (both called by the router).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,21 +47,24 @@ def _run_path(name: str) -> str:
 class Shared:
     """A session choice kept in every page's URL: its session key, its query parameter, how the
     parameter's text is read (raising ValueError or StopIteration for a value that cannot be used),
-    how the value is written, and the value that is left out of the URL."""
+    how the value is written, the value that is left out of the URL, and what the value is called
+    when a link names one that is not here (said in one sentence; "" for a choice silently ignored)."""
 
     key: str
     param: str
     read: Callable[[str], Any]
     write: Callable[[Any], str] = str
     default: Any = None
+    noun: str = ""
 
 
 SHARED = (
-    Shared(KEY_DATASET, "dataset", _one_of(_datasets)),
+    Shared(KEY_DATASET, "dataset", _one_of(_datasets), noun="data set"),
     Shared(KEY_SPLIT, "split", _one_of(lambda: SPLIT_MODES), default="random"),
     Shared(KEY_BALANCE, "balance", _one_of(lambda: BALANCE_STRATEGIES), default="augment"),
-    Shared(KEY_RUN, "run", _run_path, write=lambda path: Path(path).name),
+    Shared(KEY_RUN, "run", _run_path, write=lambda path: Path(path).name, noun="run"),
 )
+KEY_LINK_NOTES = "link_notes"  # [(noun, name)]: what the opened link named that is not here, said once
 # The augmentation: one parameter per AugmentConfig field that differs from the reference.
 _AUGMENT_DEFAULTS = asdict(AugmentConfig())
 
@@ -85,15 +87,20 @@ def _write_field(value: Any) -> str | list[str]:
 
 def restore_from_url() -> None:
     """Once per session (a reload or an opened link), take the shared choices the URL holds.
-    A value that cannot be used, or a parameter this app does not know, is ignored."""
+    A run or data set that is not here (deleted, or another visitor's) is noted, to be said in one
+    sentence; any other value that cannot be used, or a parameter this app does not know, is ignored."""
     if st.session_state.get(KEY_URL_READ):
         return
     st.session_state[KEY_URL_READ] = True
     params = st.query_params
+    notes = []
     for item in SHARED:
         if item.param in params and item.key not in st.session_state:
-            with contextlib.suppress(ValueError, StopIteration, OSError):  # not usable: ignored
+            try:
                 st.session_state[item.key] = item.read(params[item.param])
+            except (ValueError, StopIteration, OSError):
+                if item.noun:
+                    notes.append((item.noun, params[item.param]))
     chosen: dict[str, Any] = {}
     for name, default in _AUGMENT_DEFAULTS.items():
         if name not in params:
@@ -106,11 +113,39 @@ def restore_from_url() -> None:
         chosen = trial
     if chosen and KEY_AUGMENT not in st.session_state:
         st.session_state[KEY_AUGMENT] = asdict(AugmentConfig(**chosen))
+    if notes:
+        st.session_state[KEY_LINK_NOTES] = notes
+
+
+def _shown_instead(noun: str) -> str:
+    """What the page shows in place of a run or data set the link named."""
+    if noun == "run":
+        summary = models.selected_run()
+        return f"showing `{summary.run_id}` instead." if summary is not None else "choose another run."
+    name = st.session_state.get(KEY_DATASET)
+    return (f"using `{name}` instead." if name and datasets.dataset_path(name) is not None
+            else "choose a data set on the Dataset page.")
+
+
+def link_sentence(noun: str, name: str) -> str:
+    """One sentence: the link's run or data set is not here, and what is shown instead. The name comes from
+    the URL, so it is shown as plain text (no markdown of a link's making) and cut short."""
+    shown = str(name).replace("`", "").replace("\n", " ").strip()[:80]
+    return f"The {noun} in this link, `{shown}`, is not available here; {_shown_instead(noun)}"
+
+
+def say_link_notes() -> None:
+    """Say once, in one sentence each, what the opened link named that is not here (called after the page's
+    title and introduction, when the defaults shown instead are known)."""
+    for noun, name in st.session_state.pop(KEY_LINK_NOTES, None) or []:
+        st.info(link_sentence(noun, name), icon=":material/link_off:")
 
 
 def keep_in_url() -> None:
     """Write the session's shared choices into the URL (leaving defaults out), so that a reload or
-    a copied link keeps them; only what changed is sent to the browser."""
+    a copied link keeps them; only what changed is sent to the browser. The page header calls this
+    after the title, introduction and sidebar: first the opened link's choices that are not here are said."""
+    say_link_notes()
     wanted: dict[str, str | list[str]] = {}
     for item in SHARED:
         value = st.session_state.get(item.key)

@@ -39,6 +39,39 @@ def subtype_headline(chosen: dict) -> None:
     counts = ", ".join(f"{(per_class.get(c) or {}).get('n', '?')} {c}" for c in (test.get("classes") or per_class))
     st.caption(f"{chosen['caption']} {counts}. Each image is called its most probable class: a three-class run "
                "has no threshold to choose, so there is no threshold slider.")
+    few_test_images(test)
+
+
+def found_intervals(test: dict) -> dict[str, tuple[float, float, int]]:
+    """The 95 % interval of the share of each class's images called that class, with the class's image count.
+    The two-class page's sensitivity and specificity are exactly these shares for PNEUMONIA and NORMAL."""
+    classes = list(test.get("classes") or [])
+    cm = test.get("confusion_matrix")
+    per_class = test.get("per_class") or {}
+    found = {}
+    for c, name in enumerate(classes):
+        if cm:
+            hits, n = int(cm[c][c]), int(sum(cm[c]))
+        else:  # no matrix stored: the class's sensitivity and count give the same two numbers
+            figures = per_class.get(name) or {}
+            n = int(figures.get("n") or 0)
+            hits = round(float(figures.get("sensitivity") or 0.0) * n)
+        interval = evaluate.proportion_interval(hits, n)
+        if interval is not None:
+            found[name] = (*interval, n)
+    return found
+
+
+def few_test_images(test: dict) -> None:
+    """The two-class page's rule, class by class: warn when the share of any class found is known only to within
+    more than ±WIDE_INTERVAL (a class with few test images), so that close runs cannot be told apart."""
+    found = found_intervals(test)
+    if not evaluate.intervals_are_wide({name: (low, high) for name, (low, high, _n) in found.items()}):
+        return
+    name, (low, high, n) = max(found.items(), key=lambda item: item[1][1] - item[1][0])
+    st.warning(f"Few test images: the share of {name} images called {name} ({n} images) is known only to within "
+               f"±{(high - low) / 2:.2f} (95 % interval, wider than ±{evaluate.WIDE_INTERVAL:.2f}), so runs that "
+               "differ by less cannot be told apart on this test set.", icon=":material/warning:")
 
 
 def confused_pairs(cm: list[list[int]], classes: list[str], top: int = 3) -> list[str]:
