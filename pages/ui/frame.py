@@ -7,6 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from cxr_core.core.errors import CxrError
+from cxr_core.hosting import jobs, server
+from cxr_core.runs import registry as runs
 from pages.ui import access, links
 from pages.ui.datasets import data_root, dataset_path, is_synthetic, list_datasets
 from pages.ui.models import all_runs, runs_root_info, selected_run
@@ -86,9 +88,8 @@ def sidebar() -> None:
             else:
                 st.caption("No finished run yet. Train one on the Training page.")
             try:
-                from cxr_core.hosting import jobs  # noqa: PLC0415 (imported on first use)
                 active = jobs.active_runs()
-            except (ImportError, OSError, CxrError):
+            except (OSError, CxrError):
                 active = []
             visible = {str(s.path) for s in all_runs()} if active else set()
             names = [Path(run).name for run in active if str(run) in visible]
@@ -104,25 +105,17 @@ def sidebar() -> None:
             st.info(root.reason, icon=":material/info:")
 
 
-@st.cache_resource(ttl=3600, show_spinner=False)
-def _expire_workspaces(root: str) -> list[str]:
-    """At most once an hour per server: remove visitors' workspaces unused for too long."""
-    from cxr_core.hosting import workspaces  # noqa: PLC0415 (a hosted app's concern)
-
-    return workspaces.expire(root)
+@st.cache_resource(show_spinner=False)
+def _server_started(root: str, hosted: bool) -> bool:
+    """Once per server process and runs folder: the maintenance thread (the queue's dispatcher after a
+    restart, the expiry of visitors' workspaces on a hosted app)."""
+    server.start(root, hosted=hosted)
+    return True
 
 
 def housekeeping() -> None:
-    """What keeps a shared server tidy, on every page: a queue left waiting (after a restart, say) gets its
-    dispatcher back, and expired workspaces go. A failure here never stops the page."""
+    """Make sure the server's maintenance runs (started once; later renders find it cached)."""
     try:
-        from cxr_core.hosting import job_queue  # noqa: PLC0415
-        from cxr_core.runs import registry as runs  # noqa: PLC0415
-
-        root = runs.runs_root().path
-        if job_queue.waiting(root):
-            job_queue.start_dispatcher(root)
-        if access.hosted():
-            _expire_workspaces(str(root))
-    except (ImportError, OSError, CxrError) as error:
-        log.warning("Housekeeping of the runs folder failed: %s", error)
+        _server_started(str(runs.runs_root().path), access.hosted())
+    except (OSError, CxrError) as error:  # a failure here never stops the page
+        log.warning("The maintenance of the runs folder could not start: %s", error)
