@@ -212,7 +212,7 @@ def make_run_folder(args: dict) -> dict:
     from cxr_core.runs.run_folder import RunFolder
 
     RunFolder(run_dir).write_status("done", message="benchmark fixture (untrained head)")
-    from cxr_core.engine.litert import export_classifier
+    from cxr_core.engine.export import export_classifier
 
     t = time.time()
     export_classifier(classifier, run_dir, config.model.backbone)
@@ -238,27 +238,27 @@ def latency(args: dict) -> dict:
     # First calls trace the compiled functions; then a few untimed warm-up calls each; then the
     # two kinds of call alternate, so that load from other processes hits both alike.
     t = time.perf_counter()
-    predictor.predict_gray(grays[0])
+    predictor.predict(grays[:1])
     first_p = time.perf_counter() - t
     t = time.perf_counter()
-    predictor.explain(grays[0])
+    predictor.explain(grays[:1])
     first_e = time.perf_counter() - t
     for i in range(3):
-        predictor.predict_gray(grays[i % len(grays)])
-        predictor.explain(grays[i % len(grays)])
+        predictor.predict([grays[i % len(grays)]])
+        predictor.explain([grays[i % len(grays)]])
     prob_times, explain_times = [], []
     for i in range(calls):
         gray = grays[(i + 1) % len(grays)]
         t = time.perf_counter()
-        predictor.predict_gray(gray)
+        predictor.predict([gray])
         prob_times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        predictor.explain(gray)
+        predictor.explain([gray])
         explain_times.append(time.perf_counter() - t)
     return {
         "run_dir": args["run_dir"],
         "backbone": predictor.config.model.backbone,
-        "engine": predictor.engine,
+        "engine": predictor.engine.name,
         "tensorflow_imported": "tensorflow" in sys.modules,
         "image_size": predictor.image_size,
         "calls": calls,
@@ -300,14 +300,14 @@ def app_inprocess(args: dict) -> dict:
     predictor = predict.Predictor.from_run(args["run_dir"])
     steps["Predictor.from_run"] = _status_mb()
     gray = load_gray(args["image"])
-    probability, heatmap = predictor.explain(gray)
+    (found,) = predictor.explain([gray])
     steps["explain one image"] = _status_mb()
-    predict.overlay_heatmap(gray, heatmap)
+    predict.overlay_heatmap(gray, found.heatmap)
     for _ in range(5):
-        predictor.explain(gray)
+        predictor.explain([gray])
     steps["explain x6"] = _status_mb()
-    return {"steps": steps, "maxrss_mb": _maxrss_mb(), "probability": float(probability),
-            "engine": predictor.engine, "tensorflow_imported": "tensorflow" in sys.modules}
+    return {"steps": steps, "maxrss_mb": _maxrss_mb(), "probability": found.probability,
+            "engine": predictor.engine.name, "tensorflow_imported": "tensorflow" in sys.modules}
 
 
 # ---------------------------------------------------------------------------------------------

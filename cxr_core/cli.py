@@ -19,18 +19,27 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cv2
+
 from cxr_core.core import settings
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPE_NAMES, apply_recipe
 from cxr_core.data import plan
-from cxr_core.io.atomic import json_default, read_json
+from cxr_core.data.shortcut_lab import make_shortcut_lab
+from cxr_core.engine.litert import lite_status
+from cxr_core.hosting import jobs
+from cxr_core.inference.predictor import ENGINES, Predictor, overlay_heatmap
+from cxr_core.io.atomic import json_default, read_json, write_bytes_atomic
+from cxr_core.io.images import load_gray
+from cxr_core.runs import heartbeat, registry as runs
+from cxr_core.runs.run_folder import RunFolder, RunState
+from cxr_core.teaching import lessons
 
 log = logging.getLogger("cxr_core")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
-ENGINES = ("auto", "litert", "keras")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,11 +136,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.lock_file:
         if not args.run_dir:
             raise CxrError("--lock-file is for the background launcher and needs --run-dir.")
-        from cxr_core.hosting import jobs  # noqa: PLC0415 - light; taken before TensorFlow loads, so the launcher waits little
-
+        # Taken before TensorFlow loads, so the launcher waits little.
         jobs.hold_training_lock(args.lock_file, args.run_dir)  # held until this process exits
-    from cxr_core.engine import distribute, train  # noqa: PLC0415
-    from cxr_core.runs import heartbeat, registry as runs  # noqa: PLC0415
+    from cxr_core.engine import distribute, train  # noqa: PLC0415 (they import TensorFlow: only training needs it)
 
     config = build_config(args)
     # Before anything else touches TensorFlow: the logical CPU devices and the strategy come first.
@@ -139,9 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         runtime = distribute.setup(config.train.distribute, config.train.precision, config.train.cpu_replicas)
     except CxrError as error:
         if args.run_dir:  # the launcher's folder says why
-            from cxr_core.runs.run_folder import RunFolder  # noqa: PLC0415
-
-            RunFolder(args.run_dir).write_status("failed", message=str(error), error=str(error))
+            RunFolder(args.run_dir).write_status(RunState.FAILED, message=str(error), error=str(error))
         raise
     if args.run_dir is None:
         # Before a run folder exists: a run that cannot start is one sentence and exit 2, nothing written.
@@ -160,7 +165,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = runs.new_run_dir(root, hint=f"{config.model.backbone}-{config.data.split}")
 
     def on_progress(event: dict) -> None:
-        if args.verbose and event["event"] in ("stage", "epoch", "done", "failed", "cancelled"):
+        ended = RunState.parse(event["event"])
+        if args.verbose and (event["event"] in ("stage", "epoch") or (ended is not None and ended.is_finished)):
             text = event.get("message") or json.dumps(event.get("logs", {}))
             print(f"[{event['event']}] {event.get('stage', '')} {text}", file=sys.stderr, flush=True)
 
@@ -175,16 +181,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with heartbeat.beating(run_dir):
         run_dir = train.train(config, should_stop=lambda: stop["now"], on_progress=on_progress, run_dir=run_dir,
                               runtime=runtime)
-    state = runs.read_status(run_dir)["state"]
+    state = runs.run_status(run_dir).state
     print(run_dir)
-    if state == "cancelled":
+    if state is RunState.CANCELLED:
         print(f"Training was cancelled; {run_dir} is marked cancelled.", file=sys.stderr)
         return EXIT_CANCELLED
     return EXIT_OK
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxr_core.evaluation.external import evaluate_folder  # noqa: PLC0415
+    from cxr_core.evaluation.external import evaluate_folder  # noqa: PLC0415 (metrics import scikit-learn: 1.5 s)
 
     result = evaluate_folder(args.run, args.data, threshold=args.threshold, engine=args.engine,
                              store=not args.no_store)
@@ -195,13 +201,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cxr_core.inference.predictor import Predictor, overlay_heatmap  # noqa: PLC0415
-
     predictor = Predictor.from_run(args.run, engine=args.engine)
     if args.threshold is not None:
-        if predictor.multiclass:
-            raise CxrError(f"The run {args.run} is a {predictor.task} run, which labels each image with its most "
-                           "probable class, so --threshold does not apply to it.")
+        if not predictor.task.uses_threshold:
+            raise CxrError(f"The run {args.run} is a {predictor.task.name} run, which labels each image with its "
+                           "most probable class, so --threshold does not apply to it.")
         predictor.threshold = args.threshold
     out_dir = Path(args.gradcam) if args.gradcam else None
     any_error = False
@@ -209,13 +213,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if "error" in result:
             any_error = True
         elif out_dir is not None:
-            result.update(_write_gradcam(predictor, result["file"], out_dir, overlay_heatmap))
+            result.update(_write_gradcam(predictor, result["file"], out_dir))
         print(json.dumps(result, default=_json_default), flush=True)
     return EXIT_BAD_INPUT if any_error else EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cxr_core.engine.litert import export_run, lite_status  # noqa: PLC0415
+    from cxr_core.engine.export import export_run  # noqa: PLC0415 (it imports TensorFlow: only this command needs it)
 
     path = export_run(args.run)
     print(path)
@@ -226,15 +230,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from cxr_core.evaluation.ensemble import make_ensemble  # noqa: PLC0415
+    from cxr_core.evaluation.ensemble import make_ensemble  # noqa: PLC0415 (metrics import scikit-learn: 1.5 s)
 
     print(make_ensemble(args.runs, out_dir=args.out, threshold_rule=args.threshold_rule))
     return EXIT_OK
 
 
 def _cmd_shortcut_lab(args: argparse.Namespace) -> int:
-    from cxr_core.data.shortcut_lab import make_shortcut_lab  # noqa: PLC0415
-
     lab = make_shortcut_lab(args.data, args.out, positive_rate=args.positive_rate,
                             negative_rate=args.negative_rate, seed=args.seed)
     for path, reason in zip(lab.skipped["path"], lab.skipped["reason"]):
@@ -246,7 +248,7 @@ def _cmd_shortcut_lab(args: argparse.Namespace) -> int:
 
 
 def _cmd_lesson_notebook(args: argparse.Namespace) -> int:
-    from cxr_core.teaching import lessons, notebook  # noqa: PLC0415
+    from cxr_core.teaching import notebook  # noqa: PLC0415 (it imports scikit-learn through the metrics: 2 s)
 
     found = lessons.load_lessons()
     lesson = lessons.read_lesson(args.lesson) if Path(args.lesson).suffix == ".md" else found.get(args.lesson)
@@ -257,15 +259,10 @@ def _cmd_lesson_notebook(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_gradcam(predictor, file: str, out_dir: Path, overlay_heatmap) -> dict:
+def _write_gradcam(predictor: Predictor, file: str, out_dir: Path) -> dict:
     """Write the overlay of the evidence for the predicted class; the fields it adds to the result."""
-    import cv2  # noqa: PLC0415
-
-    from cxr_core.io.atomic import write_bytes_atomic  # noqa: PLC0415
-    from cxr_core.io.images import load_gray  # noqa: PLC0415
-
     gray = load_gray(file)
-    found = predictor.explanation(gray)
+    (found,) = predictor.explain([gray])
     overlay = overlay_heatmap(gray, found.heatmap)
     ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     target = out_dir / (Path(file).stem + ".gradcam.png")

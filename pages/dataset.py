@@ -411,10 +411,12 @@ def shortcut_lab_section(path: Path, result) -> None:
         "Published models have learned things that are not the disease: a hospital's identity alone predicted "
         "the label with AUC 0.86 (Zech et al. 2018), and COVID-19 detectors read the text and markers on the "
         "films instead of the lungs (DeGrave et al. 2021). The lab makes a copy of this data set with a small "
-        "lead marker (a white L or R in a corner, as radiographers put on films) burnt into most pneumonia "
-        "images and a few normal ones. The marker says nothing about the lungs, yet it predicts the label. "
-        "Train on the copy, then evaluate the run on a clean data set: the Evaluation page shows how often the "
-        "model's Grad-CAM map peaks on the marker, and a score that drops on clean images is the shortcut's cost."
+        "lead marker (a white L or R in a small frame in a corner, as radiographers put on films) burnt into "
+        "most pneumonia images and a few normal ones. The marker says nothing about the lungs, yet it predicts "
+        "the label. Train on the copy, then evaluate the run on a clean data set: the Evaluation page shows how "
+        "often the model's Grad-CAM map peaks on the marker, and a score that drops on clean images is the "
+        "shortcut's cost. A model takes a shortcut when it is easier than the disease: on the synthetic practice "
+        "set the drawn opacities are easier, so models there mostly ignore the marker."
     )
     if (path / shortcut_lab.SETTINGS_FILE).is_file():
         st.info("This data set is a shortcut-lab copy: its manifest.csv records which images carry the marker "

@@ -9,9 +9,10 @@ import streamlit as st
 from cxr_core.core import metrics as evaluate
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import CLASSES, label_for
+from cxr_core.core.tasks import get_task
 from cxr_core.evaluation import external
 from cxr_core.inference.predictor import map_caption
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder, TestSet
 from pages.ui import access, charts, datasets, frame, models, multiclass, session
 
 frame.page_header(
@@ -39,63 +40,30 @@ def test_predictions(run_dir: Path) -> pd.DataFrame:
     return preds.dropna(subset=["y", "probability"])
 
 
-def _threshold(result: dict) -> float:
-    """The stored threshold (a subtype run has none: it predicts the most probable class)."""
-    value = result.get("threshold", 0.5)
-    return 0.5 if value is None else float(value)
+def test_sets(summary) -> dict[str, TestSet]:
+    """The run's test sets by their label, the honest one first (``RunFolder.test_sets``)."""
+    return {(f"external: {found.name}" if found.external else "internal: the run's own test part"): found
+            for found in RunFolder(summary.path).test_sets()}
 
 
-def test_sets(summary) -> dict[str, dict]:
-    """The run's test sets, the honest one first: each stored external evaluation (newest first),
-    then the test part of the run's own split."""
-    folder = RunFolder(summary.path)
-    found: dict[str, dict] = {}
-    for name, result in folder.external_evaluations().items():
-        preds = folder.read_evaluation_predictions(name).dropna(subset=["y", "probability"])
-        if preds.empty:
-            continue
-        sampled = f", a sample of {result['n']} of {result['sampled_from']}" if result.get("sampled_from") else ""
-        found[f"external: {name}"] = {
-            "name": name, "external": True, "preds": preds, "threshold": _threshold(result),
-            "at_threshold": result, "at_0.5": result.get("at_0.5"), "rule": None,
-            "caption": f"{result.get('n')} images of the data set {name}{sampled}, none of them in this run's "
-                       "training part.",
-            "prevalence": result.get("prevalence"),
-        }
-    metrics = folder.read_metrics() or {}
-    preds = test_predictions(summary.path)
-    test = metrics.get("test") or {}
-    if metrics and not preds.empty:
-        at = test.get("at_threshold") or {}
-        caption = (f"{at.get('n', len(preds))} images of the run's own {summary.split or ''} split"
-                   + (f" from {metrics['n_patients_test']} patients" if metrics.get("n_patients_test") else "")
-                   + ".")
-        found["internal: the run's own test part"] = {
-            "name": "internal", "external": False, "preds": preds, "threshold": _threshold(metrics),
-            "at_threshold": at, "at_0.5": test.get("at_0.5"), "rule": metrics.get("threshold_rule"),
-            "caption": caption, "prevalence": None,
-        }
-    return found
-
-
-def headline(chosen: dict) -> None:
-    test = chosen["at_threshold"] or {}
+def headline(chosen: TestSet, summary) -> None:
+    test = chosen.figures
     cols = st.columns(5)
-    where = "External" if chosen["external"] else "Internal"
-    cols[0].metric(f"{where} ROC AUC", charts.fmt_num(test.get("roc_auc")),
+    kind = "External" if chosen.external else "Internal"
+    cols[0].metric(f"{kind} ROC AUC", charts.fmt_num(test.get("roc_auc")),
                    help="Probability that a random pneumonia image scores higher than a random normal one.")
     cols[1].metric("Sensitivity", charts.fmt_num(test.get("sensitivity")), help="Share of pneumonias called PNEUMONIA.")
     cols[2].metric("Specificity", charts.fmt_num(test.get("specificity")), help="Share of normal films called NORMAL.")
     cols[3].metric("Accuracy", charts.fmt_num(test.get("accuracy")))
-    rule = chosen.get("rule") or "validation"
-    cols[4].metric("Threshold", charts.fmt_num(chosen["threshold"]),
+    rule = chosen.rule or "validation"
+    cols[4].metric("Threshold", charts.fmt_num(chosen.threshold),
                    help=f"Chosen on the run's validation images ({rule} rule), never on a test set.")
     n = test.get("n")
     if n:
         intervals = evaluate.rate_intervals(test)
         spread = "; ".join(f"{name} {low:.2f}–{high:.2f}" for name, (low, high) in intervals.items())
-        st.caption(f"{chosen['caption']} {test.get('n_positive', '?')} pneumonia, {test.get('n_negative', '?')} "
-                   f"normal." + (f" 95 % intervals: {spread}." if spread else ""))
+        st.caption(f"{models.test_set_caption(chosen, summary)} {test.get('n_positive', '?')} pneumonia, "
+                   f"{test.get('n_negative', '?')} normal." + (f" 95 % intervals: {spread}." if spread else ""))
         if evaluate.intervals_are_wide(intervals):
             # The rule is the width of the intervals, not a count: 500 images with 30 normal ones are few.
             widest = max((high - low) / 2 for low, high in intervals.values())
@@ -105,7 +73,7 @@ def headline(chosen: dict) -> None:
 
 
 @st.fragment
-def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> None:
+def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: TestSet, key: str) -> None:
     """The threshold slider: sensitivity, specificity and the confusion matrix follow it."""
     st.subheader("Choose the threshold")
     st.markdown("Lowering the threshold finds more pneumonias (higher sensitivity) at the price of more "
@@ -113,7 +81,7 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> 
     # The slider starts at the run's own threshold whenever the run or the test set changes, and when
     # coming back to one: its state is set here, never left over from another run's slider.
     if st.session_state.get(KEY_THRESHOLD_FOR) != key or key not in st.session_state:
-        st.session_state[key] = round(min(max(float(chosen["threshold"]), 0.0), 1.0), 3)
+        st.session_state[key] = round(min(max(chosen.threshold, 0.0), 1.0), 3)
         st.session_state[KEY_THRESHOLD_FOR] = key
     threshold = st.slider("Threshold", 0.0, 1.0, step=0.001, key=key, format="%.3f",
                           help="An image is called PNEUMONIA when its probability is at or above this.")
@@ -125,7 +93,7 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> 
                  delta=f"{live['sensitivity'] - _at(chosen, 'sensitivity'):+.3f} vs run threshold")
         b.metric("Specificity", f"{live['specificity']:.3f}",
                  delta=f"{live['specificity'] - _at(chosen, 'specificity'):+.3f} vs run threshold")
-        table = charts.metrics_table({"at 0.5": chosen.get("at_0.5"), "at run threshold": chosen["at_threshold"],
+        table = charts.metrics_table({"at 0.5": chosen.at_05 or None, "at run threshold": chosen.figures,
                                       f"at {threshold:.3f}": live})
         charts.table(table, width="stretch")
     with right:
@@ -134,8 +102,8 @@ def threshold_explorer(y: np.ndarray, p: np.ndarray, chosen: dict, key: str) -> 
     curves(y, p, threshold, live, key)
 
 
-def _at(chosen: dict, name: str) -> float:
-    return float((chosen["at_threshold"] or {}).get(name) or 0.0)
+def _at(chosen: TestSet, name: str) -> float:
+    return float(chosen.figures.get(name) or 0.0)
 
 
 def curves(y, p, threshold: float, live: dict, key: str) -> None:
@@ -181,8 +149,8 @@ def calibration(y, p) -> None:
                    "**above**: under-confident. Marker size shows how many images a bin holds.")
 
 
-def gallery(summary, preds: pd.DataFrame, threshold: float, where: str) -> None:
-    st.subheader(f"Misclassified images ({where})")
+def gallery(summary, preds: pd.DataFrame, threshold: float, test_set: str) -> None:
+    st.subheader(f"Misclassified images ({test_set})")
     st.markdown("What does the model look at when it fails? On an external test set these mistakes show "
                 "what does not carry over from the training data: a normal film from another scanner or "
                 "copy of the data called pneumonia is the typical sign of a shortcut.")
@@ -225,16 +193,16 @@ def compare(summary, others: list) -> None:
                                  key="eval_compare")]
     # Short column labels (run names are long and would be cut); the full names are in the tooltips.
     runs_shown = {"this run": summary, "compared": other}
-    tasks = {label: models.run_task(s.path) for label, s in runs_shown.items()}
-    # A subtype run is compared on pneumonia against normal, the question both tasks answer.
-    with_subtype = "subtype" in tasks.values()
+    tasks = {label: models.task_of(s.path) for label, s in runs_shown.items()}
+    # A run of more than two classes is compared on pneumonia against normal, the question both tasks answer.
+    with_subtype = not all(task.is_binary for task in tasks.values())
     table, subtype_rows = {}, {}
     fig = go.Figure()
     for label, s in runs_shown.items():
-        metrics = RunFolder(s.path).read_metrics() or {}
-        at = (metrics.get("test") or {}).get("at_threshold")
-        table[label] = (at or {}).get("pneumonia_vs_normal") if tasks[label] == "subtype" else at
-        subtype_rows[label] = (at or {}) if tasks[label] == "subtype" else {}
+        metrics = RunFolder(s.path).metrics()
+        at = metrics.test_at_threshold if metrics is not None else {}
+        table[label] = (at if tasks[label].is_binary else at.get("pneumonia_vs_normal")) or None
+        subtype_rows[label] = {} if tasks[label].is_binary else at
         preds = test_predictions(s.path)
         y = (preds["y"].astype(int) > 0).astype(int)  # any pneumonia (a subtype run's 1 and 2 too)
         if len(preds) and y.nunique() == 2:
@@ -256,7 +224,7 @@ def compare(summary, others: list) -> None:
     charts.table(figures, where=left, width="stretch", column_config=headers)
     configs = pd.DataFrame({label: _config_summary(s) for label, s in runs_shown.items()})
     if with_subtype:
-        configs.loc["task"] = [{"pneumonia": "2 classes", "subtype": "3 classes"}[t] for t in tasks.values()]
+        configs.loc["task"] = [f"{len(t.classes)} classes" for t in tasks.values()]
     charts.table(configs, where=left, width="stretch", column_config=headers)
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.update_xaxes(title="1 − specificity")
@@ -289,7 +257,7 @@ def _config_summary(summary) -> dict:
 def other_folder(summary) -> None:
     st.subheader("Evaluate on another data set")
     how = ("calling each image its most probable class (its subtype comes from the file name)"
-           if models.run_task(summary.path) == "subtype" else "at the run's threshold")
+           if not models.task_of(summary.path).uses_threshold else "at the run's threshold")
     st.markdown("A model that does well on its own test set can fail on images from another hospital or "
                 f"machine (a *domain shift*). Run it on any data set under the data root, {how}; the result "
                 "is kept with the run and shown first, as its honest score.")
@@ -324,13 +292,13 @@ def other_folder(summary) -> None:
         st.warning(result["warning"], icon=":material/warning:")
     if result.get("skipped"):
         st.warning(f"{len(result['skipped'])} image(s) could not be read and were left out.")
-    where = "It is now a test set above." if keep else "It was not kept (a shared run)."
-    if result.get("task") == "subtype":
+    kept = "It is now a test set above." if keep else "It was not kept (a shared run)."
+    if not get_task(result.get("task") or "pneumonia").uses_threshold:
         st.success(f"Evaluated {result['n']} images of {name}: macro AUC {charts.fmt_num(result.get('roc_auc'))}, "
-                   f"accuracy {charts.fmt_num(result.get('accuracy'))} (most probable class). {where}")
+                   f"accuracy {charts.fmt_num(result.get('accuracy'))} (most probable class). {kept}")
     else:
         st.success(f"Evaluated {result['n']} images of {name}: AUC {charts.fmt_num(result['roc_auc'])}, accuracy "
-                   f"{charts.fmt_num(result['accuracy'])} at the run's threshold. {where}")
+                   f"{charts.fmt_num(result['accuracy'])} at the run's threshold. {kept}")
     if keep:
         st.session_state[KEY_SHOW_NEWEST] = True  # show the newest test set, which is this one
         st.rerun()
@@ -341,9 +309,9 @@ KEY_THRESHOLD_FOR = "eval_threshold_for"  # the slider key (run and test set) th
 KEY_SHOW_NEWEST = "eval_show_newest"
 
 
-def marker_note(chosen: dict) -> None:
+def marker_note(chosen: TestSet) -> None:
     """A shortcut-lab test set: how often the model's pneumonia map peaks on the planted marker."""
-    result = chosen["at_threshold"] or {}
+    result = chosen.figures
     if result.get("marker_attention") is None:
         return
     st.metric("Grad-CAM peak on the planted marker", f"{result['marker_attention']:.0%}",
@@ -353,26 +321,26 @@ def marker_note(chosen: dict) -> None:
                "more the model reads the marker.")
 
 
-def prevalence_note(chosen: dict) -> None:
-    shift = chosen.get("prevalence")
-    if not shift:
+def prevalence_note(chosen: TestSet) -> None:
+    shift = chosen.prevalence
+    if shift is None:
         return
     with st.expander("Does a new site's prevalence explain the errors?"):
         st.markdown(
-            f"The run chose its threshold where {shift['validation_prevalence']:.0%} of images were pneumonia. "
-            f"From its probabilities alone (no labels), this set looks like {shift['estimated_prevalence']:.0%} "
-            f"pneumonia (truly {shift['true_prevalence']:.0%}). Moving the threshold to that prevalence "
-            f"(Saerens et al. 2002) gives {charts.fmt_num(shift['threshold'])}: accuracy "
-            f"{charts.fmt_num(shift['at_threshold']['accuracy'])}, sensitivity "
-            f"{charts.fmt_num(shift['at_threshold']['sensitivity'])}, specificity "
-            f"{charts.fmt_num(shift['at_threshold']['specificity'])}. This only helps when the probabilities "
+            f"The run chose its threshold where {shift.validation_prevalence:.0%} of images were pneumonia. "
+            f"From its probabilities alone (no labels), this set looks like {shift.estimated_prevalence:.0%} "
+            f"pneumonia (truly {shift.true_prevalence:.0%}). Moving the threshold to that prevalence "
+            f"(Saerens et al. 2002) gives {charts.fmt_num(shift.threshold)}: accuracy "
+            f"{charts.fmt_num(shift.figures.get('accuracy'))}, sensitivity "
+            f"{charts.fmt_num(shift.figures.get('sensitivity'))}, specificity "
+            f"{charts.fmt_num(shift.figures.get('specificity'))}. This only helps when the probabilities "
             "are calibrated on the new images; an over-confident model moves it the wrong way.")
 
 
 summary = models.run_picker("Run", key="eval_run")
 models.warn_if_useless(summary)
-if summary is not None and (where := models.where_trained(summary.path)):
-    st.caption(where)  # host, devices, strategy and precision, when the run recorded them
+if summary is not None and (trained_on := models.where_trained(summary.path)):
+    st.caption(trained_on)  # host, devices, strategy and precision, when the run recorded them
 if summary is None:
     no_run_message()
 else:
@@ -386,29 +354,29 @@ else:
             st.session_state[KEY_TEST_SET] = labels[0]
         choice = st.radio("Test set", labels, key=KEY_TEST_SET, horizontal=True, **session.KEEP,
                           help="External test sets come from outside the run's data; they are the honest score.")
-        if len(labels) > 1 or not sets[choice]["external"]:
+        if len(labels) > 1 or not sets[choice].external:
             st.caption(
                 "An external test set (another collection, hospital or copy of the data) is the honest score. "
                 "The run's own test part shares patients' hospital, scanners and image preparation with "
                 "training, so it flatters the model: the official Kermany test set is harder than any "
                 "split of the training images.")
         chosen = sets[choice]
-        preds = chosen["preds"]
-        if models.run_task(summary.path) == "subtype":  # three classes: the most probable one, no threshold
+        preds = chosen.predictions
+        if not models.task_of(summary.path).uses_threshold:  # the most probable class, no threshold
             multiclass.subtype_evaluation(summary, chosen, choice.split(":")[0], MAX_GALLERY)
         else:
             y = preds["y"].astype(int).to_numpy()
             p = preds["probability"].astype(float).to_numpy()
-            headline(chosen)
+            headline(chosen, summary)
             prevalence_note(chosen)
             marker_note(chosen)
-            key = f"eval_threshold_{summary.run_id}_{chosen['name']}"
+            key = f"eval_threshold_{summary.run_id}_{chosen.name}"
             if len(np.unique(y)) < 2:
                 st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")
             else:
                 threshold_explorer(y, p, chosen, key=key)
                 calibration(y, p)
-            gallery(summary, preds, float(st.session_state.get(key, chosen["threshold"])), choice.split(":")[0])
+            gallery(summary, preds, float(st.session_state.get(key, chosen.threshold)), choice.split(":")[0])
         compare(summary, models.finished_runs())
     other_folder(summary)
 st.caption(frame.DISCLAIMER)

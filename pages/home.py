@@ -1,7 +1,9 @@
 """Home: what the workbench does, the four steps and where this session stands on each."""
+from collections.abc import Mapping
+
 import streamlit as st
 
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import Evaluation, Metrics, RunFolder, RunState
 from pages.ui import charts, datasets, frame, models, session
 
 frame.page_header(
@@ -28,8 +30,8 @@ def step_state() -> list[dict]:
                  if session.augment_is_default() else "Custom settings chosen in this session.")
 
     all_runs = models.all_runs()
-    running = [r for r in all_runs if r.state == "running"]
-    user_done = [r for r in all_runs if r.state == "done" and not r.is_demo]
+    running = [r for r in all_runs if r.state is RunState.RUNNING]
+    user_done = [r for r in all_runs if r.state is RunState.DONE and not r.is_demo]
     if running:
         train_state = f"Training now: **{running[0].run_id}**."
     elif user_done:
@@ -75,22 +77,21 @@ def honest_score() -> None:
     if summary is None:
         return
     folder = RunFolder(summary.path)
-    external = folder.external_evaluations()
-    internal = ((folder.read_metrics() or {}).get("test") or {}).get("at_threshold") or {}
+    external = folder.headline_evaluation()
+    internal = (folder.metrics() or Metrics()).test_at_threshold
     st.subheader("How good is the model, honestly?")
     who = "The demo model" if summary.is_demo else f"Run {summary.run_id}"
     models.warn_if_useless(summary)
-    if models.run_task(summary.path) == "subtype":
+    if not models.task_of(summary.path).uses_threshold:  # the most probable class, no threshold
         subtype_score(who, external, internal)
-    elif external:
-        name, result = next(iter(external.items()))
+    elif external is not None:
         cols = st.columns(4)
-        cols[0].metric(f"AUC on {name}", charts.fmt_num(result.get("roc_auc")))
-        cols[1].metric("Accuracy", charts.fmt_num(result.get("accuracy")))
-        cols[2].metric("Sensitivity", charts.fmt_num(result.get("sensitivity")))
-        cols[3].metric("Specificity", charts.fmt_num(result.get("specificity")))
+        cols[0].metric(f"AUC on {external.name}", charts.fmt_num(external.roc_auc))
+        cols[1].metric("Accuracy", charts.fmt_num(external.accuracy))
+        cols[2].metric("Sensitivity", charts.fmt_num(external.sensitivity))
+        cols[3].metric("Specificity", charts.fmt_num(external.specificity))
         st.markdown(
-            f"{who} on **{result.get('n')} images of {name}**, a test set from outside its training data, at its "
+            f"{who} on **{external.n} images of {external.name}**, a test set from outside its training data, at its "
             f"own threshold. On the test part of its own split it scores AUC {charts.fmt_num(internal.get('roc_auc'))}"
             f" and accuracy {charts.fmt_num(internal.get('accuracy'))}: a split of one collection shares "
             "patients' hospital, scanners and image preparation with training, so it flatters every model; "
@@ -102,14 +103,14 @@ def honest_score() -> None:
             "optimistic: evaluate the run on a data set from elsewhere (the Evaluation page) for its honest score.")
 
 
-def subtype_score(who: str, external: dict, internal: dict) -> None:
+def subtype_score(who: str, external: Evaluation | None, internal: Mapping) -> None:
     """The honest-score block of a run that tells normal, bacterial and viral pneumonia apart."""
-    name, result = next(iter(external.items())) if external else ("its own test part", internal)
+    name, result = (external.name, external.figures) if external is not None else ("its own test part", internal)
     if not result:
         return
-    where = f"on {name}" if external else "(internal test)"
+    test_set = f"on {name}" if external is not None else "(internal test)"
     cols = st.columns(4)
-    cols[0].metric(f"Macro AUC {where}", charts.fmt_num(result.get("roc_auc")),
+    cols[0].metric(f"Macro AUC {test_set}", charts.fmt_num(result.get("roc_auc")),
                    help="The mean over the three classes of each class's one-vs-rest ROC AUC.")
     cols[1].metric("Accuracy (3 classes)", charts.fmt_num(result.get("accuracy")))
     cols[2].metric("Bacterial vs viral accuracy",
@@ -117,7 +118,7 @@ def subtype_score(who: str, external: dict, internal: dict) -> None:
                    help="Among the pneumonia images: Kermany et al. (2018) report 0.907.")
     cols[3].metric("Pneumonia vs normal AUC",
                    charts.fmt_num((result.get("pneumonia_vs_normal") or {}).get("roc_auc")))
-    if external:
+    if external is not None:
         st.markdown(
             f"{who} tells normal, bacterial and viral pneumonia apart. On **{result.get('n')} images of {name}**, "
             f"a test set from outside its training data, it predicts the most probable class. On the test part of "

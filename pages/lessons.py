@@ -541,7 +541,7 @@ def threshold_tradeoff(params: dict, ctx: checks.CheckContext) -> None:
                     line=dict(color=charts.CLASS_COLORS["PNEUMONIA"]))
     fig.add_scatter(x=curve["threshold"], y=curve["specificity"], mode="lines",
                     name="specificity (normal films cleared)", line=dict(color=charts.CLASS_COLORS["NORMAL"]))
-    threshold = run.metrics.get("threshold")
+    threshold = run.metrics.threshold
     if threshold is not None:
         fig.add_vline(x=float(threshold), line_dash="dot", annotation_text=f"its threshold {float(threshold):.2f}")
     fig.update_xaxes(title="threshold", range=[0, 1])

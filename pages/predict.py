@@ -47,7 +47,7 @@ def run_card(summary) -> float | None:
     a, b, c, d = st.columns(4)
     a.metric("Backbone", predictor.config.model.backbone)
     b.metric("Input size", f"{predictor.image_size} px")
-    if models.run_task(summary.path) == "subtype":
+    if not models.task_of(summary.path).uses_threshold:
         c.metric("Classes", "3", help="NORMAL, BACTERIA and VIRUS. A three-class run needs no threshold: each "
                                       "image is called the class with the highest probability.")
         honest_auc(d, summary, "macro AUC")
@@ -59,7 +59,7 @@ def run_card(summary) -> float | None:
                       "validation images (see the Evaluation page).")
         honest_auc(d, summary, "ROC AUC")
     engine = ("It runs on **LiteRT**, without TensorFlow, from the run's model.tflite."
-              if predictor.engine == "LiteRT" else
+              if predictor.engine.name == "LiteRT" else
               "It runs on **Keras/TensorFlow** (this run has no current model.tflite; "
               "`python -m cxr_core export --run RUN` writes one and makes the app lighter).")
     demo = "This is the shipped demo run; its model card in the run folder says what it was trained on. " \
@@ -104,7 +104,7 @@ def explained_uploads(summary, files, rows: list[dict], blank: dict):
 
 def result_rows(summary, files, opacity: float, threshold: float) -> list[dict]:
     """Classify every upload; each bad file gets its own one-line error and the rest go on."""
-    if models.run_task(summary.path) == "subtype":
+    if not models.task_of(summary.path).uses_threshold:
         return subtype_rows(summary, files, opacity)
     rows: list[dict] = []
     for i, name, gray, found in explained_uploads(summary, files, rows, {"probability": None, "label": None}):
@@ -198,7 +198,7 @@ else:
             rows = result_rows(summary, files, opacity, threshold)
             table = pd.DataFrame(rows)
             st.subheader("All results")
-            subtype = models.run_task(summary.path) == "subtype"
+            subtype = not models.task_of(summary.path).uses_threshold
             columns = ({c: st.column_config.ProgressColumn(f"P({c[2:]})", min_value=0.0, max_value=1.0, format="%.3f")
                         for c in SUBTYPE_COLUMNS} if subtype else
                        {"probability": st.column_config.ProgressColumn(

@@ -2,24 +2,22 @@
 import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core.core import metrics as evaluate
+from cxr_core.core import metrics as evaluate, settings
 from cxr_core.core.backbones import BACKBONES
-from cxr_core.core.config import (
-    BALANCE_STRATEGIES,
-    SPLIT_LABELS,
-    SPLIT_MODES,
-    RunConfig,
-)
+from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError
-from cxr_core.core.labels import TASK_CLASSES, TASKS, THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPES, apply_recipe
+from cxr_core.core.settings import Setting
+from cxr_core.core.tasks import TASKS, Task, get_task
 from cxr_core.data import plan, scan as data
 from cxr_core.hosting import job_queue, jobs, resources, workspaces
 from cxr_core.io import weights
@@ -41,18 +39,13 @@ STAGES = {"scan": "Reading the data set", "split": "Splitting", "extract": "Extr
           "cancelled": "Cancelled"}
 KEY_LIVE_STATE = "training_live_state"  # {run_dir: last state seen} so a finish refreshes the page once
 KEY_WATCHED = "training_watched_run"    # the run whose panel this session shows (kept after it ends)
-SIZES = [32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384]
 # A setting keeps its value across page switches and goes into this page's URL (a reload or a link keeps it).
+# Its label, help, range or options, starting value and session key are its row's in cxr_core.core.settings.
 PERSIST = session.KEEP
-# The widgets' own defaults (a value equal to its default stays out of the URL) and the number
-# widgets' ranges (a value filled in from a recipe or a run is brought inside them).
-FORM_DEFAULTS = {"train_epochs": 10, "train_batch": 32, "train_lr": 1e-3, "train_dropout": 0.5, session.KEY_LIMIT: 0,
-                 "train_ft_epochs": 3}
-FORM_RANGES = {"train_epochs": (0, 200), "train_ft_epochs": (0, 100), "train_dropout": (0.0, 0.9),
-               session.KEY_LIMIT: (0, 1_000_000)}
 
-
-KEY_WEIGHTS = "train_weights"              # the starting weights: "imagenet", "none", a file path or UPLOAD
+KEY_TASK = settings.find("data.task").session_key()
+KEY_BACKBONE = settings.find("model.backbone").session_key()
+KEY_WEIGHTS = settings.find("model.weights").session_key()  # "imagenet", "none", a file path or UPLOAD
 KEY_WEIGHTS_UPLOAD = "train_weights_upload"  # the uploader's key (+ a counter: a new key drops the held bytes)
 KEY_WEIGHTS_NOTE = "train_weights_note"      # what happened to the last upload, shown once
 KEY_WEIGHTS_CHOSEN = "train_weights_chosen"  # True once the person picked starting weights themselves
@@ -86,8 +79,8 @@ def _save_uploaded_weights(key: str) -> None:
     st.session_state[KEY_WEIGHTS_UPLOAD + "_n"] = st.session_state.get(KEY_WEIGHTS_UPLOAD + "_n", 0) + 1
 
 
-ALPHAS = [0.35, 0.5, 0.75, 1.0]  # MobileNetV2's widths that Keras has ImageNet weights for
-KEY_ALPHA_FREE = "train_alpha_free"  # the width slider while no weights file fixes it (ImageNet or None)
+ALPHAS = list(settings.find("model.alpha").options)  # MobileNetV2's widths that Keras has ImageNet weights for
+KEY_ALPHA_FREE = settings.find("model.alpha").session_key()  # the width while no weights file fixes it
 
 
 def _imagenet_alpha() -> float:
@@ -136,7 +129,7 @@ def weights_choice(column, backbone: str, size: int | None) -> str:
                           else "ImageNet (downloads once; needs internet)"),
              "none": "None (random: the whole network must learn)", UPLOAD: "Upload a weights file..."}
     choice = column.selectbox(
-        "Starting weights", options, key=KEY_WEIGHTS, **PERSIST,
+        settings.find("model.weights").label, options, key=KEY_WEIGHTS, **PERSIST,
         on_change=lambda: st.session_state.__setitem__(KEY_WEIGHTS_CHOSEN, True),
         format_func=lambda w: names.get(w) or f"File: {Path(w).name} ({by_path[w].source if w in by_path else 'file'})",
         help=weights_help(spec, alpha, size, operator))
@@ -162,26 +155,31 @@ def _fill_from_recipe() -> None:
         return
     task = (RECIPES[name].settings.get("data") or {}).get("task")
     if task in TASKS:  # a recipe made for one task chooses it; the others leave the choice alone
-        st.session_state["train_task"] = task
+        st.session_state[KEY_TASK] = task
     _fill_form(apply_recipe(RunConfig(), name))
 
 
+#: Choices that stay the person's: a recipe never sets them (``apply_recipe`` keeps them), so filling the form
+#: from one leaves their widgets alone.
+PERSONS_CHOICES = ("data.task", "model.backbone", "model.weights", "model.alpha")
+
+
+def form_state(config: RunConfig) -> dict:
+    """Session key -> widget value of every basic and advanced setting of ``config``, the image size for every
+    backbone (a backbone chosen afterwards keeps the config's size, not its own default)."""
+    values = settings.form_values(config, "advanced")
+    size = settings.find("model.image_size")
+    for name, spec in BACKBONES.items():
+        values.update(settings.form_values(config, "basic", backbone=name))
+        key = size.session_key(backbone=name)
+        values[key] = max(values[key], spec.min_size)  # a size this backbone cannot take becomes its smallest
+    return values
+
+
 def _fill_form(config: RunConfig) -> None:
-    """Put ``config``'s settings into the form's widgets (the image size for every backbone) and the
-    shared choices."""
-    values = {
-        "train_epochs": config.train.epochs, "train_batch": config.train.batch_size,
-        "train_lr": config.train.learning_rate, "train_ft_layers": config.train.fine_tune_layers,
-        "train_ft_epochs": config.train.fine_tune_epochs, "train_rule": config.train.threshold_rule,
-        "train_split": config.data.split, "train_balance": config.train.balance,
-        session.KEY_LIMIT: config.data.limit or 0, "train_dropout": config.model.dropout,
-    }
-    # Every backbone's size: a backbone chosen afterwards keeps the recipe's size, not its own default.
-    values.update({f"train_size_{name}": max(config.model.image_size or spec.default_size, spec.min_size)
-                   for name, spec in BACKBONES.items()})
-    for key, value in values.items():
-        low, high = FORM_RANGES.get(key, (value, value))
-        st.session_state[key] = min(max(value, low), high)
+    """Put ``config``'s settings into the form's widgets (not the person's own choices) and the shared choices."""
+    kept = {settings.find(name).session_key() for name in PERSONS_CHOICES}
+    st.session_state.update({key: value for key, value in form_state(config).items() if key not in kept})
     st.session_state[session.KEY_SPLIT] = config.data.split
     st.session_state[session.KEY_BALANCE] = config.train.balance
     st.session_state[session.KEY_AUGMENT] = asdict(config.augment)
@@ -193,7 +191,7 @@ def show_running_settings() -> None:
     """After a reload while a run trains, the form starts from that run's own settings (config.json)
     rather than the defaults; settings this session already has, or a link names, win."""
     active = jobs.active_run()
-    if active is None or "train_backbone" in st.session_state or any(k.startswith("train_") for k in st.query_params):
+    if active is None or KEY_BACKBONE in st.session_state or any(k.startswith("train_") for k in st.query_params):
         return
     try:
         config = RunFolder(active).read_config()
@@ -203,13 +201,14 @@ def show_running_settings() -> None:
     if backbone not in BACKBONES:
         return
     _fill_form(config)
-    st.session_state["train_task"] = config.data.task
-    st.session_state["train_backbone"] = backbone
+    values = settings.form_values(config, "basic", backbone=backbone)
+    for name in ("data.task", "model.backbone", "model.weights"):
+        key = settings.find(name).session_key()
+        st.session_state[key] = values[key]
     st.session_state[session.KEY_RECIPE] = config.train.recipe if config.train.recipe in RECIPES else ""
-    st.session_state[KEY_WEIGHTS] = config.model.weights
     st.session_state[KEY_WEIGHTS_CHOSEN] = True  # the running job's weights, not the default
-    if config.model.alpha in (0.35, 0.5, 0.75, 1.0):
-        st.session_state["train_alpha_free"] = config.model.alpha
+    if config.model.alpha in ALPHAS:
+        st.session_state[KEY_ALPHA_FREE] = config.model.alpha
     name = Path(config.data.data_dir).name
     if "dataset" not in st.query_params and name in datasets.list_datasets():
         st.session_state[session.KEY_DATASET] = name
@@ -236,184 +235,183 @@ def recipe_choice() -> str:
     return name
 
 
-def _initial(key: str) -> dict:
-    """A form widget's starting value: the default, unless the session already holds one (a recipe or a
-    running run's settings put it there), which a default beside it would conflict with."""
-    return {} if key in st.session_state else {"value": FORM_DEFAULTS[key]}
+def table_widget(column, row: Setting, context: Mapping[str, Any] | None = None, persist: bool = True,
+                 **overrides: Any) -> Any:
+    """Draw ``row``'s widget in ``column``: label, help, range or options, starting value and session key from
+    the table of settings (``context`` fills a per-backbone key); ``overrides`` replace what the page decides
+    itself. ``persist``: the value is kept across pages and in the URL (a shared choice has its own place)."""
+    kwargs = {**row.widget_kwargs(st.session_state, **(context or {})), **overrides}
+    return getattr(column, row.widget_call)(**kwargs, **(PERSIST if persist else {}))
 
 
-def _options(values: list, current) -> list:
-    """Slider options that include a value a recipe put into the form."""
-    return sorted(set(values) | ({current} if current is not None else set()))
-
-
-TASK_LABELS = {"pneumonia": "Normal / pneumonia", "subtype": "Normal / bacterial / viral"}
 WHY_SUBTYPE_IS_HARDER = (
     "Telling **bacterial from viral** pneumonia is harder than finding pneumonia: their patterns on a film "
     "overlap (dense lobar consolidation is typical of bacteria, diffuse patchy opacities on both sides of "
     "viruses, but many films show a mix or neither clearly), and the viral class is small, so the model sees "
     "few examples of it and is tempted to call every pneumonia bacterial. It is the question that decides "
     "antibiotics; Kermany et al. (2018) reached 90.7 % accuracy on it, against 92.8 % for pneumonia against normal.")
+#: Beside the task choice, per task (a task without a note shows its own help).
+TASK_NOTES = {
+    "pneumonia": "The reference task: NORMAL against PNEUMONIA, with a threshold chosen on validation. Choose three "
+                 "classes to tell bacterial from viral pneumonia too.",
+    "subtype": WHY_SUBTYPE_IS_HARDER,
+}
 
 
-def task_choice() -> str:
-    """What the run learns to tell apart, with why the three-class task is harder."""
+def task_section(manifest) -> tuple[Task, bool]:
+    """What the run learns to tell apart, with what that means; and whether the data set can teach it."""
+    st.markdown("**Task**")
     left, right = st.columns([1, 2])
-    task = left.selectbox("Classes to tell apart", TASKS, key="train_task", format_func=TASK_LABELS.get, **PERSIST,
-                          help="Two classes (is there pneumonia?), or three (normal, bacterial or viral: the subtype "
-                               "is read from the file names, as in person1_bacteria_1.jpeg).")
-    if task == "subtype":
-        right.markdown(WHY_SUBTYPE_IS_HARDER)
-    else:
-        right.caption("The reference task: NORMAL against PNEUMONIA, with a threshold chosen on validation. "
-                      "Choose three classes to tell bacterial from viral pneumonia too.")
-    return task
+    task = get_task(table_widget(left, settings.find("data.task")))
+    right.markdown(TASK_NOTES.get(task.name, task.help))
+    return task, not task.needs or manifest is None or task_check(manifest, task)
 
 
-def subtype_check(manifest) -> bool:
-    """For the subtype task: the class counts, or the one sentence that refuses a data set whose
-    file names carry no subtype. Returns True when the data set can be used."""
+def task_check(manifest, task: Task) -> bool:
+    """For a task that needs more than the label (the subtype, read from the file names): the class counts, or
+    the one sentence that refuses a data set without it. Returns True when the data set can be used."""
     try:
-        labelled = data.task_labels(manifest, "subtype")
+        labelled = data.task_labels(manifest, task.name)
     except CxrError as error:
         st.error(str(error), icon=":material/block:")
         return False
     counts = labelled["label"].value_counts()
-    st.caption("Classes of this data set: " + ", ".join(f"{int(counts.get(c, 0)):,} {c}"
-                                                        for c in TASK_CLASSES["subtype"]) + ".")
+    st.caption("Classes of this data set: " + ", ".join(f"{int(counts.get(c, 0)):,} {c}" for c in task.classes) + ".")
     return True
+
+
+def model_section() -> dict[str, Any]:
+    """The network: backbone, starting weights, image size, width and dropout (setting name -> value)."""
+    st.markdown("**Model**")
+    c1, c2, c3 = st.columns(3)
+    backbone = table_widget(c1, settings.find("model.backbone"))
+    spec = BACKBONES[backbone]
+    size_row = settings.find("model.image_size")
+    size_key = size_row.session_key(backbone=backbone)
+    weights_value = weights_choice(c2, backbone, st.session_state.get(size_key))
+    # The sizes this backbone takes, its own, and one a recipe or a run put into the form.
+    sizes = sorted({s for s in size_row.options if s >= spec.min_size} | {spec.default_size}
+                   | {st.session_state.get(size_key) or spec.default_size})
+    size = table_widget(c3, size_row, {"backbone": backbone}, options=sizes)
+    alpha = alpha_choice(c1, weights_value) if spec.supports_alpha else 1.0
+    dropout = table_widget(c2, settings.find("model.dropout"))
+    return {"model.backbone": backbone, "model.weights": weights_value, "model.image_size": size,
+            "model.alpha": alpha, "model.dropout": dropout}
+
+
+def alpha_choice(column, weights_value: str) -> float:
+    """MobileNetV2's width: free with ImageNet or random weights, fixed by a weights file (Keras names them
+    ..._<alpha>_<size>_no_top...), which then has a slider of its own."""
+    row = settings.find("model.alpha")
+    fixed = weights.alpha_of(Path(weights_value).name) if weights_value not in ("imagenet", "none", UPLOAD) else None
+    key = f"train_alpha_{fixed}" if fixed else KEY_ALPHA_FREE
+    # A value the session holds wins; a default beside it would be a conflict Streamlit warns about.
+    start = {} if fixed is None and key in st.session_state else {"value": fixed or row.form_start()}
+    return column.select_slider(row.label, ALPHAS, key=key, **start, disabled=fixed is not None, help=row.form_help,
+                                **PERSIST)
+
+
+#: The Training section's widgets, a line of columns each.
+TRAINING_LINES = (("train.epochs", "train.batch_size", "train.learning_rate"),
+                  ("train.fine_tune_layers", "train.fine_tune_epochs", "train.threshold_rule"))
+
+
+def training_section(task: Task) -> dict[str, Any]:
+    """Epochs, batch, learning rate, fine-tuning and the threshold rule (setting name -> value)."""
+    st.markdown("**Training**")
+    values = {}
+    for line in TRAINING_LINES:
+        for column, name in zip(st.columns(len(line)), line):
+            # A task whose label is its most probable class has no threshold to choose.
+            off = {"disabled": True} if name == "train.threshold_rule" and not task.uses_threshold else {}
+            values[name] = table_widget(column, settings.find(name), **off)
+    return values
+
+
+def balance_labels(task: Task) -> dict[str, str]:
+    """How the balance choice names its options for ``task``: augmentation adds images of the smaller classes."""
+    augment = (f"Augment {task.classes[0]} (reference)" if task.is_binary
+               else "Augment the smaller classes (reference)")
+    return {**settings.BALANCE_LABELS, "augment": augment}
+
+
+def shared_choice(column, name: str, shared_key: str, **overrides: Any) -> Any:
+    """A choice the sidebar and the other pages share (split, balance): it starts from the shared value and
+    writes back to it; the shared value, not this widget, goes into the URL."""
+    row = settings.find(name)
+    key = row.session_key()
+    st.session_state.setdefault(key, st.session_state.get(shared_key, row.form_start()))
+    return table_widget(column, row, persist=False, on_change=session.copy_state, args=(key, shared_key),
+                        **overrides)
+
+
+def data_section(task: Task) -> dict[str, Any]:
+    """The split, the balance, the quick-demo limit, and the augmentation chosen on its page."""
+    st.markdown("**Data**")
+    c1, c2, c3 = st.columns(3)
+    values = {"data.split": shared_choice(c1, "data.split", session.KEY_SPLIT),
+              "train.balance": shared_choice(c2, "train.balance", session.KEY_BALANCE,
+                                             format_func=balance_labels(task).get),
+              "data.limit": table_widget(c3, settings.find("data.limit"))}
+    aug = session.augment_config()
+    st.caption(
+        f"Augmentation from the Augmentation page: rotation ±{aug.rotation_range:g}°, "
+        f"flip {'on' if aug.horizontal_flip else 'off'}, "
+        f"brightness {aug.brightness_range[0]:g}–{aug.brightness_range[1]:g}, "
+        f"shifts {aug.width_shift:g}/{aug.height_shift:g}, zoom {aug.zoom:g}"
+        + (" (the reference)." if session.augment_is_default() else ".")
+    )
+    return values
+
+
+ADVANCED_COLUMNS = 3
+
+
+def advanced_section() -> dict[str, Any]:
+    """Every setting the table marks advanced, drawn from its row (a new row appears here by itself)."""
+    rows = settings.form_rows("advanced")
+    values = {}
+    with st.expander("Advanced settings", icon=":material/tune:"):
+        st.caption("Settings most runs leave as they are; a recipe fills them in. The ? beside each says what it "
+                   "does.")
+        for start in range(0, len(rows), ADVANCED_COLUMNS):
+            line = rows[start:start + ADVANCED_COLUMNS]
+            for column, row in zip(st.columns(ADVANCED_COLUMNS), line):
+                values[row.name] = table_widget(column, row)
+    return values
 
 
 def settings_form(has_official: bool, manifest=None) -> RunConfig | None:
     """The run settings; returns a RunConfig (None when the choices are invalid)."""
     recipe = recipe_choice()
     with st.container(border=True):
-        st.markdown("**Task**")
-        task = task_choice()
-        usable = task != "subtype" or manifest is None or subtype_check(manifest)
-        st.markdown("**Model**")
-        c1, c2, c3 = st.columns(3)
-        names = list(BACKBONES)
-        backbone = c1.selectbox("Backbone", names, index=names.index("inception_v3") if "inception_v3" in names else 0,
-                                format_func=lambda n: BACKBONES[n].label, key="train_backbone", **PERSIST,
-                                help="InceptionV3 at 299 px is the reference (about 8 images/s on a 2-core laptop: "
-                                     "the estimate below says how long); MobileNetV2 is several times faster.")
-        spec = BACKBONES[backbone]
-        weights_value = weights_choice(c2, backbone, st.session_state.get(f"train_size_{backbone}"))
-        sizes = sorted({s for s in SIZES if s >= spec.min_size} | {spec.default_size}
-                       | {st.session_state.get(f"train_size_{backbone}") or spec.default_size})
-        size_key = f"train_size_{backbone}"
-        # A value set in the session (a recipe, a running run's settings) wins; a default beside it would be
-        # a conflict Streamlit warns about.
-        start = {} if size_key in st.session_state else {"value": spec.default_size}
-        size = c3.select_slider("Image size (pixels)", sizes, key=size_key, **start, **PERSIST,
-                                help="Images are resized to a square of this side. Smaller is much faster "
-                                     "and loses fine detail.")
-        alpha = 1.0
-        if spec.supports_alpha:
-            # A weights file fits one width only; Keras names them ..._<alpha>_<size>_no_top...
-            fixed = (weights.alpha_of(Path(weights_value).name)
-                     if weights_value not in ("imagenet", "none", UPLOAD) else None)
-            alpha_key = f"train_alpha_{fixed if fixed else 'free'}"
-            start = {} if fixed is None and alpha_key in st.session_state else {"value": fixed or 1.0}
-            alpha = c1.select_slider("Width (alpha)", [0.35, 0.5, 0.75, 1.0], key=alpha_key, **start,
-                                     disabled=fixed is not None, **PERSIST,
-                                     help="MobileNetV2's width multiplier: 0.35 is about 8× smaller and faster. "
-                                          "A weights file fixes it.")
-        dropout = c2.slider("Dropout before the last layer", *FORM_RANGES["train_dropout"],
-                            **_initial("train_dropout"), step=0.05, key="train_dropout", **PERSIST,
-                            help="Randomly silences this share of features while training (0.5 in the reference), "
-                                 "which fights overfitting.")
-
-        st.markdown("**Training**")
-        c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Epochs", *FORM_RANGES["train_epochs"], **_initial("train_epochs"),
-                                 key="train_epochs", **PERSIST,
-                                 help="Passes over the training images for the head (fast: on cached features).")
-        batches = _options([8, 16, 32, 64, 128], st.session_state.get("train_batch"))
-        batch = c2.select_slider("Batch size", batches, **_initial("train_batch"), key="train_batch", **PERSIST)
-        rates = _options([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], st.session_state.get("train_lr"))
-        lr = c3.select_slider("Learning rate", rates, **_initial("train_lr"), key="train_lr",
-                              format_func=lambda v: f"{v:g}",
-                              **PERSIST)
-        c1, c2, c3 = st.columns(3)
-        layer_choices = [0, 10, 20, 40, 80, -1]
-        if st.session_state.get("train_ft_layers") not in (None, *layer_choices):
-            layer_choices.insert(-1, st.session_state["train_ft_layers"])
-        ft_layers = c1.selectbox("Fine-tune top layers", layer_choices, key="train_ft_layers", **PERSIST,
-                                 format_func=lambda n: {0: "none (frozen backbone)",
-                                                        -1: "all layers"}.get(n, f"top {n}"),
-                                 help="After the head, unfreeze this many top backbone layers and train on at a low "
-                                      "learning rate (1e-5). Slower: the images go through the backbone every epoch.")
-        ft_epochs = c2.number_input("Fine-tune epochs", *FORM_RANGES["train_ft_epochs"],
-                                    **_initial("train_ft_epochs"), key="train_ft_epochs", **PERSIST,
-                                    disabled=ft_layers == 0)
-        threshold_rule = c3.selectbox("Threshold rule", THRESHOLD_RULES, key="train_rule", **PERSIST,
-                                      disabled=task == "subtype",  # three classes: the most probable one
-                                      format_func={"youden": "Youden (balance both)",
-                                                   "sensitivity": "95 % sensitivity (screening)",
-                                                   "midpoint": "Midpoint (robust to a new site)"}.get,
-                                      help="How the decision threshold is chosen on the validation images: "
-                                           "Youden maximises sensitivity + specificity; the screening rule "
-                                           "takes the highest threshold that still finds 95 % of pneumonias; "
-                                           "the midpoint lies halfway between the two classes' typical scores, "
-                                           "so it moves less when images from elsewhere score differently.")
-
-        st.markdown("**Data**")
-        c1, c2, c3 = st.columns(3)
-        current_split = st.session_state.get(session.KEY_SPLIT, "random")
-        st.session_state.setdefault("train_split", current_split)
-        split = c1.selectbox("Split", SPLIT_MODES, key="train_split",  # the shared split: the sidebar follows
-                             on_change=session.copy_state, args=("train_split", session.KEY_SPLIT),
-                             format_func=SPLIT_LABELS.get,
-                             help="Chosen on the Dataset page by default. A random split by image lets one "
-                                  "patient's images land in training and test, which flatters the model.")
-        current_balance = st.session_state.get(session.KEY_BALANCE, "augment")
-        st.session_state.setdefault("train_balance", current_balance)
-        balance = c2.selectbox("Balance strategy", BALANCE_STRATEGIES,
-                               key="train_balance", on_change=session.copy_state,
-                               args=("train_balance", session.KEY_BALANCE),
-                               format_func={"augment": ("Augment the smaller classes (reference)" if task == "subtype"
-                                                        else "Augment NORMAL (reference)"),
-                                                                 "class_weight": "Class weights", "none": "None"}.get)
-        limit = c3.number_input("Quick demo: use only this many images (0 = all)", *FORM_RANGES[session.KEY_LIMIT],
-                                **_initial(session.KEY_LIMIT), step=50,
-                                key=session.KEY_LIMIT, **PERSIST,
-                                help="A stratified subset (same class shares) for a fast first run; at least 10.")
-        aug = session.augment_config()
-        st.caption(
-            f"Augmentation from the Augmentation page: rotation ±{aug.rotation_range:g}°, "
-            f"flip {'on' if aug.horizontal_flip else 'off'}, "
-            f"brightness {aug.brightness_range[0]:g}–{aug.brightness_range[1]:g}, "
-            f"shifts {aug.width_shift:g}/{aug.height_shift:g}, zoom {aug.zoom:g}"
-            + (" (the reference)." if session.augment_is_default() else ".")
-        )
-    if split == "official" and not has_official:
+        task, usable = task_section(manifest)
+        model = model_section()
+        training = training_section(task)
+        data_values = data_section(task)
+        advanced = advanced_section()
+    if data_values["data.split"] == "official" and not has_official:
         st.error("The official split needs the Kermany layout (train/val/test folders); this data set has none. "
                  "Choose the random or patient split.")
         return None
-    if weights_value == UPLOAD:
+    if model["model.weights"] == UPLOAD:
         st.info("Upload a weights file above, or choose other starting weights.")
         return None
     if not usable:
         return None
+    return build_config(recipe, {"data.task": task.name, **model, **training, **data_values, **advanced})
+
+
+def build_config(recipe: str, values: Mapping[str, Any]) -> RunConfig | None:
+    """The run the form describes: the recipe's settings (it gives what the form does not show), the data set
+    and the Augmentation page's choices, then the form's values (setting name -> widget value) over them."""
     path = datasets.dataset_path()
-    # The recipe gives every choice the form does not show (e.g. the fine-tuning learning rate);
-    # the form's values win for the rest.
     base = apply_recipe(RunConfig(), recipe) if recipe else RunConfig()
+    base = dataclasses.replace(base, data=dataclasses.replace(base.data, data_dir=str(path) if path else ""),
+                               augment=session.augment_config())
     try:
-        return RunConfig(
-            data=dataclasses.replace(base.data, data_dir=str(path) if path else "", split=split, task=task,
-                                     limit=int(limit) or None),
-            augment=aug,
-            model=dataclasses.replace(base.model, backbone=backbone, weights=weights_value, image_size=int(size),
-                                      alpha=float(alpha), dropout=float(dropout)),
-            train=dataclasses.replace(base.train, epochs=int(epochs), batch_size=int(batch), learning_rate=float(lr),
-                                      balance=balance, fine_tune_layers=int(ft_layers),
-                                      fine_tune_epochs=int(ft_epochs) if ft_layers else 0,
-                                      threshold_rule=threshold_rule),
-        )
-    except ValueError as error:
+        return settings.apply_form_values(base, values)
+    except CxrError as error:
         st.error(f"These settings cannot be used: {error}")
         return None
 
@@ -430,7 +428,8 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
     problem = None
     try:
         # A visitor's advice names no folder of the server (they could not place a file there anyway).
-        source = plan.preflight(config, probe=_imagenet_reachable, where="app" if access.is_operator() else "visitor")
+        source = plan.preflight(config, probe=_imagenet_reachable,
+                                audience="app" if access.is_operator() else "visitor")
     except CxrError as error:
         problem = str(error)
         st.error(problem, icon=":material/block:")
@@ -561,7 +560,6 @@ def render_run(run_dir: Path) -> str:
     """Progress, curves and status of one run; returns its state."""
     status = runs.read_status(run_dir)
     state = status["state"]
-    progress = runs.read_progress(run_dir)
     with st.container(border=True):
         head, button = st.columns([4, 1], vertical_alignment="center")
         head.markdown(f"#### Run `{run_dir.name}`")
@@ -574,35 +572,9 @@ def render_run(run_dir: Path) -> str:
                                        "process there rewrites its heartbeat file regularly; a run not heard "
                                        "from for a few minutes reads as failed.")
         if state == "running":
-            st.progress(float(progress.get("fraction") or 0.0), text=progress_text(progress))
-            if progress.get("message"):
-                st.caption(progress["message"])
-            note = st.empty()
-            # The cancel request is a file in the run folder, so every session sees it.
-            cancelling = RunFolder(run_dir).cancel_requested()
-            if not cancelling and access.can_change_run(run_dir):  # a visitor cancels only their own runs
-                with button.popover("Cancel", icon=":material/stop:"):
-                    st.markdown("Stop this run? It ends as cancelled, without a model.")
-                    if st.button("Yes, stop it", type="primary", key=f"cancel_confirm_{run_dir.name}"):
-                        jobs.request_cancel(run_dir)
-                        access.record("cancel", run_dir.name)
-                        cancelling = True
-            if cancelling:
-                note.info("Cancelling: the job stops after the current batch.", icon=":material/hourglass_top:")
+            running_panel(run_dir, button)
         elif state == "queued":
-            place, waiting = job_queue.place(run_dir), len(job_queue.waiting())
-            st.info(f"Waiting in the queue: place {place or '?'} of {waiting}. It starts by itself when a place "
-                    "frees; you can leave this page meanwhile.", icon=":material/hourglass_top:")
-            if access.can_change_run(run_dir):
-                with button.popover("Withdraw", icon=":material/remove_circle:"):
-                    st.markdown("Take this run out of the queue? It is removed without training.")
-                    if st.button("Yes, withdraw it", type="primary", key=f"withdraw_confirm_{run_dir.name}"):
-                        if job_queue.withdraw(run_dir):
-                            access.record("withdraw", run_dir.name)
-                            for key in (KEY_WATCHED, session.KEY_LAUNCHED):
-                                if st.session_state.get(key) == str(run_dir):
-                                    st.session_state.pop(key, None)
-                        st.rerun(scope="app")
+            queued_panel(run_dir, button)
         elif state == "done":
             st.success(f"Finished: {status.get('message', 'done')}.", icon=":material/check_circle:")
             st.session_state[session.KEY_RUN] = str(run_dir)
@@ -619,6 +591,49 @@ def render_run(run_dir: Path) -> str:
     return state
 
 
+def running_panel(run_dir: Path, button) -> None:
+    """A running run's progress, and its Cancel confirmation (in ``button``'s column) for who may cancel it."""
+    progress = runs.read_progress(run_dir)
+    st.progress(float(progress.get("fraction") or 0.0), text=progress_text(progress))
+    if progress.get("message"):
+        st.caption(progress["message"])
+    note = st.empty()
+    # The cancel request is a file in the run folder, so every session sees it.
+    cancelling = RunFolder(run_dir).cancel_requested()
+    if not cancelling and access.can_change_run(run_dir):  # a visitor cancels only their own runs
+        with button.popover("Cancel", icon=":material/stop:"):
+            st.markdown("Stop this run? It ends as cancelled, without a model.")
+            if st.button("Yes, stop it", type="primary", key=f"cancel_confirm_{run_dir.name}"):
+                jobs.request_cancel(run_dir)
+                access.record("cancel", run_dir.name)
+                cancelling = True
+    if cancelling:
+        note.info("Cancelling: the job stops after the current batch.", icon=":material/hourglass_top:")
+
+
+def queued_panel(run_dir: Path, button) -> None:
+    """A waiting run's place in the queue, and its Withdraw confirmation for who may withdraw it."""
+    place, waiting = job_queue.place(run_dir), len(job_queue.waiting())
+    st.info(f"Waiting in the queue: place {place or '?'} of {waiting}. It starts by itself when a place "
+            "frees; you can leave this page meanwhile.", icon=":material/hourglass_top:")
+    if access.can_change_run(run_dir):
+        with button.popover("Withdraw", icon=":material/remove_circle:"):
+            st.markdown("Take this run out of the queue? It is removed without training.")
+            if st.button("Yes, withdraw it", type="primary", key=f"withdraw_confirm_{run_dir.name}"):
+                if job_queue.withdraw(run_dir):
+                    access.record("withdraw", run_dir.name)
+                    for key in (KEY_WATCHED, session.KEY_LAUNCHED):
+                        if st.session_state.get(key) == str(run_dir):
+                            st.session_state.pop(key, None)
+                st.rerun(scope="app")
+
+
+def class_count(task_name: str) -> int:
+    """How many classes a run's task tells apart (two for a task this version does not know)."""
+    task = TASKS.get(task_name)
+    return len(task.classes) if task is not None else 2
+
+
 NO_CURVES = {"running": "Curves appear after the first epoch.",
              "queued": "Curves appear once it has started and finished its first epoch.",
              "failed": "No curves: the run failed before its first epoch ended.",
@@ -632,7 +647,8 @@ def curves(history: pd.DataFrame, key: str, state: str = "running", task: str = 
     history = history.reset_index(drop=True)
     x = list(range(1, len(history) + 1))
     columns = st.columns(3)
-    auc_title = "Macro ROC AUC (3 classes)" if task == "subtype" else "ROC AUC"
+    classes = class_count(task)
+    auc_title = "ROC AUC" if classes == 2 else f"Macro ROC AUC ({classes} classes)"
     for column, (metric, title) in zip(columns, [("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", auc_title)]):
         fig = go.Figure()
         if metric in history:
@@ -733,7 +749,8 @@ def job_owner(job) -> str:
     return workspaces.owner_of(job.run_dir) or ""
 
 
-KEY_DELETE_POPOVER = "train_delete_popover"  # the delete confirmation's open state
+KEY_DELETE_POPOVER = "train_delete_popover"  # the delete confirmation (+ "_<deletes so far>")
+KEY_DELETES = "train_deletes"                # confirmations answered in this session
 KEY_DELETE_NOTE = "train_delete_note"        # what the last delete did, shown once
 KEY_DELETED = "train_deleted_run"            # the run this session deleted last
 
@@ -750,9 +767,9 @@ def past_runs() -> None:
     table = pd.DataFrame([{**s.as_row(), "demo": s.is_demo} for s in summaries])
     if access.hosted():  # whose run it is: shared (the operator's), yours, or another visitor's workspace
         table.insert(1, "owner", [access.runs_owner_label(s.owner) for s in summaries])
-    tasks = [models.run_task(s.path) for s in summaries]
-    if "subtype" in tasks:  # a subtype run's AUCs are macro AUCs over three classes: say which runs those are
-        table.insert(1, "task", ["3 classes" if t == "subtype" else "2 classes" for t in tasks])
+    classes = [class_count(models.run_task(s.path)) for s in summaries]
+    if any(n != 2 for n in classes):  # such a run's AUCs are macro AUCs over its classes: say which runs those are
+        table.insert(1, "task", [f"{n} classes" for n in classes])
     # The figures that tell runs apart first; the table scrolls sideways to the rest, the run pinned.
     first = ["run", "owner", "status", "task", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split",
              "images"]
@@ -767,8 +784,10 @@ def past_runs() -> None:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         choice = left.selectbox("Delete a run", list(by_path), key="train_delete_choice",
                                 format_func=lambda p: f"{by_path[p].run_id} ({by_path[p].state})")
-        # Its open state is kept (on_change), so that a delete can close it.
-        with right.popover("Delete...", icon=":material/delete:", key=KEY_DELETE_POPOVER, on_change="rerun"):
+        # A new confirmation, drawn closed, after each answer: an open one the browser still shows then (a double
+        # click) is not reopened by its second click.
+        popover_key = f"{KEY_DELETE_POPOVER}_{st.session_state.get(KEY_DELETES, 0)}"
+        with right.popover("Delete...", icon=":material/delete:", key=popover_key, on_change="rerun"):
             run_id = by_path[choice].run_id
             st.markdown(f"Delete `{run_id}` and its model for good?")
             # Bound to the run it names: a second click on this confirmation never reaches another run.
@@ -787,7 +806,7 @@ def show_note(note: tuple[str, str]) -> None:
 def delete_confirmed(path: str, run_id: str) -> None:
     """The confirm button's callback: delete the run the confirmation named, if it still exists and may
     be deleted, then close the confirmation and say what happened."""
-    st.session_state[KEY_DELETE_POPOVER] = False
+    st.session_state[KEY_DELETES] = st.session_state.get(KEY_DELETES, 0) + 1
     target = next((s for s in models.all_runs() if str(s.path) == path), None)
     if target is None or not Path(path).is_dir():  # gone: a double click's second click, or another session
         st.session_state[KEY_DELETE_NOTE] = (

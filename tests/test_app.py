@@ -383,6 +383,7 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run, mo
     import streamlit
 
     from cxr_core.inference.predictor import Predictor
+    from cxr_core.io.images import load_gray
 
     downloads = []
     real_download_button = streamlit.download_button
@@ -407,7 +408,7 @@ def test_predict_page_classifies_uploads_and_reports_a_bad_file(finished_run, mo
     assert list(table["file"]) == ["chest.png", "broken.jpg"]
     # The page shows what the run's own Predictor says about the same bytes.
     reference = Predictor.from_run(finished_run)
-    expected = reference.predict_bytes(png_bytes(True), "chest.png")["probability"]
+    expected = reference.predict([load_gray(png_bytes(True), "chest.png")])[0].probability
     expected_label = "PNEUMONIA" if expected >= reference.threshold else "NORMAL"
     assert float(table.loc[0, "probability"]) == pytest.approx(expected, abs=2e-4)
     assert table.loc[0, "label"] == expected_label
@@ -443,9 +444,10 @@ def test_predict_page_uses_the_shipped_demo_run_by_default(monkeypatch):
     render(at, None, "predict (demo, 1 upload)")
     table = at.dataframe[0].value
     from cxr_core.inference.predictor import Predictor
+    from cxr_core.io.images import load_gray
 
     demo = Predictor.from_run(runs.DEMO_RUN_DIR)
-    expected = demo.predict_bytes(png_bytes(True), "chest.png")["probability"]
+    expected = demo.predict([load_gray(png_bytes(True), "chest.png")])[0].probability
     assert float(table.loc[0, "probability"]) == pytest.approx(expected, abs=2e-4)
     assert table.loc[0, "label"] == ("PNEUMONIA" if expected >= demo.threshold else "NORMAL")
 
@@ -464,7 +466,8 @@ def normal_png(lungs: int = 40, chest: int = 230) -> bytes:
 def test_predict_page_says_what_the_map_of_each_result_shows(monkeypatch):
     """A NORMAL result shows the evidence for NORMAL (not a blank square), with a line saying so; a map
     with nothing in it is replaced by one line."""
-    from cxr_core.inference.predictor import EMPTY_MAP_CAPTIONS, MAP_CAPTIONS, Predictor
+    from cxr_core.inference.predictor import Predictor, map_caption
+    from cxr_core.io.images import load_gray
     from cxr_core.runs import registry as runs
     from cxr_core.runs.run_folder import RunFolder
 
@@ -472,8 +475,8 @@ def test_predict_page_says_what_the_map_of_each_result_shows(monkeypatch):
     if not RunFolder(runs.DEMO_RUN_DIR).has_model():
         pytest.skip("no demo run in artifacts/")
     demo = Predictor.from_run(runs.DEMO_RUN_DIR)
-    assert demo.predict_bytes(normal_png(), "normal.png")["label"] == "NORMAL"
-    assert demo.predict_bytes(png_bytes(True), "chest.png")["label"] == "PNEUMONIA"
+    assert demo.predict([load_gray(normal_png(), "normal.png")])[0].label == "NORMAL"
+    assert demo.predict([load_gray(png_bytes(True), "chest.png")])[0].label == "PNEUMONIA"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     render(at, None, "router")
     render(at, "pages/predict.py", "predict (demo run)")
@@ -483,20 +486,20 @@ def test_predict_page_says_what_the_map_of_each_result_shows(monkeypatch):
     assert list(at.dataframe[0].value["label"]) == ["NORMAL", "PNEUMONIA"]
     captions = [c.value for c in at.caption]
     assert captions.count("Highlighted: regions that lowered the pneumonia score (evidence for NORMAL).") == 1
-    assert captions.count(MAP_CAPTIONS["PNEUMONIA"]) == 1
+    assert captions.count(map_caption("PNEUMONIA")) == 1
     assert len(at.image) == 4  # each X-ray and its overlay
     assert not at.info
 
     # No region holds evidence for the label: one line instead of an empty overlay.
-    real = Predictor.explanations
+    real = Predictor.explain
 
     def without_evidence(self, grays, target=None):
         return [dataclasses.replace(e, heatmap=np.zeros_like(e.heatmap)) for e in real(self, grays, target)]
 
-    monkeypatch.setattr(Predictor, "explanations", without_evidence)
+    monkeypatch.setattr(Predictor, "explain", without_evidence)
     at.file_uploader(key="predict_upload").set_value([("flat.png", normal_png(30, 255), "image/png")])
     render(at, None, "predict (demo, a map without evidence)")
-    assert [i.value for i in at.info] == [EMPTY_MAP_CAPTIONS["NORMAL"]]
+    assert [i.value for i in at.info] == [map_caption("NORMAL", empty=True)]
     assert len(at.image) == 1  # the X-ray only
 
 
@@ -737,12 +740,12 @@ def _blocks(node):
         yield from _blocks(child)
 
 
-def _popover_open(at: AppTest, key: str) -> bool:
-    """Whether the popover with ``key`` is drawn open."""
+def _popover_open(at: AppTest, label: str) -> bool:
+    """Whether the popover with ``label`` is drawn open."""
     protos = [getattr(b, "proto", None) for b in _blocks(at.main)]
     found = [p.popover for p in protos
-             if type(p).__name__ == "Block" and p.HasField("popover") and p.popover.id.endswith(key)]
-    assert len(found) == 1, f"no popover {key}"
+             if type(p).__name__ == "Block" and p.HasField("popover") and p.popover.label == label]
+    assert len(found) == 1, f"no popover {label}"
     return found[0].open
 
 
@@ -757,9 +760,9 @@ def test_deleting_a_run_deletes_the_run_it_named_closes_the_confirmation_and_say
     render(at, None, "router")
     render(at, "pages/training.py", "training (three runs)")
     named = Path(at.selectbox(key="train_delete_choice").value).name
-    at.session_state["train_delete_popover"] = True  # the person opened the confirmation
+    at.session_state["train_delete_popover_0"] = True  # the person opened the confirmation
     render(at, None, "training (confirmation open)")
-    assert _popover_open(at, "train_delete_popover")
+    assert _popover_open(at, "Delete...")
     assert f"Delete `{named}` and its model for good?" in [m.value for m in at.markdown]
     confirm = at.button(key=f"train_delete_confirm_{named}")
     confirm.click().run(timeout=TIMEOUT)
@@ -767,7 +770,7 @@ def test_deleting_a_run_deletes_the_run_it_named_closes_the_confirmation_and_say
     left = sorted(p.name for p in Path(os.environ["CXR_RUNS_DIR"]).iterdir() if p.name.startswith("run-"))
     assert left == sorted({"run-a", "run-b", "run-c"} - {named})
     assert f"Deleted run {named} and its model." in [s.value for s in at.success]
-    assert not _popover_open(at, "train_delete_popover")
+    assert not _popover_open(at, "Delete...")
     # What is offered now names another run, and its button is that run's.
     other = Path(at.selectbox(key="train_delete_choice").value).name
     assert [b.key for b in at.button if str(b.key).startswith("train_delete_confirm")] == [

@@ -230,10 +230,12 @@ def test_predict_page_shows_three_probabilities_and_writes_one_column_per_class(
     # The predictor the page loaded (cached per process), so the model is loaded once.
     predictor = models.load_predictor(run)
     assert isinstance(predictor, Predictor) and predictor.classes == CLASSES
-    expected = predictor.predict_bytes(png_bytes(True), "chest.png")
+    from cxr_core.io.images import load_gray
+
+    (expected,) = predictor.predict([load_gray(png_bytes(True), "chest.png")])
     bars = [p.proto.text for p in at.get("progress")]
-    assert bars == [f"{c}: {expected['probabilities'][c]:.1%}" for c in CLASSES]
-    label = expected["label"]
+    assert bars == [f"{c}: {expected.probabilities[c]:.1%}" for c in CLASSES]
+    label = expected.label
     assert any(m.value.startswith("#### :") and m.value.endswith(f"[{label}]") for m in at.markdown)
     # The map explains the predicted class and says so (or says in one line that it holds nothing).
     said = [c.value for c in at.caption] + [i.value for i in at.info]
@@ -243,8 +245,8 @@ def test_predict_page_shows_three_probabilities_and_writes_one_column_per_class(
     assert list(csv.columns) == ["file", "p_NORMAL", "p_BACTERIA", "p_VIRUS", "label", "error", "run"]
     assert list(csv["file"]) == ["chest.png", "broken.jpg"]
     for c in CLASSES:
-        assert csv.loc[0, f"p_{c}"] == pytest.approx(expected["probabilities"][c], abs=2e-4)
-    assert csv.loc[0, "label"] == expected["label"] and pd.isna(csv.loc[1, "p_VIRUS"])
+        assert csv.loc[0, f"p_{c}"] == pytest.approx(expected.probabilities[c], abs=2e-4)
+    assert csv.loc[0, "label"] == expected.label and pd.isna(csv.loc[1, "p_VIRUS"])
 
 
 @pytest.mark.slow  # builds or loads models: seconds

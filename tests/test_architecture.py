@@ -124,8 +124,31 @@ def test_tensorflow_only_in_the_engine_streamlit_never_in_the_core():
             assert not heavy, f"{name} imports {heavy} at module level"
 
 
+def _engine_modules_that_load_tensorflow() -> set[str]:
+    """The engine modules that import TensorFlow or Keras at module level, directly or through another."""
+    engine = {name: path for name, path in _core_modules().items() if _layer(name) == LAYERS.index("engine")}
+    top = {name: _imports(path, top_level_only=True) for name, path in engine.items()}
+    heavy = {name for name, found in top.items() if any(m.split(".")[0] in HEAVY for m in found)}
+    while True:
+        more = {name for name, found in top.items() if found & heavy} - heavy
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def test_outside_the_engine_tensorflow_modules_are_imported_inside_functions_only():
+    """A light process (the app with a LiteRT export, the CLI's help) imports no engine module that loads
+    TensorFlow: outside the engine such a module is imported inside the function that needs it."""
+    heavy = _engine_modules_that_load_tensorflow()
+    assert {"cxr_core.engine.model", "cxr_core.engine.keras_runner", "cxr_core.engine.export"} <= heavy
+    assert "cxr_core.engine.litert" not in heavy  # the export's format, read by every predictor
+    for name, path in _core_modules().items():
+        if _layer(name) != LAYERS.index("engine"):
+            assert not _imports(path, top_level_only=True) & heavy, name
+
+
 def test_pages_never_import_tensorflow_nor_the_engine_at_module_level():
-    heavy_engine = {"cxr_core.engine.train", "cxr_core.engine.model", "cxr_core.engine.features"}
+    heavy_engine = _engine_modules_that_load_tensorflow()
     for path in PAGES:
         everywhere = _imports(path)
         assert not {m for m in everywhere if m.split(".")[0] in HEAVY}, path

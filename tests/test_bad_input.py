@@ -414,8 +414,8 @@ def test_config_from_an_older_version_still_loads(run_copy, tiny_run):
     assert predictor.config.model.backbone == "mobilenet_v2" and predictor.image_size == 32
     assert predictor.threshold == 0.5
     # The same network as the run with the current config.json: the same probability.
-    current = Predictor.from_run(tiny_run).predict_gray(badfiles.gradient(48, 48))
-    assert predictor.predict_gray(badfiles.gradient(48, 48)) == pytest.approx(current, abs=1e-6)
+    current = Predictor.from_run(tiny_run).predict([badfiles.gradient(48, 48)])[0].probability
+    assert predictor.predict([badfiles.gradient(48, 48)])[0].probability == pytest.approx(current, abs=1e-6)
     # A config.json with no version key at all reads as version 0 too.
     del legacy["version"]
     (run_copy / "config.json").write_text(json.dumps(legacy))

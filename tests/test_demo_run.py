@@ -42,10 +42,11 @@ def test_demo_run_predicts_and_explains(demo):
     predictor = Predictor.from_run(demo)
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (300, 260), dtype=np.uint8)
-    probability, heatmap = predictor.explain(gray)
-    assert probability == pytest.approx(predictor.predict_gray(gray), abs=1e-6)
+    (found,) = predictor.explain([gray])
+    probability, heatmap = found.probability, found.heatmap
+    assert probability == pytest.approx(predictor.predict([gray])[0].probability, abs=1e-6)
     assert heatmap.shape == gray.shape and 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
-    np.testing.assert_allclose(heatmap, predictor.gradcam(gray), atol=1e-5)
+    np.testing.assert_allclose(heatmap, predictor.explain([gray])[0].heatmap, atol=1e-5)
 
 
 def test_demo_run_separates_real_images(demo, shared_dir):
@@ -71,11 +72,12 @@ def test_demo_run_ships_a_current_litert_export(demo):
     assert litert.lite_status(demo) is None
     lite = Predictor.from_run(demo)
     keras_ = Predictor.from_run(demo, engine="keras")
-    assert lite.engine == "LiteRT"
+    assert lite.engine.name == "LiteRT"
     rng = np.random.default_rng(1)
     grays = [rng.integers(0, 255, (200 + 10 * i, 180), dtype=np.uint8) for i in range(4)]
-    p_lite, maps_lite = lite.explain_batch(grays)
-    p_keras, maps_keras = keras_.explain_batch(grays)
+    found_lite, found_keras = lite.explain(grays), keras_.explain(grays)
+    p_lite, maps_lite = np.array([e.probability for e in found_lite]), [e.heatmap for e in found_lite]
+    p_keras, maps_keras = np.array([e.probability for e in found_keras]), [e.heatmap for e in found_keras]
     np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
     for a, b in zip(maps_lite, maps_keras):
         np.testing.assert_allclose(a, b, atol=1e-4)

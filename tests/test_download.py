@@ -22,9 +22,9 @@ from cxr_core.data.download import (
     download_file,
     download_kermany,
     safe_extract_zip,
-    sha256_file,
 )
 from cxr_core.data.scan import scan_dataset
+from cxr_core.io.hashing import file_sha256
 
 PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -346,7 +346,11 @@ def test_download_kermany_with_a_wrong_checksum(tmp_path: Path):
     assert not (tmp_path / "data" / "kermany").exists()
 
 
-def test_sha256_file(tmp_path: Path):
+def test_file_sha256_of_a_file_that_grows_is_read_again(tmp_path: Path):
+    # The download checks its partial file with hashing.file_sha256, which memoises by path, size and time.
     path = tmp_path / "p.bin"
-    path.write_bytes(PAYLOAD)
-    assert sha256_file(path, chunk=777) == PAYLOAD_SHA
+    path.write_bytes(PAYLOAD[:1000])
+    assert file_sha256(path) == hashlib.sha256(PAYLOAD[:1000]).hexdigest()
+    with open(path, "ab") as handle:
+        handle.write(PAYLOAD[1000:])
+    assert file_sha256(path) == PAYLOAD_SHA

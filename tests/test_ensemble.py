@@ -76,7 +76,9 @@ def _member(root: Path, name: str, cfg: ModelConfig, seed: int, state: str = "do
     folder.write_metrics({"threshold": 0.45, "threshold_rule": "youden"})
     folder.save_model(model)
     if export:
-        litert.export_classifier(model, folder.path)
+        from cxr_core.engine.export import export_classifier
+
+        export_classifier(model, folder.path)
     folder.write_status(state, message=state)
     return folder.path
 
@@ -110,10 +112,12 @@ def test_probability_is_the_mean_of_the_members(members, ensemble_run, engine):
         pytest.skip("ai-edge-litert is not installed")
     grays = _images(6, seed=2)
     ensemble = Predictor.from_run(ensemble_run, engine=engine)
-    member_probs = np.array([Predictor.from_run(m, engine=engine).predict_grays(grays) for m in members])
+    member_probs = np.array([[e.probability for e in Predictor.from_run(m, engine=engine).predict(grays)]
+                             for m in members])
     assert np.ptp(member_probs[0]) > 1e-3 and np.abs(member_probs[0] - member_probs[1]).max() > 1e-3
-    np.testing.assert_allclose(ensemble.predict_grays(grays), member_probs.mean(axis=0), atol=1e-5)
-    probs, maps = ensemble.explain_batch(grays)
+    np.testing.assert_allclose([e.probability for e in ensemble.predict(grays)], member_probs.mean(axis=0), atol=1e-5)
+    found = ensemble.explain(grays)
+    probs, maps = np.array([e.probability for e in found]), [e.heatmap for e in found]
     np.testing.assert_allclose(probs, member_probs.mean(axis=0), atol=1e-5)
     assert all(m.shape == g.shape for m, g in zip(maps, grays))
 
@@ -123,17 +127,19 @@ def test_probability_is_the_mean_of_the_members(members, ensemble_run, engine):
 def test_litert_and_keras_agree_on_probabilities_and_heatmaps(ensemble_run):
     lite = Predictor.from_run(ensemble_run)
     keras_ = Predictor.from_run(ensemble_run, engine="keras")
-    assert (lite.engine, keras_.engine) == ("LiteRT", "Keras")
+    assert (lite.engine.name, keras_.engine.name) == ("LiteRT", "Keras")
     grays = _images(5)
-    p_lite, maps_lite = lite.explain_batch(grays)
-    p_keras, maps_keras = keras_.explain_batch(grays)
+    found_lite, found_keras = lite.explain(grays), keras_.explain(grays)
+    p_lite, maps_lite = np.array([e.probability for e in found_lite]), [e.heatmap for e in found_lite]
+    p_keras, maps_keras = np.array([e.probability for e in found_keras]), [e.heatmap for e in found_keras]
     assert np.ptp(p_keras) > 1e-3
     np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
     assert any(np.ptp(m) > 0.1 for m in maps_keras)
     for a, b in zip(maps_lite, maps_keras):
         np.testing.assert_allclose(a, b, atol=1e-4)
     for target in ("PNEUMONIA", "NORMAL"):  # both classes' maps, whatever each image's label
-        maps_lite, maps_keras = lite.gradcam_batch(grays, target), keras_.gradcam_batch(grays, target)
+        maps_lite = [e.heatmap for e in lite.explain(grays, target)]
+        maps_keras = [e.heatmap for e in keras_.explain(grays, target)]
         assert any(np.ptp(m) > 0.1 for m in maps_keras)
         for a, b in zip(maps_lite, maps_keras):
             np.testing.assert_allclose(a, b, atol=1e-4)
@@ -142,8 +148,10 @@ def test_litert_and_keras_agree_on_probabilities_and_heatmaps(ensemble_run):
 @pytest.mark.slow
 def test_heatmap_is_the_gradient_weighted_sum_of_the_members_maps(members, ensemble_run):
     batch = np.stack([to_model_input(g, SIZE) for g in _images(4, seed=9)]).astype(np.float32)
-    logits, raw = Predictor.from_run(ensemble_run, engine="keras")._engine.explain(batch)
-    member_logits, member_maps = zip(*(Predictor.from_run(m, engine="keras")._engine.explain(batch) for m in members))
+    logits, raw = Predictor.from_run(ensemble_run, engine="keras").engine.explain(batch)
+    logits = logits[:, 0]  # the engine's logits are (n, 1): the one logit of each image
+    member_logits, member_maps = zip(*(Predictor.from_run(m, engine="keras").engine.explain(batch) for m in members))
+    member_logits = [z[:, 0] for z in member_logits]
     s = sigmoid(np.array(member_logits))  # (members, n)
     p = s.mean(axis=0)
     weights = s * (1 - s) / (len(members) * p * (1 - p))
@@ -180,7 +188,7 @@ def test_combine_maps_resizes_to_the_largest_grid():
 def test_folder_records_members_recipe_and_threshold(tiny_members, tmp_path):
     run = make_ensemble(tiny_members, out_dir=tmp_path / "ens")
     folder = RunFolder(run)
-    assert folder.read_members() == [Path(m).resolve() for m in tiny_members]
+    assert folder.is_ensemble()  # what reads members.json: an ensemble is refused as a member of another
     assert json.loads((run / "members.json").read_text())["members"] == [str(Path(m).resolve()) for m in tiny_members]
     config = folder.read_config()
     assert config.train.recipe == "ensemble" and config.model == TINY_MODEL
@@ -311,15 +319,20 @@ def test_different_backbones_combine_their_maps_on_the_largest_grid(tmp_path):
     grays = _images(4, seed=4)
     keras_ = Predictor.from_run(run, engine="keras")
     batch = np.stack([to_model_input(g, size) for g in grays]).astype(np.float32)
-    logits, raw = keras_._engine.explain(batch)
+    logits, raw = keras_.engine.explain(batch)
+    logits = logits[:, 0]  # the engine's logits are (n, 1): the one logit of each image
     assert raw.shape == (4, 3, 3, 2)
-    member_probs = np.array([Predictor.from_run(m, engine="keras").predict_grays(grays) for m in parts])
+    member_probs = np.array([[e.probability for e in Predictor.from_run(m, engine="keras").predict(grays)]
+                             for m in parts])
     np.testing.assert_allclose(sigmoid(logits), member_probs.mean(axis=0), atol=1e-5)
     if LITE:
-        litert.export_run(run)
+        from cxr_core.engine.export import export_run
+
+        export_run(run)
         lite = Predictor.from_run(run, engine="litert")
-        p_lite, maps_lite = lite.explain_batch(grays)
-        p_keras, maps_keras = keras_.explain_batch(grays)
+        found_lite, found_keras = lite.explain(grays), keras_.explain(grays)
+        p_lite, maps_lite = np.array([e.probability for e in found_lite]), [e.heatmap for e in found_lite]
+        p_keras, maps_keras = np.array([e.probability for e in found_keras]), [e.heatmap for e in found_keras]
         np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
         for a, b in zip(maps_lite, maps_keras):
             np.testing.assert_allclose(a, b, atol=1e-4)

@@ -275,7 +275,7 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
     data, root, previous = previous_run
     before = snapshot(previous)
     probe = np.full((40, 40), 90, np.uint8)
-    answer_before = Predictor.from_run(previous).predict_gray(probe)
+    answer_before = Predictor.from_run(previous).predict([probe])[0].probability
     if target == "model.keras":
         def full_save(_self, filepath, *_args, **_kwargs):
             with open(filepath, "wb") as handle:
@@ -313,7 +313,7 @@ def test_disk_full_while_writing_a_run(previous_run, monkeypatch, target):
     assert snapshot(previous) == before
     assert runs.read_status(previous)["state"] == "done"
     monkeypatch.undo()
-    assert Predictor.from_run(previous).predict_gray(probe) == pytest.approx(answer_before, abs=1e-6)
+    assert Predictor.from_run(previous).predict([probe])[0].probability == pytest.approx(answer_before, abs=1e-6)
 
 
 def test_disk_full_in_the_feature_cache_only_loses_the_cache(tmp_path, monkeypatch):

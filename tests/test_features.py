@@ -66,9 +66,12 @@ def test_keys_cover_weights_size_and_augmentation(tmp_path: Path):
 def test_second_call_is_all_cache_and_identical(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset)
     calls: list[tuple[int, int]] = []
+    computing: list[tuple[int, int]] = []  # (rows to compute, progress calls before): said before any model work
     first = extract_features(rows, CFG, None, cache_dir=tmp_path, batch_size=8,
-                             on_progress=lambda d, t: calls.append((d, t)))
+                             on_progress=lambda d, t: calls.append((d, t)),
+                             on_compute=lambda n: computing.append((n, len(calls))))
     assert (first.n_computed, first.n_cached, first.cancelled) == (36, 0, False)
+    assert computing == [(36, 0)]
     assert first.features.shape == (36, 1280) and first.features.dtype == np.float32
     np.testing.assert_array_equal(first.index, np.arange(36))
     assert first.errors.empty and list(first.errors.columns) == ["path", "reason"]
@@ -83,8 +86,10 @@ def test_second_call_is_all_cache_and_identical(tiny_dataset: Path, tmp_path: Pa
 
     calls.clear()
     second = extract_features(rows, CFG, None, cache_dir=tmp_path, batch_size=8,
-                              on_progress=lambda d, t: calls.append((d, t)))
+                              on_progress=lambda d, t: calls.append((d, t)),
+                              on_compute=lambda n: computing.append((n, len(calls))))
     assert (second.n_computed, second.n_cached) == (0, 36)
+    assert computing == [(36, 0)]  # nothing to compute: not told again
     assert second.backbone is None  # nothing to compute: the model was not even built
     np.testing.assert_array_equal(second.features, first.features)
     assert calls == [(36, 36)]  # one read of the pack the first call wrote

@@ -46,6 +46,7 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory) -> Path:
     """A run folder with a classifier (a head strong enough to vary) and its LiteRT export."""
+    from cxr_core.engine.export import export_classifier
     from cxr_core.engine.model import build_classifier, gradcam_parts
     from cxr_core.io.images import to_model_input
 
@@ -68,7 +69,7 @@ def exported_run(tmp_path_factory) -> Path:
     model.save(run / "model.keras")
     write_json_atomic(run / "config.json", RUN_CFG.to_dict())
     write_json_atomic(run / "metrics.json", {"threshold": 0.4})
-    litert.export_classifier(model, run)
+    export_classifier(model, run)
     return run
 
 
@@ -88,21 +89,22 @@ def test_export_writes_model_and_record_of_its_source(exported_run):
 def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
     lite = Predictor.from_run(exported_run)
     keras_ = Predictor.from_run(exported_run, engine="keras")
-    assert (lite.engine, keras_.engine) == ("LiteRT", "Keras")
-    assert lite.classifier is None and keras_.classifier is not None
+    assert (lite.engine.name, keras_.engine.name) == ("LiteRT", "Keras")
+    assert getattr(lite.engine, "classifier", None) is None and keras_.engine.classifier is not None
     grays = _images(5)
-    p_lite, maps_lite = lite.explain_batch(grays)
-    p_keras, maps_keras = keras_.explain_batch(grays)
+    found_lite, found_keras = lite.explain(grays), keras_.explain(grays)
+    p_lite, maps_lite = np.array([e.probability for e in found_lite]), [e.heatmap for e in found_lite]
+    p_keras, maps_keras = np.array([e.probability for e in found_keras]), [e.heatmap for e in found_keras]
     # Probabilities vary across images (so the comparison means something) and agree to float precision.
     assert np.ptp(p_keras) > 1e-3
     np.testing.assert_allclose(p_lite, p_keras, atol=1e-5)
-    np.testing.assert_allclose(lite.predict_grays(grays), p_keras, atol=1e-5)
+    np.testing.assert_allclose([found.probability for found in lite.predict(grays)], p_keras, atol=1e-5)
     # The exported CAM is Grad-CAM (GAP -> Dense): the normalised heatmaps agree.
     assert any(np.ptp(m) > 0.1 for m in maps_keras)
     for a, b, gray in zip(maps_lite, maps_keras, grays):
         assert a.shape == b.shape == gray.shape
         np.testing.assert_allclose(a, b, atol=1e-4)
-    assert lite.label(float(p_lite[0])) == keras_.label(float(p_keras[0]))
+    assert found_lite[0].label == found_keras[0].label
 
 
 @pytest.mark.parametrize("target", ["PNEUMONIA", "NORMAL"])
@@ -112,7 +114,7 @@ def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
     lite = Predictor.from_run(exported_run)
     keras_ = Predictor.from_run(exported_run, engine="keras")
     grays = _images(5)
-    found_lite, found_keras = lite.explanations(grays, target), keras_.explanations(grays, target)
+    found_lite, found_keras = lite.explain(grays, target), keras_.explain(grays, target)
     assert any(np.ptp(e.heatmap) > 0.1 for e in found_keras)
     for a, b in zip(found_lite, found_keras):
         assert a.target == b.target == target and a.label == b.label
@@ -122,20 +124,20 @@ def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
 def test_batches_of_any_size_and_single_images(exported_run):
     lite = Predictor.from_run(exported_run)
     grays = _images(20, seed=3)  # more than one BATCH_SIZE chunk, then sizes 1 and 3: re-planned each time
-    together = lite.predict_grays(grays)
-    one_by_one = np.array([lite.predict_gray(g) for g in grays])
+    together = np.array([found.probability for found in lite.predict(grays)])
+    one_by_one = np.array([lite.predict([g])[0].probability for g in grays])
     np.testing.assert_allclose(together, one_by_one, atol=1e-6)
-    np.testing.assert_allclose(lite.predict_grays(grays[:3]), together[:3], atol=1e-6)
+    np.testing.assert_allclose([found.probability for found in lite.predict(grays[:3])], together[:3], atol=1e-6)
 
 
 def test_threads_share_one_predictor(exported_run):
     lite = Predictor.from_run(exported_run)
     grays = _images(6, seed=5)
-    expected = lite.predict_grays(grays)
+    expected = np.array([found.probability for found in lite.predict(grays)])
     results: dict[int, np.ndarray] = {}
 
     def work(k: int) -> None:
-        results[k] = np.array([lite.explain(g)[0] for g in grays])
+        results[k] = np.array([lite.explain([g])[0].probability for g in grays])
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
@@ -151,8 +153,8 @@ def test_predicting_with_litert_never_imports_tensorflow(exported_run):
         "import sys, numpy as np\n"
         "from cxr_core.inference.predictor import Predictor\n"
         f"p = Predictor.from_run({str(exported_run)!r})\n"
-        "prob, cam = p.explain(np.full((50, 60), 100, np.uint8))\n"
-        "print(p.engine, round(prob, 6), cam.shape)\n"
+        "(found,) = p.explain([np.full((50, 60), 100, np.uint8)])\n"
+        "print(p.engine.name, round(found.probability, 6), found.heatmap.shape)\n"
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -169,7 +171,7 @@ def test_stale_export_is_not_used(exported_run, tmp_path):
     run = _copy(exported_run, tmp_path / "run")
     build_classifier(MODEL_CFG, seed=99).save(run / "model.keras")  # the model changed after the export
     assert "different model.keras" in litert.lite_status(run)
-    assert Predictor.from_run(run).engine == "Keras"
+    assert Predictor.from_run(run).engine.name == "Keras"
     with pytest.raises(BadRunError) as info:
         Predictor.from_run(run, engine="litert")
     assert "different model.keras" in str(info.value) and "\n" not in str(info.value)
@@ -178,7 +180,7 @@ def test_stale_export_is_not_used(exported_run, tmp_path):
 @pytest.fixture(scope="module")
 def keras_answer(exported_run) -> float:
     """What the run's Keras model says about ``_images(1)[0]`` (loaded once for the module)."""
-    return Predictor.from_run(exported_run, engine="keras").predict_gray(_images(1)[0])
+    return Predictor.from_run(exported_run, engine="keras").predict(_images(1)[:1])[0].probability
 
 
 @pytest.mark.slow  # builds or loads models: seconds
@@ -195,8 +197,8 @@ def test_damaged_export_falls_back_to_keras(exported_run, keras_answer, tmp_path
     else:
         (run / run_folder.LITE_INFO_FILE).write_text("{broken")
     predictor = Predictor.from_run(run)
-    assert predictor.engine == "Keras"
-    assert predictor.predict_gray(_images(1)[0]) == pytest.approx(keras_answer, abs=1e-6)
+    assert predictor.engine.name == "Keras"
+    assert predictor.predict(_images(1)[:1])[0].probability == pytest.approx(keras_answer, abs=1e-6)
     with pytest.raises(BadRunError) as info:
         Predictor.from_run(run, engine="litert")
     assert "\n" not in str(info.value)
@@ -212,13 +214,13 @@ def test_export_without_the_normal_map_is_not_used(exported_run, tmp_path):
     with pytest.raises(BadRunError) as error:
         Predictor.from_run(run, engine="litert")
     assert "\n" not in str(error.value) and "python -m cxr_core export" in str(error.value)
-    assert Predictor.from_run(run).engine == "Keras"
+    assert Predictor.from_run(run).engine.name == "Keras"
 
 
 def test_no_runtime_means_keras(exported_run, monkeypatch):
     monkeypatch.setattr(litert, "runtime_available", lambda: False)
     assert "not installed" in litert.lite_status(exported_run)
-    assert Predictor.from_run(exported_run).engine == "Keras"
+    assert Predictor.from_run(exported_run).engine.name == "Keras"
 
 
 def test_a_runtime_that_cannot_load_means_keras(exported_run, monkeypatch):
@@ -226,7 +228,7 @@ def test_a_runtime_that_cannot_load_means_keras(exported_run, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import now raises ImportError
-    assert Predictor.from_run(exported_run).engine == "Keras"
+    assert Predictor.from_run(exported_run).engine.name == "Keras"
     with pytest.raises(BadRunError, match="cannot be loaded here"):
         Predictor.from_run(exported_run, engine="litert")
 
@@ -245,19 +247,20 @@ def test_training_exports_litert(tiny_dataset, tmp_path):
     run = train(config, run_dir=tmp_path / "run")
     assert runs.read_status(run)["state"] == "done"
     assert litert.lite_status(run) is None
-    assert Predictor.from_run(run).engine == "LiteRT"
+    assert Predictor.from_run(run).engine.name == "LiteRT"
     stages = [json.loads(line).get("stage") for line in (run / "progress.jsonl").read_text().splitlines()]
     assert stages.index("export") > stages.index("save")
 
 
 @pytest.mark.slow
 def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
+    from cxr_core.engine import export
     from cxr_core.engine.train import train
 
     def refuse(*_args, **_kwargs):
         raise CxrError("The model could not be converted to LiteRT (ConverterError).")
 
-    monkeypatch.setattr(litert, "export_classifier", refuse)
+    monkeypatch.setattr(export, "export_classifier", refuse)
     config = RunConfig(data=DataConfig(data_dir=str(tiny_dataset), split="random"),
                        model=TRAINABLE_CFG, train=TrainConfig(epochs=1, batch_size=8))
     run = train(config, run_dir=tmp_path / "run")
@@ -265,7 +268,7 @@ def test_failed_export_leaves_a_good_run(tiny_dataset, tmp_path, monkeypatch):
     assert not (run / run_folder.LITE_FILE).exists()
     events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
     assert any(e["event"] == "warning" and "predicts with Keras" in e["message"] for e in events)
-    assert Predictor.from_run(run).engine == "Keras"
+    assert Predictor.from_run(run).engine.name == "Keras"
 
 
 @pytest.mark.slow

@@ -11,15 +11,8 @@ import pytest
 
 from cxr_core.core.config import ModelConfig, RunConfig, TrainConfig
 from cxr_core.core.errors import BadImageError, BadRunError, CxrError
-from cxr_core.inference.predictor import (
-    EMPTY_MAP_CAPTIONS,
-    MAP_CAPTIONS,
-    Explanation,
-    Predictor,
-    _finish_cam,
-    map_caption,
-    overlay_heatmap,
-)
+from cxr_core.core.labels import label_for
+from cxr_core.inference.predictor import Explanation, Predictor, _finish_cam, map_caption, overlay_heatmap
 from cxr_core.io.atomic import write_json_atomic
 
 SIZE = 64  # MobileNetV2 downsamples 32x: 2 x 2 conv maps, the smallest that can vary
@@ -92,21 +85,21 @@ def test_probabilities_equal_model_sigmoid(predictor: Predictor, classifier) -> 
     from cxr_core.io.images import to_model_input
 
     grays = [_xray(i, h=30 + 7 * i, w=60 - 5 * i) for i in range(5)]
-    probs = predictor.predict_grays(grays)
+    probs = np.array([found.probability for found in predictor.predict(grays)])
     assert probs.shape == (5,)
     assert ((probs >= 0) & (probs <= 1)).all()
     batch = np.stack([to_model_input(g, SIZE) for g in grays])
     expected = _sigmoid(np.asarray(classifier(batch, training=False)).reshape(-1))
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-    assert predictor.predict_gray(grays[2]) == pytest.approx(float(expected[2]), rel=1e-5, abs=1e-6)
+    assert predictor.predict([grays[2]])[0].probability == pytest.approx(float(expected[2]), rel=1e-5, abs=1e-6)
     assert probs.std() > 0  # the tiny model does tell the images apart
-    assert len(predictor.predict_grays([])) == 0
+    assert len(predictor.predict([])) == 0
 
 
 def test_threshold_override_and_labels(run_dir: Path, predictor: Predictor) -> None:
     p = Predictor.from_run(run_dir, threshold=0.9)
     assert p.threshold == 0.9
-    assert p.label(0.9) == "PNEUMONIA" and p.label(0.89) == "NORMAL"
+    assert label_for(0.9, p.threshold) == "PNEUMONIA" and label_for(0.89, p.threshold) == "NORMAL"
     p.threshold = 0.1
     assert p.threshold == 0.1
     with pytest.raises(CxrError):
@@ -116,11 +109,11 @@ def test_threshold_override_and_labels(run_dir: Path, predictor: Predictor) -> N
     assert predictor.threshold == pytest.approx(0.37)  # another Predictor's threshold is its own
 
 
-def test_predict_gray_rejects_non_images(predictor: Predictor) -> None:
+def test_predict_rejects_non_images(predictor: Predictor) -> None:
     with pytest.raises(BadImageError):
-        predictor.predict_gray(np.zeros((4, 4, 3), np.uint8))
+        predictor.predict([np.zeros((4, 4, 3), np.uint8)])
     with pytest.raises(BadImageError):
-        predictor.predict_gray(np.zeros(10, np.uint8))
+        predictor.predict([np.zeros(10, np.uint8)])
 
 
 def test_predict_files_mix_of_good_and_bad(predictor: Predictor, tmp_path: Path) -> None:
@@ -146,7 +139,8 @@ def test_predict_files_mix_of_good_and_bad(predictor: Predictor, tmp_path: Path)
 
     for r, path in zip(good, files):
         assert 0.0 <= r["probability"] <= 1.0
-        assert r["probability"] == pytest.approx(predictor.predict_gray(load_gray(path)), rel=1e-5, abs=1e-6)
+        (alone,) = predictor.predict([load_gray(path)])
+        assert r["probability"] == pytest.approx(alone.probability, rel=1e-5, abs=1e-6)
         assert r["label"] == ("PNEUMONIA" if r["probability"] >= predictor.threshold else "NORMAL")
 
 
@@ -161,14 +155,15 @@ def test_predict_files_more_than_one_batch(predictor: Predictor, tmp_path: Path)
 
 
 def test_predict_bytes(predictor: Predictor) -> None:
+    from cxr_core.io.images import load_gray
+
     gray = _xray(3)
     ok, png = cv2.imencode(".png", gray)
     assert ok
-    result = predictor.predict_bytes(png.tobytes(), "upload.png")
-    assert result["file"] == "upload.png"
-    assert result["probability"] == pytest.approx(predictor.predict_gray(gray), rel=1e-5, abs=1e-6)
+    (result,) = predictor.predict([load_gray(png.tobytes(), "upload.png")])
+    assert result.probability == pytest.approx(predictor.predict([gray])[0].probability, rel=1e-5, abs=1e-6)
     with pytest.raises(BadImageError):
-        predictor.predict_bytes(b"garbage bytes", "upload.png")
+        predictor.predict([load_gray(b"garbage bytes", "upload.png")])
 
 
 # -- Grad-CAM --------------------------------------------------------------------------------
@@ -176,13 +171,14 @@ def test_predict_bytes(predictor: Predictor) -> None:
 
 def test_gradcam_shape_range_and_variation(predictor: Predictor) -> None:
     gray = _xray(1, h=50, w=37)
-    heat = predictor.gradcam(gray)
+    heat = predictor.explain([gray])[0].heatmap
     assert heat.shape == (50, 37) and heat.dtype == np.float32
     assert heat.min() >= 0.0 and heat.max() <= 1.0
     assert heat.max() == pytest.approx(1.0, abs=1e-3)
     assert heat.std() > 0.01
-    prob, heat2 = predictor.explain(gray)
-    assert prob == pytest.approx(predictor.predict_gray(gray), rel=1e-5, abs=1e-6)
+    (found,) = predictor.explain([gray])
+    prob, heat2 = found.probability, found.heatmap
+    assert prob == pytest.approx(predictor.predict([gray])[0].probability, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(heat, heat2, atol=1e-6)
 
 
@@ -199,7 +195,7 @@ def test_gradcam_matches_closed_form(predictor: Predictor, classifier) -> None:
     kernel = classifier.get_layer("logit").get_weights()[0][:, 0]
     cam = np.maximum(conv @ kernel, 0)
     expected = cv2.resize((cam / cam.max()).astype(np.float32), (44, 40), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_allclose(predictor.gradcam(gray, "PNEUMONIA"), np.clip(expected, 0, 1), atol=1e-4)
+    np.testing.assert_allclose(predictor.explain([gray], "PNEUMONIA")[0].heatmap, np.clip(expected, 0, 1), atol=1e-4)
 
 
 def _closed_form_map(classifier, gray: np.ndarray, sign: float) -> np.ndarray:
@@ -240,11 +236,13 @@ def centred(run_dir):
 def test_normal_result_shows_the_evidence_for_normal(centred) -> None:
     """The head is GAP -> Dense, so the logit is sum_k w_k mean(A_k) + b: ReLU(-sum_k w_k A_k) is where
     the image lowered it. A NORMAL result shows that map; a PNEUMONIA result the usual one."""
-    split = Predictor(centred, RUN_CFG, threshold=0.5)
-    probs = split.predict_grays(LEANING)
+    from cxr_core.engine.keras_runner import KerasEngine
+
+    split = Predictor(KerasEngine(centred), RUN_CFG, threshold=0.5)
+    probs = np.array([found.probability for found in split.predict(LEANING)])
     low, high = int(np.argmin(probs)), int(np.argmax(probs))
     assert probs[low] < 0.45 and probs[high] > 0.55  # one leans NORMAL, one PNEUMONIA
-    normal, pneumonia = split.explanations([LEANING[low], LEANING[high]])
+    normal, pneumonia = split.explain([LEANING[low], LEANING[high]])
 
     assert (normal.label, normal.target) == ("NORMAL", "NORMAL")
     assert not normal.empty and normal.heatmap.max() == pytest.approx(1.0, abs=1e-3)
@@ -255,24 +253,23 @@ def test_normal_result_shows_the_evidence_for_normal(centred) -> None:
     np.testing.assert_allclose(pneumonia.heatmap, _closed_form_map(centred, LEANING[high], 1.0), atol=1e-4)
     assert pneumonia.caption == "Highlighted: regions that raised the pneumonia score."
     # The two maps of one image are different maps (what raised the score is not what lowered it).
-    assert np.abs(normal.heatmap - split.gradcam(LEANING[low], "PNEUMONIA")).max() > 0.1
+    assert np.abs(normal.heatmap - split.explain([LEANING[low]], "PNEUMONIA")[0].heatmap).max() > 0.1
 
-    # The older entry points follow the same rule, and a class can still be asked for explicitly.
-    probability, heatmap = split.explain(LEANING[low])
-    assert probability == pytest.approx(normal.probability) and np.array_equal(heatmap, normal.heatmap)
-    np.testing.assert_allclose(split.gradcam_batch([LEANING[low]])[0], normal.heatmap, atol=1e-6)
-    asked = split.explanation(LEANING[high], target="NORMAL")
+    # One image alone follows the same rule, and a class can still be asked for explicitly.
+    (alone,) = split.explain([LEANING[low]])
+    assert alone.probability == pytest.approx(normal.probability) and np.array_equal(alone.heatmap, normal.heatmap)
+    asked = split.explain([LEANING[high]], target="NORMAL")[0]
     assert (asked.label, asked.target) == ("PNEUMONIA", "NORMAL")
     np.testing.assert_allclose(asked.heatmap, _closed_form_map(centred, LEANING[high], -1.0), atol=1e-4)
     with pytest.raises(ValueError, match="NORMAL"):
-        split.explanation(LEANING[low], target="pneumonia")
+        split.explain([LEANING[low]], target="pneumonia")
 
 
 class _FixedEngine:
     """An engine that answers fixed logits and raw maps (n, h', w', 2): the predictor's own logic, no model."""
 
     name = "fixed"
-    image_size = 8
+    image_size, n_outputs, map_grid = 8, 1, (2, 2)
 
     def __init__(self, logits, cams) -> None:
         self._logits, self._cams = np.asarray(logits, np.float32), np.asarray(cams, np.float32)
@@ -288,52 +285,42 @@ def test_a_map_without_evidence_says_so() -> None:
     cams = np.zeros((2, 2, 2, 2), np.float32)
     cams[0, 0, 0, 0] = 3.0  # image 0: something raised the score, nothing lowered it
     fixed = Predictor(_FixedEngine([-2.0, 1.0], cams), RUN_CFG, threshold=0.5)
-    normal, pneumonia = fixed.explanations([np.zeros((5, 6), np.uint8)] * 2)
+    normal, pneumonia = fixed.explain([np.zeros((5, 6), np.uint8)] * 2)
     # A NORMAL call from the baseline alone: no region lowered the score, and the result says so.
     assert normal.label == "NORMAL" and normal.empty and not normal.heatmap.any() and normal.heatmap.shape == (5, 6)
-    assert normal.caption == EMPTY_MAP_CAPTIONS["NORMAL"] and normal.caption.startswith("No region lowered")
+    assert normal.caption == map_caption("NORMAL", empty=True) and normal.caption.startswith("No region lowered")
     assert pneumonia.label == "PNEUMONIA" and pneumonia.empty
     assert pneumonia.caption.startswith("No region raised the pneumonia score")
-    assert not fixed.explanation(np.zeros((5, 6), np.uint8), "PNEUMONIA").empty
-    for caption in (*MAP_CAPTIONS.values(), *EMPTY_MAP_CAPTIONS.values()):
+    assert not fixed.explain([np.zeros((5, 6), np.uint8)], "PNEUMONIA")[0].empty
+    for caption in (map_caption(c, empty) for c in ("NORMAL", "PNEUMONIA") for empty in (False, True)):
         assert "\n" not in caption and caption.endswith(".") and ". " not in caption
-    assert map_caption("NORMAL") == MAP_CAPTIONS["NORMAL"] and map_caption("NORMAL", empty=True) == normal.caption
+    assert map_caption("NORMAL") == "Highlighted: regions that lowered the pneumonia score (evidence for NORMAL)." \
+        and map_caption("NORMAL", empty=True) == normal.caption
     with pytest.raises(ValueError):
         map_caption("COVID")
     assert isinstance(normal, Explanation)
 
 
-def test_warmup(predictor: Predictor, classifier, monkeypatch) -> None:
+def test_answers_repeat_and_a_blank_image_of_another_size(predictor: Predictor, classifier) -> None:
     from cxr_core.io.images import to_model_input
 
     gray = _xray(4)
-    before = predictor.predict_gray(gray), predictor.gradcam(gray)
-    calls = []
-    real_predict, real_explain = predictor.predict_gray, predictor.explain
-    with monkeypatch.context() as spy:
-        spy.setattr(predictor, "predict_gray", lambda g: calls.append(("predict", g.shape, int(g.max())))
-                    or real_predict(g))
-        spy.setattr(predictor, "explain", lambda g: calls.append(("explain", g.shape, int(g.max())))
-                    or real_explain(g))
-        predictor.warmup()
-    # Both compiled paths (probability, and probability with the map) run once, on a blank image of
-    # the model's input size.
-    assert calls == [("predict", (SIZE, SIZE), 0), ("explain", (SIZE, SIZE), 0)]
-    # Warming up changes nothing: the same image gives the same answers as before.
-    assert predictor.predict_gray(gray) == pytest.approx(before[0], rel=1e-6, abs=1e-7)
-    np.testing.assert_allclose(predictor.gradcam(gray), before[1], atol=1e-6)
+    before = predictor.predict([gray])[0].probability, predictor.explain([gray])[0].heatmap
+    # The same image gives the same answers again (the compiled functions keep no state).
+    assert predictor.predict([gray])[0].probability == pytest.approx(before[0], rel=1e-6, abs=1e-7)
+    np.testing.assert_allclose(predictor.explain([gray])[0].heatmap, before[1], atol=1e-6)
     blank = np.zeros((20, 20), np.uint8)
     expected = _sigmoid(np.asarray(classifier(to_model_input(blank, SIZE)[None], training=False)).reshape(-1))[0]
-    assert predictor.predict_gray(blank) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
-    assert predictor.gradcam(blank).shape == (20, 20)
+    assert predictor.predict([blank])[0].probability == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    assert predictor.explain([blank])[0].heatmap.shape == (20, 20)
 
 
 def test_gradcam_batch_equals_single(predictor: Predictor) -> None:
     grays = [_xray(i, h=36 + i, w=30 + 2 * i) for i in range(3)]
-    maps = predictor.gradcam_batch(grays)
+    maps = [found.heatmap for found in predictor.explain(grays)]
     for gray, heat in zip(grays, maps):
         assert heat.shape == gray.shape
-        np.testing.assert_allclose(heat, predictor.gradcam(gray), atol=1e-5)
+        np.testing.assert_allclose(heat, predictor.explain([gray])[0].heatmap, atol=1e-5)
 
 
 def test_flat_cam_is_all_zeros() -> None:
@@ -407,7 +394,8 @@ def test_older_config_still_loads(run_dir: Path, predictor: Predictor, tmp_path:
     (run / "config.json").write_text(json.dumps(old))
     p = Predictor.from_run(run)
     assert p.config.model.backbone == "mobilenet_v2" and p.config.version == 0
-    assert p.predict_gray(_xray(0)) == pytest.approx(predictor.predict_gray(_xray(0)), abs=1e-6)  # the same network
+    same = p.predict([_xray(0)])[0].probability
+    assert same == pytest.approx(predictor.predict([_xray(0)])[0].probability, abs=1e-6)  # the same network
 
 
 @pytest.mark.slow  # builds or loads models: seconds

@@ -86,7 +86,7 @@ def test_form_levels_hold_todays_widgets_and_keys():
         "train.balance": "train_balance", "train.fine_tune_layers": "train_ft_layers",
         "train.fine_tune_epochs": "train_ft_epochs", "train.threshold_rule": "train_rule",
     }
-    # The page's FORM_DEFAULTS and FORM_RANGES: the starting values and ranges wiring must keep.
+    # The starting values and ranges the page had before it drew its widgets from the table: they must hold.
     rows = {row.session_key(backbone="mobilenet_v2"): row for row in settings.FORM_BASIC}
     starts = {key: rows[key].form_start() for key in ("train_epochs", "train_batch", "train_lr", "train_dropout",
                                                        "train_limit", "train_ft_epochs")}

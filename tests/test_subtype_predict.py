@@ -15,7 +15,7 @@ from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.core.errors import BadRunError, BadSettingError
 from cxr_core.core.labels import TASK_CLASSES
 from cxr_core.engine import litert
-from cxr_core.inference.predictor import SUBTYPE_EMPTY_MAP_CAPTIONS, SUBTYPE_MAP_CAPTIONS, Predictor
+from cxr_core.inference.predictor import Predictor
 from cxr_core.runs.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # every test builds and exports a model (seconds each)
@@ -26,6 +26,14 @@ SIZE = 64
 CLASSES = TASK_CLASSES["subtype"]
 SUBTYPE_CFG = RunConfig(data=DataConfig(task="subtype"), model=MODEL_CFG, train=TrainConfig(epochs=1))
 BINARY_CFG = RunConfig(model=MODEL_CFG, train=TrainConfig(epochs=1))
+#: What a subtype run's map of each class says, and says when it is empty.
+_NAMES = {"NORMAL": "normal", "BACTERIA": "bacterial pneumonia", "VIRUS": "viral pneumonia"}
+SUBTYPE_MAP_CAPTIONS = {cls: f"Highlighted: regions that raised the {name} score." for cls, name in _NAMES.items()}
+SUBTYPE_EMPTY_MAP_CAPTIONS = {
+    cls: f"No region raised the {name} score, so there is no map to show: the {cls} call comes from "
+         "the model's baseline, not from a place in the image."
+    for cls, name in _NAMES.items()
+}
 needs_litert = pytest.mark.skipif(not litert.runtime_available(), reason="ai-edge-litert is not installed")
 
 
@@ -82,7 +90,9 @@ def subtype_run(tmp_path_factory, classifier) -> Path:
                           "threshold_rule": "argmax"})
     folder.write_status("done")
     if litert.runtime_available():
-        litert.export_classifier(classifier, folder.path, MODEL_CFG.backbone)
+        from cxr_core.engine.export import export_classifier
+
+        export_classifier(classifier, folder.path, MODEL_CFG.backbone)
     return folder.path
 
 
@@ -115,9 +125,9 @@ def test_probabilities_are_the_softmax_of_the_keras_model(keras_predictor, class
     from cxr_core.io.images import to_model_input
 
     predictor = keras_predictor
-    assert (predictor.task, predictor.classes) == ("subtype", CLASSES)
+    assert (predictor.task.name, predictor.classes) == ("subtype", CLASSES)
     grays = _images(5)
-    probs = predictor.probabilities(grays)
+    probs = np.array([list(found.probabilities.values()) for found in predictor.predict(grays)])
     batch = np.stack([to_model_input(g, SIZE) for g in grays]).astype(np.float32)
     expected = _softmax(np.asarray(classifier(batch, training=False), np.float64))
     assert probs.shape == (5, 3)
@@ -125,8 +135,8 @@ def test_probabilities_are_the_softmax_of_the_keras_model(keras_predictor, class
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert np.ptp(probs, axis=0).max() > 0.05  # the images differ, so the comparison means something
     # The binary entry points give P(PNEUMONIA) = 1 - P(NORMAL); the label is the most probable class.
-    np.testing.assert_allclose(predictor.predict_grays(grays), 1.0 - probs[:, 0], atol=1e-9)
-    found = predictor.explanations(grays)
+    np.testing.assert_allclose([e.probability for e in predictor.predict(grays)], 1.0 - probs[:, 0], atol=1e-9)
+    found = predictor.explain(grays)
     for e, row in zip(found, probs):
         assert e.label == e.target == CLASSES[int(np.argmax(row))]
         assert list(e.probabilities) == list(CLASSES)
@@ -143,7 +153,7 @@ def test_class_map_is_relu_of_the_class_kernel(keras_predictor, classifier, targ
     kernel = classifier.get_layer("logit").get_weights()[0][:, c]
     grays = _images(4, seed=1)
     shown = 0
-    for gray, conv, found in zip(grays, _conv_maps(classifier, grays), predictor.explanations(grays, target)):
+    for gray, conv, found in zip(grays, _conv_maps(classifier, grays), predictor.explain(grays, target)):
         cam = np.maximum(conv @ kernel, 0.0)
         if cam.max() <= 0:
             assert found.empty
@@ -154,20 +164,21 @@ def test_class_map_is_relu_of_the_class_kernel(keras_predictor, classifier, targ
         shown += np.ptp(found.heatmap) > 0.1
     assert shown  # at least one map that varies across the image
     with pytest.raises(ValueError, match="BACTERIA"):
-        predictor.explanation(grays[0], target="PNEUMONIA")
+        predictor.explain(grays[:1], target="PNEUMONIA")
 
 
 @needs_litert
 def test_litert_export_has_three_logits_and_three_maps_that_agree_with_keras(subtype_run, keras_predictor) -> None:
     lite, keras_ = Predictor.from_run(subtype_run), keras_predictor
-    assert (lite.engine, keras_.engine) == ("LiteRT", "Keras")
+    assert (lite.engine.name, keras_.engine.name) == ("LiteRT", "Keras")
     grays = _images(5, seed=2)
-    np.testing.assert_allclose(lite.probabilities(grays), keras_.probabilities(grays), atol=1e-5)
+    np.testing.assert_allclose([list(e.probabilities.values()) for e in lite.predict(grays)],
+                               [list(e.probabilities.values()) for e in keras_.predict(grays)], atol=1e-5)
     for target in CLASSES:
-        for a, b in zip(lite.explanations(grays, target), keras_.explanations(grays, target)):
+        for a, b in zip(lite.explain(grays, target), keras_.explain(grays, target)):
             assert a.label == b.label and a.target == b.target == target
             np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
-    logits, cams = lite._engine.explain(np.zeros((2, SIZE, SIZE, 3), np.float32))
+    logits, cams = lite.engine.explain(np.zeros((2, SIZE, SIZE, 3), np.float32))
     assert logits.shape == (2, 3) and cams.shape[0] == 2 and cams.shape[-1] == 3
 
 

@@ -48,3 +48,8 @@ class DownloadError(CxrError):
 
 class DiskFullError(CxrError):
     """The disk filled up while a run was being written; earlier runs are untouched."""
+
+
+def lower_first(text: str) -> str:
+    """``text`` with its first letter in lower case, to continue a sentence with another error's sentence."""
+    return text[:1].lower() + text[1:] if text else text

@@ -36,6 +36,7 @@ from cxr_core.core.config import (
 from cxr_core.core.errors import BadSettingError
 from cxr_core.core.labels import TASKS, THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPE_NAMES, RECIPES, Recipe
+from cxr_core.core.tasks import get_task
 
 SECTIONS = ("data", "augment", "model", "train")
 TYPES = ("int", "float", "bool", "choice", "str", "path", "pair")
@@ -51,7 +52,7 @@ LEARNING_RATE_RULE = ("the global batch is --batch-size per replica times the re
                       "then train exactly as one device with an N times larger batch); pass --learning-rate to "
                       "change it")
 
-TASK_LABELS = {"pneumonia": "Normal / pneumonia", "subtype": "Normal / bacterial / viral"}
+TASK_LABELS = {name: get_task(name).label for name in TASKS}
 BALANCE_LABELS = {"augment": "Augment NORMAL (reference)", "class_weight": "Class weights", "none": "None"}
 THRESHOLD_LABELS = {"youden": "Youden (balance both)", "sensitivity": "95 % sensitivity (screening)",
                     "midpoint": "Midpoint (robust to a new site)"}
@@ -329,7 +330,8 @@ SETTINGS: tuple[Setting, ...] = (
             form_help="A stratified subset (same class shares) for a fast first run; at least 10."),
     Setting("data.seed", "--seed", "int", "seed of split, augmentation and training (default {default})",
             also=("train.seed",), range=(0, 2**31 - 1), form="advanced", label="Seed",
-            form_help="Seed of the split, the augmentation and the training: the same seed gives the same run."),
+            form_help="The starting number of every random choice (the split, the augmentation, the training): the "
+                      "same seed gives the same run, another seed shows how much luck is in a result."),
     # The network
     Setting("model.backbone", "--backbone", "str", ", ".join(BACKBONE_NAMES) + " (default {default})",
             choices="BACKBONE_NAMES", metavar="NAME", form="basic", option_labels="BACKBONE_LABELS",
@@ -369,12 +371,12 @@ SETTINGS: tuple[Setting, ...] = (
             needs="train.fine_tune_layers", form="basic", key="train_ft_epochs", label="Fine-tune epochs"),
     Setting("train.fine_tune_learning_rate", "--fine-tune-learning-rate", "float",
             options=(1e-6, 1e-5, 1e-4, 5e-4, 1e-3, 2e-3), form="advanced", label="Fine-tuning learning rate",
-            form_help="Learning rate of the fine-tuning phase: low (1e-5) for pretrained weights, higher when "
-                      "training from scratch."),
+            form_help="How big a step fine-tuning takes each batch: small (1e-5) so that pretrained weights are "
+                      "only nudged, larger when the whole network learns from random weights."),
     Setting("train.online_augment", "--online-augment", "bool", "augment training images anew every fine-tuning epoch",
-            form="advanced", label="Augment anew every fine-tuning epoch",
-            form_help="Every training image is augmented afresh each fine-tuning epoch (useful when training a "
-                      "backbone from scratch; the reference did not)."),
+            form="advanced", label="New augmentation every epoch",
+            form_help="While fine-tuning, every training image gets a new random augmentation each epoch, so the "
+                      "network never sees exactly the same picture twice (the reference did not)."),
     Setting("train.threshold_rule", "--threshold-rule", "choice", choices="THRESHOLD_RULES", form="basic",
             key="train_rule", option_labels="THRESHOLD_LABELS", label="Threshold rule",
             form_help="How the decision threshold is chosen on the validation images: Youden maximises sensitivity + "
@@ -383,34 +385,38 @@ SETTINGS: tuple[Setting, ...] = (
                       "when images from elsewhere score differently."),
     Setting("train.target_sensitivity", "--target-sensitivity", "float", range=(0.5, 0.99), step=0.01, form="advanced",
             label="Target sensitivity",
-            form_help="The sensitivity the screening threshold rule must reach on the validation images."),
+            form_help="For the 95 % sensitivity threshold rule only: the share of pneumonias in the validation "
+                      "images that the chosen threshold must still find."),
     Setting("train.label_smoothing", "--label-smoothing", "float",
             "pull training targets towards 0.5 by this much (0-0.5)", range=(0.0, 0.45), step=0.05, widget="slider",
             form="advanced", label="Label smoothing",
-            form_help="Pulls the training targets towards 0.5: tempers over-confident probabilities, which matters "
-                      "when the test images look different."),
+            form_help="Trains on slightly softened answers (a little less than 100 % sure), so the model is less "
+                      "over-confident on X-rays that look different from its training images."),
     Setting("train.warmup_epochs", "--warmup-epochs", "int", "fine-tuning epochs of linear learning-rate warm-up",
             range=(0, 100), needs="train.fine_tune_layers", form="advanced", label="Warm-up epochs",
-            form_help="Fine-tuning epochs over which the learning rate rises from near 0 (at most the fine-tune "
-                      "epochs)."),
+            form_help="For this many fine-tuning epochs the learning rate starts near 0 and rises step by step, so "
+                      "the first updates do not wreck the pretrained weights (at most the fine-tune epochs)."),
     Setting("train.schedule", "--schedule", "choice", "fine-tuning learning rate: constant or cosine decay",
             choices="SCHEDULES", form="advanced", label="Learning-rate schedule",
-            form_help="Constant, or cosine: the fine-tuning learning rate decays to 0 by the last epoch."),
+            form_help="How the fine-tuning learning rate changes over the epochs: constant keeps it, cosine lowers it "
+                      "smoothly to 0 by the last epoch."),
     Setting("train.fine_tune_batchnorm", "--fine-tune-batchnorm", "bool",
             "let the unfrozen BatchNorm layers learn the X-rays' statistics while fine-tuning", form="advanced",
             label="Fine-tune BatchNorm",
-            form_help="While fine-tuning pretrained weights, let the unfrozen BatchNorm layers learn the X-rays' "
-                      "statistics instead of keeping ImageNet's."),
+            form_help="While fine-tuning, let the network's normalisation (BatchNorm) layers learn how bright and "
+                      "contrasted X-rays are, instead of keeping what they learned from everyday photos."),
     Setting("train.weight_decay", "--weight-decay", "float",
             "decoupled weight decay while fine-tuning (AdamW); 0 = Adam",
             options=(0.0, 1e-5, 1e-4, 1e-3, 1e-2), form="advanced", label="Weight decay",
-            form_help="Decoupled weight decay of the fine-tuning optimiser (AdamW); 0 = Adam."),
+            form_help="While fine-tuning, gently pulls the network's weights towards zero so that it cannot lean "
+                      "on a few memorised details; 0 turns it off."),
     Setting("train.balance_by", "--balance-by", "str",
             "a manifest column (e.g. source_resolution) the model must not learn: training images are weighted so "
             "that it tells nothing about the label", metavar="COLUMN", form="advanced",
             label="Balance by (manifest column)",
-            form_help="A column of the data set's manifest (e.g. source_resolution: which scanner or copy an image "
-                      "came from) that must tell the model nothing; empty for none."),
+            form_help="A column of the data set's list of images (e.g. source_resolution: which scanner or copy an "
+                      "image came from) that must not help the model guess the label: images are weighted so "
+                      "that it cannot. Leave empty for none."),
     # Augmentation (the Augmentation page chooses it in the app)
     Setting("augment.rotation_range", "--rotation-range", "float", "degrees (reference: 0.3)", metavar="DEG"),
     Setting("augment.width_shift", "--shift", "float",

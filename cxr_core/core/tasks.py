@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr_core.core.errors import BadSettingError
+from cxr_core.core.errors import BadRunError, BadSettingError
 
 HEADS = ("sigmoid", "softmax")
+#: Each class in a sentence ("regions that raised the viral pneumonia score").
+CLASS_WORDS = {"NORMAL": "normal", "PNEUMONIA": "pneumonia", "BACTERIA": "bacterial pneumonia",
+               "VIRUS": "viral pneumonia"}
 
 
 def sigmoid(logits: Iterable[float] | np.ndarray) -> np.ndarray:
@@ -46,7 +49,7 @@ class Task:
 
     Attributes:
         name: the key (``--task NAME``; ``DataConfig.task``; ``metrics.json``'s ``task``).
-        label: the task for people, in the form's choice.
+        label: the task for people, in the form's choice (and so in a link to the Training page: keep it).
         classes: the classes, in the order of the model's outputs; ``classes[0]`` is the healthy class.
         head: ``sigmoid`` (two classes, one logit) or ``softmax`` (one logit per class).
         needs: the manifest column a data set must have for this task ("" when the label is enough).
@@ -80,6 +83,23 @@ class Task:
     def is_binary(self) -> bool:
         return len(self.classes) == 2
 
+    @property
+    def map_classes(self) -> tuple[str, ...]:
+        """The class each channel of a class-activation map explains, in the engines' channel order.
+
+        A sigmoid head has one score, the positive class's: its maps are where the image raised that
+        score and where it lowered it (the evidence for the healthy class). A softmax head has one map per class.
+        """
+        return (self.classes[1], self.classes[0]) if self.head == "sigmoid" else self.classes
+
+    def require_outputs(self, n_outputs: int, where: str) -> None:
+        """One sentence when a model of ``n_outputs`` logits cannot be this task's head (``where`` names the model)."""
+        if int(n_outputs) != self.n_outputs:
+            raise BadRunError(
+                f"{where[:1].upper()}{where[1:]} has {n_outputs} output{'s' if n_outputs != 1 else ''} but its "
+                f"{self.name} task needs {self.n_outputs} ({', '.join(self.classes)}); config.json and the model "
+                "do not belong together.")
+
     def probabilities(self, logits: Iterable | np.ndarray) -> np.ndarray:
         """Class probabilities from the head's logits, shape (n, len(classes)), float64."""
         z = np.asarray(logits, dtype=np.float64)
@@ -107,9 +127,9 @@ class Task:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("pneumonia", "Pneumonia or normal", ("NORMAL", "PNEUMONIA"), "sigmoid",
+        Task("pneumonia", "Normal / pneumonia", ("NORMAL", "PNEUMONIA"), "sigmoid",
              help="Two classes: NORMAL or PNEUMONIA, decided by a threshold chosen on validation."),
-        Task("subtype", "Normal, bacterial or viral", ("NORMAL", "BACTERIA", "VIRUS"), "softmax", needs="subtype",
+        Task("subtype", "Normal / bacterial / viral", ("NORMAL", "BACTERIA", "VIRUS"), "softmax", needs="subtype",
              help="Three classes: NORMAL, BACTERIA or VIRUS, the most probable one; the subtype comes from "
                   "Kermany-style file names (person1_bacteria_1.jpeg)."),
     )

@@ -12,7 +12,6 @@ renamed at the end, so a refused or interrupted extraction leaves nothing half-d
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import IO, Callable
 
 from cxr_core.core.errors import BadDatasetError, DownloadError
 from cxr_core.io.atomic import atomic_path
+from cxr_core.io.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ KERMANY_URL = (
 )
 KERMANY_SHA256 = "13efc055629733dbab07877f8b3c9f81097840dbcdaa326a8542322c2281ce36"
 KERMANY_FILENAME = "ChestXRay2017.zip"
-KERMANY_SIZE_BYTES = 1_200_000_000  # about; the server's Content-Length is what counts
 KERMANY_FOLDER = "kermany"
 
 CHUNK_BYTES = 1 << 20
@@ -61,23 +60,6 @@ class DownloadCancelled(DownloadError):
 # ---------------------------------------------------------------------------------------------
 # Download
 # ---------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = CHUNK_BYTES) -> str:
-    """SHA-256 of a file, read in chunks.
-
-    Args:
-        path: the file.
-        chunk: bytes per read.
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _part_path(dest: Path) -> Path:
@@ -168,6 +150,40 @@ class _Incomplete(Exception):
         self.done, self.total = done, total
 
 
+def _stream_with_retries(url: str, part: Path, chunk: int, timeout: float, retries: int,
+                         on_progress: ProgressFn | None, should_stop: StopFn | None) -> None:
+    """Stream ``url`` into ``part``, resuming after a dropped connection up to ``retries`` times."""
+    attempt = 0
+    while True:
+        try:
+            _stream(url, part, chunk, timeout, on_progress, should_stop)
+            return
+        except DownloadCancelled:
+            raise
+        except _RestartNeeded:
+            part.unlink(missing_ok=True)
+            attempt += 1
+            if attempt > retries:
+                raise DownloadError(
+                    f"The server at {url} kept sending the wrong part of the file; try again later."
+                ) from None
+        except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as error:
+            attempt += 1
+            if isinstance(error, urllib.error.HTTPError) and error.code < 500 and error.code != 408:
+                raise DownloadError(
+                    f"The server refused the download of {url} (HTTP {error.code} {error.reason}); "
+                    "check the address or download the file by hand."
+                ) from error
+            if attempt > retries:
+                reason = getattr(error, "reason", None) or error
+                raise DownloadError(
+                    f"The download of {url} failed ({reason}); check the internet connection and try again "
+                    "(the part already received is kept and will be resumed)."
+                ) from error
+            log.warning("Download attempt %d failed (%s); resuming", attempt, error)
+            time.sleep(min(2.0**attempt, 10.0) * 0.1)
+
+
 def download_file(
     url: str,
     dest: str | os.PathLike,
@@ -201,7 +217,7 @@ def download_file(
     dest = Path(dest)
     expected = sha256.lower() if sha256 else None
     if dest.is_file():
-        if expected is None or sha256_file(dest) == expected:
+        if expected is None or file_sha256(dest) == expected:
             log.info("%s is already downloaded", dest)
             return dest
         log.warning("%s does not match its checksum; downloading it again", dest)
@@ -209,38 +225,9 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = _part_path(dest)
 
-    attempt = 0
-    while True:
-        try:
-            _stream(url, part, chunk, timeout, on_progress, should_stop)
-            break
-        except DownloadCancelled:
-            raise
-        except _RestartNeeded:
-            part.unlink(missing_ok=True)
-            attempt += 1
-            if attempt > retries:
-                raise DownloadError(
-                    f"The server at {url} kept sending the wrong part of the file; try again later."
-                ) from None
-        except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as error:
-            attempt += 1
-            if isinstance(error, urllib.error.HTTPError) and error.code < 500 and error.code != 408:
-                raise DownloadError(
-                    f"The server refused the download of {url} (HTTP {error.code} {error.reason}); "
-                    "check the address or download the file by hand."
-                ) from error
-            if attempt > retries:
-                reason = getattr(error, "reason", None) or error
-                raise DownloadError(
-                    f"The download of {url} failed ({reason}); check the internet connection and try again "
-                    "(the part already received is kept and will be resumed)."
-                ) from error
-            log.warning("Download attempt %d failed (%s); resuming", attempt, error)
-            time.sleep(min(2.0**attempt, 10.0) * 0.1)
-
+    _stream_with_retries(url, part, chunk, timeout, retries, on_progress, should_stop)
     if expected is not None:
-        actual = sha256_file(part)
+        actual = file_sha256(part)  # keyed by size and time too, so a partial file read earlier is not reused
         if actual != expected:
             part.unlink(missing_ok=True)
             raise DownloadError(

@@ -20,9 +20,10 @@ from cxr_core.data import augment, scan as data
 from cxr_core.io import weights
 
 
-def check_can_learn(config: RunConfig, where: str = "cli") -> None:
+def check_can_learn(config: RunConfig, audience: str = "cli") -> None:
     """Refuse a run that cannot learn: a randomly initialised backbone that stays frozen turns every
-    X-ray into random features, and such runs used to end at a test AUC of 0.500.
+    X-ray into random features, and such runs used to end at a test AUC of 0.500. ``audience`` (who
+    asks: "cli", "app" or "visitor") picks how the advice names the settings.
 
     Raises:
         BadSettingError: one sentence with the two ways out.
@@ -30,27 +31,27 @@ def check_can_learn(config: RunConfig, where: str = "cli") -> None:
     model, train = config.model, config.train
     frozen = train.fine_tune_layers == 0 or train.fine_tune_epochs <= 0
     if (model.weights or "none").strip().lower() == "none" and frozen:
-        how = "--fine-tune-layers -1 with --fine-tune-epochs 1 or more" if where == "cli" else (
+        how = "--fine-tune-layers -1 with --fine-tune-epochs 1 or more" if audience == "cli" else (
             "Fine-tune top layers: all layers, with at least one fine-tune epoch")
         raise BadSettingError(
             "A backbone with random weights cannot learn while it stays frozen; start from ImageNet weights or a "
             f"weights file, or train the whole network ({how}).")
 
 
-def preflight(config: RunConfig, probe=None, where: str = "cli") -> str:
+def preflight(config: RunConfig, probe=None, audience: str = "cli") -> str:
     """Every check a run must pass before it starts (the CLI, the Training page and ``train`` call it).
 
-    Returns how the starting weights will be had (see ``weights.check_weights``); ``where`` ("cli" or
-    "app") picks how the advice names the choices.
+    Returns how the starting weights will be had (see ``weights.check_weights``); ``audience`` (who asks:
+    "cli", "app" or a hosted app's "visitor") picks how the advice names the choices.
 
     Raises:
         BadSettingError: one sentence saying what to change.
     """
-    check_can_learn(config, where)
+    check_can_learn(config, audience)
     model = config.model
     kwargs = {"probe": probe} if probe is not None else {}
     return weights.check_weights(model.backbone, model.weights, model.alpha, model.resolved_image_size,
-                                 where=where, **kwargs)
+                                 audience=audience, **kwargs)
 
 
 # Columns every scan makes; a data set's own manifest.csv adds the others (see data.scan_dataset).

@@ -25,6 +25,7 @@ import pandas as pd
 from cxr_core.core.config import SPLIT_MODES
 from cxr_core.core.errors import BadDatasetError, BadImageError
 from cxr_core.core.labels import CLASSES, LABEL_TO_Y, SPLITS, classes_for, require_both_classes
+from cxr_core.core.tasks import get_task
 from cxr_core.io.hashing import bytes_sha256
 from cxr_core.io.images import IMAGE_SUFFIXES, image_header
 
@@ -39,8 +40,10 @@ WRAPPER_FOLDERS = {"chest_xray", "chest-xray", "chestxray", "chestxray2017"}
 # Files and folders that operating systems and archivers leave behind; never images.
 JUNK_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store"}
 
+#: The manifest's column of a PNEUMONIA image's kind (``parse_subtype``), which the subtype task learns.
+SUBTYPE_COLUMN = "subtype"
 MANIFEST_COLUMNS = [
-    "path", "relpath", "label", "y", "patient_id", "subtype", "official_split", "sha256", "width", "height",
+    "path", "relpath", "label", "y", "patient_id", SUBTYPE_COLUMN, "official_split", "sha256", "width", "height",
 ]
 
 # A data set's own manifest (optional): its extra columns join the scan's manifest by relpath.
@@ -125,11 +128,13 @@ def task_labels(manifest: pd.DataFrame, task: str = "pneumonia") -> pd.DataFrame
     Raises:
         BadDatasetError: for ``subtype``, when some PNEUMONIA images carry no subtype in their name.
     """
-    classes = classes_for(task)
-    if task == "pneumonia" or manifest.empty:
+    found = get_task(task)
+    column = found.needs  # the manifest column that holds the class ("": the scanned label is the class)
+    if not column or manifest.empty:
         return manifest
-    if "subtype" in manifest.columns:
-        subtypes = manifest["subtype"].fillna("unknown").astype(str).str.lower()
+    classes = found.classes
+    if column in manifest.columns:
+        subtypes = manifest[column].fillna("unknown").astype(str).str.lower()
     else:
         subtypes = pd.Series([parse_subtype(path, label) for path, label in zip(manifest["path"], manifest["label"])],
                              index=manifest.index)
@@ -360,7 +365,7 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
                 "label": label,
                 "y": LABEL_TO_Y[label],
                 "patient_id": parse_patient_id(path.name),
-                "subtype": parse_subtype(path.name, label),
+                SUBTYPE_COLUMN: parse_subtype(path.name, label),
                 "official_split": official,
                 "sha256": sha,
                 "width": int(width),
@@ -684,7 +689,7 @@ def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123, task: str
         return manifest.copy()
     y = manifest["y"].astype(int).to_numpy()
     if len(classes) > 2:
-        return manifest.iloc[_proportional_choice(y, len(classes), n, seed)].copy()
+        return manifest.iloc[proportional_choice(y, n, seed)].copy()
     counts = np.bincount(y, minlength=2)
     # Proportional, but at least one image of each class.
     n_normal = int(np.clip(round(n * counts[0] / len(y)), 1, min(counts[0], n - 1)))
@@ -699,14 +704,25 @@ def stratified_subset(manifest: pd.DataFrame, n: int, seed: int = 123, task: str
     return manifest.iloc[np.sort(chosen)].copy()
 
 
-def _proportional_choice(y: np.ndarray, n_classes: int, n: int, seed: int) -> np.ndarray:
-    """Sorted row indices of ``n`` images drawn per class in proportion, at least one of each class."""
-    counts = np.bincount(y, minlength=n_classes)
+def proportional_choice(groups, n: int, seed: int) -> np.ndarray:
+    """Sorted row indices of ``n`` rows drawn per group (the values of ``groups``, in sorted order) in
+    proportion, at least one of each group (so more than ``n`` when there are more groups than that)."""
+    values, y = np.unique(np.asarray(groups), return_inverse=True)
+    counts = np.bincount(y, minlength=len(values))
     take = np.minimum(np.maximum(1, np.round(n * counts / len(y)).astype(int)), counts)
-    # Rounding may miss n by a few: the largest class gives or takes the difference.
+    # Rounding may miss n by a few: the largest group gives or takes the difference.
     largest = int(np.argmax(counts))
     take[largest] = int(np.clip(take[largest] + n - take.sum(), 1, counts[largest]))
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(take[c]), replace=False)
-                             for c in range(n_classes)])
+                             for c in range(len(values))])
     return np.sort(chosen)
+
+
+def stratified_sample(frame: pd.DataFrame, column: str, n: int, seed: int = 123) -> pd.DataFrame:
+    """A seeded sample of about ``n`` rows of ``frame`` with the values of ``column`` (any labels, such
+    as a scanner or a source) in their proportions and each value present; the whole frame when it has
+    no more than ``n`` rows. Unlike ``stratified_subset`` it needs no ``y`` and checks no classes."""
+    if n >= len(frame):
+        return frame
+    return frame.iloc[proportional_choice(frame[column].astype(str).to_numpy(), int(n), seed)]

@@ -272,70 +272,85 @@ def make_shortcut_lab(
     sidecar = _original_sidecar(source)
     if (source / SETTINGS_FILE).is_file() or (sidecar is not None and "marker" in sidecar.columns):
         raise BadDatasetError(f"{source} is already a shortcut-lab copy; make the lab from the original data set.")
-
     manifest = scan.manifest.sort_values("relpath", ignore_index=True)
-    rng = np.random.default_rng(int(seed))
-    marked = np.zeros(len(manifest), dtype=bool)
-    for label, rate in ((POSITIVE, positive_rate), (NEGATIVE, negative_rate)):
-        members = np.flatnonzero(manifest["label"].to_numpy() == label)
-        chosen = rng.permutation(members)[: int(round(float(rate) * len(members)))]
-        marked[chosen] = True
-    relpaths = _target_relpaths(manifest["relpath"].tolist())
-    # Every random choice is drawn before any file is read, so a skipped image changes no other marker.
-    letters = rng.integers(0, len(LETTERS), size=len(manifest))
-    place_seeds = rng.integers(0, 2**32, size=len(manifest), dtype=np.uint64)
+    plan = _plan_markers(manifest, positive_rate, negative_rate, seed)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    rows: list[dict] = []
-    skipped = [dict(row) for row in scan.skipped.to_dict("records")]
     try:
-        for i, row in enumerate(manifest.itertuples(index=False)):
-            if on_progress is not None:
-                on_progress(i, len(manifest))
-            try:
-                gray = load_gray(row.path)
-            except (BadImageError, OSError) as error:
-                reason = str(error) if isinstance(error, CxrError) else f"{Path(row.path).name} could not be read."
-                skipped.append({"path": row.path, "reason": reason})
-                continue
-            height, width = gray.shape
-            box = None
-            if marked[i]:
-                box = place_marker(np.random.default_rng(int(place_seeds[i])), width, height)
-                gray = draw_marker(gray, box, LETTERS[int(letters[i])])
-            ok, png = cv2.imencode(".png", gray)
-            if not ok:  # pragma: no cover - OpenCV always encodes a 2-D uint8 image
-                raise RuntimeError(f"OpenCV could not encode {row.relpath}")
-            data_bytes = png.tobytes()
-            write_bytes_atomic(tmp / relpaths[i], data_bytes)
-            rows.append(_manifest_row(row, relpaths[i], data_bytes, box, sidecar))
-        if on_progress is not None:
-            on_progress(len(manifest), len(manifest))
+        rows, skipped = _write_images(tmp, manifest, plan, sidecar, on_progress)
+        skipped = pd.DataFrame([*scan.skipped.to_dict("records"), *skipped], columns=["path", "reason"])
         if not rows:
             raise BadDatasetError(f"None of the images in {source} could be read, so there is nothing to copy.")
         table = _manifest_table(rows)
         write_bytes_atomic(tmp / SIDECAR_NAME, table.to_csv(index=False).encode("utf-8"))
-        counts = {c: int((table["label"] == c).sum()) for c in CLASSES}
-        n_marked = {c: int(((table["label"] == c) & (table["marker"] == 1)).sum()) for c in CLASSES}
-        skipped_df = pd.DataFrame(skipped, columns=["path", "reason"])
-        settings = {
-            "shortcut_lab": True, "source": str(source), "positive_rate": float(positive_rate),
-            "negative_rate": float(negative_rate), "seed": int(seed), "marker_fraction": MARKER_FRACTION,
-            "counts": counts, "marked": n_marked, "duplicates_left_out": int(len(scan.duplicates)),
-            "skipped": skipped_df.to_dict("records"),
-        }
-        write_json_atomic(tmp / SETTINGS_FILE, settings)
-        write_text_atomic(tmp / "README.txt", README_TEXT.format(
-            source=source.name, positive_rate=float(positive_rate), negative_rate=float(negative_rate), seed=seed))
+        lab = LabResult(target, {c: int((table["label"] == c).sum()) for c in CLASSES},
+                        {c: int(((table["label"] == c) & (table["marker"] == 1)).sum()) for c in CLASSES},
+                        skipped, int(len(scan.duplicates)))
+        rates = {"positive_rate": float(positive_rate), "negative_rate": float(negative_rate), "seed": int(seed)}
+        write_json_atomic(tmp / SETTINGS_FILE, {
+            "shortcut_lab": True, "source": str(source), **rates, "marker_fraction": MARKER_FRACTION,
+            "counts": lab.counts, "marked": lab.marked, "duplicates_left_out": lab.duplicates,
+            "skipped": skipped.to_dict("records")})
+        write_text_atomic(tmp / "README.txt", README_TEXT.format(source=source.name, **rates))
         if target.is_dir():
             target.rmdir()  # empty (checked above); os.replace cannot replace a folder on every system
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("Wrote the shortcut lab %s: %s images, %s marked", target, counts, n_marked)
-    return LabResult(target, counts, n_marked, skipped_df, int(len(scan.duplicates)))
+    log.info("Wrote the shortcut lab %s: %s images, %s marked", target, lab.counts, lab.marked)
+    return lab
+
+
+@dataclass
+class _MarkerPlan:
+    """Every random choice of a copy, drawn before any file is read (a skipped image moves no other marker)."""
+
+    marked: np.ndarray        # bool per manifest row
+    letters: np.ndarray       # index into LETTERS per row
+    place_seeds: np.ndarray   # the seed of each row's position
+    relpaths: list[str]       # each row's path in the copy
+
+
+def _plan_markers(manifest: pd.DataFrame, positive_rate: float, negative_rate: float, seed: int) -> _MarkerPlan:
+    """Exactly ``round(rate x count)`` images of each class marked, chosen with ``seed``."""
+    rng = np.random.default_rng(int(seed))
+    marked = np.zeros(len(manifest), dtype=bool)
+    for label, rate in ((POSITIVE, positive_rate), (NEGATIVE, negative_rate)):
+        members = np.flatnonzero(manifest["label"].to_numpy() == label)
+        marked[rng.permutation(members)[: int(round(float(rate) * len(members)))]] = True
+    return _MarkerPlan(marked, rng.integers(0, len(LETTERS), size=len(manifest)),
+                       rng.integers(0, 2**32, size=len(manifest), dtype=np.uint64),
+                       _target_relpaths(manifest["relpath"].tolist()))
+
+
+def _write_images(tmp: Path, manifest: pd.DataFrame, plan: _MarkerPlan, sidecar: pd.DataFrame | None,
+                  on_progress: Callable[[int, int], None] | None) -> tuple[list[dict], list[dict]]:
+    """Write every readable image as a PNG (with its marker when planned): (manifest rows, skipped)."""
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    for i, row in enumerate(manifest.itertuples(index=False)):
+        if on_progress is not None:
+            on_progress(i, len(manifest))
+        try:
+            gray = load_gray(row.path)
+        except (BadImageError, OSError) as error:
+            reason = str(error) if isinstance(error, CxrError) else f"{Path(row.path).name} could not be read."
+            skipped.append({"path": row.path, "reason": reason})
+            continue
+        box = None
+        if plan.marked[i]:
+            box = place_marker(np.random.default_rng(int(plan.place_seeds[i])), gray.shape[1], gray.shape[0])
+            gray = draw_marker(gray, box, LETTERS[int(plan.letters[i])])
+        ok, png = cv2.imencode(".png", gray)
+        if not ok:  # pragma: no cover - OpenCV always encodes a 2-D uint8 image
+            raise RuntimeError(f"OpenCV could not encode {row.relpath}")
+        write_bytes_atomic(tmp / plan.relpaths[i], png.tobytes())
+        rows.append(_manifest_row(row, plan.relpaths[i], png.tobytes(), box, sidecar))
+    if on_progress is not None:
+        on_progress(len(manifest), len(manifest))
+    return rows, skipped
 
 
 def _manifest_row(row, relpath: str, data: bytes, box, sidecar: pd.DataFrame | None) -> dict:

@@ -34,12 +34,13 @@ import pandas as pd
 from PIL import Image
 
 from cxr_core.core.errors import BadImageError, CxrError
+from cxr_core.core.labels import POSITIVE
+from cxr_core.data.scan import stratified_sample
 from cxr_core.data.stats import ManifestLike, as_manifest
 from cxr_core.io.images import image_header, load_gray
 
 log = logging.getLogger(__name__)
 
-POSITIVE = "PNEUMONIA"
 WARN_AUC = 0.6
 PROBE_WARN_AUC = 0.8
 MISSING = "(missing)"
@@ -427,19 +428,6 @@ def report_table(report: list[dict]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _stratified_sample(manifest: pd.DataFrame, label_col: str, n: int, seed: int) -> pd.DataFrame:
-    if n >= len(manifest):
-        return manifest
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    labels = manifest[label_col].astype(str).to_numpy()
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        take = max(1, int(round(n * len(members) / len(manifest))))
-        chosen += list(rng.choice(members, size=min(take, len(members)), replace=False))
-    return manifest.iloc[np.sort(np.asarray(chosen))]
-
-
 def shortcut_check(
     scan_or_manifest: ManifestLike,
     split: str | None = None,
@@ -484,7 +472,7 @@ def shortcut_check(
         entry["measured_on"] = f"all {len(manifest):,} images"
     if image_props and "path" in manifest.columns and len(manifest) and max_images != 0:
         wanted = len(manifest) if max_images is None else int(max_images)
-        sample = _stratified_sample(manifest, label_col, wanted, seed)
+        sample = stratified_sample(manifest, label_col, wanted, seed)
         props = image_properties(sample["path"].tolist())
         measured = [c for c in IMAGE_PROPERTY_COLUMNS if c not in manifest.columns]
         joined = sample[[c for c in (label_col, split) if c]].reset_index(drop=True)
@@ -611,7 +599,7 @@ def probe_from_cache(
         raise CxrError(f"The rows have no {group_col!r} column to probe.")
     rows = rows[rows[group_col].notna()]
     if max_images is not None:
-        rows = _stratified_sample(rows, group_col, int(max_images), seed)
+        rows = stratified_sample(rows, group_col, int(max_images), seed)
     rows = rows.reset_index(drop=True)
     result = extract_features(rows, model_cfg, None, cache_dir=cache_dir, seed=seed, on_progress=on_progress)
     kept = rows.iloc[result.index]

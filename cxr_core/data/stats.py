@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.core.errors import BadDatasetError, BadImageError
-from cxr_core.data.scan import CLASSES, SPLITS, ScanResult
+from cxr_core.data.scan import CLASSES, SPLITS, SUBTYPE_COLUMN, ScanResult
 from cxr_core.io.images import load_gray
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,6 @@ def imbalance_sentence(data: ManifestLike) -> str:
     return f"{counts[large] / counts[small]:.1f} {large} images for every {small} image"
 
 
-def imbalance_ratio(data: ManifestLike) -> float:
-    """PNEUMONIA images per NORMAL image (``inf`` without NORMAL images)."""
-    counts = class_counts(data)["count"]
-    return float(counts["PNEUMONIA"] / counts["NORMAL"]) if counts["NORMAL"] else float("inf")
-
-
 def split_proportions(split: pd.DataFrame) -> pd.DataFrame:
     """Class counts and shares in each part of a split.
 
@@ -98,7 +92,7 @@ def subtype_counts(data: ManifestLike) -> pd.DataFrame:
         DataFrame with columns ``label``, ``subtype``, ``count``, ``share`` (of all images).
     """
     manifest = as_manifest(data)
-    counts = manifest.groupby(["label", "subtype"]).size().rename("count").reset_index()
+    counts = manifest.groupby(["label", SUBTYPE_COLUMN]).size().rename("count").reset_index()
     counts["share"] = counts["count"] / max(len(manifest), 1)
     return counts.sort_values(["label", "count"], ascending=[True, False], ignore_index=True)
 
@@ -233,7 +227,7 @@ def sample_images(
     if label:
         mask &= manifest["label"].astype(str).str.upper() == str(label).upper()
     if subtype:
-        mask &= manifest["subtype"].astype(str).str.lower() == str(subtype).lower()
+        mask &= manifest[SUBTYPE_COLUMN].astype(str).str.lower() == str(subtype).lower()
     if split:
         if "split" not in manifest.columns:
             raise BadDatasetError("Filtering by split needs a split table; make the split with make_split first.")

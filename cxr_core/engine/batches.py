@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from cxr_core.core.config import RunConfig
 from cxr_core.data.augment import augment_image
@@ -85,8 +86,6 @@ class ImageBatches(keras.utils.PyDataset):
         gives a PyDataset (it calls ``on_epoch_end`` once before training). Use it with
         ``steps_per_epoch=len(self)``, so that ``fit`` keeps one iterator for all epochs.
         """
-        import tensorflow as tf  # noqa: PLC0415
-
         n, size = len(self.paths), self.size
         plan = np.stack([np.stack([self.epoch_order(k + 1), np.full(n, k + 1)], axis=1) for k in range(epochs)])
         labels = tf.constant(self.labels)

@@ -13,6 +13,7 @@ import pandas as pd
 from cxr_core.core.config import RunConfig
 from cxr_core.core.tasks import Task, get_task
 from cxr_core.data.plan import RunPlan
+from cxr_core.data.shortcuts import balancing_weights
 from cxr_core.engine import distribute
 from cxr_core.runs.run_folder import RunFolder
 
@@ -88,8 +89,6 @@ class TrainingContext:
         column = self.plan.balance_by if self.plan is not None else self.config.train.balance_by
         if not column:
             return None
-        from cxr_core.data.shortcuts import balancing_weights  # noqa: PLC0415 (only runs that balance a property)
-
         weights = balancing_weights(rows["y"].to_numpy(), rows[column].to_numpy())
         if self.class_weight:
             weights = weights * rows["y"].map(self.class_weight).to_numpy(dtype=np.float64)

@@ -26,9 +26,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
+import tensorflow as tf
+
 from cxr_core.core import settings
 from cxr_core.core.config import DISTRIBUTE_MODES, PRECISIONS
 from cxr_core.core.errors import BadSettingError, CxrError
+from cxr_core.runs.heartbeat import this_host
 
 #: Seconds a collective operation (a gradient all-reduce, a barrier) may wait for the other workers
 #: before the run fails: a dead worker then ends the run instead of hanging it. Long enough for the
@@ -70,8 +74,6 @@ class Runtime:
 
     def fields(self) -> dict:
         """The fields that say where the run trains (status.json and the "runtime" progress event)."""
-        from cxr_core.runs.heartbeat import this_host  # noqa: PLC0415
-
         return {"host": this_host(), "devices": list(self.devices), "device_kind": self.device_kind,
                 "strategy": self.name, "replicas": int(self.replicas), "workers": int(self.workers),
                 "precision": self.precision}
@@ -84,8 +86,6 @@ class Runtime:
         """True when ``flag`` is true on any worker (a barrier too: every worker must call it, in step)."""
         if not self.multi_worker:
             return bool(flag)
-        import tensorflow as tf  # noqa: PLC0415
-
         value = 1.0 if flag else 0.0
         per_replica = self.strategy.experimental_distribute_values_from_function(lambda _ctx: tf.constant(value))
         return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
@@ -176,9 +176,6 @@ def setup(distribute: str = "auto", precision: str = "auto", cpu_replicas: int =
         raise BadSettingError("--distribute multi-worker needs the TF_CONFIG environment variable to name the "
                               "cluster and this worker's task, the same on every worker but for the task.")
 
-    import keras  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
-
     cpus = _split_cpu(tf, cpu_replicas) if cpu_replicas > 1 else None
     gpus = [] if cpus else tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -215,10 +212,6 @@ def setup(distribute: str = "auto", precision: str = "auto", cpu_replicas: int =
 
 def is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` is how TensorFlow reports a worker that died or a collective that timed out."""
-    try:
-        import tensorflow as tf  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                               tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError,
                               tf.errors.UnknownError))

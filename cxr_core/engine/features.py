@@ -37,11 +37,13 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from cxr_core.core.backbones import get_backbone
 from cxr_core.core.config import AugmentConfig, ModelConfig
 from cxr_core.core.errors import CxrError
 from cxr_core.data.augment import augment_image, params_key
+from cxr_core.engine.model import build_backbone, build_feature_extractor
 from cxr_core.io import atomic
 from cxr_core.io.hashing import file_sha256
 from cxr_core.io.images import load_gray, to_model_input
@@ -57,6 +59,9 @@ _PACKS_KEPT = 4  # per model: the row lists used most recently
 
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
+#: Told when the model starts computing what the cache lacks, with how many rows: the look-ups before
+#: are fast, so a time estimate should count from here.
+ComputeFn = Callable[[int], None]
 
 
 @dataclass
@@ -259,13 +264,15 @@ class _Extraction:
     loading batch N+1 on a thread while batch N runs."""
 
     def __init__(self, rows: pd.DataFrame, cache: FeatureCache, augment_cfg: AugmentConfig | None, *,
-                 batch_size: int, workers: int, progress: ProgressFn, stop: StopFn) -> None:
+                 batch_size: int, workers: int, progress: ProgressFn, stop: StopFn,
+                 on_compute: ComputeFn | None = None) -> None:
         self.paths, self.shas, self.aug_seeds = _prepare_rows(rows)
         if augment_cfg is None and any(s >= 0 for s in self.aug_seeds):
             raise ValueError("rows with augment_seed >= 0 need an augment_cfg to make their augmented images.")
         self.cache, self.augment_cfg = cache, augment_cfg
         self.size = cache.model_cfg.resolved_image_size
         self.batch_size, self.progress, self.stop = batch_size, progress, stop
+        self.on_compute = on_compute
         self.total = len(self.paths)
         self.vectors: dict[int, np.ndarray] = {}
         self.errors: list[tuple[int, str, str]] = []
@@ -340,6 +347,8 @@ class _Extraction:
     def compute(self, misses: list[int]) -> None:
         """Phase 2: run the model on the misses and write their entries."""
         batches = [misses[i : i + self.batch_size] for i in range(0, len(misses), self.batch_size)]
+        if self.on_compute is not None:
+            self.on_compute(len(misses))
         # Always compiled: eager calls of a large backbone (InceptionV3) keep every intermediate tensor and
         # peaked at over 5 GB on 60 images; compiling costs about a second once.
         extractor, self.backbone, predict = _make_extractor(self.cache.model_cfg, self.cache.seed, self.size)
@@ -387,6 +396,7 @@ def extract_features(
     should_stop: StopFn | None = None,
     workers: int | None = None,
     shard: tuple[int, int] | None = None,
+    on_compute: ComputeFn | None = None,
 ) -> FeatureResult:
     """Pooled backbone features of every readable row, from the cache where possible.
 
@@ -406,6 +416,8 @@ def extract_features(
             n-th image missing from the cache (the others compute the rest into the same cache), so
             the result holds the cached rows and this shard's; call again, after every worker is
             done, for all rows.
+        on_compute: called with the number of rows to compute, once, before the model is built
+            (not called when the cache holds every row).
 
     Returns:
         A ``FeatureResult``. Unreadable images are listed in ``errors`` and left out of ``index``.
@@ -415,7 +427,8 @@ def extract_features(
     cache = FeatureCache(model_cfg, seed, cache_dir)
     run = _Extraction(rows, cache, augment_cfg, batch_size=batch_size,
                       workers=workers or max(1, min(8, os.cpu_count() or 1)),
-                      progress=on_progress or (lambda _done, _total: None), stop=should_stop or (lambda: False))
+                      progress=on_progress or (lambda _done, _total: None), stop=should_stop or (lambda: False),
+                      on_compute=on_compute)
     # The whole row list in one read when a previous run packed it (keys need every image's hash).
     keys = run.keys()
     packed = cache.read_pack(keys)
@@ -502,10 +515,6 @@ def _make_extractor(model_cfg: ModelConfig, seed: int, size: int):
     then each call is cheaper than ``model.predict``'s per-call set-up; eager InceptionV3 also
     peaked at 5 GB).
     """
-    import tensorflow as tf  # noqa: PLC0415
-
-    from cxr_core.engine.model import build_backbone, build_feature_extractor  # noqa: PLC0415
-
     backbone = build_backbone(model_cfg, seed)
     extractor = build_feature_extractor(model_cfg, seed, backbone=backbone)
 

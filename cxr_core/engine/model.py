@@ -333,6 +333,12 @@ class GradcamParts:
     logit: keras.layers.Layer
     last_conv_layer: str
 
+    @property
+    def map_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the last conv layer's maps: the cells of a class-activation map."""
+        shape = self.conv_model.outputs[0].shape
+        return int(shape[1]), int(shape[2])
+
     def forward(self, images):
         """Return ``(conv_output, logit)`` for a batch of 0..255 images; call under a GradientTape."""
         x = self.preprocess(images)
@@ -374,6 +380,12 @@ class EnsembleGradcamParts:
             convs.append(conv)
             logits.append(logit)
         return convs, logits, self.combine(logits)
+
+    @property
+    def map_grid(self) -> tuple[int, int]:
+        """The largest member grid, where ``combine_maps`` sums the members' maps."""
+        grids = [part.map_grid for part in self.members]
+        return max(rows for rows, _ in grids), max(cols for _, cols in grids)
 
     def combine_maps(self, maps: list):
         """Sum member maps ``(n, h_i, w_i)`` (already weighted) after resizing each to the largest grid."""

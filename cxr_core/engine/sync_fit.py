@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from cxr_core.engine.batches import ImageBatches
 from cxr_core.engine.callbacks import EpochRecorder
@@ -39,8 +40,6 @@ def row_weights(ctx: TrainingContext, y: np.ndarray, weights: np.ndarray | None)
 def predict_logits(model, inputs) -> np.ndarray:
     """Logits of ``inputs`` (an array, or batches of images), called directly: Keras' predict cannot
     run under MultiWorkerMirroredStrategy, and this runs on this worker alone."""
-    import tensorflow as tf  # noqa: PLC0415
-
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     if isinstance(inputs, np.ndarray):
         batches = [inputs[i:i + 256] for i in range(0, len(inputs), 256)]
@@ -61,8 +60,6 @@ def _replica_inputs(strategy, chosen: np.ndarray, global_batch: int, per_replica
                     load: Callable[[np.ndarray], np.ndarray], y: np.ndarray, weights: np.ndarray) -> tuple:
     """One global batch as per-replica values (x, y, w): replica r gets its slice of ``chosen``, a
     short slice padded with rows of weight 0 so that every step has one shape."""
-    import tensorflow as tf  # noqa: PLC0415 - only under a strategy, in the training process
-
     slots = np.full(global_batch, -1)
     slots[:len(chosen)] = chosen
     made: dict[int, tuple] = {}
@@ -100,8 +97,6 @@ def sync_fit(ctx: TrainingContext, model, optimizer, recorder: EpochRecorder, ep
     epoch order and online augmentation are used, driven as ``fit`` drives a PyDataset (``on_epoch_end``
     when training starts and after every epoch), so a run trains on the same batches as on one device.
     """
-    import tensorflow as tf  # noqa: PLC0415
-
     runtime = ctx.runtime
     strategy = runtime.strategy
     per_replica = ctx.config.train.batch_size

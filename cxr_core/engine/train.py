@@ -41,9 +41,10 @@ import pandas as pd
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError, DiskFullError
 from cxr_core.core.labels import classes_for, require_both_classes
+from cxr_core.core.metrics import metrics_report, multiclass_metrics
 from cxr_core.data import scan as data
 from cxr_core.data.plan import plan_run, preflight
-from cxr_core.engine import distribute, features, litert, model as model_lib
+from cxr_core.engine import distribute, export, features, model as model_lib
 from cxr_core.engine.batches import ImageBatches
 from cxr_core.engine.callbacks import EpochRecorder
 from cxr_core.engine.context import (
@@ -58,7 +59,7 @@ from cxr_core.engine.losses import compile_model, learning_rate, optimizer as ma
 from cxr_core.engine.sync_fit import plain_copy, predict_logits, row_weights, sync_fit
 from cxr_core.io.images import load_gray
 from cxr_core.runs import registry as runs
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import Metrics, RunFolder, RunState
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def train(
             runtime = distribute.setup(config.train.distribute, config.train.precision, config.train.cpu_replicas)
         except CxrError as error:
             if run_dir is not None:  # the launcher's folder says why
-                RunFolder(run_dir).write_status("failed", message=str(error), error=str(error))
+                RunFolder(run_dir).write_status(RunState.FAILED, message=str(error), error=str(error))
             raise
     if not runtime.is_chief:
         scratch = Path(tempfile.mkdtemp(prefix="cxr-worker-"))
@@ -115,11 +116,11 @@ def _train(config: RunConfig, run_dir: str | os.PathLike, runtime: distribute.Ru
     ctx = TrainingContext(config=config, folder=folder, report=Reporter(folder, on_progress),
                           should_stop=should_stop, on_epoch_end=on_epoch_end, started=started, runtime=runtime)
     report = ctx.report
-    where = ctx.status_fields
+    runtime_fields = ctx.status_fields  # where the run trains: host, devices, strategy, precision
 
     folder.write_config(config)
-    folder.write_status("running", pid=os.getpid(), started=started, message="starting", **where)
-    report("runtime", **where)
+    folder.write_status(RunState.RUNNING, pid=os.getpid(), started=started, message="starting", **runtime_fields)
+    report("runtime", **runtime_fields)
     try:
         for stage in STAGES:
             if not runtime.is_chief and stage in CHIEF_ONLY:
@@ -127,12 +128,12 @@ def _train(config: RunConfig, run_dir: str | os.PathLike, runtime: distribute.Ru
             with distribute.collective_errors(runtime):
                 stage(ctx)
     except Cancelled:
-        report("cancelled", message="cancelled by the user")
-        folder.write_status("cancelled", message="cancelled by the user", **where)
+        report(RunState.CANCELLED, message="cancelled by the user")
+        folder.write_status(RunState.CANCELLED, message="cancelled by the user", **runtime_fields)
         return folder.path
     except CxrError as error:
-        report("failed", message=str(error))
-        folder.write_status("failed", message=str(error), error=str(error), **where)
+        report(RunState.FAILED, message=str(error))
+        folder.write_status(RunState.FAILED, message=str(error), error=str(error), **runtime_fields)
         raise
     except OSError as error:
         if error.errno != errno.ENOSPC:
@@ -146,10 +147,10 @@ def _train(config: RunConfig, run_dir: str | os.PathLike, runtime: distribute.Ru
         _record_failure(ctx, error)
         raise
     duration = time.time() - started
-    auc = (((ctx.metrics or {}).get("test") or {}).get("at_threshold") or {}).get("roc_auc")
+    auc = (Metrics.from_dict(ctx.metrics) or Metrics()).test_auc
     message = f"done in {duration:.0f} s" + (f", test AUC {auc:.3f}" if auc is not None else "")
-    report("done", message=message)
-    folder.write_status("done", message=message, duration_s=duration, **where)
+    report(RunState.DONE, message=message)
+    folder.write_status(RunState.DONE, message=message, duration_s=duration, **runtime_fields)
     return folder.path
 
 
@@ -158,8 +159,8 @@ def _record_failure(ctx: TrainingContext, error: BaseException, text: str | None
     then reports the dead process as failed anyway."""
     text = text or f"{type(error).__name__}: {error}"
     try:
-        ctx.report("failed", message=text)
-        ctx.folder.write_status("failed", message=text, error=text, traceback=traceback.format_exc(),
+        ctx.report(RunState.FAILED, message=text)
+        ctx.folder.write_status(RunState.FAILED, message=text, error=text, traceback=traceback.format_exc(),
                                 **ctx.status_fields)
     except OSError:
         log.error("could not record the failure of %s: %s", ctx.folder.path, text)
@@ -196,20 +197,29 @@ def _extract(ctx: TrainingContext) -> None:
     config, rows, report = ctx.config, ctx.rows, ctx.report
     total = len(rows)
     report("stage", stage="extract", total=total, message=f"computing backbone features of {total} images")
-    start = time.time()
-    last = [0.0]
+    # The time estimate counts only images the model computes: cache look-ups before are much faster.
+    clock = {"start": time.time(), "base": 0, "done": 0, "last": 0.0}
 
     def progress(done: int, total_: int) -> None:
         now = time.time()
-        if now - last[0] < 0.5 and done < total_:
+        clock["done"] = done
+        if now - clock["last"] < 0.5 and done < total_:
             return
-        last[0] = now
-        rate = done / max(now - start, 1e-6)
+        clock["last"] = now
+        rate = (done - clock["base"]) / max(now - clock["start"], 1e-6)
         eta = (total_ - done) / rate if rate > 0 else None
         report("extract", done=int(done), total=int(total_), eta_s=eta)
 
+    def computing(n_missing: int) -> None:
+        # Said before the backbone is built (several seconds with nothing else to report), with where
+        # the look-ups got to, which the throttle may have held back.
+        clock.update(start=time.time(), base=clock["done"], last=time.time())
+        report("extract", done=int(clock["done"]), total=total, eta_s=None,
+               message=f"building the backbone to compute {n_missing} images' features")
+
     options = dict(cache_dir=config.train.cache_dir, batch_size=max(config.train.batch_size, 16),
-                   seed=config.train.seed, on_progress=progress, should_stop=ctx.stop_requested)
+                   seed=config.train.seed, on_progress=progress, should_stop=ctx.stop_requested,
+                   on_compute=computing)
     computed = 0
     runtime = ctx.runtime
     if runtime is not None and runtime.multi_worker:
@@ -362,8 +372,6 @@ def _leave_strategy(ctx: TrainingContext) -> None:
 
 def _evaluate(ctx: TrainingContext) -> None:
     """Threshold on validation, metrics on test; metrics.json and predictions.csv."""
-    from cxr_core.core.metrics import metrics_report, multiclass_metrics  # noqa: PLC0415
-
     task = ctx.task
     ctx.report("stage", stage="evaluate", message="choosing the threshold on validation, testing"
                if task.uses_threshold else "testing the most probable class")
@@ -434,7 +442,7 @@ def _export(ctx: TrainingContext) -> None:
         return
     ctx.report("stage", stage="export", message="exporting model.tflite (LiteRT) for light prediction")
     try:
-        litert.export_classifier(ctx.classifier, ctx.folder.path, ctx.config.model.backbone)
+        export.export_classifier(ctx.classifier, ctx.folder.path, ctx.config.model.backbone)
     except (CxrError, OSError) as error:
         log.warning("Run %s: no LiteRT export (%s); the app will predict with Keras.", ctx.folder.path, error)
         ctx.report("warning", message=f"No LiteRT export: {error} The run predicts with Keras instead.")

@@ -31,9 +31,8 @@ import pandas as pd
 from cxr_core.core.errors import BadRunError, BadSettingError, CxrError
 from cxr_core.core.labels import THRESHOLD_RULES
 from cxr_core.core.metrics import binary_metrics, metrics_report
-from cxr_core.engine import litert
 from cxr_core.runs import registry as runs
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder, RunState
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,8 @@ def _check_members(folders: list[RunFolder]) -> list:
     configs = []
     for folder in folders:
         config = folder.read_config()  # BadRunError with one sentence when missing or damaged
-        state = runs.read_status(folder.path)["state"]
-        if state != "done" or not folder.has_model():
+        state = runs.run_status(folder.path).state
+        if state is not RunState.DONE or not folder.has_model():
             raise BadRunError(
                 f"The run {folder.name} is not finished (its state is {state}); "
                 "an ensemble combines finished runs only."
@@ -159,10 +158,10 @@ def _metrics(folders: list[RunFolder], configs: list, evaluated: pd.DataFrame, r
         test["y"].to_numpy(), test["probability"].to_numpy(),
         rule=rule, target_sensitivity=configs[0].train.target_sensitivity,
     )
-    first = folders[0].read_metrics() or {}
+    first = folders[0].metrics()
     for key in ("n_images", "n_augmented", "split_counts", "n_patients_test", "layout"):
-        if key in first:
-            metrics[key] = first[key]
+        if first is not None and key in first.raw:  # copied as the member wrote them
+            metrics[key] = first.raw[key]
     members = []
     for folder, config in zip(folders, configs):
         rows = _evaluated_rows(folder).set_index("path").reindex(evaluated["path"])
@@ -215,9 +214,10 @@ def make_ensemble(
                 f"The folder {target.path} already holds a run; choose a new folder for the ensemble."
             )
 
-    from cxr_core.engine.model import build_ensemble, load_classifier  # noqa: PLC0415 - model imports Keras
+    # Imported here: the engine's model and export import TensorFlow; the checks above need none.
+    from cxr_core.engine import export, model as model_lib  # noqa: PLC0415
 
-    classifiers = [load_classifier(folder.model_path) for folder in folders]
+    classifiers = [model_lib.load_classifier(folder.model_path) for folder in folders]
     sizes = [tuple(int(d) for d in c.input_shape[1:]) for c in classifiers]
     if len(set(sizes)) != 1:
         described = ", ".join(f"{f.name} takes {s[0]}x{s[1]}" for f, s in zip(folders, sizes))
@@ -225,7 +225,7 @@ def make_ensemble(
             f"The runs take different image sizes ({described}); an ensemble needs one input size."
         )
     metrics = _metrics(folders, configs, evaluated, rule)
-    ensemble = build_ensemble(classifiers)
+    ensemble = model_lib.build_ensemble(classifiers)
 
     if out_dir is not None:
         folder = target
@@ -235,7 +235,7 @@ def make_ensemble(
     first = configs[0]
     config = dataclasses.replace(first, train=dataclasses.replace(first.train, recipe=RECIPE, threshold_rule=rule))
     folder.write_config(config)
-    folder.write_status("running", pid=os.getpid(), started=started, message="combining runs")
+    folder.write_status(RunState.RUNNING, pid=os.getpid(), started=started, message="combining runs")
     try:
         folder.write_members([f.path for f in folders])
         split = _union_split(folders)
@@ -247,13 +247,14 @@ def make_ensemble(
         folder.save_model(ensemble)
         if config.train.export_litert:
             try:
-                litert.export_classifier(ensemble, folder.path, config.model.backbone)
+                export.export_classifier(ensemble, folder.path, config.model.backbone)
             except (CxrError, OSError) as error:
                 log.warning("Ensemble %s: no LiteRT export (%s); it will predict with Keras.", folder.path, error)
     except BaseException as error:
-        folder.write_status("failed", message=str(error), error=str(error))
+        folder.write_status(RunState.FAILED, message=str(error), error=str(error))
         raise
     duration = time.time() - started
-    folder.write_status("done", message=f"ensemble of {len(folders)} runs ({_names(folders)})", duration_s=duration)
+    folder.write_status(RunState.DONE, message=f"ensemble of {len(folders)} runs ({_names(folders)})",
+                        duration_s=duration)
     log.info("Ensemble %s of %s written in %.1f s.", folder.path, _names(folders), duration)
     return folder.path

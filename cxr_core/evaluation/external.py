@@ -29,6 +29,9 @@ import pandas as pd
 from cxr_core.core.errors import BadSettingError, CxrError
 from cxr_core.core.labels import POSITIVE
 from cxr_core.core.metrics import binary_metrics, estimate_prior_em, multiclass_metrics, threshold_for_prior
+from cxr_core.data.scan import scan_dataset, stratified_subset, task_labels
+from cxr_core.data.shortcut_lab import read_markers
+from cxr_core.inference.predictor import Predictor
 from cxr_core.io.images import load_gray
 from cxr_core.runs.run_folder import RunFolder, evaluation_name
 
@@ -74,16 +77,6 @@ def prevalence_adjustment(folder: RunFolder, prob: np.ndarray, y: np.ndarray, th
             "at_threshold": binary_metrics(y, prob, threshold=adjusted)}
 
 
-def _map_grid(predictor: Any) -> tuple[int, int]:
-    """(rows, columns) of the run's raw Grad-CAM map, from one blank forward pass.
-
-    ``Explanation`` holds the map already stretched to the image, so the engine is asked directly.
-    """
-    size = int(predictor.image_size)
-    _, cams = predictor._engine.explain(np.zeros((1, size, size, 3), np.float32))
-    return int(cams.shape[1]), int(cams.shape[2])
-
-
 def peak_on_marker(heatmap: np.ndarray, box: tuple[float, float, float, float], grid: tuple[int, int]) -> bool:
     """Whether the peak of ``heatmap`` (h, w) lies in ``box`` (x, y, w, h) grown by one map cell.
 
@@ -98,7 +91,7 @@ def peak_on_marker(heatmap: np.ndarray, box: tuple[float, float, float, float], 
     return (x - cell_w <= col + 0.5 <= x + w + cell_w) and (y - cell_h <= row + 0.5 <= y + h + cell_h)
 
 
-def marker_attention(predictor: Any, manifest: pd.DataFrame, on_progress: Any = None) -> dict | None:
+def marker_attention(predictor: Predictor, manifest: pd.DataFrame, on_progress: Any = None) -> dict | None:
     """The share of marked images whose Grad-CAM peak lies on the marker (see the module's notes).
 
     Args:
@@ -110,17 +103,16 @@ def marker_attention(predictor: Any, manifest: pd.DataFrame, on_progress: Any = 
         {"marker_attention": share or None (no marked image could be read), "n_marked": images
         checked, "marker_map": the class whose map was used}, or None when the manifest records no marker.
     """
-    from cxr_core.data.shortcut_lab import read_markers  # noqa: PLC0415 (as scan: only when evaluating)
-
     markers = read_markers(manifest)
     if markers is None:
         return None
     marked = manifest.loc[markers["marker"] == 1, "path"].astype(str)
     boxes = markers.loc[marked.index, ["marker_x", "marker_y", "marker_w", "marker_h"]].to_numpy(np.float64)
-    multiclass = getattr(predictor, "multiclass", False)
-    target = None if multiclass else POSITIVE
+    # The marker was planted as a sign of pneumonia: ask for the map of PNEUMONIA where the task has
+    # that class, else (the subtype task) for the map of each image's predicted class.
+    target = POSITIVE if POSITIVE in predictor.classes else None
     hits = checked = 0
-    grid = _map_grid(predictor) if len(marked) else (1, 1)
+    grid = predictor.map_grid if len(marked) else (1, 1)
     step = 16
     paths = marked.tolist()
     for start in range(0, len(paths), step):
@@ -132,17 +124,17 @@ def marker_attention(predictor: Any, manifest: pd.DataFrame, on_progress: Any = 
             except CxrError:
                 continue  # already listed in ``skipped`` by the prediction pass
         if grays:
-            for explanation, index in zip(predictor.explanations(grays, target), chosen):
+            for explanation, index in zip(predictor.explain(grays, target), chosen):
                 checked += 1
                 hits += peak_on_marker(explanation.heatmap, tuple(boxes[index]), grid)
         if on_progress is not None:
             on_progress(min(start + step, len(paths)), len(paths))
     return {"marker_attention": float(hits / checked) if checked else None, "n_marked": checked,
-            "marker_map": "predicted class" if multiclass else POSITIVE}
+            "marker_map": target or "predicted class"}
 
 
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, threshold: float | None = None,
-                    engine: str = "auto", store: bool = True, predictor: Any = None,
+                    engine: str = "auto", store: bool = True, predictor: Predictor | None = None,
                     on_progress: Any = None, limit: int | None = None) -> dict:
     """Metrics of a run over every image of a folder.
 
@@ -171,33 +163,21 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         CxrError: the run or the folder cannot be used, or no image could be read (for a subtype
             run also: images without a subtype in their name, or a threshold given).
     """
-    from cxr_core.data.scan import scan_dataset, task_labels  # noqa: PLC0415
-    from cxr_core.inference.predictor import Predictor  # noqa: PLC0415
-
     folder = RunFolder(run_dir)
     if predictor is None:
         predictor = Predictor.from_run(folder.path, engine=engine)
-    task = getattr(predictor, "task", "pneumonia")
-    multiclass = task != "pneumonia"
-    if multiclass and threshold is not None:
-        raise BadSettingError(f"The run {folder.name} is a {task} run, which labels each image with its most probable "
-                              "class, so a threshold does not apply to it.")
-    chosen = None if multiclass else (predictor.threshold if threshold is None else float(threshold))
+    task = predictor.task
+    if threshold is not None and not task.uses_threshold:
+        raise BadSettingError(f"The run {folder.name} is a {task.name} run, which labels each image with its most "
+                              "probable class, so a threshold does not apply to it.")
+    chosen = (predictor.threshold if threshold is None else float(threshold)) if task.uses_threshold else None
     scan = scan_dataset(data_dir)
-    manifest = task_labels(scan.manifest, task)
+    manifest = task_labels(scan.manifest, task.name)
     sampled_from = None
     if limit and len(manifest) > int(limit):
-        from cxr_core.data.scan import stratified_subset  # noqa: PLC0415
-
         sampled_from = int(len(manifest))
-        manifest = stratified_subset(manifest, int(limit), seed=123, task=task)
-    paths = manifest["path"].tolist()
-    results: list[dict] = []
-    step = 64
-    for start in range(0, len(paths), step):
-        results.extend(predictor.predict_files(paths[start:start + step]))
-        if on_progress is not None:
-            on_progress(min(start + step, len(paths)), len(paths))
+        manifest = stratified_subset(manifest, int(limit), seed=123, task=task.name)
+    results = _classify(predictor, manifest["path"].tolist(), on_progress)
     ok = np.array(["error" not in r for r in results], dtype=bool)
     skipped = [{"path": str(p), "reason": str(r)} for p, r in zip(scan.skipped["path"], scan.skipped["reason"])]
     skipped += [{"path": r["file"], "reason": r["error"]} for r in results if "error" in r]
@@ -205,42 +185,66 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         raise CxrError(f"None of the images in {data_dir} could be read.")
     used = manifest[ok].copy()
     y = used["y"].to_numpy()
-    if multiclass:
-        classes = tuple(predictor.classes)
-        probs = np.array([[r["probabilities"][c] for c in classes] for r in results if "error" not in r],
-                         dtype=np.float64).reshape(-1, len(classes))
-        for c, name in enumerate(classes):
-            used[f"p_{name}"] = probs[:, c]
-        used["probability"] = 1.0 - probs[:, 0]
-        used["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
-        result = multiclass_metrics(y, probs, classes)
-    else:
-        used["probability"] = [r["probability"] for r in results if "error" not in r]
-        prob = used["probability"].to_numpy()
-        result = {"task": task, **binary_metrics(y, prob, threshold=chosen)}
-        result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    result = _metrics(used, [r for r in results if "error" not in r], predictor, chosen)
     result["skipped"] = skipped
     result["duplicates"] = int(len(scan.duplicates))
     result["run"] = str(run_dir)
     result["data"] = str(data_dir)
     name = evaluation_name(data_dir)
     result["name"] = name
-    result["engine"] = predictor.engine
+    result["engine"] = predictor.engine.name
     result["sampled_from"] = sampled_from
     overlap = training_overlap(folder, used["sha256"]) if "sha256" in used else {}
     result["overlap"] = overlap
     result["warning"] = overlap_warning(overlap, len(used))
-    if not multiclass:
-        result["prevalence"] = prevalence_adjustment(folder, prob, y, chosen)
+    if task.uses_threshold:  # a threshold can follow the new images' prevalence
+        result["prevalence"] = prevalence_adjustment(folder, used["probability"].to_numpy(), y, chosen)
     attention = marker_attention(predictor, used, on_progress)
     if attention is not None:
         result.update(attention)
     if store:
-        # label is the true class, as for the pneumonia task; a subtype run adds p_<class> and predicted.
-        extra = [f"p_{name}" for name in classes] + ["predicted"] if multiclass else []
-        columns = [c for c in ("path", "y", "probability", *extra, "label", "patient_id") if c in used.columns]
-        try:
-            folder.write_evaluation(name, result, used[columns])
-        except OSError as error:  # a read-only run (the shipped demo on a hosted app) still answers
-            log.warning("Could not store the evaluation in %s: %s", folder.path, error)
+        _store(folder, name, result, used, () if task.is_binary else task.classes)
     return result
+
+
+def _classify(predictor: Predictor, paths: list[str], on_progress: Any) -> list[dict]:
+    """``predict_files`` over ``paths`` in steps, reporting (done, total) after each."""
+    results: list[dict] = []
+    step = 64
+    for start in range(0, len(paths), step):
+        results.extend(predictor.predict_files(paths[start:start + step]))
+        if on_progress is not None:
+            on_progress(min(start + step, len(paths)), len(paths))
+    return results
+
+
+def _metrics(used: pd.DataFrame, results: list[dict], predictor: Predictor, chosen: float | None) -> dict:
+    """The metrics of the readable images (``results`` in ``used``'s order); adds their probabilities
+    (and, for a subtype run, each class's and the predicted class) to ``used``."""
+    y = used["y"].to_numpy()
+    task = predictor.task
+    if not task.is_binary:
+        classes = task.classes
+        probs = np.array([[r["probabilities"][c] for c in classes] for r in results],
+                         dtype=np.float64).reshape(-1, len(classes))
+        for c, name in enumerate(classes):
+            used[f"p_{name}"] = probs[:, c]
+        used["probability"] = 1.0 - probs[:, 0]
+        used["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+        return multiclass_metrics(y, probs, classes)
+    used["probability"] = [r["probability"] for r in results]
+    prob = used["probability"].to_numpy()
+    result = {"task": task.name, **binary_metrics(y, prob, threshold=chosen)}
+    result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    return result
+
+
+def _store(folder: RunFolder, name: str, result: dict, used: pd.DataFrame, classes: tuple[str, ...]) -> None:
+    """Keep the result and the per-image table with the run (``classes``: a subtype run's, else empty)."""
+    # label is the true class, as for the pneumonia task; a subtype run adds p_<class> and predicted.
+    extra = [f"p_{c}" for c in classes] + ["predicted"] if classes else []
+    columns = [c for c in ("path", "y", "probability", *extra, "label", "patient_id") if c in used.columns]
+    try:
+        folder.write_evaluation(name, result, used[columns])
+    except OSError as error:  # a read-only run (the shipped demo on a hosted app) still answers
+        log.warning("Could not store the evaluation in %s: %s", folder.path, error)

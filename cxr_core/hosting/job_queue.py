@@ -36,7 +36,7 @@ from cxr_core.core.errors import BadDatasetError, BadRunError, CxrError, JobQueu
 from cxr_core.hosting import jobs
 from cxr_core.io.atomic import read_json, write_json_atomic
 from cxr_core.runs import registry as runs
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder, RunState
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ class QueuedJob:
     owner: str
     submitted: float
     place: int
-
-
-def _root(root: str | os.PathLike | None) -> Path:
-    return Path(root) if root is not None else runs.runs_root().path
 
 
 def _queue_dir(root: Path) -> Path:
@@ -101,9 +97,10 @@ def _write(root: Path, entries: list[dict]) -> None:
     write_json_atomic(_queue_dir(root) / QUEUE_FILE, {"jobs": entries})
 
 
-def _state(run_dir: str | os.PathLike) -> str | None:
+def _state(run_dir: str | os.PathLike) -> RunState | None:
     """The state its status file records (not reconciled: a queued run has no process to check)."""
-    return (RunFolder(run_dir).read_status_file() or {}).get("state")
+    status = RunFolder(run_dir).status()
+    return status.state if status is not None else None
 
 
 def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -112,7 +109,7 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _waiting(entries: list[dict]) -> list[dict]:
     """The entries whose run still waits (a folder deleted meanwhile, or already started, drops out)."""
-    return [entry for entry in entries if _state(entry["run_dir"]) == "queued"]
+    return [entry for entry in entries if _state(entry["run_dir"]) is RunState.QUEUED]
 
 
 def _as_jobs(entries: list[dict]) -> list[QueuedJob]:
@@ -142,7 +139,7 @@ def submit(config: RunConfig, owner: str, parent: str | os.PathLike | None = Non
     """
     if per_owner_limit is not None and per_owner_limit < 1:
         raise ValueError(f"per_owner_limit must be None or at least 1, not {per_owner_limit!r}")
-    root = _root(root)
+    root = runs.resolve_root(root)
     with _locked(root):
         entries = _read(root)
         if per_owner_limit is not None:
@@ -157,7 +154,7 @@ def submit(config: RunConfig, owner: str, parent: str | os.PathLike | None = Non
         try:
             folder = RunFolder(run_dir)
             folder.write_config(config)
-            folder.write_status("queued", pid=None, started=None, submitted=submitted, message=QUEUED_MESSAGE)
+            folder.write_status(RunState.QUEUED, pid=None, started=None, submitted=submitted, message=QUEUED_MESSAGE)
             entries.append(entry)
             _write(root, entries)
         except BaseException:
@@ -168,7 +165,7 @@ def submit(config: RunConfig, owner: str, parent: str | os.PathLike | None = Non
 
 def waiting(root: str | os.PathLike | None = None) -> list[QueuedJob]:
     """The jobs waiting to start, next first."""
-    return _as_jobs(_read(_root(root)))
+    return _as_jobs(_read(runs.resolve_root(root)))
 
 
 def place(run_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> int | None:
@@ -184,14 +181,14 @@ def withdraw(run_dir: str | os.PathLike, root: str | os.PathLike | None = None) 
     Raises:
         BadRunError: its folder could not be deleted (a file in it is in use); it stays queued.
     """
-    root, target = _root(root), Path(run_dir)
+    root, target = runs.resolve_root(root), Path(run_dir)
     with _locked(root):
         entries = _read(root)
         entry = next((e for e in entries if _same(e["run_dir"], target)), None)
         if entry is None:
             return False
         rest = [e for e in entries if e is not entry]
-        if _state(target) == "queued":
+        if _state(target) is RunState.QUEUED:
             try:
                 runs.delete_run(target, queued_ok=True)
             except BadRunError:
@@ -214,7 +211,7 @@ def dispatch(root: str | os.PathLike | None = None) -> list[Path]:
     Returns:
         The run folders started by this call.
     """
-    root = _root(root)
+    root = runs.resolve_root(root)
     started: list[Path] = []
     while True:
         lock = FileLock(str(_queue_dir(root) / LOCK_FILE))
@@ -240,7 +237,7 @@ def _start_next(root: Path) -> Path | bool | None:
         return None
     entry, rest = entries[0], entries[1:]
     folder = RunFolder(entry["run_dir"])
-    if _state(folder.path) != "queued":
+    if _state(folder.path) is not RunState.QUEUED:
         # Its folder was deleted, or a dispatcher started it and stopped before striking it off.
         _write(root, rest)
         return False
@@ -252,8 +249,8 @@ def _start_next(root: Path) -> Path | bool | None:
         jobs.start_training(config, root, run_dir=folder.path)
     except TrainingBusyError:
         # Another launcher took the free slot at this moment: the job keeps its place.
-        if _state(folder.path) != "queued":
-            folder.write_status("queued", pid=None, started=None, submitted=entry["submitted"],
+        if _state(folder.path) is not RunState.QUEUED:
+            folder.write_status(RunState.QUEUED, pid=None, started=None, submitted=entry["submitted"],
                                 message=QUEUED_MESSAGE)
         return None
     except CxrError as error:
@@ -280,13 +277,13 @@ def _check_startable(config: RunConfig) -> None:
         raise BadDatasetError(f"The data set folder {config.data.data_dir} no longer exists, so this queued "
                               "training job could not start; choose a data set that is here and train again.")
     # The ImageNet host is not probed here (the training process finds out, with its own sentence).
-    preflight(config, probe=lambda: True, where="app")
+    preflight(config, probe=lambda: True, audience="app")
 
 
 def _fail(folder: RunFolder, text: str) -> None:
     try:
-        folder.append_progress({"time": time.time(), "event": "failed", "message": text})
-        folder.write_status("failed", pid=None, message=text, error=text)
+        folder.append_progress({"time": time.time(), "event": RunState.FAILED, "message": text})
+        folder.write_status(RunState.FAILED, pid=None, message=text, error=text)
     except OSError:  # its folder was deleted meanwhile: nothing to mark
         log.warning("could not mark %s failed: %s", folder.path, text)
 
@@ -310,7 +307,7 @@ _DISPATCHERS_LOCK = threading.Lock()
 def start_dispatcher(root: str | os.PathLike | None = None, every_s: float = 2.0) -> threading.Thread:
     """Start (once per runs root and process; later calls return the same thread) a daemon thread
     that calls ``dispatch`` every ``every_s`` seconds."""
-    root = _root(root).resolve()
+    root = runs.resolve_root(root).resolve()
     with _DISPATCHERS_LOCK:
         current = _DISPATCHERS.get(str(root))
         if current is not None and current[0].is_alive():
@@ -325,7 +322,7 @@ def start_dispatcher(root: str | os.PathLike | None = None, every_s: float = 2.0
 
 def stop_dispatcher(root: str | os.PathLike | None = None, timeout: float = 30.0) -> None:
     """Stop the dispatcher thread of ``root`` (after the round it is in), if there is one."""
-    root = _root(root).resolve()
+    root = runs.resolve_root(root).resolve()
     with _DISPATCHERS_LOCK:
         current = _DISPATCHERS.pop(str(root), None)
     if current is not None:

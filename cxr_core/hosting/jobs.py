@@ -38,7 +38,7 @@ from cxr_core.core.errors import BadRunError, BadSettingError, CxrError, Trainin
 from cxr_core.hosting import access
 from cxr_core.io.atomic import read_json, write_json_atomic
 from cxr_core.runs import registry as runs
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder, RunState
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ _WARNED: set[tuple[str, str]] = set()
 _WINDOWS = sys.platform == "win32"
 
 
-def _root(root: str | os.PathLike | None) -> Path:
-    return Path(root) if root is not None else runs.runs_root().path
-
-
 def _whole(value: object) -> int | None:
     """``value`` as a whole number of at least 1 (an int, or digits in a string), else None."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -76,7 +72,7 @@ def _whole(value: object) -> int | None:
 def max_concurrent(root: str | os.PathLike | None = None) -> int:
     """How many training jobs may run at once: the operator's setting in the runs root, else
     ``$CXR_MAX_JOBS``, else 1. A value that is not a whole number of at least 1 is ignored (logged)."""
-    settings = read_json(_root(root) / SETTINGS_NAME, default=None)
+    settings = read_json(runs.resolve_root(root) / SETTINGS_NAME, default=None)
     chosen = settings.get("max_concurrent") if isinstance(settings, dict) else None
     for source, value in ((SETTINGS_NAME, chosen), (MAX_JOBS_ENV, os.environ.get(MAX_JOBS_ENV))):
         if value is None or value == "":
@@ -98,7 +94,7 @@ def set_max_concurrent(n: int | None, root: str | os.PathLike | None = None) -> 
     Raises:
         BadSettingError: ``n`` is not a whole number of at least 1.
     """
-    root = _root(root)
+    root = runs.resolve_root(root)
     if n is None:
         (root / SETTINGS_NAME).unlink(missing_ok=True)
         return
@@ -150,7 +146,7 @@ def _taken_slots(root: Path) -> list[int]:
 
 def running_count(root: str | os.PathLike | None = None) -> int:
     """How many training jobs run on this server now."""
-    return len(_taken_slots(_root(root)))
+    return len(_taken_slots(runs.resolve_root(root)))
 
 
 def _busy_error(root: Path) -> TrainingBusyError:
@@ -167,13 +163,13 @@ def _busy_error(root: Path) -> TrainingBusyError:
 
 def is_busy(root: str | os.PathLike | None = None) -> bool:
     """True while every slot is taken: as many jobs run as ``max_concurrent`` allows, so none can start."""
-    root = _root(root)
+    root = runs.resolve_root(root)
     return len(_taken_slots(root)) >= max_concurrent(root)
 
 
 def active_runs(root: str | os.PathLike | None = None) -> list[Path]:
     """The run folders of the jobs now running on this server, in slot order."""
-    root = _root(root)
+    root = runs.resolve_root(root)
     found = []
     for slot in _taken_slots(root):
         info = read_json(active_path(root, slot), default={}) or {}
@@ -205,7 +201,7 @@ def hold_training_lock(lock_file: str | os.PathLike, run_dir: str | os.PathLike)
         raise _busy_error(lock_file.parent) from None
     _HELD.append(lock)
     write_json_atomic(_active_for(lock_file), {"run_dir": str(Path(run_dir)), "pid": os.getpid()})
-    RunFolder(run_dir).write_status("running", pid=os.getpid(), message="starting")
+    RunFolder(run_dir).write_status(RunState.RUNNING, pid=os.getpid(), message="starting")
 
 
 def start_training(config: RunConfig, root: str | os.PathLike | None = None,
@@ -221,7 +217,7 @@ def start_training(config: RunConfig, root: str | os.PathLike | None = None,
         BadRunError: ``run_dir`` does not exist.
         CxrError: the training process stopped, or did not report, before it started.
     """
-    root = _root(root)
+    root = runs.resolve_root(root)
     root.mkdir(parents=True, exist_ok=True)
     launch = FileLock(str(root / LAUNCH_NAME))
     try:
@@ -241,8 +237,8 @@ def start_training(config: RunConfig, root: str | os.PathLike | None = None,
         run_dir = Path(run_dir)
         folder = RunFolder(run_dir)
         folder.write_config(config)
-        # The launcher's own pid until the child writes its own: the run is "running" while either lives.
-        folder.write_status("running", pid=os.getpid(), message="starting")
+        # The launcher's own pid until the child writes its own: the run is running while either lives.
+        folder.write_status(RunState.RUNNING, pid=os.getpid(), message="starting")
         process = _launch(folder, lock_path(root, slot))
         _wait_until_started(process, folder, lock_path(root, slot))
         # Reap the child when it exits so it does not linger as a zombie in the server.
@@ -277,8 +273,8 @@ def _wait_until_started(process: subprocess.Popen, folder: RunFolder, lock_file:
     otherwise stop it, mark the run failed and raise one sentence."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
-        status = folder.read_status_file() or {}
-        if status.get("pid") not in (None, os.getpid()):
+        status = folder.status()
+        if status is not None and status.pid not in (None, os.getpid()):
             return
         if process.poll() is not None:
             break
@@ -287,15 +283,15 @@ def _wait_until_started(process: subprocess.Popen, folder: RunFolder, lock_file:
             process.wait()
             text = (f"The training process did not start within {START_TIMEOUT_S:.0f} seconds, so it was stopped; "
                     f"see {folder.log_path} for what it was doing.")
-            folder.write_status("failed", message=text, error=text)
+            folder.write_status(RunState.FAILED, message=text, error=text)
             raise CxrError(text)
         time.sleep(0.05)
     if _held(lock_file):  # a job started outside this launcher took the slot first
         error = _busy_error(lock_file.parent)
-        folder.write_status("failed", message=str(error), error=str(error))
+        folder.write_status(RunState.FAILED, message=str(error), error=str(error))
         raise error
     text = f"The training process stopped before it started (exit code {process.returncode}){_last_words(folder)}"
-    folder.write_status("failed", message=text, error=text)
+    folder.write_status(RunState.FAILED, message=text, error=text)
     raise CxrError(text)
 
 
@@ -327,7 +323,7 @@ def terminate(run_dir: str | os.PathLike, grace_s: float = 10.0) -> bool:
     import psutil  # noqa: PLC0415 - runs imports it anyway; named here for the exceptions
 
     folder = RunFolder(run_dir)
-    process = runs.running_process(folder.read_status_file() or {})
+    process = runs.running_process(folder.status())
     if process is None:
         return False
     folder.request_cancel()

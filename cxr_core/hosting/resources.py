@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from cxr_core.core.errors import BadSettingError, ServerBusyError
-from cxr_core.io.atomic import atomic_path
+from cxr_core.io.atomic import write_stream_atomic
 
 MB = 2**20
 ENV_MAX_UPLOAD = "CXR_MAX_UPLOAD_MB"
@@ -135,8 +134,7 @@ def save_upload(source: IO[bytes], data_root: str | os.PathLike, suffix: str = "
     target = folder / f"{uuid.uuid4().hex}{suffix}"
     with contextlib.suppress(AttributeError, OSError):
         source.seek(0)
-    with atomic_path(target) as tmp, open(tmp, "wb") as sink:
-        shutil.copyfileobj(source, sink, CHUNK_BYTES)
+    write_stream_atomic(target, source, chunk=CHUNK_BYTES)
     return target
 
 

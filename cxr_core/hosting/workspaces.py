@@ -24,7 +24,7 @@ from pathlib import Path
 from cxr_core.core.errors import BadSettingError, CxrError
 from cxr_core.hosting.resources import positive_int_setting
 from cxr_core.io.atomic import write_bytes_atomic
-from cxr_core.runs.registry import WORKSPACES_DIR, read_status, runs_root
+from cxr_core.runs.registry import WORKSPACES_DIR, resolve_root, run_status
 
 LAST_USED_FILE = ".last-used"
 ENV_DAYS = "CXR_WORKSPACE_DAYS"
@@ -57,12 +57,8 @@ def valid_id(value: str | None) -> bool:
     return bool(value) and bool(_ID.match(str(value)))
 
 
-def _root(root: str | os.PathLike | None) -> Path:
-    return Path(root) if root is not None else runs_root().path
-
-
 def workspaces_dir(root: str | os.PathLike | None = None) -> Path:
-    return _root(root) / WORKSPACES_DIR
+    return resolve_root(root) / WORKSPACES_DIR
 
 
 def folder(workspace: str, root: str | os.PathLike | None = None, touch: bool = True) -> Path:
@@ -115,7 +111,7 @@ def limit_mb(root: str | os.PathLike | None = None, env: Mapping[str, str] | Non
     if wanted is not None:
         return wanted
     if free_bytes is None:
-        free_bytes = shutil.disk_usage(_root(root)).free
+        free_bytes = shutil.disk_usage(resolve_root(root)).free
     return int(max(MIN_MB, min(MAX_MB, free_bytes * DISK_SHARE // MB)))
 
 
@@ -152,7 +148,7 @@ def check_room(workspace: str, root: str | os.PathLike | None = None, limit: int
 
 
 def _busy(workspace: str, root: str | os.PathLike | None) -> bool:
-    return any(read_status(run)["state"] in ("running", "queued") for run in run_folders(workspace, root))
+    return any(run_status(run).state.is_active for run in run_folders(workspace, root))
 
 
 def last_used(workspace: str, root: str | os.PathLike | None = None) -> float:

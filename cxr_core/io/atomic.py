@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 _WINDOWS = os.name == "nt"
 
@@ -82,6 +83,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
+
+
+def write_stream_atomic(path: str | os.PathLike, stream: IO[bytes], head: bytes = b"", chunk: int = 1 << 20) -> None:
+    """Write ``head`` then the rest of the binary file object ``stream`` to ``path`` atomically, ``chunk``
+    bytes at a time (an upload of hundreds of megabytes is never held in memory twice)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(head)
+        shutil.copyfileobj(stream, handle, chunk)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from cxr_core.core.backbones import BACKBONES, get_backbone
 from cxr_core.core.errors import BadSettingError
-from cxr_core.io.atomic import atomic_path
+from cxr_core.io.atomic import write_stream_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: Where Keras downloads ImageNet weights from (all four backbones' files live under this host).
@@ -36,7 +37,7 @@ def keras_cache_dir() -> Path:
         base = Path(os.environ["KERAS_HOME"])
     else:
         home = Path.home()
-        base = (home if os.access(home, os.W_OK) else Path("/tmp")) / ".keras"
+        base = (home if os.access(home, os.W_OK) else Path(tempfile.gettempdir())) / ".keras"
     return base.expanduser() / "models"
 
 
@@ -135,17 +136,18 @@ OTHER_WAYS = {
 }
 
 
-def imagenet_help(backbone: str, alpha: float = 1.0, image_size: int | None = None, where: str = "cli") -> str:
-    """Part of one sentence: the file to place and where, or the other two ways to start."""
+def imagenet_help(backbone: str, alpha: float = 1.0, image_size: int | None = None, audience: str = "cli") -> str:
+    """Part of one sentence: the file to place and where, or the other two ways to start, as
+    ``audience`` (a key of ``OTHER_WAYS``: who asks) can take them."""
     spec = get_backbone(backbone)
-    if where == "visitor":
+    if audience == "visitor":
         return (f"ask the operator of this app to add {spec.imagenet_filename(alpha, image_size)} to the server, "
-                f"{OTHER_WAYS[where]}")
-    return f"place {spec.imagenet_filename(alpha, image_size)} in {keras_cache_dir()}, {OTHER_WAYS[where]}"
+                f"{OTHER_WAYS[audience]}")
+    return f"place {spec.imagenet_filename(alpha, image_size)} in {keras_cache_dir()}, {OTHER_WAYS[audience]}"
 
 
 def check_weights(backbone: str, weights: str, alpha: float = 1.0, image_size: int | None = None,
-                  probe=reachable, where: str = "cli") -> str:
+                  probe=reachable, audience: str = "cli") -> str:
     """Check before a run starts that its starting weights can be had; return how they will be had.
 
     Returns:
@@ -167,7 +169,7 @@ def check_weights(backbone: str, weights: str, alpha: float = 1.0, image_size: i
             return "download"
         raise BadSettingError(
             f"The ImageNet weights for {spec.label} are not on this machine and the download server cannot be "
-            f"reached; {imagenet_help(backbone, alpha, image_size, where)}.")
+            f"reached; {imagenet_help(backbone, alpha, image_size, audience)}.")
     path = Path(choice).expanduser()
     if not path.is_file():
         raise BadSettingError(f"The weights file {path} does not exist; pass imagenet, none or an existing .h5 file.")
@@ -200,11 +202,5 @@ def save_upload(name: str, stream, folder: Path | None = None, chunk: int = 1 <<
     if head != HDF5_SIGNATURE:
         raise BadSettingError(f"{base} is not a Keras weights file (its content is not HDF5).")
     target = (folder or upload_dir()) / base
-    with atomic_path(target) as tmp, open(tmp, "wb") as out:
-        out.write(head)
-        while True:
-            block = stream.read(chunk)
-            if not block:
-                break
-            out.write(block)
+    write_stream_atomic(target, stream, head=head, chunk=chunk)
     return target

@@ -1,14 +1,15 @@
 """Run folders: where they live, what state they are in, listing and deletion.
 
-A run folder is self-describing (see docs/ARCHITECTURE.md). Its ``status.json`` says
-running / done / failed / cancelled. A process killed without warning cannot update its status,
-so a run that says "running" but whose process is gone (or whose pid now belongs to another
-program: the status records the process's creation time too) reads as "failed" here: no run is ever
-shown as done without a loadable model, and none is shown as running forever.
+A run folder is self-describing (see docs/ARCHITECTURE.md). Its ``status.json`` says queued /
+running / done / failed / cancelled (``RunState``). A process killed without warning cannot update its
+status, so a run that says running but whose process is gone (or whose pid now belongs to another
+program: the status records the process's creation time too) reads as failed here (``run_status``):
+no run is ever shown as done without a loadable model, and none is shown as running forever.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -17,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import psutil
 
 from cxr_core.core.errors import BadRunError
 from cxr_core.runs import heartbeat
-from cxr_core.runs.run_folder import MODEL_FILE, STATUS_FILE, RunFolder
+from cxr_core.runs.run_folder import MODEL_FILE, STATUS_FILE, Metrics, RunFolder, RunState, Status
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,14 @@ def runs_root() -> RunsRoot:
     return RunsRoot(temp, fallback=True, reason=reason)
 
 
-def new_run_dir(root: Path | None = None, hint: str = "run") -> Path:
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """``root`` as a Path; the runs root (``runs_root``) when None."""
+    return Path(root) if root is not None else runs_root().path
+
+
+def new_run_dir(root: str | os.PathLike | None = None, hint: str = "run") -> Path:
     """Create and return a new, empty run folder named ``<UTC time>-<hint>``."""
-    root = Path(root) if root is not None else runs_root().path
+    root = resolve_root(root)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", hint).strip("-")[:40] or "run"
     for attempt in range(1000):
@@ -102,7 +109,7 @@ def new_run_dir(root: Path | None = None, hint: str = "run") -> Path:
 _CREATE_TIME_TOLERANCE_S = 1.0
 
 
-def running_process(status: dict) -> psutil.Process | None:
+def running_process(status: Status | Mapping | None) -> psutil.Process | None:
     """The live process a status names (``pid``, and ``pid_create_time`` when recorded), or None.
 
     Portable (psutil; ``os.kill(pid, 0)`` would terminate the process on Windows). None when the
@@ -110,18 +117,18 @@ def running_process(status: dict) -> psutil.Process | None:
     same pid later: its creation time differs from the recorded one. None too for a status written on
     another host (``host``): its pid names no process here, and a process here must not be taken for it.
     """
-    host = status.get("host")
-    if host and host != heartbeat.this_host():
+    if not isinstance(status, Status):
+        status = Status.from_dict({**status, "state": RunState.RUNNING}) if isinstance(status, Mapping) else None
+    if status is None:
         return None
-    try:
-        pid = int(status.get("pid"))
-    except (TypeError, ValueError):
+    if status.host and status.host != heartbeat.this_host():
         return None
-    if pid <= 0 or not psutil.pid_exists(pid):
+    pid = status.pid
+    if pid is None or pid <= 0 or not psutil.pid_exists(pid):
         return None
     try:
         process = psutil.Process(pid)
-        recorded = status.get("pid_create_time")
+        recorded = status.pid_create_time
         if recorded is not None and abs(process.create_time() - float(recorded)) > _CREATE_TIME_TOLERANCE_S:
             return None
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -132,58 +139,61 @@ def running_process(status: dict) -> psutil.Process | None:
     return process
 
 
-def read_status(run_dir: str | os.PathLike) -> dict:
+def run_status(run_dir: str | os.PathLike) -> Status:
     """The run's status, reconciled with reality.
 
-    Returns a dict with at least ``state`` and ``message``. A "running" run whose process is gone
-    reads as "failed" (it was killed); a "done" run without its model reads as "failed" too. A
-    "queued" run has no process yet and stays "queued" (``job_queue`` starts it or marks it failed).
-    A run training on another host (``host``; the run folder on shared storage) has no process here:
-    it is alive while its heartbeat is fresh (``heartbeat.STALE_AFTER_S``), else "failed", naming the host.
+    A running run whose process is gone reads as failed (it was killed); a done run without its model
+    reads as failed too. A queued run has no process yet and stays queued (``job_queue`` starts it or
+    marks it failed). A run training on another host (``host``; the run folder on shared storage) has
+    no process here: it is alive while its heartbeat is fresh (``heartbeat.STALE_AFTER_S``), else failed,
+    naming the host. Reading never rewrites the run's files.
     """
     folder = RunFolder(run_dir)
-    status = folder.read_status_file()
+    status = folder.status()
     if status is None:
         if folder.has_model() and folder.config_path.is_file():
             # A run folder made by hand or by an older version: a model and a config are enough.
-            return {"state": "done", "message": "finished (no status file)"}
-        return {"state": "failed", "message": "the run folder has no readable status.json", "error": "missing status"}
-    status = dict(status)
-    if status["state"] == "running":
+            return Status(RunState.DONE, message="finished (no status file)")
+        return Status(RunState.FAILED, message="the run folder has no readable status.json", error="missing status")
+    if status.state is RunState.RUNNING:
         beat = heartbeat.read(folder.path)
         host = _host(status, beat)
         if host != heartbeat.this_host():
             # Training on another machine, the run folder on shared storage: its heartbeat says whether it lives.
             silent_s = _silent_s(folder, status, beat)
             if silent_s > heartbeat.STALE_AFTER_S:
-                status["state"] = "failed"
-                status["error"] = status["message"] = (
-                    f"The training process on host {host} has not been heard from for {_duration(silent_s)}; "
-                    "it stopped or lost the shared folder.")
+                text = (f"The training process on host {host} has not been heard from for {_duration(silent_s)}; "
+                        "it stopped or lost the shared folder.")
+                status = dataclasses.replace(status, state=RunState.FAILED, error=text, message=text)
         elif running_process(status) is None:
-            status["state"] = "failed"
-            status["error"] = (status.get("error")
-                               or "the training process stopped without finishing (killed or crashed)")
-    if status["state"] == "done" and not folder.has_model():
-        status["state"] = "failed"
-        status["error"] = f"{MODEL_FILE} is missing"
-    status.setdefault("message", status.get("error") or status["state"])
+            status = dataclasses.replace(status, state=RunState.FAILED, error=(
+                status.error or "the training process stopped without finishing (killed or crashed)"))
+    if status.state is RunState.DONE and not folder.has_model():
+        status = dataclasses.replace(status, state=RunState.FAILED, error=f"{MODEL_FILE} is missing")
+    if "message" not in status.raw and status.message == "":
+        status = dataclasses.replace(status, message=status.error or status.state.value)
     return status
 
 
-def _host(status: dict, beat: dict | None) -> str:
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """``run_status`` as a dict with at least ``state`` (a ``RunState``) and ``message``, and the file's
+    other fields (for the Training page and the tests, which read it as a dict)."""
+    return run_status(run_dir).as_dict()
+
+
+def _host(status: Status, beat: dict | None) -> str:
     """The host a run trains on: its status says, else its heartbeat (written before the status names
     the host), else this host (a run from before either: judged by its pid, as always)."""
-    host = status.get("host") or (beat.get("host") if isinstance(beat, dict) else None)
+    host = status.host or (beat.get("host") if isinstance(beat, dict) else None)
     return str(host) if host else heartbeat.this_host()
 
 
-def _silent_s(folder: RunFolder, status: dict, beat: dict | None) -> float:
+def _silent_s(folder: RunFolder, status: Status, beat: dict | None) -> float:
     """Seconds since the run's last sign of life: its heartbeat, else its status (a run that has not
     beaten yet). Generous, as the two machines' clocks differ: the youngest of the file's time on the
     shared storage and the time the writer put in it."""
     name, recorded = ((heartbeat.HEARTBEAT_FILE, beat.get("time")) if isinstance(beat, dict)
-                      else (STATUS_FILE, status.get("updated")))
+                      else (STATUS_FILE, status.updated))
     stamps = []
     with contextlib.suppress(OSError):
         stamps.append((folder.path / name).stat().st_mtime)
@@ -208,26 +218,27 @@ def _duration(seconds: float) -> str:
 def running_elsewhere(root: str | os.PathLike | None = None) -> list[Path]:
     """The runs directly under ``root`` that train on another host (started from the command line
     there, writing to shared storage) and were heard from lately, newest first."""
-    root = Path(root) if root is not None else runs_root().path
+    root = resolve_root(root)
     try:
         folders = [RunFolder(p) for p, _ in _run_dirs(root)]
     except OSError:
         return []
     found = []
     for folder in folders:
-        written = folder.read_status_file()
-        if not written or written.get("state") != "running":
+        written = folder.status()
+        if written is None or written.state is not RunState.RUNNING:
             continue
-        status = read_status(folder.path)
-        if status["state"] == "running" and _host(status, heartbeat.read(folder.path)) != heartbeat.this_host():
-            found.append((status.get("started") or 0, folder.path))
+        status = run_status(folder.path)
+        if status.state is RunState.RUNNING and _host(status, heartbeat.read(folder.path)) != heartbeat.this_host():
+            found.append((status.started or 0, folder.path))
     return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
 def other_host(run_dir: str | os.PathLike) -> str | None:
     """The host a run trains or trained on when that is not this machine (a run folder on shared storage), else None."""
     folder = RunFolder(run_dir)
-    host = _host(folder.read_status_file() or {}, heartbeat.read(folder.path))
+    status = folder.status() or Status(RunState.FAILED)
+    host = _host(status, heartbeat.read(folder.path))
     return None if host == heartbeat.this_host() else host
 
 
@@ -239,7 +250,7 @@ def runtime(run_dir: str | os.PathLike) -> dict:
     """Where a run trains or trained: the ``RUNTIME_FIELDS`` it recorded (status.json, else its
     "runtime" progress event, which outlives the status of a finished run); {} for a run from before."""
     folder = RunFolder(run_dir)
-    status = folder.read_status_file() or {}
+    status = folder.read_status_file() or {}  # the fields as written: the runtime's are not typed in Status
     found = {key: status[key] for key in RUNTIME_FIELDS if status.get(key) is not None}
     if len(found) < len(RUNTIME_FIELDS):
         event = next((e for e in folder.read_progress_events() if e.get("event") == "runtime"), {})
@@ -286,8 +297,8 @@ def read_progress(run_dir: str | os.PathLike, now: float | None = None) -> dict:
             within = (event.get("batch", 0) / batches) if batches else 0.0
             result.update(eta_s=event.get("eta_s"), batch=event.get("batch", 0), batches=batches,
                           done=result["epoch"] + within)
-        elif kind in ("done", "failed", "cancelled"):
-            result.update(stage=kind, message=event.get("message", ""))
+        elif (ended := RunState.parse(kind)) is not None and ended.is_finished:
+            result.update(stage=ended.value, message=event.get("message", ""))
     if result["total"]:
         result["fraction"] = min(1.0, float(result["done"]) / float(result["total"]))
     now = time.time() if now is None else now
@@ -320,7 +331,7 @@ class RunSummary:
 
     run_id: str
     path: Path
-    state: str
+    state: RunState
     message: str
     backbone: str
     data_dir: str
@@ -344,7 +355,7 @@ class RunSummary:
     @property
     def learned_nothing(self) -> bool:
         """A finished run that ranks its validation images about as well as a coin (see ``near_chance``)."""
-        return self.state == "done" and near_chance(self.val_auc)
+        return self.state is RunState.DONE and near_chance(self.val_auc)
 
     @property
     def warning(self) -> str:
@@ -372,40 +383,39 @@ class RunSummary:
 def summarize_run(run_dir: str | os.PathLike, owner: str = "") -> RunSummary:
     folder = RunFolder(run_dir)
     run_dir = folder.path
-    status = read_status(run_dir)
+    status = run_status(run_dir)
     config = folder.config_or_none()
-    metrics = folder.read_metrics() or {}
+    metrics = folder.metrics() or Metrics()
     history = folder.read_history()
-    external_name, external = next(iter(folder.external_evaluations().items()), (None, {}))
+    external = folder.headline_evaluation()
     best_val_auc = None
     if "val_auc" in history.columns and len(history):
         values = pd.to_numeric(history["val_auc"], errors="coerce").dropna()
         best_val_auc = float(values.max()) if len(values) else None
-    test_auc = (((metrics.get("test") or {}).get("at_threshold") or {}).get("roc_auc"))
-    val_auc = (metrics.get("val") or {}).get("roc_auc")
+    val_auc = metrics.val_auc
     if val_auc is None:
         val_auc = best_val_auc
-    started = status.get("started")
-    finished = status.get("finished") or (time.time() if status.get("state") == "running" else None)
-    duration = (finished - started) if (started and finished) else metrics.get("duration_s")
+    started = status.started
+    finished = status.finished or (time.time() if status.state is RunState.RUNNING else None)
+    duration = (finished - started) if (started and finished) else metrics.duration_s
     return RunSummary(
         run_id=run_dir.name,
         path=run_dir,
-        state=status["state"],
-        message=str(status.get("message", "")),
+        state=status.state,
+        message=status.message,
         backbone=config.model.backbone if config else "",
         data_dir=config.data.data_dir if config else "",
         split=config.data.split if config else "",
-        n_images=metrics.get("n_images"),
+        n_images=metrics.n_images,
         best_val_auc=best_val_auc,
-        test_auc=test_auc,
+        test_auc=metrics.test_auc,
         duration_s=duration,
         # A queued run has not started: listed by when it was submitted.
-        started=started if started or status["state"] != "queued" else status.get("submitted"),
+        started=started if started or status.state is not RunState.QUEUED else status.submitted,
         is_demo=run_dir.resolve() == demo_run_dir().resolve(),
-        external_name=external_name,
-        external_auc=external.get("roc_auc"),
-        external_accuracy=external.get("accuracy"),
+        external_name=external.name if external else None,
+        external_auc=external.roc_auc if external else None,
+        external_accuracy=external.accuracy if external else None,
         recipe=config.train.recipe if config else "",
         val_auc=val_auc,
         owner=owner,
@@ -417,7 +427,7 @@ def list_runs(root: str | os.PathLike | None = None, include_demo: bool = True, 
     """Every shared run under ``root`` (newest first), plus the runs of ``workspace`` (a visitor's own;
     see ``cxr_core.hosting.workspaces``), or of every workspace when ``everyone`` (the operator), plus the
     shipped demo run when it exists."""
-    root = Path(root) if root is not None else runs_root().path
+    root = resolve_root(root)
     dirs = _run_dirs(root)
     spaces = root / WORKSPACES_DIR
     if everyone and spaces.is_dir():
@@ -448,10 +458,10 @@ def delete_run(run_dir: str | os.PathLike, *, queued_ok: bool = False) -> None:
     run_dir = Path(run_dir)
     if run_dir.resolve() == demo_run_dir().resolve():
         raise BadRunError("The shipped demo run cannot be deleted from the app.")
-    state = read_status(run_dir)["state"]
-    if state == "running":
+    state = run_status(run_dir).state
+    if state is RunState.RUNNING:
         raise BadRunError(f"Run {run_dir.name} is still running; cancel it before deleting it.")
-    if state == "queued" and not queued_ok:
+    if state is RunState.QUEUED and not queued_ok:
         raise BadRunError(f"Run {run_dir.name} is waiting in the training queue; withdraw it instead.")
     # Rename first so a half-deleted folder never looks like a run.
     trash = run_dir.with_name(f".deleting-{run_dir.name}-{os.getpid()}")

@@ -10,9 +10,10 @@ export, the job launcher, the command line and the pages read through it. Every 
     history.csv       per epoch: phase, epoch, loss, accuracy, auc, precision, recall, val_* of each
     progress.jsonl    one JSON line per event: {"time", "event": "stage"|"extract"|"epoch"|"batch"|"done"|...}
     status.json       {"state": queued|running|done|failed|cancelled, "pid", "pid_create_time", "started", "finished",
-                      "error", "message"}
+                      "error", "message"}; read as ``records.Status`` (its state a ``records.RunState``)
     metrics.json      {"task", "classes", "threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"},
-                      "split_counts", ...}; a subtype run: threshold null, rule "argmax", test {"at_threshold"}
+                      "split_counts", ...}; a subtype run: threshold null, rule "argmax", test {"at_threshold"};
+                      read as ``records.Metrics``
     predictions.csv   validation and test images: path, y, probability, split, label, patient_id (+ p_NORMAL,
                       p_BACTERIA, p_VIRUS for a subtype run, whose probability is P(pneumonia) = 1 - p_NORMAL)
     model.keras       the classifier, written after metrics.json
@@ -21,7 +22,8 @@ export, the job launcher, the command line and the pages read through it. Every 
     members.json      an ensemble's member run folders (only in an ensemble run, whose train.recipe is "ensemble")
     evaluations/      <data set>.json (the evaluate JSON) and <data set>.csv (per-image probabilities) for
                       every external test set; the newest one none of whose images the run trained on is
-                      the run's headline figure on the Home and Evaluation pages and in the runs table
+                      the run's headline figure on the Home and Evaluation pages and in the runs table; each
+                      read as ``records.Evaluation``
     cancel.request    present when a person asked the job to stop
     train.log         the background job's output
     heartbeat.json    a training process's sign of life (pid, host, time), read from another machine
@@ -41,7 +43,7 @@ from typing import Any
 import pandas as pd
 
 from cxr_core.core.config import RunConfig
-from cxr_core.core.errors import BadRunError
+from cxr_core.core.errors import BadRunError, lower_first
 from cxr_core.core.labels import DEFAULT_THRESHOLD
 from cxr_core.io.atomic import (
     append_jsonl,
@@ -52,6 +54,7 @@ from cxr_core.io.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
+from cxr_core.runs.records import Evaluation, Metrics, RunState, Status, TestSet
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +74,12 @@ EVALUATIONS_DIR = "evaluations"
 CANCEL_FILE = "cancel.request"
 LOG_FILE = "train.log"
 
-#: "queued": waiting in the training queue (``job_queue``), no process yet and no start time.
-STATES = ("queued", "running", "done", "failed", "cancelled")
 HISTORY_COLUMNS = [
     "phase", "epoch", "loss", "accuracy", "auc", "precision", "recall",
     "val_loss", "val_accuracy", "val_auc", "val_precision", "val_recall", "seconds",
 ]
 # p_<class>: each class's probability, in a subtype run only (whose label is the most probable class).
 PREDICTION_COLUMNS = ["path", "y", "probability", "p_NORMAL", "p_BACTERIA", "p_VIRUS", "split", "label", "patient_id"]
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:] if text else text
 
 
 def evaluation_name(data_dir: str | os.PathLike) -> str:
@@ -177,7 +174,7 @@ class RunFolder:
         try:
             return RunConfig.from_dict(raw)
         except BadRunError as error:
-            raise BadRunError(f"The run folder {self.path} cannot be loaded: {_lower_first(str(error))}") from error
+            raise BadRunError(f"The run folder {self.path} cannot be loaded: {lower_first(str(error))}") from error
 
     def config_or_none(self) -> RunConfig | None:
         """The settings, or None when they cannot be read (for listings that must not fail)."""
@@ -205,9 +202,6 @@ class RunFolder:
     def write_skipped(self, frame: pd.DataFrame) -> None:
         self._write_csv(SKIPPED_FILE, frame)
 
-    def read_skipped(self) -> pd.DataFrame:
-        return self._read_csv(SKIPPED_FILE, ["path", "reason"])
-
     def write_history(self, rows: list[dict]) -> None:
         self._write_csv(HISTORY_FILE, pd.DataFrame(rows, columns=HISTORY_COLUMNS))
 
@@ -229,31 +223,37 @@ class RunFolder:
     def read_progress_events(self) -> list[dict]:
         return read_jsonl(self.path / PROGRESS_FILE)
 
-    def read_status_file(self) -> dict | None:
-        """status.json as written (not reconciled with the process; see ``runs.read_status``)."""
-        status = read_json(self.path / STATUS_FILE, default=None)
-        return status if isinstance(status, dict) and status.get("state") in STATES else None
+    def status(self) -> Status | None:
+        """status.json as written (not reconciled with the process; see ``registry.run_status``), or None
+        when it is missing, damaged or names no known state."""
+        return Status.from_dict(read_json(self.path / STATUS_FILE, default=None))
 
-    def write_status(self, state: str, **fields: Any) -> dict:
+    def read_status_file(self) -> dict | None:
+        """``status()`` as the file's dict (for ``registry.running_process`` and older readers)."""
+        status = self.status()
+        return dict(status.raw) if status is not None else None
+
+    def write_status(self, state: RunState | str, **fields: Any) -> dict:
         """Replace status.json with ``state`` plus ``fields`` (keeps the started time and pid).
 
         The pid goes with its process's creation time (``pid_create_time``), so that a pid reused
         by another program later is not taken for the run's process (``runs.running_process``).
         """
-        if state not in STATES:
+        known = RunState.parse(state)
+        if known is None:
             raise ValueError(f"unknown state {state!r}")
         previous = read_json(self.path / STATUS_FILE, default={}) or {}
         pid = fields.pop("pid", previous.get("pid", os.getpid()))
         same = pid == previous.get("pid") and "pid_create_time" in previous
         status = {
-            "state": state,
+            "state": known.value,
             "pid": pid,
             "pid_create_time": previous["pid_create_time"] if same else _create_time(pid),
             # A queued run has no start time (the caller passes started=None); it is set when it runs.
             "started": previous.get("started") or time.time(),
             "updated": time.time(),
         }
-        if state not in ("running", "queued"):
+        if known.is_finished:
             status["finished"] = time.time()
         status.update(fields)
         write_json_atomic(self.path / STATUS_FILE, status)
@@ -269,7 +269,12 @@ class RunFolder:
     def write_metrics(self, metrics: dict) -> None:
         write_json_atomic(self.path / METRICS_FILE, metrics)
 
+    def metrics(self) -> Metrics | None:
+        """metrics.json; None when the run has none yet (still training, failed) or it is not a JSON object."""
+        return Metrics.from_dict(read_json(self.path / METRICS_FILE, default=None))
+
     def read_metrics(self) -> dict | None:
+        """metrics.json as a dict (for tests and tools that read its raw layout; code reads ``metrics()``)."""
         metrics = read_json(self.path / METRICS_FILE, default=None)
         return metrics if isinstance(metrics, dict) else None
 
@@ -323,21 +328,6 @@ class RunFolder:
         paths = [str(Path(os.fspath(m)).expanduser().resolve()) for m in members]
         write_json_atomic(self.path / MEMBERS_FILE, {"members": paths})
 
-    def read_members(self) -> list[Path]:
-        """An ensemble's member run folders, in order; [] for a run that is not an ensemble.
-
-        Raises:
-            BadRunError: when members.json exists but does not hold a list of folder names.
-        """
-        path = self.path / MEMBERS_FILE
-        if not path.is_file():
-            return []
-        raw = read_json(path, default=None)
-        members = raw.get("members") if isinstance(raw, dict) else None
-        if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
-            raise BadRunError(f"The run folder {self.path} has a {MEMBERS_FILE} that does not list its member runs.")
-        return [Path(m) for m in members]
-
     def is_ensemble(self) -> bool:
         return (self.path / MEMBERS_FILE).is_file()
 
@@ -352,18 +342,27 @@ class RunFolder:
         write_json_atomic(target, {**result, "name": name, "stored": time.time()})
         return target
 
+    def evaluations(self, external_only: bool = False) -> list[Evaluation]:
+        """Every stored external evaluation, newest first; with ``external_only`` only those none of whose
+        images the run trained on (the honest figures; the first is the run's headline figure)."""
+        found = [Evaluation.from_dict(name, raw) for name, raw in self.read_evaluations().items()]
+        return [e for e in found if e is not None and (e.is_external or not external_only)]
+
+    def headline_evaluation(self) -> Evaluation | None:
+        """The run's headline figure: the newest external evaluation none of whose images it trained on,
+        and not on a shortcut lab copy (whose planted markers flatter or hurt a model on purpose)."""
+        return next((e for e in self.evaluations(external_only=True) if not e.is_planted), None)
+
     def external_evaluations(self) -> dict[str, dict]:
-        """The stored evaluations on data sets outside the training part (none of whose images
-        the run trained on), newest first: the honest figures."""
-        return {name: result for name, result in self.read_evaluations().items()
-                if not (result.get("overlap") or {}).get("train")}
+        """``evaluations(external_only=True)`` as dicts by data set name (for tests and tools)."""
+        return {e.name: dict(e.raw) for e in self.evaluations(external_only=True)}
 
     def read_evaluation_predictions(self, name: str) -> pd.DataFrame:
         """Per-image predictions of a stored external evaluation (path, y, probability)."""
         return self._read_csv(f"{EVALUATIONS_DIR}/{name}.csv", ["path", "y", "probability"])
 
     def read_evaluations(self) -> dict[str, dict]:
-        """Every stored external evaluation, newest first, by data set name."""
+        """Every stored external evaluation as parsed JSON, newest first, by data set name."""
         folder = self.path / EVALUATIONS_DIR
         if not folder.is_dir():
             return {}
@@ -375,13 +374,43 @@ class RunFolder:
         found.sort(key=lambda item: item[1].get("stored") or 0, reverse=True)
         return dict(found)
 
+    def test_sets(self) -> list[TestSet]:
+        """The run's test sets, the honest one first: each external evaluation whose per-image predictions
+        are stored (newest first; those on a shortcut lab copy after the clean ones), then the test part of
+        the run's own split (with metrics.json)."""
+        found = []
+        for result in sorted(self.evaluations(external_only=True), key=lambda e: e.is_planted):
+            preds = self.read_evaluation_predictions(result.name).dropna(subset=["y", "probability"])
+            if not preds.empty:
+                found.append(TestSet(name=result.name, external=True, predictions=preds,
+                                     threshold=_or_half(result.threshold), figures=result.figures,
+                                     at_05=result.at_05, prevalence=result.prevalence,
+                                     sampled_from=result.sampled_from))
+        metrics = self.metrics()
+        preds = self.read_predictions()
+        if "split" in preds.columns:
+            preds = preds[preds["split"] == "test"]
+        preds = preds.dropna(subset=["y", "probability"])
+        if metrics is not None and not preds.empty:
+            found.append(TestSet(name="internal", external=False, predictions=preds,
+                                 threshold=_or_half(metrics.threshold), figures=metrics.test_at_threshold,
+                                 at_05=metrics.test_at_05, rule=metrics.threshold_rule,
+                                 n_patients=metrics.n_patients_test))
+        return found
 
-def check_threshold(value: Any, where: str) -> float:
-    """``value`` as a threshold in [0, 1]; BadRunError naming ``where`` otherwise."""
+
+def _or_half(threshold: float | None) -> float:
+    """A stored threshold, or 0.5 for a subtype run (which has none: it calls the most probable class)."""
+    return DEFAULT_THRESHOLD if threshold is None else float(threshold)
+
+
+def check_threshold(value: Any, context: str) -> float:
+    """``value`` as a threshold in [0, 1]; otherwise BadRunError, whose sentence says "The threshold
+    <context>" (``context``: where it came from, such as "in <path>" or "asked for")."""
     try:
         threshold = float(value)
     except (TypeError, ValueError):
         threshold = float("nan")
     if not (0.0 <= threshold <= 1.0):
-        raise BadRunError(f"The threshold {where} must be a number between 0 and 1; got {value!r}.")
+        raise BadRunError(f"The threshold {context} must be a number between 0 and 1; got {value!r}.")
     return threshold

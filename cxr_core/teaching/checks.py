@@ -35,7 +35,7 @@ from cxr_core.core.errors import CxrError
 from cxr_core.core.recipes import RECIPE_NAMES
 from cxr_core.data.scan import SIDECAR_NAME
 from cxr_core.runs import registry
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import Evaluation, Metrics, RunFolder, RunState
 
 # --- Settings -------------------------------------------------------------------------------------------
 SECTIONS = ("data", "augment", "model", "train")
@@ -169,11 +169,11 @@ class RunInfo:
     """What the checks read of one run folder."""
 
     path: Path
-    state: str
+    state: RunState
     started: float
     settings: dict[str, Any]
-    metrics: dict
-    evaluations: dict[str, dict]  # every stored evaluation, newest first, by data set name
+    metrics: Metrics
+    evaluations: tuple[Evaluation, ...]  # every stored evaluation, newest first
 
     @property
     def name(self) -> str:
@@ -181,13 +181,13 @@ class RunInfo:
 
     @property
     def finished(self) -> bool:
-        return self.state == "done"
+        return self.state is RunState.DONE
 
-    def external(self, dataset: str | None = None) -> dict[str, dict]:
-        """Evaluations on data sets none of whose images the run trained on (optionally one named data set)."""
-        return {name: result for name, result in self.evaluations.items()
-                if not (result.get("overlap") or {}).get("train") and result.get("task", "pneumonia") == "pneumonia"
-                and (dataset is None or name == dataset or Path(str(result.get("data", ""))).name == dataset)}
+    def external(self, dataset: str | None = None) -> list[Evaluation]:
+        """Evaluations on data sets none of whose images the run trained on (optionally one named data set),
+        newest first."""
+        return [e for e in self.evaluations if e.is_external and e.task == "pneumonia"
+                and (dataset is None or dataset in (e.name, e.data_name))]
 
 
 def dataset_markers(data_dir: str | os.PathLike | None) -> dict | None:
@@ -233,11 +233,11 @@ def read_run(path: str | os.PathLike) -> RunInfo | None:
     config = folder.config_or_none()
     if config is None:
         return None
-    status = registry.read_status(folder.path)
+    status = registry.run_status(folder.path)
     settings = _flatten(config.to_dict())
     settings[MARKERS_SETTING] = dataset_markers(config.data.data_dir) is not None
-    return RunInfo(path=folder.path, state=status["state"], started=float(status.get("started") or 0.0),
-                   settings=settings, metrics=folder.read_metrics() or {}, evaluations=folder.read_evaluations())
+    return RunInfo(path=folder.path, state=status.state, started=status.started or 0.0, settings=settings,
+                   metrics=folder.metrics() or Metrics(), evaluations=tuple(folder.evaluations()))
 
 
 def run_folders(root: str | os.PathLike | None = None, workspace: str | None = None) -> list[Path]:
@@ -296,11 +296,12 @@ def metric(run: RunInfo, name: str, dataset: str | None = None) -> float | None:
     (its newest external evaluation, or the one on ``dataset``) and ``gap.*`` (internal minus external)."""
     source, measure = name.split(".", 1)
     if source == "internal":
-        value = (((run.metrics.get("test") or {}).get("at_threshold")) or {}).get(measure)
+        value = run.metrics.test_at_threshold.get(measure)
     elif source == "validation":
-        value = (run.metrics.get("val") or {}).get(measure)
+        value = run.metrics.val.get(measure)
     elif source == "external":
-        value = next(iter(run.external(dataset).values()), {}).get(measure)
+        found = run.external(dataset)
+        value = found[0].figures.get(measure) if found else None
     else:
         inside, outside = metric(run, f"internal.{measure}"), metric(run, f"external.{measure}", dataset)
         value = None if inside is None or outside is None else inside - outside
@@ -313,12 +314,12 @@ def metric(run: RunInfo, name: str, dataset: str | None = None) -> float | None:
 
 def run_figures(run: RunInfo) -> str:
     """'ROC AUC 0.957 on its own test part (60 images), 0.880 on kermany224-test-dev (311 images)'."""
-    test = ((run.metrics.get("test") or {}).get("at_threshold")) or {}
+    test = run.metrics.test_at_threshold
     parts = []
     if test.get("roc_auc") is not None:
         parts.append(f"ROC AUC {_fmt(test['roc_auc'])} on its own test part ({test.get('n', '?')} images)")
-    for name, result in list(run.external().items())[:1]:
-        parts.append(f"{_fmt(result.get('roc_auc'))} on {name} ({result.get('n', '?')} images)")
+    for result in run.external()[:1]:
+        parts.append(f"{_fmt(result.roc_auc)} on {result.name} ({_or_unknown(result.n)} images)")
     return ", ".join(parts) if parts else "no test figures"
 
 
@@ -347,7 +348,7 @@ class CheckContext:
         return [r for r in self.runs if r.finished]
 
     def training(self, wanted: Mapping[str, Any] | None) -> list[RunInfo]:
-        return [r for r in self.runs if r.state in ("running", "queued") and matches(r, wanted)]
+        return [r for r in self.runs if r.state.is_active and matches(r, wanted)]
 
 
 def _waiting_note(ctx: CheckContext, wanted: Mapping[str, Any] | None) -> str:
@@ -466,9 +467,9 @@ def _differ_sentence(found: list[RunInfo], names: list[str], label: str) -> str:
     text = (f"You trained {len(found)} runs that differ only in {label}: "
             + ", ".join(f"{values(r)} {_fmt(v)}" for r, v in zip(found, internal))
             + " (ROC AUC on their own test parts)")
-    shared = set.intersection(*(set(r.external()) for r in found))
+    shared = set.intersection(*({e.name for e in r.external()} for r in found))
     if shared:
-        name = next(n for n in found[0].external() if n in shared)
+        name = next(e.name for e in found[0].external() if e.name in shared)
         outside = [metric(r, "external.roc_auc", name) for r in found]
         text += f", and {' / '.join(_fmt(v) for v in outside)} on {name}"
     return text + "."
@@ -477,21 +478,23 @@ def _differ_sentence(found: list[RunInfo], names: list[str], label: str) -> str:
 def marker_sentence(run: RunInfo) -> str:
     """Where the run looked on marked images, from a stored evaluation that reports ``marker_attention`` (the
     share of marked images whose Grad-CAM map peaks on the marker): one sentence, or "" when none does."""
-    for name, result in run.evaluations.items():
-        value = result.get("marker_attention")
-        if isinstance(value, dict):
-            value = value.get("marker_attention")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            counted = f" of the {result['n_marked']}" if isinstance(result.get("n_marked"), int) else " of the"
-            return (f" On {name}, Grad-CAM's strongest evidence for pneumonia lay on the marker in {value:.0%}"
+    for result in run.evaluations:
+        value = result.marker_attention
+        if value is not None:
+            counted = f" of the {result.n_marked}" if result.n_marked is not None else " of the"
+            return (f" On {result.name}, Grad-CAM's strongest evidence for pneumonia lay on the marker in {value:.0%}"
                     f"{counted} marked images (marker_attention).")
     return ""
 
 
-def _evaluation_sentence(run: RunInfo, name: str, result: Mapping[str, Any]) -> str:
-    sampled = f", a sample of {result['sampled_from']:,}" if result.get("sampled_from") else ""
-    return (f"Run {run.name} scored ROC AUC {_fmt(result.get('roc_auc'))} and accuracy {_fmt(result.get('accuracy'))} "
-            f"on {name} ({result.get('n', '?')} images{sampled}, none from its training part).")
+def _or_unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _evaluation_sentence(run: RunInfo, result: Evaluation) -> str:
+    sampled = f", a sample of {result.sampled_from:,}" if result.sampled_from else ""
+    return (f"Run {run.name} scored ROC AUC {_fmt(result.roc_auc)} and accuracy {_fmt(result.accuracy)} "
+            f"on {result.name} ({_or_unknown(result.n)} images{sampled}, none from its training part).")
 
 
 def check_evaluated_externally(ctx: CheckContext, params: Mapping[str, Any]) -> CheckResult:
@@ -501,10 +504,10 @@ def check_evaluated_externally(ctx: CheckContext, params: Mapping[str, Any]) -> 
     count = int(params.get("count", 1))
     for_each = params.get("for_each") or {}
 
-    def usable(run: RunInfo) -> list[tuple[str, dict]]:
-        found = list(run.external(dataset).items())
+    def usable(run: RunInfo) -> list[Evaluation]:
+        found = run.external(dataset)
         if clean is not None:
-            found = [(n, r) for n, r in found if (dataset_markers(r.get("data")) is None) == bool(clean)]
+            found = [e for e in found if (dataset_markers(e.data) is None) == bool(clean)]
         return found
 
     evaluated = [(r, usable(r)) for r in ctx.finished if matches(r, wanted)]
@@ -526,7 +529,7 @@ def check_evaluated_externally(ctx: CheckContext, params: Mapping[str, Any]) -> 
         chosen = evaluated[:count]
         if len(chosen) < count:
             return CheckResult(False, _not_evaluated(ctx, wanted, where, dataset), tuple(r.name for r, _ in chosen))
-    text = " ".join(_evaluation_sentence(r, *found[0]) + marker_sentence(r) for r, found in chosen)
+    text = " ".join(_evaluation_sentence(r, found[0]) + marker_sentence(r) for r, found in chosen)
     return CheckResult(True, text, tuple(r.name for r, _ in chosen))
 
 
@@ -534,8 +537,8 @@ def _not_evaluated(ctx: CheckContext, wanted: Mapping[str, Any], where: str, dat
     runs = [r for r in ctx.finished if matches(r, wanted)]
     if not runs:
         return f"No finished run with {describe(wanted)} yet." + _waiting_note(ctx, wanted)
-    inside = [(r, n) for r in runs for n, e in r.evaluations.items()
-              if (e.get("overlap") or {}).get("train") and (dataset is None or n == dataset)]
+    inside = [(r, e.name) for r in runs for e in r.evaluations
+              if not e.is_external and (dataset is None or e.name == dataset)]
     if inside:
         run, name = inside[0]
         return (f"Run {run.name} was evaluated on {name}, but it trained on some of those images, so that is not an "
@@ -633,14 +636,14 @@ def check_threshold_chosen(ctx: CheckContext, params: Mapping[str, Any]) -> Chec
             return CheckResult(True, _threshold_sentence(run, where, least), (run.name,))
     run, sensitivity = scored[0]
     return CheckResult(False, f"Your run {run.name} finds {sensitivity:.0%} of pneumonias {_SOURCE_WORDS[where]} at "
-                              f"threshold {_fmt(run.metrics.get('threshold'))}; this step asks for at least "
+                              f"threshold {_fmt(run.metrics.threshold)}; this step asks for at least "
                               f"{least:.0%}: train with the sensitivity threshold rule.", (run.name,))
 
 
 def _threshold_sentence(run: RunInfo, where: str, least: float) -> str:
     rule = run.settings.get("train.threshold_rule") or "youden"
     target = f", target {run.settings.get('train.target_sensitivity'):g}" if rule == "sensitivity" else ""
-    text = (f"Run {run.name} ({rule} rule{target}) chose threshold {_fmt(run.metrics.get('threshold'))} on its "
+    text = (f"Run {run.name} ({rule} rule{target}) chose threshold {_fmt(run.metrics.threshold)} on its "
             f"validation images. {_upper_first(_SOURCE_WORDS[where])} it finds "
             f"{metric(run, f'{where}.sensitivity'):.0%} of pneumonias (at least {least:.0%} asked) and clears "
             f"{metric(run, f'{where}.specificity') or 0:.0%} of normal films (specificity).")

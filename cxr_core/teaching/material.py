@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_core.core.metrics import calibration_bins, rate_intervals, threshold_sweep
+from cxr_core.core.metrics import calibration_bins, threshold_sweep
 from cxr_core.runs.run_folder import RunFolder
 from cxr_core.teaching.checks import RunInfo, describe, matches, metric, setting_label, show_value
 
@@ -57,8 +57,8 @@ def runs_rows(runs: list[RunInfo], settings: Iterable[str] = ()) -> pd.DataFrame
         row["test AUC (own split)"] = metric(run, "internal.roc_auc")
         row["sensitivity (own split)"] = metric(run, "internal.sensitivity")
         row["specificity (own split)"] = metric(run, "internal.specificity")
-        external = next(iter(run.external().items()), None)
-        row["external set"] = external[0] if external else ""
+        external = run.external()
+        row["external set"] = external[0].name if external else ""
         row["external AUC"] = metric(run, "external.roc_auc")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -84,10 +84,10 @@ def threshold_curve(run: RunInfo, points: int = 101) -> pd.DataFrame | None:
 def calibration_points(run: RunInfo) -> tuple[str, dict] | None:
     """Calibration bins of the run's newest external evaluation, else of its own test part: (where, bins)."""
     folder = RunFolder(run.path)
-    for name in run.external():
-        preds = folder.read_evaluation_predictions(name).dropna(subset=["y", "probability"])
+    for result in run.external():
+        preds = folder.read_evaluation_predictions(result.name).dropna(subset=["y", "probability"])
         if len(preds):
-            return name, calibration_bins(preds["y"].astype(int).to_numpy(), preds["probability"].astype(float))
+            return result.name, calibration_bins(preds["y"].astype(int).to_numpy(), preds["probability"].astype(float))
     preds = _test_predictions(run)
     if preds.empty:
         return None
@@ -102,15 +102,13 @@ def _brier(run: RunInfo) -> float | None:
 def external_summary(run: RunInfo) -> dict[str, Any] | None:
     """The run's honest figures: its newest external evaluation with 95 % intervals of sensitivity and
     specificity (None when it has none)."""
-    found = next(iter(run.external().items()), None)
-    if found is None:
+    found = run.external()
+    if not found:
         return None
-    name, result = found
-    intervals = rate_intervals(result)
-    return {"dataset": name, "n": result.get("n"), "roc_auc": result.get("roc_auc"),
-            "accuracy": result.get("accuracy"), "sensitivity": result.get("sensitivity"),
-            "specificity": result.get("specificity"), "threshold": result.get("threshold"),
-            "brier": result.get("brier"), "intervals": intervals}
+    result = found[0]
+    return {"dataset": result.name, "n": result.n, "roc_auc": result.roc_auc, "accuracy": result.accuracy,
+            "sensitivity": result.sensitivity, "specificity": result.specificity, "threshold": result.threshold,
+            "brier": result.figures.get("brier"), "intervals": result.intervals}
 
 
 #: The model card's fields: (key, label, help). The learner writes the ones without a value from the run.
@@ -131,10 +129,11 @@ def card_defaults(run: RunInfo | None) -> dict[str, str]:
     if run is None:
         return {key: "" for key, _, _ in CARD_FIELDS}
     settings = run.settings
-    split_counts = run.metrics.get("split_counts") or {}
+    split_counts = run.metrics.split_counts
     parts = ", ".join(f"{k} {v}" for k, v in split_counts.items() if isinstance(v, (int, float)))
     balance = describe({"train.balance": settings.get("train.balance")})
-    data = (f"{Path(str(settings.get('data.data_dir') or '?')).name}: {run.metrics.get('n_images', '?')} images, "
+    n_images = "?" if run.metrics.n_images is None else run.metrics.n_images
+    data = (f"{Path(str(settings.get('data.data_dir') or '?')).name}: {n_images} images, "
             f"{settings.get('data.split')} split" + (f" ({parts})" if parts else "") + f"; {balance}.")
     found = external_summary(run)
     if found:
@@ -169,7 +168,7 @@ def model_card(values: Mapping[str, str], run: RunInfo | None, author: str = "")
                   f"{s.get('model.image_size') or 'default'} px, weights {Path(str(s.get('model.weights'))).name}",
                   f"- Recipe: {s.get('train.recipe') or 'own settings'}; "
                   f"threshold rule {s.get('train.threshold_rule')} "
-                  f"(threshold {_number(run.metrics.get('threshold'))}, chosen on validation)",
+                  f"(threshold {_number(run.metrics.threshold)}, chosen on validation)",
                   f"- Own test part: ROC AUC {_number(metric(run, 'internal.roc_auc'))} (optimistic: same "
                   "hospital, scanners and preparation as training)", ""]
     for key, label, _ in CARD_FIELDS:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_core.core.backbones import BACKBONES
+from cxr_core.core.settings import form_values
 from cxr_core.teaching import material
 from cxr_core.teaching.checks import RunInfo, describe
 from cxr_core.teaching.lessons import Action, action_config
@@ -77,9 +78,10 @@ def _run_settings(settings: dict[str, Any], current: Mapping[str, Any], state: d
     to drop (the Augmentation page's sliders, which then take the new augmentation)."""
     config = action_config(settings)
     named = {n for n in settings if n.partition(".")[0] in ("data", "augment", "model", "train")}
-    if settings.get("train.recipe"):  # a recipe fills in every setting the form shows
+    if settings.get("train.recipe"):  # a recipe fills in every setting the form shows, its advanced ones too
         named |= set(FORM_SETTINGS)
         state[KEY_RECIPE] = settings["train.recipe"]
+        state.update(form_values(config, "advanced"))
     backbone = config.model.backbone if "model.backbone" in settings else current.get("train_backbone")
     backbone = backbone if backbone in BACKBONES else config.model.backbone
     for name, key in TRAINING_WIDGETS.items():

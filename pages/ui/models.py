@@ -9,10 +9,10 @@ import numpy as np
 import streamlit as st
 
 from cxr_core.core.errors import CxrError
-from cxr_core.core.labels import TASKS
+from cxr_core.core.tasks import Task, get_task
 from cxr_core.inference.predictor import overlay_heatmap
 from cxr_core.runs import registry as runs
-from cxr_core.runs.run_folder import RunFolder
+from cxr_core.runs.run_folder import RunFolder, RunState, TestSet
 from pages.ui import access
 from pages.ui.datasets import downscale
 from pages.ui.session import KEY_RUN, copy_state
@@ -31,7 +31,7 @@ def all_runs() -> list:
 
 
 def finished_runs() -> list:
-    return [r for r in all_runs() if r.state == "done"]
+    return [r for r in all_runs() if r.state is RunState.DONE]
 
 
 def demo_available() -> bool:
@@ -71,25 +71,42 @@ def warn_if_useless(summary) -> None:
 
 
 def run_task(run_dir: str | Path) -> str:
-    """What a run learned to tell apart (``labels.TASKS``): its config.json says, else its
+    """The name of what a run learned to tell apart (``labels.TASKS``): its config.json says, else its
     metrics.json; a run from before the subtype task is ``pneumonia``."""
     folder = RunFolder(run_dir)
     config = folder.config_or_none()
     if config is not None:
         return config.data.task
-    task = (folder.read_metrics() or {}).get("task")
-    return task if task in TASKS else "pneumonia"
+    metrics = folder.metrics()
+    return metrics.task if metrics is not None else "pneumonia"
+
+
+def task_of(run_dir: str | Path) -> Task:
+    """The ``Task`` a run learned (ask it, rather than its name, what to show)."""
+    return get_task(run_task(run_dir))
 
 
 def _internal_accuracy(run_dir: str | Path) -> float | None:
-    return (((RunFolder(run_dir).read_metrics() or {}).get("test") or {}).get("at_threshold") or {}).get("accuracy")
+    metrics = RunFolder(run_dir).metrics()
+    return metrics.test_at_threshold.get("accuracy") if metrics is not None else None
+
+
+def test_set_caption(test_set: TestSet, summary) -> str:
+    """'311 images of the data set kermany-test, none of them in this run's training part.' or '60 images
+    of the run's own patient split from 41 patients.'"""
+    if test_set.external:
+        sampled = f", a sample of {test_set.n} of {test_set.sampled_from}" if test_set.sampled_from else ""
+        return (f"{test_set.n} images of the data set {test_set.name}{sampled}, none of them in this run's "
+                "training part.")
+    patients = f" from {test_set.n_patients} patients" if test_set.n_patients else ""
+    return f"{test_set.n} images of the run's own {summary.split or ''} split{patients}."
 
 
 def run_label(summary) -> str:
     """The run's name, backbone and data set, with its honest figure first: the AUC on an external
     test set when it has one, else the AUC on its own split's test part (said to be internal). A
     subtype run says so and gives its macro AUC and accuracy (over the three classes)."""
-    subtype = run_task(summary.path) == "subtype"
+    subtype = not task_of(summary.path).is_binary  # its AUC is a macro AUC over the classes
     name = "macro AUC" if subtype else "AUC"
     if summary.external_auc is not None:
         auc = f", {name} {summary.external_auc:.3f} on {summary.external_name}"
@@ -154,7 +171,7 @@ def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[n
     """
     from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(data, name)
-    found = _predictor_cached(run_dir, stamp).explanation(gray)
+    (found,) = _predictor_cached(run_dir, stamp).explain([gray])
     small = downscale(gray, 640)
     return small, dataclasses.replace(found, heatmap=_small_map(found.heatmap))
 
@@ -165,7 +182,7 @@ def explain_path(run_dir: str, stamp: float, path: str, target: str | None = Non
     the class whose evidence the map shows (by default the predicted one)."""
     from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(path)
-    found = _predictor_cached(run_dir, stamp).explanation(gray, target)
+    (found,) = _predictor_cached(run_dir, stamp).explain([gray], target)
     small = downscale(gray, 512)
     return small, dataclasses.replace(found, heatmap=_small_map(found.heatmap))
 

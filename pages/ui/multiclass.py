@@ -12,6 +12,7 @@ import streamlit as st
 
 from cxr_core.core import metrics as evaluate
 from cxr_core.inference.predictor import map_caption
+from cxr_core.runs.run_folder import TestSet
 from pages.ui import charts, models
 
 #: Kermany et al. (2018), Cell 172(5), on their test set: the figures this workbench aims at.
@@ -22,11 +23,11 @@ COMPARE_ROWS = [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("spec
                 ("roc_auc", "ROC AUC"), ("n", "Images")]
 
 
-def subtype_headline(chosen: dict) -> None:
-    test = chosen["at_threshold"] or {}
-    where = "External" if chosen["external"] else "Internal"
+def subtype_headline(chosen: TestSet, summary) -> None:
+    test = chosen.figures
+    kind = "External" if chosen.external else "Internal"
     cols = st.columns(4)
-    cols[0].metric(f"{where} macro AUC", charts.fmt_num(test.get("roc_auc")),
+    cols[0].metric(f"{kind} macro AUC", charts.fmt_num(test.get("roc_auc")),
                    help="Each class's one-vs-rest ROC AUC, averaged over the three classes.")
     cols[1].metric("Accuracy", charts.fmt_num(test.get("accuracy")),
                    help="Share of images whose most probable class is the true one.")
@@ -37,8 +38,8 @@ def subtype_headline(chosen: dict) -> None:
                    help="P(pneumonia) = P(BACTERIA) + P(VIRUS) = 1 − P(NORMAL), ranked against the normal films.")
     per_class = test.get("per_class") or {}
     counts = ", ".join(f"{(per_class.get(c) or {}).get('n', '?')} {c}" for c in (test.get("classes") or per_class))
-    st.caption(f"{chosen['caption']} {counts}. Each image is called its most probable class: a three-class run "
-               "has no threshold to choose, so there is no threshold slider.")
+    st.caption(f"{models.test_set_caption(chosen, summary)} {counts}. Each image is called its most probable class: "
+               "a three-class run has no threshold to choose, so there is no threshold slider.")
     few_test_images(test)
 
 
@@ -161,7 +162,7 @@ def subtype_roc(preds: pd.DataFrame, test: dict, classes: list[str]) -> go.Figur
     return fig
 
 
-def subtype_calibration(preds: pd.DataFrame, test: dict, classes: list[str], where, key: str) -> None:
+def subtype_calibration(preds: pd.DataFrame, test: dict, classes: list[str], column, key: str) -> None:
     bins_by_class = test.get("calibration") or {}
     probs = _class_probabilities(preds, classes)
     if not bins_by_class and probs is not None:
@@ -181,7 +182,7 @@ def subtype_calibration(preds: pd.DataFrame, test: dict, classes: list[str], whe
     fig.update_xaxes(title="mean predicted probability of the class")
     fig.update_yaxes(title="fraction that really is the class")
     charts.unit_axes(fig, x=True, y=True)
-    where.plotly_chart(charts.style(fig, 340, title="Calibration, one class against the rest"), key=f"{key}_cal")
+    column.plotly_chart(charts.style(fig, 340, title="Calibration, one class against the rest"), key=f"{key}_cal")
 
 
 def subtype_curves(preds: pd.DataFrame, test: dict, key: str) -> None:
@@ -196,8 +197,8 @@ def subtype_curves(preds: pd.DataFrame, test: dict, key: str) -> None:
                "it under-confident. Marker size shows how many images a bin holds.")
 
 
-def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], where: str, limit: int = 6) -> None:
-    st.subheader(f"Misclassified images ({where})")
+def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], test_set: str, limit: int = 6) -> None:
+    st.subheader(f"Misclassified images ({test_set})")
     probs = _class_probabilities(preds, classes)
     if probs is None:
         st.caption("This test set's stored predictions hold no probability per class, so its mistakes cannot be "
@@ -232,12 +233,12 @@ def subtype_gallery(summary, preds: pd.DataFrame, classes: list[str], where: str
                        map_caption(called_class, task="subtype"))
 
 
-def subtype_evaluation(summary, chosen: dict, where: str, limit: int = 6) -> None:
+def subtype_evaluation(summary, chosen: TestSet, test_set: str, limit: int = 6) -> None:
     """The Evaluation page of a run that tells NORMAL, BACTERIA and VIRUS apart."""
-    test = chosen["at_threshold"] or {}
-    key = f"eval_subtype_{summary.run_id}_{chosen['name']}"
-    subtype_headline(chosen)
+    test = dict(chosen.figures)
+    key = f"eval_subtype_{summary.run_id}_{chosen.name}"
+    subtype_headline(chosen, summary)
     subtype_confusion(test, key)
     paper_comparison(test)
-    subtype_curves(chosen["preds"], test, key)
-    subtype_gallery(summary, chosen["preds"], list(test.get("classes") or []), where, limit)
+    subtype_curves(chosen.predictions, test, key)
+    subtype_gallery(summary, chosen.predictions, list(test.get("classes") or []), test_set, limit)
