@@ -11,7 +11,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from cxr_core.core.config import SPLIT_LABELS, SPLIT_MODES
 from cxr_core.core.errors import CxrError, ServerBusyError
 from cxr_core.core.labels import CLASSES
-from cxr_core.data import download, practice, stats
+from cxr_core.data import download, practice, shortcut_lab, shortcuts, stats
 from cxr_core.hosting import resources
 from pages.ui import access, charts, datasets, frame, session
 
@@ -363,7 +363,6 @@ SHORTCUT_SAMPLE = 300  # images measured for the pixel properties (sharpness, fi
 def shortcut_report(path: str, fingerprint: str, _result,  # noqa: ARG001 (path, fingerprint: the cache key)
                     max_images: int = SHORTCUT_SAMPLE) -> list[dict]:
     """``shortcuts.shortcut_check`` of the chosen data set, once per folder contents."""
-    from cxr_core.data import shortcuts  # noqa: PLC0415 (imported on first use)
     return shortcuts.shortcut_check(_result, max_images=max_images)
 
 
@@ -384,7 +383,6 @@ def shortcuts_section(path: Path, result) -> None:
     if not report:
         st.info("No property besides the images could be compared with the label here.", icon=":material/info:")
         return
-    from cxr_core.data import shortcuts  # noqa: PLC0415 (imported on first use)
     table = shortcuts.report_table(report)
     shown = table[["property", "auc", "direction", "warning", "measured_on"]].rename(
         columns={"auc": "AUC", "measured_on": "measured on"})
@@ -404,7 +402,6 @@ def shortcuts_section(path: Path, result) -> None:
 
 
 def shortcut_lab_section(path: Path, result) -> None:
-    from cxr_core.data import shortcut_lab  # noqa: PLC0415 (imported on first use)
 
     st.subheader("Shortcut lab: plant a shortcut and watch a model take it")
     st.markdown(

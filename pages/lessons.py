@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core.core.errors import CxrError
+from cxr_core.data import shortcut_lab, shortcuts
 from cxr_core.teaching import checks, material, progress
 from cxr_core.teaching.lessons import Lesson, LessonSet, Step, fingerprint, lessons_dir, load_lessons
 from pages.ui import access, charts, datasets, frame, lesson_actions, models, session
@@ -152,10 +153,6 @@ def data_for_lessons() -> None:
 
 def marked_copy(root: Path, chosen: str | None) -> None:
     """For the Shortcuts lesson: the operator makes the chosen data set's shortcut-lab copy (a marker planted)."""
-    try:
-        from cxr_core.data import shortcut_lab  # noqa: PLC0415 (copies every image: only when asked)
-    except ImportError:
-        return
     if not chosen or chosen.endswith(shortcut_lab.FOLDER_SUFFIX) or checks.dataset_markers(root / chosen):
         return
     target = root / f"{chosen}{shortcut_lab.FOLDER_SUFFIX}"
@@ -480,7 +477,6 @@ def flip_preview(_params: dict, ctx: checks.CheckContext) -> None:
 
 @st.cache_data(show_spinner="Looking for shortcuts on a sample of images...", max_entries=4)
 def _shortcut_report(path: str, stamp: str) -> pd.DataFrame:  # noqa: ARG001 (stamp: part of the cache key)
-    from cxr_core.data import shortcuts  # noqa: PLC0415 (imported on first use)
 
     return shortcuts.report_table(shortcuts.shortcut_check(datasets.scan(Path(path)), max_images=300))
 

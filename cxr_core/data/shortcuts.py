@@ -32,6 +32,11 @@ import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from cxr_core.core.errors import BadImageError, CxrError
 from cxr_core.core.labels import POSITIVE
@@ -200,7 +205,6 @@ def _is_categorical(values: pd.Series) -> bool:
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415 (sklearn only when a report is made)
 
     if len(np.unique(y)) < 2:
         return float("nan")
@@ -213,7 +217,6 @@ def _category_scores(categories: np.ndarray, y: np.ndarray, folds: int, seed: in
     Cross-fitting keeps a column with many small categories (one per row, say) from scoring
     itself perfectly: each row is scored by rates learned on the other folds.
     """
-    from sklearn.model_selection import StratifiedKFold  # noqa: PLC0415
 
     def rates(train_cat: np.ndarray, train_y: np.ndarray) -> tuple[dict, float]:
         prior = float(train_y.mean())
@@ -523,11 +526,6 @@ def feature_probe(
         AUC}), "groups" ({group: rows}), "n", "folds", "label_association" (the ``property_report``
         entry of the groups, or None), "warning" (one sentence or None)}.
     """
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: PLC0415
-    from sklearn.pipeline import make_pipeline  # noqa: PLC0415
-    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
     x = np.asarray(features, dtype=np.float64)
     g = pd.Series(list(groups), dtype=object)

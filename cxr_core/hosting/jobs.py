@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 
 from cxr_core.core.config import RunConfig
@@ -320,7 +321,6 @@ def terminate(run_dir: str | os.PathLike, grace_s: float = 10.0) -> bool:
     Returns:
         True when a live process was stopped, False when the run had none.
     """
-    import psutil  # noqa: PLC0415 - runs imports it anyway; named here for the exceptions
 
     folder = RunFolder(run_dir)
     process = runs.running_process(folder.status())

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Iterator
+
+import psutil
+from filelock import FileLock, Timeout
 
 from cxr_core.core.errors import BadSettingError, ServerBusyError
 from cxr_core.io.atomic import write_stream_atomic
@@ -91,7 +95,6 @@ def memory_limit_bytes(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
     """The memory this server may use: its container's limit (cgroup v2 ``memory.max``, v1
     ``memory.limit_in_bytes``, the smallest one found) when below the machine's memory, else the
     machine's physical memory (psutil; also on Windows and macOS, which have no cgroups)."""
-    import psutil  # noqa: PLC0415 (only the pages and the CLI that size uploads need it)
 
     physical = int(psutil.virtual_memory().total)
     limits = [value for path in _cgroup_limit_files(Path(cgroup_root), Path(proc_cgroup))
@@ -158,7 +161,6 @@ def unpack_slot(data_root: str | os.PathLike) -> Iterator[None]:
     Raises:
         ServerBusyError: another archive is being unpacked.
     """
-    from filelock import FileLock, Timeout  # noqa: PLC0415 (only unpacking needs it)
 
     folder = spool_folder(data_root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,6 @@ class RateLimiter:
     WINDOW_S = 60.0
 
     def __init__(self, per_minute: int) -> None:
-        import threading  # noqa: PLC0415
 
         self.per_minute = int(per_minute)
         self._events: dict[str, list[float]] = {}

@@ -161,7 +161,6 @@ def sweep_stale_temps(directory: str | os.PathLike, older_than_s: float = 3600.0
     Only files older than ``older_than_s`` go, so a writer still at work in another process keeps
     its file. Returns how many were removed.
     """
-    import time  # noqa: PLC0415
 
     removed = 0
     cutoff = time.time() - older_than_s

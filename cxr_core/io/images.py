@@ -26,7 +26,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pydicom import pixels
+from pydicom.datadict import DicomDictionary
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
 
 from cxr_core.core.errors import BadImageError
 
@@ -242,7 +248,6 @@ def _dicom_tags() -> tuple[int, ...]:
     photometric interpretation, rescale, modality and VOI LUTs, window, palette), its pixel data and
     SOP class and modality. Patient, study and staff elements (name, id, birth date...) are never
     parsed, so no message, log or result can show them."""
-    from pydicom.datadict import DicomDictionary  # noqa: PLC0415 - lazy, as pydicom itself
 
     image = [tag for tag in DicomDictionary if tag >> 16 == 0x0028]
     # SOP Class UID, Modality; Extended Offset Table (and lengths), Float, Double Float and Pixel Data.
@@ -251,8 +256,6 @@ def _dicom_tags() -> tuple[int, ...]:
 
 
 def _read_dicom(data: bytes, label: str, stop_before_pixels: bool):
-    import pydicom  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
-    from pydicom.errors import InvalidDicomError  # noqa: PLC0415 - as above
 
     try:
         # force=True: many exported files lack the 128-byte preamble but are valid datasets.
@@ -278,7 +281,6 @@ def _dicom_size(ds, label: str) -> tuple[int, int]:
 
 
 def _dicom_gray(data: bytes, label: str) -> np.ndarray:
-    from pydicom import pixels  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
 
     ds = _read_dicom(data, label, stop_before_pixels=False)
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -324,7 +326,6 @@ def _pixel_description(ds, arr: np.ndarray | None = None) -> str:
 
 
 def _decoded_to_gray(ds, arr: np.ndarray, photometric: str, label: str) -> np.ndarray:
-    from pydicom import pixels  # noqa: PLC0415 - lazy: only DICOM uploads pay for it
 
     if photometric == "PALETTE COLOR":
         try:
@@ -373,8 +374,6 @@ def _decoded_to_gray(ds, arr: np.ndarray, photometric: str, label: str) -> np.nd
 
 def _undecodable(ds, label: str, error: BaseException) -> BadImageError:
     """One sentence naming the transfer syntax (name and UID), never pydicom's multi-line list of plugins."""
-    from pydicom.pixels import get_decoder  # noqa: PLC0415 - lazy, as above
-    from pydicom.uid import UID  # noqa: PLC0415 - as above
 
     # pydicom's report lists every plugin on its own line: the refusal below names what matters.
     log.debug("Could not decode the pixel data of %s: %s", label, error)

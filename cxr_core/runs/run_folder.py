@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import BadRunError, lower_first
@@ -90,7 +91,6 @@ def evaluation_name(data_dir: str | os.PathLike) -> str:
 
 def _create_time(pid: Any) -> float | None:
     """When process ``pid`` started (seconds since the epoch, as psutil counts), or None."""
-    import psutil  # noqa: PLC0415 - only status writers need it
 
     try:
         return psutil.Process(int(pid)).create_time()

@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError
+from cxr_core.data import plan, practice, scan as data, stats
 from cxr_core.hosting import resources
+from cxr_core.io import images
 from pages.ui import PROJECT_ROOT
 from pages.ui.session import KEY_DATASET, KEY_SPLIT
 
@@ -44,7 +47,6 @@ def dataset_path(name: str | None = None) -> Path | None:
 
 def is_synthetic(path: Path) -> bool:
     """True for the generated practice set (its folder name or marker file says so)."""
-    from cxr_core.data import practice  # noqa: PLC0415 (imported on first use)
     return "synthetic" in path.name.lower() or (path / practice.MARKER_FILE).is_file()
 
 
@@ -61,7 +63,6 @@ def fingerprint(folder: Path) -> str:
 
 @st.cache_data(show_spinner="Reading the data set (once; cached afterwards)...", max_entries=8)
 def _scan_cached(path: str, fingerprint: str):  # noqa: ARG001 (fingerprint: part of the cache key)
-    from cxr_core.data import scan as data  # noqa: PLC0415 (imported on first use)
     return data.scan_dataset(path)
 
 
@@ -84,7 +85,6 @@ def current_scan(where: Any = None):
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _split_cached(path: str, fingerprint: str, mode: str, seed: int = 123) -> pd.DataFrame:
-    from cxr_core.data import scan as data  # noqa: PLC0415 (imported on first use)
     result = _scan_cached(path, fingerprint)
     return data.make_split(result.manifest, mode=mode, seed=seed)
 
@@ -101,7 +101,6 @@ def current_split(mode: str | None = None) -> pd.DataFrame | None:
 @st.cache_data(show_spinner=False, max_entries=8)
 def dataset_stats(path: str, fingerprint: str) -> dict:
     """The Dataset page's summaries (cxr_core.data.stats), computed once per data set contents."""
-    from cxr_core.data import stats  # noqa: PLC0415 (imported on first use)
     result = _scan_cached(path, fingerprint)
     return {
         "summary": stats.dataset_summary(result),
@@ -116,7 +115,6 @@ def dataset_stats(path: str, fingerprint: str) -> dict:
 
 @st.cache_data(show_spinner="Measuring pixel intensities on a sample of images...", max_entries=8)
 def intensity_histograms(path: str, fingerprint: str, n_per_class: int = 40) -> pd.DataFrame:
-    from cxr_core.data import stats  # noqa: PLC0415 (imported on first use)
     return stats.intensity_histograms(_scan_cached(path, fingerprint), n_per_class=n_per_class, bins=64)
 
 
@@ -134,14 +132,11 @@ def downscale(gray: np.ndarray, size: int = 512) -> np.ndarray:
 @st.cache_data(show_spinner=False, max_entries=256)
 def thumbnail(path: str, size: int = 256) -> np.ndarray:
     """A small grayscale copy of an image file for grids (aspect ratio kept); raises CxrError."""
-    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     return downscale(images.load_gray(path), size)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _plan_cached(path: str, fingerprint: str, config_dict: dict):
-    from cxr_core.core.config import RunConfig  # noqa: PLC0415
-    from cxr_core.data import plan  # noqa: PLC0415 (imported on first use)
 
     return plan.plan_run(RunConfig.from_dict(config_dict), _scan_cached(path, fingerprint).manifest)
 

@@ -10,7 +10,8 @@ import streamlit as st
 
 from cxr_core.core.errors import CxrError
 from cxr_core.core.tasks import Task, get_task
-from cxr_core.inference.predictor import overlay_heatmap
+from cxr_core.inference.predictor import Predictor, overlay_heatmap
+from cxr_core.io import images
 from cxr_core.runs import registry as runs
 from cxr_core.runs.run_folder import RunFolder, RunState, TestSet
 from pages.ui import access
@@ -150,7 +151,6 @@ def model_stamp(run_dir: str | Path) -> float:
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)
 def _predictor_cached(run_dir: str, stamp: float):  # noqa: ARG001 (stamp: part of the cache key)
-    from cxr_core.inference.predictor import Predictor  # noqa: PLC0415 (TensorFlow may come with it)
     return Predictor.from_run(run_dir)
 
 
@@ -169,7 +169,6 @@ def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[n
     Cached by run and file contents, so moving the opacity slider does not rerun the model.
     Raises CxrError for a file that is not a usable image.
     """
-    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(data, name)
     (found,) = _predictor_cached(run_dir, stamp).explain([gray])
     small = downscale(gray, 640)
@@ -180,7 +179,6 @@ def explain_bytes(run_dir: str, stamp: float, data: bytes, name: str) -> tuple[n
 def explain_path(run_dir: str, stamp: float, path: str, target: str | None = None) -> tuple[np.ndarray, Explanation]:
     """Like ``explain_bytes`` for an image file on the server (Evaluation's gallery); ``target`` picks
     the class whose evidence the map shows (by default the predicted one)."""
-    from cxr_core.io import images  # noqa: PLC0415 (imported on first use)
     gray = images.load_gray(path)
     (found,) = _predictor_cached(run_dir, stamp).explain([gray], target)
     small = downscale(gray, 512)
