@@ -60,16 +60,39 @@ def headline(chosen: TestSet, summary) -> None:
                    help=f"Chosen on the run's validation images ({rule} rule), never on a test set.")
     n = test.get("n")
     if n:
-        intervals = evaluate.rate_intervals(test)
+        bootstrapped = chosen.intervals if chosen.external else {}
+        # The "few test images" rule reads sensitivity and specificity: bootstrapped when stored, else Wilson.
+        intervals = ({k: v for k, v in bootstrapped.items() if k in ("sensitivity", "specificity")}
+                     or evaluate.rate_intervals(test))
         spread = "; ".join(f"{name} {low:.2f}–{high:.2f}" for name, (low, high) in intervals.items())
         st.caption(f"{models.test_set_caption(chosen, summary)} {test.get('n_positive', '?')} pneumonia, "
-                   f"{test.get('n_negative', '?')} normal." + (f" 95 % intervals: {spread}." if spread else ""))
+                   f"{test.get('n_negative', '?')} normal."
+                   + (f" 95 % intervals: {spread}." if spread and not bootstrapped else ""))
+        if bootstrapped:
+            st.caption(interval_line(test, bootstrapped, chosen.intervals_by))
         if evaluate.intervals_are_wide(intervals):
             # The rule is the width of the intervals, not a count: 500 images with 30 normal ones are few.
             widest = max((high - low) / 2 for low, high in intervals.values())
             st.warning(f"Few test images: sensitivity or specificity is known only to within ±{widest:.2f} "
                        f"(95 % interval, wider than ±{evaluate.WIDE_INTERVAL:.2f}), so runs that differ by less "
                        "cannot be told apart on this test set.", icon=":material/warning:")
+
+
+INTERVAL_NAMES = {"roc_auc": "ROC AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
+                  "specificity": "specificity"}
+
+
+def interval_line(test, intervals: dict[str, tuple[float, float]], by: str | None) -> str:
+    """Each figure with its stored 95 % interval, and what such an interval means."""
+    how = ", by patient" if by == "patient" else ""
+    figures = "; ".join(f"{label} {charts.fmt_num(test.get(name))} (95 % CI {low:.2f}–{high:.2f}{how})"
+                        for name, label in INTERVAL_NAMES.items() if name in intervals
+                        for low, high in [intervals[name]])
+    meaning = ("The interval is how far each figure could move by chance alone on another test set of this size "
+               "from the same source; runs whose intervals overlap cannot be told apart here.")
+    if by == "patient":
+        meaning += " A child's images were resampled together, as films of one child are not independent evidence."
+    return f"{figures}. {meaning}"
 
 
 @st.fragment

@@ -373,6 +373,10 @@ def test_evaluation_page_evaluates_a_run_on_another_folder_and_shows_it_first(fi
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["External ROC AUC"] == f"{stored['roc_auc']:.3f}"
     assert any("20 images of the data set other" in c.value for c in at.caption)
+    # Each headline figure with its bootstrap interval; the made-up names hold two or three films per child.
+    low, high = stored["intervals"]["roc_auc"]
+    assert any(f"ROC AUC {stored['roc_auc']:.3f} (95 % CI {low:.2f}–{high:.2f}, by patient)" in c.value
+               for c in at.caption)
     # The run's own test part is still there, second.
     assert at.radio(key="eval_test_set").options[-1] == "internal: the run's own test part"
 

@@ -14,7 +14,7 @@ from conftest import TINY_MODEL, make_dataset
 from cxr_core.cli import _parser, build_config, main
 from cxr_core.core.config import DataConfig, RunConfig
 from cxr_core.core.errors import BadSettingError
-from cxr_core.core.metrics import binary_metrics
+from cxr_core.core.metrics import binary_metrics, bootstrap_intervals
 from cxr_core.core.recipes import RECIPES, apply_recipe
 from cxr_core.data.scan import scan_dataset
 from cxr_core.evaluation.external import evaluate_folder, overlap_warning
@@ -60,6 +60,11 @@ def test_external_evaluation_is_stored_and_matches_the_predictions(run_with_spli
     assert result["at_0.5"]["confusion_matrix"] == binary_metrics(
         predictions["y"], predictions["probability"], 0.5)["confusion_matrix"]
     assert result["overlap"] == {"train": 0, "val": 0, "test": 0} and result["warning"] is None
+    # Kermany names with two or three films per child: intervals resample children, and are stored.
+    assert result["intervals_by"] == "patient" and stored["intervals"] == result["intervals"]
+    assert result["intervals"] == bootstrap_intervals(predictions["y"], predictions["probability"], 0.4,
+                                                      groups=predictions["patient_id"])
+    assert next(e for e in folder.evaluations() if e.name == "site-b").intervals_by == "patient"
     # The runs table and the pages show this figure first.
     summary = runs.summarize_run(run)
     assert (summary.external_name, summary.external_auc) == ("site-b", result["roc_auc"])
@@ -92,6 +97,8 @@ def test_cli_evaluate_stores_unless_asked_not_to(run_with_split, tmp_path, capsy
     assert main(["evaluate", "--run", str(run), "--data", str(other), "--engine", "keras", "--no-store"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == 8 and "site-c" not in RunFolder(run).read_evaluations()
+    assert printed["intervals_by"] == "patient" and set(printed["intervals"]) == {
+        "roc_auc", "accuracy", "sensitivity", "specificity"}
     assert main(["evaluate", "--run", str(run), "--data", str(other), "--engine", "keras"]) == 0
     assert RunFolder(run).read_evaluations()["site-c"]["n"] == 8
 

@@ -509,6 +509,112 @@ def rate_intervals(metrics: dict, confidence: float = 0.95) -> dict[str, tuple[f
     return found
 
 
+#: The figures ``bootstrap_intervals`` gives an interval of, in the order they are shown.
+BOOTSTRAP_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+
+
+def _resample_weights(rng: np.random.Generator, codes: np.ndarray, n_groups: int, n_draws: int) -> np.ndarray:
+    """How many times each image is drawn in each of ``n_draws`` resamples (rows): ``n_groups`` groups drawn
+    with replacement, every image of a drawn group coming with it."""
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_draws)
+    return counts[:, codes].astype(np.float64)
+
+
+def _weighted_figures(w: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """The four figures of each resample (a row of image weights ``w``); NaN where undefined (one class)."""
+    pos = (y == 1).astype(np.float64)
+    called = (p >= threshold).astype(np.float64)
+    w_pos = w @ pos
+    w_neg = w.sum(axis=1) - w_pos
+    right = called * pos + (1.0 - called) * (1.0 - pos)
+    # AUC with weights: each positive counts the negative weight scored below it, ties as halves.
+    order = np.argsort(p, kind="stable")
+    p_sorted, neg_sorted, pos_sorted = p[order], 1.0 - pos[order], pos[order]
+    w_sorted = w[:, order]
+    below_neg = np.zeros((w.shape[0], p.size + 1))
+    np.cumsum(w_sorted * neg_sorted, axis=1, out=below_neg[:, 1:])
+    start = np.searchsorted(p_sorted, p_sorted, side="left")
+    end = np.searchsorted(p_sorted, p_sorted, side="right")
+    beaten = below_neg[:, start] + 0.5 * (below_neg[:, end] - below_neg[:, start])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = ((w_sorted * pos_sorted) * beaten).sum(axis=1) / (w_pos * w_neg)
+        return {
+            "roc_auc": np.where((w_pos > 0) & (w_neg > 0), auc, np.nan),
+            "accuracy": (w @ right) / w.sum(axis=1),
+            "sensitivity": np.where(w_pos > 0, (w @ (called * pos)) / w_pos, np.nan),
+            "specificity": np.where(w_neg > 0, (w @ ((1.0 - called) * (1.0 - pos))) / w_neg, np.nan),
+        }
+
+
+def bootstrap_intervals(y_true: ArrayLike, prob: ArrayLike, threshold: float, groups: ArrayLike | None = None,
+                        n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, list | None]:
+    """Percentile bootstrap intervals of ROC AUC, accuracy, sensitivity and specificity at ``threshold``.
+
+    Args:
+        y_true: labels, 0 or 1.
+        prob: probability of class 1.
+        threshold: a case is positive when ``prob >= threshold``.
+        groups: one key per image (a patient); whole groups are resampled, so the images of one child
+            move together and do not count as independent evidence. ``None``: images are resampled.
+            A missing key (None / NaN) makes the image a group of its own.
+        n_boot: resamples per figure.
+        seed: the random seed; the same seed gives the same intervals.
+        confidence: the interval's coverage, in (0, 1).
+
+    Returns:
+        {"roc_auc": [low, high], "accuracy": ..., "sensitivity": ..., "specificity": ...}. A resample
+        with one class only says nothing about AUC (nor one without positives about sensitivity, nor one
+        without negatives about specificity): it is skipped for that figure and more are drawn, up to
+        ten times ``n_boot`` in all, so that skipping does not leave fewer resamples than asked for
+        where it can be helped. A figure that cannot be computed (its class absent) is ``None``.
+
+    Raises:
+        CxrError: on invalid input, groups of another length, ``n_boot`` below 1 or a bad confidence.
+    """
+    y, p = _check(y_true, prob)
+    n_boot = int(n_boot)
+    if n_boot < 1:
+        raise CxrError(f"The number of bootstrap resamples must be at least 1; got {n_boot}.")
+    if not 0.0 < float(confidence) < 1.0:
+        raise CxrError(f"The confidence must be between 0 and 1; got {confidence}.")
+    if groups is None:
+        codes = np.arange(y.size)
+    else:
+        keys = pd.Series(np.asarray(groups, dtype=object).reshape(-1))
+        if keys.size != y.size:
+            raise CxrError(f"There are {y.size} labels but {keys.size} group keys; they must match one to one.")
+        codes, uniques = pd.factorize(keys)
+        missing = codes < 0
+        codes[missing] = len(uniques) + np.arange(int(missing.sum()))
+    n_groups = int(codes.max()) + 1
+    possible = {"roc_auc": 0 < y.sum() < y.size, "accuracy": True,
+                "sensitivity": bool(y.sum() > 0), "specificity": bool(y.sum() < y.size)}
+    found: dict[str, list[np.ndarray]] = {name: [] for name in BOOTSTRAP_METRICS}
+    have = dict.fromkeys(BOOTSTRAP_METRICS, 0)
+    rng = np.random.default_rng(seed)
+    # Memory: a batch holds one weight per image per resample.
+    batch = max(1, min(n_boot, 2_000_000 // max(y.size, 1)))
+    drawn = 0
+    while drawn < 10 * n_boot and any(have[m] < n_boot for m in BOOTSTRAP_METRICS if possible[m]):
+        size = min(batch, 10 * n_boot - drawn)
+        figures = _weighted_figures(_resample_weights(rng, codes, n_groups, size), y, p, float(threshold))
+        drawn += size
+        for name, values in figures.items():
+            values = values[np.isfinite(values)]
+            found[name].append(values)
+            have[name] += values.size
+    tail = (1.0 - float(confidence)) / 2.0
+    intervals: dict[str, list | None] = {}
+    for name in BOOTSTRAP_METRICS:
+        values = np.concatenate(found[name])[:n_boot] if found[name] else np.empty(0)
+        if not possible[name] or values.size == 0:
+            intervals[name] = None
+            continue
+        low, high = np.quantile(values, [tail, 1.0 - tail])
+        intervals[name] = [float(low), float(high)]
+    return intervals
+
+
 def intervals_are_wide(intervals: dict[str, tuple[float, float]], limit: float = WIDE_INTERVAL) -> bool:
     """True when any interval is wider than ± ``limit``: the test set is too small to tell apart
     models whose rates differ by that much."""

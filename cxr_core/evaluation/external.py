@@ -28,7 +28,13 @@ import pandas as pd
 
 from cxr_core.core.errors import BadSettingError, CxrError
 from cxr_core.core.labels import POSITIVE
-from cxr_core.core.metrics import binary_metrics, estimate_prior_em, multiclass_metrics, threshold_for_prior
+from cxr_core.core.metrics import (
+    binary_metrics,
+    bootstrap_intervals,
+    estimate_prior_em,
+    multiclass_metrics,
+    threshold_for_prior,
+)
 from cxr_core.data.scan import scan_dataset, stratified_subset, task_labels
 from cxr_core.data.shortcut_lab import read_markers
 from cxr_core.inference.predictor import Predictor
@@ -133,6 +139,17 @@ def marker_attention(predictor: Predictor, manifest: pd.DataFrame, on_progress: 
             "marker_map": target or "predicted class"}
 
 
+def interval_figures(used: pd.DataFrame, threshold: float) -> dict:
+    """``intervals`` (95 % bootstrap intervals of ROC AUC, accuracy, sensitivity and specificity at the
+    threshold) and ``intervals_by``: "patient" when some patient has several images (they are resampled
+    together, as one child's films are not independent evidence), else "image"."""
+    patients = used["patient_id"] if "patient_id" in used.columns else None
+    by_patient = patients is not None and patients.notna().all() and patients.nunique() < len(used)
+    return {"intervals": bootstrap_intervals(used["y"].to_numpy(), used["probability"].to_numpy(), threshold,
+                                             groups=patients.to_numpy() if by_patient else None),
+            "intervals_by": "patient" if by_patient else "image"}
+
+
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, threshold: float | None = None,
                     engine: str = "auto", store: bool = True, predictor: Predictor | None = None,
                     on_progress: Any = None, limit: int | None = None) -> dict:
@@ -155,7 +172,8 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         ``skipped``; ``duplicates``; ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per
         part of the run's split) and ``warning`` (one sentence, or None); on a data set whose manifest
         records markers (a shortcut-lab copy) also ``marker_attention``, ``n_marked`` and ``marker_map``
-        (see ``marker_attention``). For a subtype run,
+        (see ``marker_attention``); ``intervals`` and ``intervals_by`` (see ``interval_figures``). For a
+        subtype run (no intervals: its figures are per class),
         ``evaluate.multiclass_metrics`` (task "subtype", classes, per_class, pneumonia_vs_normal,
         bacterial_vs_viral, ...) with the same bookkeeping keys and no ``prevalence``.
 
@@ -199,6 +217,7 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
     result["warning"] = overlap_warning(overlap, len(used))
     if task.uses_threshold:  # a threshold can follow the new images' prevalence
         result["prevalence"] = prevalence_adjustment(folder, used["probability"].to_numpy(), y, chosen)
+        result.update(interval_figures(used, chosen))
     attention = marker_attention(predictor, used, on_progress)
     if attention is not None:
         result.update(attention)

@@ -79,6 +79,27 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def stored_intervals(figures: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """The ``intervals`` stored with an evaluation ({figure: (low, high)}); a figure stored as None (it could
+    not be computed) or damaged is left out."""
+    stored = figures.get("intervals")
+    if not isinstance(stored, Mapping):
+        return {}
+    found = {}
+    for name, pair in stored.items():
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            low, high = _number(pair[0]), _number(pair[1])
+            if low is not None and high is not None:
+                found[str(name)] = (low, high)
+    return found
+
+
+def intervals_by(figures: Mapping[str, Any]) -> str | None:
+    """What an evaluation's stored intervals resampled: "patient" or "image" (None: none stored)."""
+    value = figures.get("intervals_by")
+    return value if value in ("patient", "image") and stored_intervals(figures) else None
+
+
 @dataclass(frozen=True)
 class Status:
     """``status.json``: the run's state and its process (see ``RunFolder.write_status``)."""
@@ -261,14 +282,19 @@ class Evaluation:
 
     @property
     def intervals(self) -> dict[str, tuple[float, float]]:
-        """95 % intervals of sensitivity and specificity: the stored ones, else from its confusion matrix."""
-        stored = self.raw.get("intervals")
-        if isinstance(stored, Mapping) and stored:
-            return {str(k): (float(v[0]), float(v[1])) for k, v in stored.items()
-                    if isinstance(v, (list, tuple)) and len(v) == 2}
+        """95 % intervals: the stored ones (bootstrap, of roc_auc, accuracy, sensitivity and specificity, those
+        that could be computed), else those of sensitivity and specificity from its confusion matrix."""
+        stored = stored_intervals(self.raw)
+        if stored:
+            return stored
         from cxr_core.core.metrics import rate_intervals  # noqa: PLC0415 (it imports scikit-learn: only when asked)
 
         return rate_intervals(dict(self.raw)) if self.task == DEFAULT_TASK else {}
+
+    @property
+    def intervals_by(self) -> str | None:
+        """What the stored intervals resampled: "patient" or "image" (None: none stored)."""
+        return intervals_by(self.raw)
 
     @property
     def marker_attention(self) -> float | None:
@@ -312,6 +338,16 @@ class TestSet:
     sampled_from: int | None = None
     #: Patients in the run's own test part, when recorded.
     n_patients: int | None = None
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """The bootstrap intervals stored with an external evaluation (empty when none are stored)."""
+        return stored_intervals(self.figures)
+
+    @property
+    def intervals_by(self) -> str | None:
+        """"patient" or "image": what the stored intervals resampled (None: none stored)."""
+        return intervals_by(self.figures)
 
     @property
     def n(self) -> int:
