@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import cv2
 
 from cxr_core.core import settings
-from cxr_core.core.config import RunConfig
+from cxr_core.core.config import CALIBRATIONS, RunConfig
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPE_NAMES, apply_recipe
@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", parents=[common],
                        help="write model.tflite (LiteRT) for a run, so the app predicts without TensorFlow")
     x.add_argument("--run", required=True, help="run folder")
+
+    c = sub.add_parser("calibrate", parents=[common],
+                       help="calibrate a finished run's probabilities on its validation predictions and apply it to "
+                            "its files (for runs trained before calibration existed); prints the calibration")
+    c.add_argument("--run", required=True, help="run folder")
+    c.add_argument("--method", choices=CALIBRATIONS, default="temperature", help="temperature (default), platt or "
+                   "none (takes the calibration off)")
 
     n = sub.add_parser("ensemble", parents=[common],
                        help="combine finished runs into one run (mean of their probabilities); prints its folder")
@@ -229,6 +236,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from cxr_core.evaluation.recalibrate import recalibrate_run  # noqa: PLC0415 (scikit-learn and scipy: 1.5 s)
+
+    found = recalibrate_run(args.run, args.method)
+    record = (RunFolder(args.run).read_metrics() or {}).get("calibration") or found.to_dict()
+    print(json.dumps(record), flush=True)
+    return EXIT_OK
+
+
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from cxr_core.evaluation.ensemble import make_ensemble  # noqa: PLC0415 (metrics import scikit-learn: 1.5 s)
 
@@ -309,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-                "export": _cmd_export, "ensemble": _cmd_ensemble, "shortcut-lab": _cmd_shortcut_lab,
-                "lesson-notebook": _cmd_lesson_notebook}
+                "export": _cmd_export, "calibrate": _cmd_calibrate, "ensemble": _cmd_ensemble,
+                "shortcut-lab": _cmd_shortcut_lab, "lesson-notebook": _cmd_lesson_notebook}
     started = time.time()
     try:
         return handlers[args.command](args)

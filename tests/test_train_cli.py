@@ -83,6 +83,19 @@ def test_train_writes_a_complete_run_folder(trained_run: Path):
     assert metrics["threshold"] == pytest.approx(choose_threshold(val["y"], val["probability"], "youden"))
     assert metrics["test"]["at_0.5"]["threshold"] == 0.5
     assert metrics["n_images"] == len(originals)
+    # The probabilities are calibrated on validation (temperature by default), and the Predictor applies the
+    # same calibration: it gives the stored validation probabilities back.
+    from cxr_core.core.calibration import Calibration
+    from cxr_core.inference.predictor import Predictor
+
+    calibration = Calibration.from_dict(metrics["calibration"])
+    assert calibration.method == "temperature" and calibration.n == len(val)
+    assert metrics["calibration"]["val_ece_after"] <= metrics["calibration"]["val_ece_before"] + 1e-9
+    predictor = Predictor.from_run(trained_run, engine="keras")
+    assert predictor.calibration == calibration
+    sample = val.head(4)
+    found = predictor.predict_files(sample["path"].tolist())
+    np.testing.assert_allclose([r["probability"] for r in found], sample["probability"], atol=2e-4)
     events = [json.loads(line)["event"] for line in (trained_run / "progress.jsonl").read_text().splitlines()]
     assert "extract" in events and "epoch" in events and events[-1] == "done"
     config = RunConfig.from_dict(json.loads((trained_run / "config.json").read_text()))

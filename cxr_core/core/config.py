@@ -30,6 +30,8 @@ SPLIT_LABELS = {
 SPLIT_MODES = tuple(SPLIT_LABELS)
 BALANCE_STRATEGIES = ("augment", "class_weight", "none")
 SCHEDULES = ("constant", "cosine")
+#: How a run calibrates its probabilities (``cxr_core.core.calibration``).
+CALIBRATIONS = ("temperature", "platt", "none")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,9 @@ class TrainConfig:
         threshold_rule: ``youden`` (maximise sensitivity + specificity on validation) or
             ``sensitivity`` (the highest threshold that reaches ``target_sensitivity``, for screening).
         target_sensitivity: used by the ``sensitivity`` rule.
+        calibration: how the probabilities are calibrated on the validation part after training
+            (``cxr_core.core.calibration``): ``temperature``, ``platt`` (a sigmoid head; a softmax
+            gets temperature) or ``none``. Applied wherever the run predicts; the threshold moves with it.
         seed: seed of augmentation, initialisation and shuffling.
         restore_best: keep the weights of the epoch with the best validation AUC (else the last).
         online_augment: during fine-tuning, also augment every training image anew each epoch
@@ -213,6 +218,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
+    calibration: str = "temperature"
     seed: int = 123
     restore_best: bool = True
     online_augment: bool = False
@@ -242,6 +248,8 @@ class TrainConfig:
             raise BadSettingError(
                 f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}."
             )
+        if self.calibration not in CALIBRATIONS:
+            raise BadSettingError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {self.calibration!r}.")
         if self.epochs < 0 or self.fine_tune_epochs < 0:
             raise BadSettingError("epochs cannot be negative.")
         if self.epochs == 0 and self.fine_tune_epochs == 0:

@@ -26,6 +26,7 @@ from typing import Any
 from cxr_core.core.backbones import BACKBONE_NAMES, BACKBONES
 from cxr_core.core.config import (
     BALANCE_STRATEGIES,
+    CALIBRATIONS,
     DISTRIBUTE_MODES,
     PRECISIONS,
     SCHEDULES,
@@ -54,6 +55,7 @@ LEARNING_RATE_RULE = ("the global batch is --batch-size per replica times the re
 
 TASK_LABELS = {name: get_task(name).label for name in TASKS}
 BALANCE_LABELS = {"augment": "Augment NORMAL (reference)", "class_weight": "Class weights", "none": "None"}
+CALIBRATION_LABELS = {"temperature": "Temperature scaling", "platt": "Platt scaling", "none": "None"}
 THRESHOLD_LABELS = {"youden": "Youden (balance both)", "sensitivity": "95 % sensitivity (screening)",
                     "midpoint": "Midpoint (robust to a new site)"}
 BACKBONE_LABELS = {name: spec.label for name, spec in BACKBONES.items()}
@@ -74,7 +76,7 @@ CONSTANTS: dict[str, Any] = {
     "THRESHOLD_RULES": THRESHOLD_RULES, "SCHEDULES": SCHEDULES, "DISTRIBUTE_MODES": DISTRIBUTE_MODES,
     "PRECISIONS": PRECISIONS, "BACKBONE_NAMES": BACKBONE_NAMES, "SPLIT_LABELS": SPLIT_LABELS,
     "TASK_LABELS": TASK_LABELS, "BALANCE_LABELS": BALANCE_LABELS, "THRESHOLD_LABELS": THRESHOLD_LABELS,
-    "BACKBONE_LABELS": BACKBONE_LABELS,
+    "BACKBONE_LABELS": BACKBONE_LABELS, "CALIBRATIONS": CALIBRATIONS, "CALIBRATION_LABELS": CALIBRATION_LABELS,
 }
 _METAVARS = {"int": "N", "float": "F", "str": "TEXT", "path": "PATH"}
 
@@ -387,6 +389,15 @@ SETTINGS: tuple[Setting, ...] = (
             label="Target sensitivity",
             form_help="For the 95 % sensitivity threshold rule only: the share of pneumonias in the validation "
                       "images that the chosen threshold must still find."),
+    Setting("train.calibration", "--calibration", "choice",
+            "how the probabilities are calibrated on the validation part after training: temperature (default) "
+            "fixes only how sure the model is; platt also moves them to the validation part's prevalence; none",
+            choices="CALIBRATIONS", form="advanced", option_labels="CALIBRATION_LABELS", label="Calibration",
+            form_help="After training, the probabilities are adjusted on the validation images so that a predicted "
+                      "80 % means pneumonia about four times out of five. The order of the images, and so the AUC "
+                      "and the calls at the run's threshold, do not change. Temperature scaling only tempers how "
+                      "sure the model is; Platt scaling also builds in how common pneumonia was in the validation "
+                      "images, which is wrong for a clinic where it is rarer."),
     Setting("train.label_smoothing", "--label-smoothing", "float",
             "pull training targets towards 0.5 by this much (0-0.5)", range=(0.0, 0.45), step=0.05, widget="slider",
             form="advanced", label="Label smoothing",

@@ -38,6 +38,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cxr_core.core.calibration import IDENTITY, Calibration, expected_calibration_error, fit_calibration
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError, DiskFullError
 from cxr_core.core.labels import classes_for, require_both_classes
@@ -382,6 +383,8 @@ def _evaluate(ctx: TrainingContext) -> None:
         logits = ctx.classifier.predict(data_, verbose=0)
     else:
         logits = ctx.head.predict(ctx.features[mask], batch_size=256, verbose=0)
+    calibration = _fit_calibration(ctx, rows[mask]["split"].to_numpy() == "val", rows[mask]["y"].to_numpy(), logits)
+    logits_raw, logits = logits, calibration.logits(logits)
     probs = task.probabilities(logits)
     # probability is P(disease) for every task, so readers of the binary columns still make sense of it.
     evaluated = rows[mask].assign(probability=task.disease_probability(probs))
@@ -407,7 +410,8 @@ def _evaluate(ctx: TrainingContext) -> None:
         test_metrics = report(test)
         metrics = {"threshold": None, "threshold_rule": "argmax", "val": report(val),
                    "test": {"at_threshold": test_metrics} if test_metrics is not None else None}
-    metrics = {"task": task.name, "classes": list(task.classes), **metrics}
+    metrics = {"task": task.name, "classes": list(task.classes), **metrics,
+               "calibration": _calibration_record(task, calibration, evaluated, task.probabilities(logits_raw))}
     balance = ctx.plan.balance
     # Counted on the readable images, which are the ones the run really used.
     originals = rows[~rows["is_augmented"].astype(bool)]
@@ -429,6 +433,29 @@ def _evaluate(ctx: TrainingContext) -> None:
     ctx.folder.write_predictions(evaluated)
     ctx.folder.write_metrics(metrics)
     ctx.check_stop()
+
+
+def _fit_calibration(ctx: TrainingContext, is_val: np.ndarray, y: np.ndarray, logits: np.ndarray) -> Calibration:
+    """The run's calibration, fitted on the validation part (the identity when it is turned off)."""
+    if not is_val.any():
+        return IDENTITY
+    probs = ctx.task.probabilities(logits[is_val])
+    fitted_on = probs[:, 1] if ctx.task.head == "sigmoid" else probs
+    return fit_calibration(ctx.config.train.calibration, y[is_val].astype(int), fitted_on)
+
+
+def _calibration_record(task, calibration: Calibration, evaluated: pd.DataFrame, raw_probs: np.ndarray) -> dict:
+    """The calibration as stored in metrics.json, with the expected calibration error of each part
+    before and after it (of P(disease) against any disease)."""
+    record = calibration.to_dict()
+    raw_disease = task.disease_probability(raw_probs)
+    for part in ("val", "test"):
+        in_part = (evaluated["split"] == part).to_numpy()
+        if in_part.any():
+            sick = (evaluated["y"].to_numpy()[in_part].astype(int) > 0).astype(int)
+            record[f"{part}_ece_before"] = expected_calibration_error(sick, raw_disease[in_part])
+            record[f"{part}_ece_after"] = expected_calibration_error(sick, evaluated["probability"].to_numpy()[in_part])
+    return record
 
 
 def _save(ctx: TrainingContext) -> None:

@@ -37,6 +37,7 @@ from cxr_core.core.metrics import (
 )
 from cxr_core.data.scan import scan_dataset, stratified_subset, task_labels
 from cxr_core.data.shortcut_lab import read_markers
+from cxr_core.evaluation.subgroups import calibration_figures, subgroup_figures, uncalibrated
 from cxr_core.inference.predictor import Predictor
 from cxr_core.io.images import load_gray
 from cxr_core.runs.run_folder import RunFolder, evaluation_name
@@ -172,7 +173,10 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         ``skipped``; ``duplicates``; ``run``; ``data``; ``name``; ``engine``; ``overlap`` (images per
         part of the run's split) and ``warning`` (one sentence, or None); on a data set whose manifest
         records markers (a shortcut-lab copy) also ``marker_attention``, ``n_marked`` and ``marker_map``
-        (see ``marker_attention``); ``intervals`` and ``intervals_by`` (see ``interval_figures``). For a
+        (see ``marker_attention``); ``intervals`` and ``intervals_by`` (see ``interval_figures``);
+        ``calibration`` (``subgroups.calibration_figures``: ECE and reliability bins after the run's
+        calibration and before it) and ``subgroups`` (``subgroups.subgroup_figures``: per subtype and
+        per group column of the manifest). For a
         subtype run (no intervals: its figures are per class),
         ``evaluate.multiclass_metrics`` (task "subtype", classes, per_class, pneumonia_vs_normal,
         bacterial_vs_viral, ...) with the same bookkeeping keys and no ``prevalence``.
@@ -250,11 +254,18 @@ def _metrics(used: pd.DataFrame, results: list[dict], predictor: Predictor, chos
             used[f"p_{name}"] = probs[:, c]
         used["probability"] = 1.0 - probs[:, 0]
         used["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
-        return multiclass_metrics(y, probs, classes)
+        result = multiclass_metrics(y, probs, classes)
+        prob = used["probability"].to_numpy()
+        result["calibration_disease"] = calibration_figures(
+            y, prob, predictor.calibration.method, uncalibrated(predictor.calibration, prob, probs))
+        return result
     used["probability"] = [r["probability"] for r in results]
     prob = used["probability"].to_numpy()
     result = {"task": task.name, **binary_metrics(y, prob, threshold=chosen)}
     result["at_0.5"] = binary_metrics(y, prob, threshold=0.5)
+    result["calibration"] = calibration_figures(y, prob, predictor.calibration.method,
+                                                uncalibrated(predictor.calibration, prob))
+    result["subgroups"] = subgroup_figures(used, chosen)
     return result
 
 

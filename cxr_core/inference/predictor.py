@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
+from cxr_core.core.calibration import IDENTITY, Calibration
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import BadImageError, BadRunError, CxrError
 from cxr_core.core.labels import DEFAULT_THRESHOLD
@@ -126,6 +127,7 @@ class Predictor:
 
     Attributes:
         engine: what runs the network (``engine.name`` is ``"LiteRT"`` or ``"Keras"``).
+        calibration: the run's calibration of the logits (the identity when it has none).
         task: the run's ``Task`` (``config.data.task``); ``classes`` are its classes, in the order of
             ``Prediction.probabilities``.
         config: the run's configuration.
@@ -133,8 +135,11 @@ class Predictor:
     """
 
     def __init__(self, engine: Engine, config: RunConfig, threshold: float = DEFAULT_THRESHOLD,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, calibration: Calibration = IDENTITY) -> None:
         """Wrap an engine (``KerasEngine(classifier)``, ``LiteEngine(path)``) for a run of ``config``.
+
+        ``calibration`` maps the engine's logits before they become probabilities (the run's own,
+        fitted on validation; ``threshold`` is on the calibrated probabilities).
 
         Raises:
             BadRunError: when the engine's head does not fit the task (config.json and the model disagree).
@@ -145,6 +150,7 @@ class Predictor:
         self.classes = self.task.classes
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._threshold = check_threshold(threshold, "of a predictor")
+        self.calibration = calibration
         self.task.require_outputs(engine.n_outputs, f"the model in {self._where()}")
 
     @property
@@ -200,7 +206,7 @@ class Predictor:
             from cxr_core.engine.keras_runner import KerasEngine  # noqa: PLC0415
 
             runner = KerasEngine.load(folder.model_path, config.model.backbone, f"run folder {folder.path}")
-        predictor = cls(runner, config, threshold=chosen, run_dir=folder.path)
+        predictor = cls(runner, config, threshold=chosen, run_dir=folder.path, calibration=folder.read_calibration())
         if config.model.image_size and int(config.model.image_size) != predictor.image_size:
             # The saved model is the truth; the config may have been edited by hand.
             logger.warning("Run folder %s: config.json says image size %s but the model takes %d; using the model's.",
@@ -283,7 +289,7 @@ class Predictor:
         return np.stack([to_model_input(g, self.image_size) for g in grays]).astype(np.float32)
 
     def _predictions(self, logits: np.ndarray) -> list[Prediction]:
-        probabilities = self.task.probabilities(logits)
+        probabilities = self.task.probabilities(self.calibration.logits(logits))
         labels = self.task.labels(probabilities, self._threshold)
         disease = self.task.disease_probability(probabilities)
         return [Prediction(label, float(p), {c: float(v) for c, v in zip(self.classes, row)})

@@ -43,8 +43,9 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from cxr_core.core.calibration import Calibration
 from cxr_core.core.config import RunConfig
-from cxr_core.core.errors import BadRunError, lower_first
+from cxr_core.core.errors import BadRunError, CxrError, lower_first
 from cxr_core.core.labels import DEFAULT_THRESHOLD
 from cxr_core.io.atomic import (
     append_jsonl,
@@ -299,6 +300,19 @@ class RunFolder:
             log.warning("Run folder %s: %s holds no threshold; using %.1f.", self.path, METRICS_FILE, DEFAULT_THRESHOLD)
             return DEFAULT_THRESHOLD
         return check_threshold(metrics["threshold"], f"in {path}")
+
+    def read_calibration(self) -> Calibration:
+        """The calibration fitted after training (metrics.json, ``calibration``); the identity for a run
+        that has none (trained before calibration existed, or with ``--no-calibrate``).
+
+        Raises:
+            BadRunError: the stored calibration is damaged.
+        """
+        stored = (self.read_metrics() or {}).get("calibration")
+        try:
+            return Calibration.from_dict(stored if isinstance(stored, dict) else None)
+        except CxrError as error:
+            raise BadRunError(f"The run folder {self.path}: {error}") from error
 
     def save_model(self, classifier: Any) -> None:
         """Save a Keras classifier as model.keras, atomically."""
