@@ -7,10 +7,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core.core import metrics as evaluate
+from cxr_core.core.calibration import IDENTITY, Calibration, expected_calibration_error
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import CLASSES, label_for
 from cxr_core.core.tasks import get_task
-from cxr_core.evaluation import external
+from cxr_core.evaluation import external, paired
 from cxr_core.inference.predictor import map_caption
 from cxr_core.runs.run_folder import RunFolder, TestSet
 from pages.ui import access, charts, datasets, frame, models, multiclass, session
@@ -153,23 +154,75 @@ def curves(y, p, threshold: float, live: dict, key: str) -> None:
     right.plotly_chart(charts.style(fig, 340, title="Precision-recall curve"), key=f"{key}_pr")
 
 
-def calibration(y, p) -> None:
+def calibration(y, p, chosen: TestSet, calibration: Calibration) -> None:
     st.subheader("Calibration")
     bins = evaluate.calibration_bins(y, p, n_bins=10)
     brier = float(np.mean((p - y) ** 2)) if len(y) else float("nan")
+    before = calibration.uncalibrated(p) if calibration.active else None
     left, right = st.columns([2, 1])
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="perfect")
+    if before is not None:
+        old = evaluate.calibration_bins(y, before, n_bins=10)
+        fig.add_scatter(x=old["mean_predicted"], y=old["fraction_positive"], mode="lines+markers",
+                        line=dict(dash="dash", color="#9e9e9e"), text=[f"{c} images" for c in old["count"]],
+                        name="before calibration")
     fig.add_scatter(x=bins["mean_predicted"], y=bins["fraction_positive"], mode="lines+markers",
                     marker=dict(size=[6 + 14 * np.sqrt(c / max(bins["count"])) for c in bins["count"]]),
                     text=[f"{c} images" for c in bins["count"]], name="this model")
     fig.update_xaxes(title="mean predicted probability", range=[0, 1])
     fig.update_yaxes(title="fraction that really is pneumonia", range=[0, 1.02])
     left.plotly_chart(charts.style(fig, 320), key="calibration")
+    ece = expected_calibration_error(y, p)
+    right.metric("Expected calibration error", charts.fmt_num(ece),
+                 delta=(f"{ece - expected_calibration_error(y, before):+.3f} by {calibration.method} scaling"
+                        if before is not None else None), delta_color="inverse",
+                 help="The average gap between a predicted probability and how often such images really are "
+                      "pneumonia (10 bins, weighted by their images): 0 is perfect.")
     right.metric("Brier score", f"{brier:.3f}", help="Mean squared error of the probabilities: 0 is perfect, "
                  "0.25 is what always answering 50 % scores.")
     right.markdown("Points **below** the diagonal: the model is over-confident about pneumonia; "
                    "**above**: under-confident. Marker size shows how many images a bin holds.")
+    if before is not None:
+        right.caption(f"The run's probabilities were {calibration.method}-scaled on its validation images after "
+                      "training; the grey line is what the network said before. Scaling never changes which "
+                      "images are called pneumonia at the run's threshold.")
+    elif chosen.external:
+        right.caption("This run has no calibration (it was trained before calibration existed): "
+                      "`python -m cxr_core calibrate --run RUN` adds one.")
+
+
+def run_calibration(summary) -> Calibration:
+    """The run's calibration; none when it cannot be read (loading the run says why, once)."""
+    try:
+        return RunFolder(summary.path).read_calibration()
+    except CxrError:
+        return IDENTITY
+
+
+SUBGROUP_TITLES = {"subtype": "kind of pneumonia"}
+
+
+def subgroups(chosen: TestSet) -> None:
+    """Figures per pneumonia kind and per group the data set records: where a good headline hides a failure."""
+    found = chosen.figures.get("subgroups") or {}
+    if not found:
+        return
+    with st.expander("By kind of pneumonia and by group", expanded=False):
+        st.markdown("A good overall AUC can hide a group where the model fails: the viral pneumonias it misses, or "
+                    "the copies of the data made one way where a shortcut stops working. Groups of a few images "
+                    "say little; a dash means the figure has no meaning there (one class only).")
+        for column, groups in found.items():
+            rows = {str(value): {"images": figures.get("n"), "pneumonia": figures.get("n_positive"),
+                                 "ROC AUC": charts.fmt_num(figures.get("roc_auc")),
+                                 "sensitivity": charts.fmt_num(figures.get("sensitivity")),
+                                 **({} if column == "subtype" else
+                                    {"specificity": charts.fmt_num(figures.get("specificity")),
+                                     "accuracy": charts.fmt_num(figures.get("accuracy"))})}
+                    for value, figures in groups.items()}
+            st.markdown(f"**By {SUBGROUP_TITLES.get(column, column)}**"
+                        + (" (each kind against every normal film)" if column == "subtype" else ""))
+            charts.table(pd.DataFrame(rows).T, width="stretch")
 
 
 def gallery(summary, preds: pd.DataFrame, threshold: float, test_set: str) -> None:
@@ -258,6 +311,12 @@ def compare(summary, others: list) -> None:
     right.plotly_chart(charts.style(fig, 360, title=roc_title), key="compare_roc")
     st.caption(f"This run: {summary.run_id}; compared: {other.run_id}. Runs tested on different data sets or "
                "splits are not directly comparable: an official Kermany test set is harder than a random split.")
+    shared = paired.shared_evaluations(summary.path, other.path)
+    for found in shared:
+        (st.success if found.get("different") else st.info)(paired.verdict(found), icon=":material/balance:")
+    if not shared:
+        st.caption("Evaluate both runs on the same external data set (below) to learn whether their difference is "
+                   "beyond chance: they are then compared image by image (DeLong's test for the AUCs).")
 
 
 CONFIG_ROWS = ["backbone", "weights", "image size", "data", "split", "epochs", "balance", "fine-tune"]
@@ -398,7 +457,8 @@ else:
                 st.warning("The test set holds only one class, so curves and AUC cannot be drawn.")
             else:
                 threshold_explorer(y, p, chosen, key=key)
-                calibration(y, p)
+                subgroups(chosen)
+                calibration(y, p, chosen, run_calibration(summary))
             gallery(summary, preds, float(st.session_state.get(key, chosen.threshold)), choice.split(":")[0])
         compare(summary, models.finished_runs())
     other_folder(summary)

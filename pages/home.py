@@ -86,16 +86,22 @@ def honest_score() -> None:
         subtype_score(who, external, internal)
     elif external is not None:
         cols = st.columns(4)
-        cols[0].metric(f"AUC on {external.name}", charts.fmt_num(external.roc_auc))
-        cols[1].metric("Accuracy", charts.fmt_num(external.accuracy))
-        cols[2].metric("Sensitivity", charts.fmt_num(external.sensitivity))
-        cols[3].metric("Specificity", charts.fmt_num(external.specificity))
+        intervals = external.intervals
+        figures = (("roc_auc", f"AUC on {external.name}"), ("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"),
+                   ("specificity", "Specificity"))
+        for col, (name, label) in zip(cols, figures):
+            interval = intervals.get(name)
+            col.metric(label, charts.fmt_num(getattr(external, name)),
+                       help="95 % interval: {:.3f}–{:.3f}".format(*interval) if interval else None)
+            if interval:
+                col.caption("95 % CI {:.3f}–{:.3f}".format(*interval))
         st.markdown(
             f"{who} on **{external.n} images of {external.name}**, a test set from outside its training data, at its "
             f"own threshold. On the test part of its own split it scores AUC {charts.fmt_num(internal.get('roc_auc'))}"
             f" and accuracy {charts.fmt_num(internal.get('accuracy'))}: a split of one collection shares "
             "patients' hospital, scanners and image preparation with training, so it flatters every model; "
-            "the first figure is the one to believe.")
+            "the first figure is the one to believe. Each interval is how far the figure could move by chance "
+            "alone on another test set of that size.")
     elif internal:
         st.markdown(
             f"{who} scores AUC **{charts.fmt_num(internal.get('roc_auc'))}** and accuracy "

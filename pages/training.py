@@ -771,8 +771,8 @@ def past_runs() -> None:
     if any(n != 2 for n in classes):  # such a run's AUCs are macro AUCs over its classes: say which runs those are
         table.insert(1, "task", [f"{n} classes" for n in classes])
     # The figures that tell runs apart first; the table scrolls sideways to the rest, the run pinned.
-    first = ["run", "owner", "status", "task", "test AUC", "external AUC", "best val AUC", "backbone", "data", "split",
-             "images"]
+    first = ["run", "owner", "status", "task", "test AUC", "external AUC", "external AUC 95 % CI", "best val AUC",
+             "backbone", "data", "split", "images"]
     order = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
     charts.table(table, hide_index=True, width="stretch", column_config=RUNS_COLUMNS, column_order=order)
     if access.hosted() and not access.is_operator():
@@ -845,6 +845,9 @@ RUNS_COLUMNS = {
         "ext. set", width="small", help="The newest external test set: a data set none of whose images the run "
                                         "trained on."),
     "external AUC": _number("ext. AUC", format="%.3f", width="small", help="ROC AUC on that external test set."),
+    "external AUC 95 % CI": st.column_config.TextColumn(
+        "ext. AUC 95 % CI", width="small", help="Where the external AUC could lie by chance alone on another test "
+        "set of this size (bootstrap by child): runs whose intervals overlap cannot be told apart there."),
     "external accuracy": _number("ext. acc.", format="%.3f", width="small",
                                  help="Accuracy on that external test set, at the run's threshold."),
     "best val AUC": _number("val AUC", format="%.3f", width="small", help="The best validation AUC over the epochs."),

@@ -615,6 +615,69 @@ def bootstrap_intervals(y_true: ArrayLike, prob: ArrayLike, threshold: float, gr
     return intervals
 
 
+def _delong_components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components of one classifier (midranks, Sun & Xu 2014)."""
+    from scipy.stats import rankdata  # noqa: PLC0415 (scipy comes with scikit-learn; only comparisons need it)
+
+    m, n = len(pos), len(neg)
+    combined = rankdata(np.concatenate([pos, neg]))
+    pos_ranks = combined[:m]
+    auc = (pos_ranks.sum() - m * (m + 1) / 2.0) / (m * n)
+    v10 = (pos_ranks - rankdata(pos)) / n        # per positive: share of negatives it beats
+    v01 = 1.0 - (combined[m:] - rankdata(neg)) / m  # per negative: share of positives that beat it
+    return float(auc), v10, v01
+
+
+def paired_comparison(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, threshold_a: float = 0.5,
+                      threshold_b: float = 0.5, confidence: float = 0.95) -> dict[str, Any]:
+    """Are two models' figures on the same images different beyond chance?
+
+    The ROC AUCs are compared with DeLong's test for two correlated ROC curves (DeLong et al. 1988),
+    which uses that both models scored the same images; the accuracies at each model's threshold with
+    McNemar's exact test on the images exactly one of them gets right.
+
+    Returns:
+        n; auc_a, auc_b, auc_difference (a - b), auc_interval (its ``confidence`` interval) and
+        auc_p_value; accuracy_a, accuracy_b, only_a_right, only_b_right and accuracy_p_value;
+        ``different``: True when either p-value is below 1 - ``confidence``. AUC entries are None
+        when the images hold one class.
+    """
+    from scipy.stats import binomtest, norm  # noqa: PLC0415
+
+    y, p_a = _check(y_true, prob_a)
+    _, p_b = _check(y_true, prob_b)
+    if p_a.shape != p_b.shape:
+        raise CxrError("Two models are compared on the same images: give both probabilities for every image.")
+    out: dict[str, Any] = {"n": int(y.size)}
+    alpha = 1.0 - float(confidence)
+    pos, neg = y == 1, y == 0
+    if pos.sum() >= 2 and neg.sum() >= 2:
+        auc_a, v10_a, v01_a = _delong_components(p_a[pos], p_a[neg])
+        auc_b, v10_b, v01_b = _delong_components(p_b[pos], p_b[neg])
+        s10, s01 = np.cov(np.vstack([v10_a, v10_b])), np.cov(np.vstack([v01_a, v01_b]))
+        cov = s10 / pos.sum() + s01 / neg.sum()
+        variance = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+        difference = auc_a - auc_b
+        if variance <= 1e-15:  # the same ranking: no difference, and no doubt about it
+            p_value, half = (1.0 if abs(difference) < 1e-12 else 0.0), 0.0
+        else:
+            se = variance ** 0.5
+            p_value = float(2.0 * norm.sf(abs(difference) / se))
+            half = float(norm.ppf(1.0 - alpha / 2.0) * se)
+        out.update(auc_a=auc_a, auc_b=auc_b, auc_difference=difference,
+                   auc_interval=[difference - half, difference + half], auc_p_value=p_value)
+    else:
+        out.update(auc_a=None, auc_b=None, auc_difference=None, auc_interval=None, auc_p_value=None)
+    right_a = (p_a >= float(threshold_a)) == (y == 1)
+    right_b = (p_b >= float(threshold_b)) == (y == 1)
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    accuracy_p = float(binomtest(only_a, only_a + only_b).pvalue) if only_a + only_b else 1.0
+    out.update(accuracy_a=float(right_a.mean()), accuracy_b=float(right_b.mean()), only_a_right=only_a,
+               only_b_right=only_b, accuracy_p_value=accuracy_p)
+    out["different"] = bool((out["auc_p_value"] is not None and out["auc_p_value"] < alpha) or accuracy_p < alpha)
+    return out
+
+
 def intervals_are_wide(intervals: dict[str, tuple[float, float]], limit: float = WIDE_INTERVAL) -> bool:
     """True when any interval is wider than ± ``limit``: the test set is too small to tell apart
     models whose rates differ by that much."""

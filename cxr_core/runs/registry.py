@@ -28,6 +28,7 @@ import psutil
 
 from cxr_core.core.errors import BadRunError
 from cxr_core.runs import heartbeat
+from cxr_core.runs.records import stored_intervals
 from cxr_core.runs.run_folder import MODEL_FILE, STATUS_FILE, Metrics, RunFolder, RunState, Status
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,8 @@ class RunSummary:
     external_name: str | None = None
     external_auc: float | None = None
     external_accuracy: float | None = None
+    #: The 95 % interval of ``external_auc`` stored with that evaluation, if any.
+    external_auc_interval: tuple[float, float] | None = None
     recipe: str = ""
     #: The final model's AUC on the run's validation part (what the threshold was chosen on).
     val_auc: float | None = None
@@ -372,6 +375,8 @@ class RunSummary:
             "data": Path(self.data_dir).name if self.data_dir else "", "split": self.split,
             "images": self.n_images,
             "external test set": self.external_name or "", "external AUC": self.external_auc,
+            "external AUC 95 % CI": ("" if self.external_auc_interval is None
+                                     else "{:.3f}–{:.3f}".format(*self.external_auc_interval)),
             "external accuracy": self.external_accuracy,
             "best val AUC": self.best_val_auc, "test AUC": self.test_auc,
             "duration (s)": None if self.duration_s is None else round(self.duration_s, 1),
@@ -416,6 +421,7 @@ def summarize_run(run_dir: str | os.PathLike, owner: str = "") -> RunSummary:
         external_name=external.name if external else None,
         external_auc=external.roc_auc if external else None,
         external_accuracy=external.accuracy if external else None,
+        external_auc_interval=(stored_intervals(external.raw).get("roc_auc") if external else None),
         recipe=config.train.recipe if config else "",
         val_auc=val_auc,
         owner=owner,
