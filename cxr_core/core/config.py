@@ -202,7 +202,7 @@ class TrainConfig:
         schedule: ``constant`` or ``cosine`` (the fine-tuning learning rate decays to 0 by the last epoch).
         fine_tune_batchnorm: while fine-tuning pretrained weights, let the unfrozen BatchNorm layers
             learn the X-rays' statistics (momentum 0.9) instead of keeping ImageNet's.
-        weight_decay: decoupled weight decay of the fine-tuning optimiser (AdamW); 0 = Adam.
+        weight_decay: decoupled weight decay of the optimiser (AdamW), of the head and while fine-tuning; 0 = Adam.
         distribute: ``auto``, ``off``, ``mirrored`` or ``multi-worker`` (``cxr_core.engine.distribute``);
             ``batch_size`` is then per replica and the learning rates stay as configured.
         precision: ``auto`` (mixed float16 on GPUs that gain from it, else float32), ``float32`` or ``mixed``.

@@ -417,10 +417,11 @@ SETTINGS: tuple[Setting, ...] = (
             form_help="While fine-tuning, let the network's normalisation (BatchNorm) layers learn how bright and "
                       "contrasted X-rays are, instead of keeping what they learned from everyday photos."),
     Setting("train.weight_decay", "--weight-decay", "float",
-            "decoupled weight decay while fine-tuning (AdamW); 0 = Adam",
-            options=(0.0, 1e-5, 1e-4, 1e-3, 1e-2), form="advanced", label="Weight decay",
-            form_help="While fine-tuning, gently pulls the network's weights towards zero so that it cannot lean "
-                      "on a few memorised details; 0 turns it off."),
+            "decoupled weight decay of the optimiser (AdamW), of the head and while fine-tuning; 0 = Adam",
+            options=(0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5), form="advanced", label="Weight decay",
+            form_help="Pulls the weights towards zero at every step so that the model cannot lean on a few "
+                      "memorised details: gently while fine-tuning (1e-4), strongly for a head on frozen features "
+                      "(0.1 or more); 0 turns it off."),
     Setting("train.balance_by", "--balance-by", "str",
             "a manifest column (e.g. source_resolution) the model must not learn: training images are weighted so "
             "that it tells nothing about the label", metavar="COLUMN", form="advanced",

@@ -266,7 +266,8 @@ def _train_head(ctx: TrainingContext) -> None:
             # the per-step Python overhead that would otherwise dominate an epoch. (Not under a strategy:
             # Keras' multi-step loop fails there with "You must feed a value for placeholder tensor".)
             compile_model(head, ctx.task, config.train.learning_rate, config.train.label_smoothing,
-                          steps_per_execution=1 if runtime.distributed else 32)
+                          steps_per_execution=1 if runtime.distributed else 32,
+                          weight_decay=config.train.weight_decay)
     ctx.report("stage", stage="train", total=config.train.epochs,
                message=f"training the head for {config.train.epochs} epochs on cached features")
     n_batches = math.ceil(train_mask.sum() / batch_size)
@@ -276,7 +277,7 @@ def _train_head(ctx: TrainingContext) -> None:
         train_x, train_y = ctx.features[train_mask], y[train_mask]
         val_x, val_y = ctx.features[val_mask], y[val_mask]
         with runtime.scope():
-            optimizer = make_optimizer(config.train.learning_rate)
+            optimizer = make_optimizer(config.train.learning_rate, config.train.weight_decay)
         # Every worker validates the head (in-memory features: cheap), so all keep the same best epoch.
         sync_fit(ctx, head, optimizer, recorder, config.train.epochs, len(train_x), lambda pos: train_x[pos],
                  train_y, row_weights(ctx, train_y, weights), validate=lambda: (val_y, predict_logits(head, val_x)))
