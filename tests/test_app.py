@@ -20,6 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import TINY_PRETRAINED, TINY_WEIGHTS, make_dataset
+from cxr_core.core.settings import find
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME = str(PROJECT_ROOT / "Home.py")
@@ -237,7 +238,7 @@ def test_training_page_recipe_fills_the_form_and_the_augmentation_plan_follows_t
     render(at, None, "training (recipe chosen)")
     assert not at.warning or all("Session State" not in w.value for w in at.warning)
     quick = RECIPES["quick"].settings
-    assert at.number_input(key="train_limit").value == quick["data"]["limit"]
+    assert at.number_input(key="train_limit").value == find("data.limit").to_widget(quick["data"]["limit"])
     assert at.select_slider(key="train_size_mobilenet_v2").value == quick["model"]["image_size"]
     assert at.number_input(key="train_epochs").value == quick["train"]["epochs"]
     assert at.selectbox(key="train_split").value == quick["data"]["split"]

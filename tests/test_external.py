@@ -127,7 +127,7 @@ def test_recipe_sets_training_choices_and_explicit_flags_override(tmp_path):
     assert (overridden.train.epochs, overridden.data.split, overridden.augment.horizontal_flip) == (3, "patient", False)
     assert overridden.train.recipe == "reference"
     quick = build_config(_args("--data", data, "--recipe", "quick"))
-    assert quick.data.limit == 600 and quick.model.image_size == 128
+    assert quick.data.limit is None and quick.model.image_size == 224 and quick.train.threshold_rule == "midpoint"
     assert build_config(_args("--data", data)).train.recipe == ""
 
 

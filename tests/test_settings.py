@@ -314,3 +314,12 @@ def test_a_setting_added_to_the_table_reaches_the_cli_readme_form_and_recipes(mo
     assert settings.apply_form_values(RunConfig(), {"train.restore_best": False}).train.restore_best is False
     check_recipe(keeps_best)
     assert settings.setting_fields() | set(settings.NOT_SETTINGS) == settings.config_fields()
+
+
+def test_limit_zero_on_the_command_line_means_every_image():
+    from cxr_core import cli
+
+    parser = cli._parser()
+    given = cli.build_config(parser.parse_args(["train", "--data", "x", "--recipe", "quick", "--limit", "0"]))
+    kept = cli.build_config(parser.parse_args(["train", "--data", "x", "--recipe", "quick"]))
+    assert given.data.limit is None and kept.data.limit == 600

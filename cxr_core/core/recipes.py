@@ -69,17 +69,20 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "quick", "Quick classroom demo",
-            "A demonstration that finishes in about a minute on a laptop: 600 images at 128 pixels, split "
-            "by patient, the head only.",
+            "A demonstration on a frozen backbone: every training image at 224 pixels, split by patient, the head "
+            "only, the threshold midway between the classes. About a minute the first time on a 2-core laptop "
+            "(the backbone reads every image once), 15 seconds once its features are cached.",
             {
-                "data": {"split": "patient", "limit": 600},
+                "data": {"split": "patient", "limit": None},
                 "augment": {"rotation_range": 5.0, "horizontal_flip": False},
-                "model": {"image_size": 128},
+                "model": {"image_size": 224},
                 "train": {"epochs": 8, "batch_size": 32, "learning_rate": 1e-3, "balance": "class_weight",
-                          "fine_tune_layers": 0, "fine_tune_epochs": 0, "online_augment": False},
+                          "fine_tune_layers": 0, "fine_tune_epochs": 0, "online_augment": False,
+                          "threshold_rule": "midpoint"},
             },
-            expected=("MobileNetV2-0.35 (ImageNet) on kermany224: 31 s on 2 cores; on 311 images of the official "
-                      "Kermany test set AUC 0.877, accuracy 0.733 at its threshold (0.804 at 0.5)."),
+            expected=("MobileNetV2-0.35 (ImageNet) on kermany224: 56 s cold, 16 s with cached features on 2 cores; "
+                      "on 311 images of the official Kermany test set AUC 0.940 (95 % interval 0.910-0.963), "
+                      "accuracy 0.846, sensitivity 0.933, specificity 0.698 at its threshold."),
         ),
         Recipe(
             "best", "Robust fine-tuning (best measured)",

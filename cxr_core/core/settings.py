@@ -78,6 +78,8 @@ CONSTANTS: dict[str, Any] = {
     "TASK_LABELS": TASK_LABELS, "BALANCE_LABELS": BALANCE_LABELS, "THRESHOLD_LABELS": THRESHOLD_LABELS,
     "BACKBONE_LABELS": BACKBONE_LABELS, "CALIBRATIONS": CALIBRATIONS, "CALIBRATION_LABELS": CALIBRATION_LABELS,
 }
+#: What ``Setting.value_from_args`` answers for a flag that was not given (None is a value: ``--limit 0``).
+NOT_GIVEN = object()
 _METAVARS = {"int": "N", "float": "F", "str": "TEXT", "path": "PATH"}
 
 
@@ -203,14 +205,17 @@ class Setting:
         return f"[{self.flag} {' '.join(metavar) if isinstance(metavar, tuple) else metavar}]"
 
     def value_from_args(self, args: argparse.Namespace) -> Any:
-        """The flag's value in parsed arguments, or None when it was not given."""
+        """The flag's value in parsed arguments, or ``NOT_GIVEN``. A flag given as the value that stands
+        for None (``--limit 0``: all images) gives None."""
         value = getattr(args, self.dest, None)
         if self.flag_sets is not None:
-            return self.flag_sets if value else None
+            return self.flag_sets if value else NOT_GIVEN
         if value is None:
-            return None
+            return NOT_GIVEN
         if self.type == "pair":
             value = tuple(value)
+        if self.none_as is not None and not callable(self.none_as) and value == self.none_as:
+            return None
         return self.cli_value(value) if self.cli_value else value
 
     # --- the form ----------------------------------------------------------------------------
@@ -326,7 +331,7 @@ SETTINGS: tuple[Setting, ...] = (
             form="advanced",
             label="Test share", form_help="Share of the images kept aside to test the finished model (not used by "
                                           "the official split, which has its own test set)."),
-    Setting("data.limit", "--limit", "int", "stratified subset of N images, for quick demos", range=(0, 1_000_000),
+    Setting("data.limit", "--limit", "int", "stratified subset of N images, for quick demos (0 = all)", range=(0, 1_000_000),
             step=50, none_as=0, form="basic", key="train_limit",
             label="Quick demo: use only this many images (0 = all)",
             form_help="A stratified subset (same class shares) for a fast first run; at least 10."),
@@ -527,7 +532,7 @@ def config_from_values(base: RunConfig, values: Mapping[str, Any]) -> RunConfig:
 def values_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on a command line (a flag not given is left out, so the base's value wins)."""
     given = {row.name: row.value_from_args(args) for row in cli_rows()}
-    return {name: value for name, value in given.items() if value is not None}
+    return {name: value for name, value in given.items() if value is not NOT_GIVEN}
 
 
 # --- the Training form ------------------------------------------------------------------------
