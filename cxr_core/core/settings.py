@@ -331,8 +331,8 @@ SETTINGS: tuple[Setting, ...] = (
             form="advanced",
             label="Test share", form_help="Share of the images kept aside to test the finished model (not used by "
                                           "the official split, which has its own test set)."),
-    Setting("data.limit", "--limit", "int", "stratified subset of N images, for quick demos (0 = all)", range=(0, 1_000_000),
-            step=50, none_as=0, form="basic", key="train_limit",
+    Setting("data.limit", "--limit", "int", "stratified subset of N images, for quick demos (0 = all)",
+            range=(0, 1_000_000), step=50, none_as=0, form="basic", key="train_limit",
             label="Quick demo: use only this many images (0 = all)",
             form_help="A stratified subset (same class shares) for a fast first run; at least 10."),
     Setting("data.seed", "--seed", "int", "seed of split, augmentation and training (default {default})",
