@@ -246,10 +246,10 @@ def test_a_recipe_action_fills_in_every_setting_the_training_form_shows(tmp_path
     prepared = lesson_actions.prepare(action, [], tmp_path, {})
     state = prepared.state
     assert prepared.page == "pages/training.py" and prepared.problem is None
-    assert state["train_recipe"] == "quick" and state["train_limit"] == 600 and state["train_epochs"] == 8
+    assert state["train_recipe"] == "quick" and state["train_limit"] == 0 and state["train_epochs"] == 8
     assert state["split_mode"] == state["train_split"] == "random"  # the named setting wins over the recipe's
     assert state["balance"] == state["train_balance"] == "class_weight"
-    assert state["train_size_mobilenet_v2"] == 128 and state["train_alpha_free"] == 0.35
+    assert state["train_size_mobilenet_v2"] == 224 and state["train_alpha_free"] == 0.35
     assert state["augment_config"]["horizontal_flip"] is False and state["augment_config"]["rotation_range"] == 5.0
 
 
@@ -682,7 +682,7 @@ def test_a_lesson_with_every_kind_of_check_driven_through_with_real_tiny_runs(tm
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="train_recipe").value == "quick" and at.selectbox(key="train_split").value == "patient"
     assert at.selectbox(key="train_backbone").value == "mobilenet_v2"
-    assert at.number_input(key="train_limit").value == 600 and at.number_input(key="train_epochs").value == 8
+    assert at.number_input(key="train_limit").value == 0 and at.number_input(key="train_epochs").value == 8
     at.switch_page(LESSONS)
     patient = train_as(1)
     assert re.search(r"Found your finished run with the quick recipe and a patient split: run-1: ROC AUC [0-9.]+ on "

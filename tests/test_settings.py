@@ -320,6 +320,6 @@ def test_limit_zero_on_the_command_line_means_every_image():
     from cxr_core import cli
 
     parser = cli._parser()
-    given = cli.build_config(parser.parse_args(["train", "--data", "x", "--recipe", "quick", "--limit", "0"]))
-    kept = cli.build_config(parser.parse_args(["train", "--data", "x", "--recipe", "quick"]))
-    assert given.data.limit is None and kept.data.limit == 600
+    given = cli.build_config(parser.parse_args(["train", "--data", "x", "--limit", "50"]))
+    every = cli.build_config(parser.parse_args(["train", "--data", "x", "--limit", "50", "--limit", "0"]))
+    assert given.data.limit == 50 and every.data.limit is None
