@@ -75,15 +75,17 @@ class PeakSampler:
 
 
 @contextlib.contextmanager
-def serve(env: dict, log_path: Path, python: str = sys.executable) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`streamlit run Home.py` headless on a free port; yields (base URL, process)."""
+def serve(env: dict, log_path: Path, python: str = sys.executable,
+          extra_args: list[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`streamlit run Home.py` headless on a free port (``extra_args``: more of its options); yields (base URL,
+    process)."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as server_log:
         server = subprocess.Popen(
             [python, "-m", "streamlit", "run", "Home.py", "--server.headless", "true", "--server.port", str(port),
              "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"],
+             "--server.fileWatcherType", "none", *(extra_args or [])],
             cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
             stdout=server_log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
