@@ -64,7 +64,10 @@ def run_card(summary) -> float | None:
               "`python -m cxr_core export --run RUN` writes one and makes the app lighter).")
     demo = "This is the shipped demo run; its model card in the run folder says what it was trained on. " \
         if summary.is_demo else ""
-    st.caption(demo + engine)
+    views = (" It looks at each image four times (as it is, shifted a little left and right, zoomed in a little) "
+             "and averages what it says, because that scored higher on its validation images; the Grad-CAM map "
+             "explains that average." if predictor.tta else "")
+    st.caption(demo + engine + views)
     return predictor.threshold
 
 

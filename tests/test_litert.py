@@ -107,6 +107,22 @@ def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
     assert found_lite[0].label == found_keras[0].label
 
 
+def test_test_time_augmentation_agrees_on_both_engines(exported_run):
+    lite = Predictor.from_run(exported_run, tta=True)
+    keras_ = Predictor.from_run(exported_run, engine="keras", tta=True)
+    grays = _images(3)
+    found_lite, found_keras = lite.explain(grays), keras_.explain(grays)
+    np.testing.assert_allclose([e.probability for e in found_lite], [e.probability for e in found_keras], atol=1e-5)
+    np.testing.assert_allclose([p.probability for p in lite.predict(grays)], [e.probability for e in found_lite],
+                               atol=1e-6)
+    for a, b, gray in zip(found_lite, found_keras, grays):
+        assert a.heatmap.shape == gray.shape
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+    # The views change the answer: the averaged probability is not the single pass's.
+    single = [p.probability for p in Predictor.from_run(exported_run).predict(grays)]
+    assert not np.allclose(single, [e.probability for e in found_lite], atol=1e-7)
+
+
 @pytest.mark.parametrize("target", ["PNEUMONIA", "NORMAL"])
 def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
     """The export's second output holds ReLU(S) and ReLU(-S); Keras computes Grad-CAM of the logit and

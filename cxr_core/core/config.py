@@ -32,6 +32,9 @@ BALANCE_STRATEGIES = ("augment", "class_weight", "none")
 SCHEDULES = ("constant", "cosine")
 #: How a run calibrates its probabilities (``cxr_core.core.calibration``).
 CALIBRATIONS = ("temperature", "platt", "none")
+#: Whether a run averages a few fixed views of each image at test time (``cxr_core.data.views``): ``auto``
+#: measures both ways on the validation part at the end of training and keeps views when they score higher.
+TTA_MODES = ("off", "auto", "on")
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,9 @@ class TrainConfig:
         calibration: how the probabilities are calibrated on the validation part after training
             (``cxr_core.core.calibration``): ``temperature``, ``platt`` (a sigmoid head; a softmax
             gets temperature) or ``none``. Applied wherever the run predicts; the threshold moves with it.
+        tta: test-time augmentation (``TTA_MODES``): ``on`` averages the views of ``data.views`` wherever the
+            run predicts; ``auto`` keeps them when they raise the validation AUC; ``off`` (default). The
+            threshold and the calibration are chosen on what the run will predict with.
         seed: seed of augmentation, initialisation and shuffling.
         restore_best: keep the weights of the epoch with the best validation AUC (else the last).
         online_augment: during fine-tuning, also augment every training image anew each epoch
@@ -219,6 +225,7 @@ class TrainConfig:
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
     calibration: str = "temperature"
+    tta: str = "off"
     seed: int = 123
     restore_best: bool = True
     online_augment: bool = False
@@ -236,20 +243,14 @@ class TrainConfig:
     cpu_replicas: int = 0
 
     def __post_init__(self) -> None:
-        if self.distribute not in DISTRIBUTE_MODES:
-            raise BadSettingError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}; got {self.distribute!r}.")
-        if self.precision not in PRECISIONS:
-            raise BadSettingError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        # Each setting that names one of a few choices, and the choices.
+        for name, allowed in (("distribute", DISTRIBUTE_MODES), ("precision", PRECISIONS),
+                              ("balance", BALANCE_STRATEGIES), ("threshold_rule", THRESHOLD_RULES),
+                              ("calibration", CALIBRATIONS), ("tta", TTA_MODES), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise BadSettingError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if not (0 <= self.cpu_replicas <= 64):
             raise BadSettingError(f"cpu_replicas must be between 0 and 64; got {self.cpu_replicas}.")
-        if self.balance not in BALANCE_STRATEGIES:
-            raise BadSettingError(f"balance must be one of {', '.join(BALANCE_STRATEGIES)}; got {self.balance!r}.")
-        if self.threshold_rule not in THRESHOLD_RULES:
-            raise BadSettingError(
-                f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}."
-            )
-        if self.calibration not in CALIBRATIONS:
-            raise BadSettingError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {self.calibration!r}.")
         if self.epochs < 0 or self.fine_tune_epochs < 0:
             raise BadSettingError("epochs cannot be negative.")
         if self.epochs == 0 and self.fine_tune_epochs == 0:
@@ -258,8 +259,6 @@ class TrainConfig:
             raise BadSettingError(f"label_smoothing must be at least 0 and below 0.5; got {self.label_smoothing}.")
         if not (0 <= self.weight_decay < 1):
             raise BadSettingError(f"weight_decay must be at least 0 and below 1; got {self.weight_decay}.")
-        if self.schedule not in SCHEDULES:
-            raise BadSettingError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
         if not (0 <= self.warmup_epochs <= max(self.fine_tune_epochs, 0)):
             raise BadSettingError(
                 f"warmup_epochs must be between 0 and the fine-tuning epochs ({self.fine_tune_epochs}); "

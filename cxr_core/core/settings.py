@@ -32,6 +32,7 @@ from cxr_core.core.config import (
     SCHEDULES,
     SPLIT_LABELS,
     SPLIT_MODES,
+    TTA_MODES,
     RunConfig,
 )
 from cxr_core.core.errors import BadSettingError
@@ -56,6 +57,8 @@ LEARNING_RATE_RULE = ("the global batch is --batch-size per replica times the re
 TASK_LABELS = {name: get_task(name).label for name in TASKS}
 BALANCE_LABELS = {"augment": "Augment NORMAL (reference)", "class_weight": "Class weights", "none": "None"}
 CALIBRATION_LABELS = {"temperature": "Temperature scaling", "platt": "Platt scaling", "none": "None"}
+TTA_LABELS = {"off": "Off: one look at each image", "auto": "Auto: when it scores higher on validation",
+              "on": "On: average a few views of each image"}
 THRESHOLD_LABELS = {"youden": "Youden (balance both)", "sensitivity": "95 % sensitivity (screening)",
                     "midpoint": "Midpoint (robust to a new site)"}
 BACKBONE_LABELS = {name: spec.label for name, spec in BACKBONES.items()}
@@ -77,6 +80,7 @@ CONSTANTS: dict[str, Any] = {
     "PRECISIONS": PRECISIONS, "BACKBONE_NAMES": BACKBONE_NAMES, "SPLIT_LABELS": SPLIT_LABELS,
     "TASK_LABELS": TASK_LABELS, "BALANCE_LABELS": BALANCE_LABELS, "THRESHOLD_LABELS": THRESHOLD_LABELS,
     "BACKBONE_LABELS": BACKBONE_LABELS, "CALIBRATIONS": CALIBRATIONS, "CALIBRATION_LABELS": CALIBRATION_LABELS,
+    "TTA_MODES": TTA_MODES, "TTA_LABELS": TTA_LABELS,
 }
 #: What ``Setting.value_from_args`` answers for a flag that was not given (None is a value: ``--limit 0``).
 NOT_GIVEN = object()
@@ -403,6 +407,15 @@ SETTINGS: tuple[Setting, ...] = (
                       "and the calls at the run's threshold, do not change. Temperature scaling only tempers how "
                       "sure the model is; Platt scaling also builds in how common pneumonia was in the validation "
                       "images, which is wrong for a clinic where it is rarer."),
+    Setting("train.tta", "--tta", "choice",
+            "test-time augmentation: average the answers over a few shifted and zoomed views of each image; auto keeps "
+            "it when it raises the validation AUC (off by default)",
+            choices="TTA_MODES", form="advanced", option_labels="TTA_LABELS", label="Test-time augmentation",
+            form_help="At prediction the model also looks at each image shifted a little left and right and zoomed in "
+                      "a little, and averages what it says; the Grad-CAM map explains that average. It evens out how "
+                      "an image happens to be framed, and costs about four times the prediction time. Auto measures "
+                      "both ways on the validation images at the end of training (about four extra passes over "
+                      "them) and keeps the better one."),
     Setting("train.label_smoothing", "--label-smoothing", "float",
             "pull training targets towards 0.5 by this much (0-0.5)", range=(0.0, 0.45), step=0.05, widget="slider",
             form="advanced", label="Label smoothing",

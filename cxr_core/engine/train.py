@@ -37,13 +37,14 @@ from typing import Callable
 import keras
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from cxr_core.core.calibration import IDENTITY, Calibration, expected_calibration_error, fit_calibration
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError, DiskFullError
 from cxr_core.core.labels import classes_for, require_both_classes
 from cxr_core.core.metrics import metrics_report, multiclass_metrics
-from cxr_core.data import scan as data
+from cxr_core.data import scan as data, views
 from cxr_core.data.plan import plan_run, preflight
 from cxr_core.engine import distribute, export, features, model as model_lib
 from cxr_core.engine.batches import ImageBatches
@@ -384,6 +385,9 @@ def _evaluate(ctx: TrainingContext) -> None:
         logits = ctx.classifier.predict(data_, verbose=0)
     else:
         logits = ctx.head.predict(ctx.features[mask], batch_size=256, verbose=0)
+    # Test-time views, when asked for: chosen before the calibration and the threshold, which are then
+    # fitted on what the run will predict with.
+    logits, tta = _choose_views(ctx, rows[mask], logits)
     calibration = _fit_calibration(ctx, rows[mask]["split"].to_numpy() == "val", rows[mask]["y"].to_numpy(), logits)
     logits_raw, logits = logits, calibration.logits(logits)
     probs = task.probabilities(logits)
@@ -412,7 +416,8 @@ def _evaluate(ctx: TrainingContext) -> None:
         metrics = {"threshold": None, "threshold_rule": "argmax", "val": report(val),
                    "test": {"at_threshold": test_metrics} if test_metrics is not None else None}
     metrics = {"task": task.name, "classes": list(task.classes), **metrics,
-               "calibration": _calibration_record(task, calibration, evaluated, task.probabilities(logits_raw))}
+               "calibration": _calibration_record(task, calibration, evaluated, task.probabilities(logits_raw)),
+               "tta": tta}
     balance = ctx.plan.balance
     # Counted on the readable images, which are the ones the run really used.
     originals = rows[~rows["is_augmented"].astype(bool)]
@@ -434,6 +439,38 @@ def _evaluate(ctx: TrainingContext) -> None:
     ctx.folder.write_predictions(evaluated)
     ctx.folder.write_metrics(metrics)
     ctx.check_stop()
+
+
+def _choose_views(ctx: TrainingContext, part: pd.DataFrame, logits: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The validation and test logits the run will predict with, and the record of that choice: one look
+    at each image, or the mean over ``views.VIEWS`` (``train.tta``: ``on``; ``auto`` when the views raise
+    the validation AUC of pneumonia against normal; ``off``)."""
+    mode = ctx.config.train.tta
+    record = {"mode": mode, "used": False, "views": [view.name for view in views.VIEWS]}
+    if mode == "off":
+        return logits, record
+    ctx.report("stage", stage="evaluate", message=f"looking at the validation and test images in {len(views.VIEWS)} "
+               "views (test-time augmentation)")
+    seen = ImageBatches(part, ctx.config, 16, with_labels=False)
+    view_logits = []
+    for index in range(len(seen)):
+        ctx.check_stop()
+        (batch,) = seen[index]
+        view_logits.append(views.mean_logits(ctx.classifier.predict_on_batch(views.make_views(batch)),
+                                             len(views.VIEWS)))
+    view_logits = np.concatenate(view_logits).reshape(logits.shape)
+    is_val = (part["split"] == "val").to_numpy()
+    sick = part["y"].to_numpy()[is_val] > 0
+    task = ctx.task
+    if is_val.any() and 0 < sick.sum() < len(sick):
+        for key, found in (("val_auc_one", logits), ("val_auc_views", view_logits)):
+            disease = task.disease_probability(task.probabilities(found[is_val]))
+            record[key] = float(roc_auc_score(sick, disease))
+        better = record["val_auc_views"] > record["val_auc_one"]
+    else:
+        better = False
+    record["used"] = mode == "on" or better
+    return (view_logits if record["used"] else logits), record
 
 
 def _fit_calibration(ctx: TrainingContext, is_val: np.ndarray, y: np.ndarray, logits: np.ndarray) -> Calibration:

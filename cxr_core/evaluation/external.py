@@ -153,7 +153,7 @@ def interval_figures(used: pd.DataFrame, threshold: float) -> dict:
 
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, threshold: float | None = None,
                     engine: str = "auto", store: bool = True, predictor: Predictor | None = None,
-                    on_progress: Any = None, limit: int | None = None) -> dict:
+                    on_progress: Any = None, limit: int | None = None, tta: bool | None = None) -> dict:
     """Metrics of a run over every image of a folder.
 
     Args:
@@ -166,6 +166,8 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
         on_progress: called with (done, total) while images are classified.
         limit: evaluate a stratified, seeded sample of at most this many images (quicker; the
             result says ``sampled_from``).
+        tta: average a few fixed views of each image (``data.views``); ``None``: as the run chose. The
+            result says ``tta``.
 
     Returns:
         The ``evaluate`` JSON: task ("pneumonia"), n, accuracy, roc_auc, pr_auc, sensitivity,
@@ -187,7 +189,7 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
     """
     folder = RunFolder(run_dir)
     if predictor is None:
-        predictor = Predictor.from_run(folder.path, engine=engine)
+        predictor = Predictor.from_run(folder.path, engine=engine, tta=tta)
     task = predictor.task
     if threshold is not None and not task.uses_threshold:
         raise BadSettingError(f"The run {folder.name} is a {task.name} run, which labels each image with its most "
@@ -215,6 +217,7 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, 
     name = evaluation_name(data_dir)
     result["name"] = name
     result["engine"] = predictor.engine.name
+    result["tta"] = predictor.tta
     result["sampled_from"] = sampled_from
     overlap = training_overlap(folder, used["sha256"]) if "sha256" in used else {}
     result["overlap"] = overlap

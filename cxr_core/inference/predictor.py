@@ -11,6 +11,10 @@ the engine's logits into each class's probability and a label:
     explain(grays, target)     -> [Explanation(... target, heatmap, caption)]
     predict_files(paths)       -> [{"file", "probability" | "probabilities", "label"} or {"file", "error"}]
 
+With ``tta=True`` every image is seen in a few fixed views (``data.views``: shifts and a small zoom);
+the logits are their mean and each map is the views' maps moved back into the image's frame and averaged,
+so the map explains the averaged answer.
+
 A heatmap shows the evidence for one class (``Explanation.target``), by default the predicted one.
 Every head here is GlobalAveragePooling -> Dropout -> Dense, so a logit is ``sum_k w_k mean(A_k) + b``
 and the signed map ``S = sum_k w_k A_k`` splits it over the image. For the one logit of a pneumonia
@@ -34,6 +38,7 @@ from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import BadImageError, BadRunError, CxrError
 from cxr_core.core.labels import DEFAULT_THRESHOLD
 from cxr_core.core.tasks import CLASS_WORDS, Task, get_task
+from cxr_core.data import views
 from cxr_core.engine import litert
 from cxr_core.inference.engines import Engine
 from cxr_core.inference.lite_runner import LiteEngine
@@ -128,6 +133,7 @@ class Predictor:
     Attributes:
         engine: what runs the network (``engine.name`` is ``"LiteRT"`` or ``"Keras"``).
         calibration: the run's calibration of the logits (the identity when it has none).
+        tta: whether each image is seen in ``tta.VIEWS`` and the views' logits and maps averaged.
         task: the run's ``Task`` (``config.data.task``); ``classes`` are its classes, in the order of
             ``Prediction.probabilities``.
         config: the run's configuration.
@@ -135,7 +141,7 @@ class Predictor:
     """
 
     def __init__(self, engine: Engine, config: RunConfig, threshold: float = DEFAULT_THRESHOLD,
-                 run_dir: Path | None = None, calibration: Calibration = IDENTITY) -> None:
+                 run_dir: Path | None = None, calibration: Calibration = IDENTITY, tta: bool = False) -> None:
         """Wrap an engine (``KerasEngine(classifier)``, ``LiteEngine(path)``) for a run of ``config``.
 
         ``calibration`` maps the engine's logits before they become probabilities (the run's own,
@@ -151,6 +157,7 @@ class Predictor:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._threshold = check_threshold(threshold, "of a predictor")
         self.calibration = calibration
+        self.tta = bool(tta)
         self.task.require_outputs(engine.n_outputs, f"the model in {self._where()}")
 
     @property
@@ -174,7 +181,8 @@ class Predictor:
         self._threshold = check_threshold(value, "of a predictor")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, threshold: float | None = None, engine: str = "auto") -> "Predictor":
+    def from_run(cls, run_dir: str | Path, threshold: float | None = None, engine: str = "auto",
+                 tta: bool | None = None) -> "Predictor":
         """Load a finished run folder.
 
         Args:
@@ -182,6 +190,8 @@ class Predictor:
                 LiteRT export model.tflite.
             threshold: overrides the threshold in metrics.json; when both are absent, 0.5.
             engine: ``"auto"`` (LiteRT when usable, else Keras), ``"litert"`` or ``"keras"``.
+            tta: average a few fixed views of each image (see ``data.views``); ``None`` (default): as the
+                run chose at the end of its training (``RunFolder.read_tta``).
 
         Raises:
             BadRunError: one sentence naming the run folder and what is missing or damaged.
@@ -206,7 +216,8 @@ class Predictor:
             from cxr_core.engine.keras_runner import KerasEngine  # noqa: PLC0415
 
             runner = KerasEngine.load(folder.model_path, config.model.backbone, f"run folder {folder.path}")
-        predictor = cls(runner, config, threshold=chosen, run_dir=folder.path, calibration=folder.read_calibration())
+        predictor = cls(runner, config, threshold=chosen, run_dir=folder.path, calibration=folder.read_calibration(),
+                        tta=folder.read_tta() if tta is None else tta)
         if config.model.image_size and int(config.model.image_size) != predictor.image_size:
             # The saved model is the truth; the config may have been edited by hand.
             logger.warning("Run folder %s: config.json says image size %s but the model takes %d; using the model's.",
@@ -228,7 +239,12 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start:start + BATCH_SIZE]]
-            out += self._predictions(self.engine.logits(self._inputs(part)))
+            inputs = self._inputs(part)
+            if self.tta:
+                out += self._predictions(views.mean_logits(self.engine.logits(views.make_views(inputs)),
+                                                           len(views.VIEWS)))
+            else:
+                out += self._predictions(self.engine.logits(inputs))
         return out
 
     def explain(self, grays: Sequence[np.ndarray], target: str | None = None) -> list[Explanation]:
@@ -248,7 +264,7 @@ class Predictor:
         out: list[Explanation] = []
         for start in range(0, len(grays), BATCH_SIZE):
             part = [_gray_checked(g) for g in grays[start:start + BATCH_SIZE]]
-            logits, cams = self.engine.explain(self._inputs(part))
+            logits, cams = self._explained(self._inputs(part))
             for gray, found, cam in zip(part, self._predictions(logits), cams):
                 shown = target or found.label
                 heatmap = _finish_cam(cam[..., channels.index(shown)], gray.shape)
@@ -287,6 +303,16 @@ class Predictor:
 
     def _inputs(self, grays: list[np.ndarray]) -> np.ndarray:
         return np.stack([to_model_input(g, self.image_size) for g in grays]).astype(np.float32)
+
+    def _explained(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and raw maps of a batch; with ``tta``, the views' mean logits and their maps in each image's frame."""
+        if not self.tta:
+            return self.engine.explain(inputs)
+        logits, cams = self.engine.explain(views.make_views(inputs))
+        # A one-logit head's two channels are ReLU(S) and ReLU(-S) of one signed map: average S itself.
+        signed = self.task.n_outputs == 1
+        return (views.mean_logits(logits, len(views.VIEWS)),
+                views.aligned_maps(cams, self.image_size, signed=signed))
 
     def _predictions(self, logits: np.ndarray) -> list[Prediction]:
         probabilities = self.task.probabilities(self.calibration.logits(logits))

@@ -12,7 +12,8 @@ export, the job launcher, the command line and the pages read through it. Every 
     status.json       {"state": queued|running|done|failed|cancelled, "pid", "pid_create_time", "started", "finished",
                       "error", "message"}; read as ``records.Status`` (its state a ``records.RunState``)
     metrics.json      {"task", "classes", "threshold", "threshold_rule", "val", "test": {"at_0.5", "at_threshold"},
-                      "split_counts", ...}; a subtype run: threshold null, rule "argmax", test {"at_threshold"};
+                      "split_counts", "calibration", "tta": {"mode", "used", "views", "val_auc_one",
+                      "val_auc_views"}, ...}; a subtype run: threshold null, rule "argmax", test {"at_threshold"};
                       read as ``records.Metrics``
     predictions.csv   validation and test images: path, y, probability, split, label, patient_id (+ p_NORMAL,
                       p_BACTERIA, p_VIRUS for a subtype run, whose probability is P(pneumonia) = 1 - p_NORMAL)
@@ -313,6 +314,11 @@ class RunFolder:
             return Calibration.from_dict(stored if isinstance(stored, dict) else None)
         except CxrError as error:
             raise BadRunError(f"The run folder {self.path}: {error}") from error
+
+    def read_tta(self) -> bool:
+        """Whether the run predicts with test-time views (metrics.json, ``tta.used``; False for a run without)."""
+        stored = (self.read_metrics() or {}).get("tta")
+        return bool(stored.get("used")) if isinstance(stored, dict) else False
 
     def save_model(self, classifier: Any) -> None:
         """Save a Keras classifier as model.keras, atomically."""
