@@ -23,7 +23,7 @@ SHARED = ROOT.parent / "shared"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MENU = ["Home", "Dataset", "Augmentation", "Training", "Evaluation", "Predict"]
+MENU = ["Home", "Dataset", "Augmentation", "Training", "Evaluation", "Predict", "Leaderboard"]
 HEADINGS = {"Home": "pneumonia workbench"}  # a page's title where it differs from its menu entry
 
 

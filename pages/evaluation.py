@@ -12,6 +12,7 @@ from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import CLASSES, label_for
 from cxr_core.core.tasks import get_task
 from cxr_core.evaluation import external, paired
+from cxr_core.hosting import classroom
 from cxr_core.inference.predictor import map_caption
 from cxr_core.runs.run_folder import RunFolder, TestSet
 from pages.ui import access, charts, datasets, frame, models, multiclass, session
@@ -44,7 +45,8 @@ def test_predictions(run_dir: Path) -> pd.DataFrame:
 def test_sets(summary) -> dict[str, TestSet]:
     """The run's test sets by their label, the honest one first (``RunFolder.test_sets``)."""
     return {(f"external: {found.name}" if found.external else "internal: the run's own test part"): found
-            for found in RunFolder(summary.path).test_sets()}
+            for found in RunFolder(summary.path).test_sets()
+            if not (found.external and datasets.hidden_evaluation(found.name))}  # the locked set: never a visitor's
 
 
 def headline(chosen: TestSet, summary) -> None:
@@ -311,7 +313,8 @@ def compare(summary, others: list) -> None:
     right.plotly_chart(charts.style(fig, 360, title=roc_title), key="compare_roc")
     st.caption(f"This run: {summary.run_id}; compared: {other.run_id}. Runs tested on different data sets or "
                "splits are not directly comparable: an official Kermany test set is harder than a random split.")
-    shared = paired.shared_evaluations(summary.path, other.path)
+    shared = [found for found in paired.shared_evaluations(summary.path, other.path)
+              if not datasets.hidden_evaluation(found["name"])]
     for found in shared:
         (st.success if found.get("different") else st.info)(paired.verdict(found), icon=":material/balance:")
     if not shared:
@@ -347,6 +350,8 @@ def other_folder(summary) -> None:
     if not names:
         st.caption("No data sets under the data root yet; add one on the Dataset page.")
         return
+    if st.session_state.get("eval_other_dataset") not in names:  # a value this session may not choose
+        st.session_state.pop("eval_other_dataset", None)
     name = st.selectbox("Data set", names, key="eval_other_dataset")
     limit = st.number_input("At most this many images (0 = all)", 0, 100_000, 0, 100, key="eval_other_limit",
                             help="A stratified sample keeps it quick on a laptop; all images give the real figure.")
@@ -355,6 +360,9 @@ def other_folder(summary) -> None:
     if not keep:
         st.caption("This run is shared, so your result is shown here and not kept with the run.")
     if not st.button("Evaluate on this data set", icon=":material/play_arrow:"):
+        return
+    if datasets.hides(name):  # the one rule again, at the moment of use
+        st.error(classroom.LOCKED_SENTENCE, icon=":material/lock:")
         return
     bar = st.progress(0.0, text="Classifying...")
 

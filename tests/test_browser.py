@@ -22,8 +22,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # A deep link comes first: the first request to a fresh server must still go through Home.py's router.
 PAGES = {"predict": "predict", "home": "", "lessons": "lessons", "dataset": "dataset", "augmentation": "augmentation",
-         "training": "training", "evaluation": "evaluation"}
-MENU = ["Home", "Lessons", "Dataset", "Augmentation", "Training", "Evaluation", "Predict"]
+         "training": "training", "evaluation": "evaluation", "leaderboard": "leaderboard"}
+MENU = ["Home", "Lessons", "Dataset", "Augmentation", "Training", "Evaluation", "Predict", "Leaderboard"]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -17,7 +17,8 @@ from cxr_core.runs import registry as runs
 
 AUDIT_FILE = "audit.jsonl"
 ACTIONS = ("start", "withdraw", "cancel", "delete", "download", "unpack", "practice", "weights", "jobs at once",
-           "sign in", "sign out", "wrong passphrase", "lockout", "shortcut lab")
+           "sign in", "sign out", "wrong passphrase", "lockout", "shortcut lab",
+           "locked test set", "daily submissions", "submit", "reveal")
 
 
 def audit_path(root: str | os.PathLike | None = None) -> Path:

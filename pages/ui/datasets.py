@@ -12,9 +12,10 @@ import streamlit as st
 from cxr_core.core.config import RunConfig
 from cxr_core.core.errors import CxrError
 from cxr_core.data import plan, practice, scan as data, stats
-from cxr_core.hosting import resources
+from cxr_core.hosting import classroom, resources
 from cxr_core.io import images
-from pages.ui import PROJECT_ROOT
+from cxr_core.runs import registry as runs
+from pages.ui import PROJECT_ROOT, access
 from pages.ui.session import KEY_DATASET, KEY_SPLIT
 
 SKIP_DIR_PREFIXES = (".", "_")
@@ -26,8 +27,8 @@ def data_root() -> Path:
     return Path(env).expanduser() if env else PROJECT_ROOT / "data"
 
 
-def list_datasets() -> list[str]:
-    """Names of the folders directly under the data root (never a free path)."""
+def all_datasets() -> list[str]:
+    """Names of every folder directly under the data root, the locked test set included (the operator's)."""
     root = data_root()
     if not root.is_dir():
         return []
@@ -37,8 +38,41 @@ def list_datasets() -> list[str]:
     )
 
 
+def list_datasets() -> list[str]:
+    """The data sets this session may choose (never a free path): every folder under the data root, except
+    the class's locked test set for a visitor (``cxr_core.hosting.classroom``). Every choice of a data set
+    (the folder box, a link, a session value, the external test set, a lesson) passes through here."""
+    return classroom.visible_datasets(all_datasets(), access.role(), data_root(), runs_root())
+
+
+def runs_root() -> Path | None:
+    """The runs root, where the classroom settings live; None when it cannot be determined."""
+    try:
+        return runs.runs_root().path
+    except OSError:
+        return None
+
+
+def hides(name_or_path: str | Path | None) -> bool:
+    """Whether this session may not see ``name_or_path`` (the locked test set, for a visitor)."""
+    return classroom.hides(access.role()) and classroom.is_locked(name_or_path, data_root(), runs_root())
+
+
+def hidden_names() -> list[str]:
+    """The data set folders this session may not see: the locked test set for a visitor, else none."""
+    if not classroom.hides(access.role()):
+        return []
+    locked = classroom.locked_name(runs_root())
+    return [locked] if locked else []
+
+
+def hidden_evaluation(name: str) -> bool:
+    """Whether a run's stored evaluation ``name`` is on the locked test set and hidden from this session."""
+    return classroom.hidden_evaluation(name, access.role(), data_root(), runs_root())
+
+
 def dataset_path(name: str | None = None) -> Path | None:
-    """The chosen data set folder, or None when none is chosen or it has gone."""
+    """The chosen data set folder, or None when none is chosen, it has gone or this session may not see it."""
     name = name if name is not None else st.session_state.get(KEY_DATASET)
     if not name or name not in list_datasets():
         return None
@@ -67,7 +101,9 @@ def _scan_cached(path: str, fingerprint: str):  # noqa: ARG001 (fingerprint: par
 
 
 def scan(path: Path):
-    """``cxr_core.data.scan.scan_dataset`` cached by folder and contents; raises CxrError."""
+    """``cxr_core.data.scan.scan_dataset`` cached by folder and contents; raises CxrError (the locked test set,
+    for a visitor: its labels are what stays hidden)."""
+    classroom.check_visible(path, access.role(), data_root(), runs_root())
     return _scan_cached(str(path), fingerprint(path))
 
 

@@ -32,6 +32,7 @@ def app_pages() -> list:
         st.Page("pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
         st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:", url_path="evaluation"),
         st.Page("pages/predict.py", title="Predict", icon=":material/radiology:", url_path="predict"),
+        st.Page("pages/leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard"),
     ]
 
 

@@ -17,9 +17,11 @@ from typing import Any
 
 from cxr_core.core.backbones import BACKBONES
 from cxr_core.core.settings import form_values
+from cxr_core.hosting.classroom import LOCKED_SENTENCE
 from cxr_core.teaching import material
 from cxr_core.teaching.checks import RunInfo, describe
 from cxr_core.teaching.lessons import Action, action_config
+from pages.ui import datasets
 from pages.ui.session import KEY_AUGMENT, KEY_BALANCE, KEY_DATASET, KEY_LIMIT, KEY_RECIPE, KEY_RUN, KEY_SPLIT
 
 PAGE_FILES = {"home": "pages/home.py", "lessons": "pages/lessons.py", "dataset": "pages/dataset.py",
@@ -63,6 +65,8 @@ def prepare(action: Action, runs: list[RunInfo], data_root: Path | None, current
     settings = dict(action.settings)
     state: dict[str, Any] = {}
     if "dataset" in settings:
+        if datasets.hides(settings["dataset"]):
+            return Prepared(page=PAGE_FILES[action.page], state={}, problem=LOCKED_SENTENCE)
         state[KEY_DATASET] = state["dataset_choice"] = settings["dataset"]
     drop: tuple[str, ...] = ()
     if any(n.partition(".")[0] in ("data", "augment", "model", "train") for n in settings):
@@ -119,9 +123,11 @@ def _run_and_data_set(settings: dict[str, Any], runs: list[RunInfo], data_root: 
     trained_on = Path(str(chosen.settings.get("data.data_dir") or "")).name if chosen is not None else None
     if wanted == "auto":
         wanted = material.external_dataset(data_root, exclude=[state.get(KEY_DATASET) or current.get(KEY_DATASET),
-                                                               trained_on])
+                                                               trained_on, *datasets.hidden_names()])
     elif wanted == "training":
         wanted = trained_on
+    if wanted and datasets.hides(wanted):
+        return LOCKED_SENTENCE
     if not wanted or wanted not in material.datasets_under(data_root):
         if settings["evaluate_on"] == "auto":
             return ("There is no other data set under the data folder to use as an external test set; ask the "

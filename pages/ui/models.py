@@ -13,9 +13,10 @@ from cxr_core.core.tasks import Task, get_task
 from cxr_core.inference.predictor import Predictor, overlay_heatmap
 from cxr_core.io import images
 from cxr_core.runs import registry as runs
+from cxr_core.runs.records import stored_intervals
 from cxr_core.runs.run_folder import RunFolder, RunState, TestSet
 from pages.ui import access
-from pages.ui.datasets import downscale
+from pages.ui.datasets import downscale, hidden_evaluation
 from pages.ui.session import KEY_RUN, copy_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,9 +27,23 @@ def all_runs() -> list:
     """The runs this session sees: the shared ones, a visitor's own workspace, or every workspace for the
     operator of a hosted app."""
     try:
-        return runs.list_runs(workspace=access.workspace(), everyone=access.hosted() and access.is_operator())
+        found = runs.list_runs(workspace=access.workspace(), everyone=access.hosted() and access.is_operator())
     except OSError:
         return []
+    return [_without_locked(s) for s in found]
+
+
+def _without_locked(summary):
+    """A run's summary with its headline figure taken from another external test set when the newest one is the
+    class's locked test set and this session may not see it (a visitor)."""
+    if not summary.external_name or not hidden_evaluation(summary.external_name):
+        return summary
+    other = next((e for e in RunFolder(summary.path).evaluations(external_only=True)
+                  if not e.is_planted and not hidden_evaluation(e.name)), None)
+    return dataclasses.replace(
+        summary, external_name=other.name if other else None, external_auc=other.roc_auc if other else None,
+        external_accuracy=other.accuracy if other else None,
+        external_auc_interval=stored_intervals(other.raw).get("roc_auc") if other else None)
 
 
 def finished_runs() -> list:
