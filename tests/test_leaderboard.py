@@ -402,3 +402,15 @@ def test_a_local_app_with_no_data_and_no_runs_shows_the_operator_what_to_do():
     assert "locked test set" in text and "Operator: the class's test set" in text
     assert any("choose one under **Operator** below" in i.value for i in at.info)
     assert options(at, "lb_locked") == ["None: no leaderboard"] and not at.get("download_button")
+
+
+@pytest.mark.slow  # the Training page imports TensorFlow on its first render
+def test_the_training_page_does_not_take_the_locked_set_from_a_crafted_session_value():
+    locked_set()
+    two_more_sets()
+    classroom.update(locked_test_set=LOCKED)
+    at = hosted()
+    at.session_state[KEY_DATASET] = LOCKED
+    render(at, "pages/training.py", "training (visitor, a crafted session value)")
+    assert "Choose a data set on the **Dataset** page first" in text_of(at)
+    assert LOCKED not in text_of(at)
