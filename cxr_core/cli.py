@@ -1,4 +1,5 @@
-"""Command line: ``python -m cxr_core train | evaluate | predict | export | ensemble``.
+"""Command line: ``python -m cxr_core train | evaluate | predict | export | ensemble``; ``worker`` is the
+resident training worker a served app starts (``cxr_core.hosting.workers``).
 
 Exit codes: 0 ok; 2 bad input (one sentence on stderr, no traceback); 3 training cancelled;
 1 unexpected failure.
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     lab.add_argument("--negative-rate", type=float, default=0.1, help="share of NORMAL images marked (0.1)")
     lab.add_argument("--seed", type=int, default=123, help="seed of which images are marked and where (123)")
 
+    _add_worker(sub, common)
+
     nb = sub.add_parser("lesson-notebook", parents=[common],
                         help="write a lesson of lessons/ as a Jupyter notebook that runs its experiments with the "
                              "library")
@@ -120,6 +123,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "folder)")
     nb.add_argument("--weights", help="starting weights file for every run (default: the lesson's, ImageNet)")
     return parser
+
+
+def _add_worker(sub, common: argparse.ArgumentParser) -> None:
+    w = sub.add_parser("worker", parents=[common],
+                       help="a resident training worker: keeps TensorFlow loaded and trains the jobs a served app "
+                            "hands to its slot, one after another (started by the app's pool)")
+    w.add_argument("--root", required=True, help="the runs root whose jobs it serves")
+    w.add_argument("--slot", required=True, type=int, help="the training slot it serves (0, 1, ...)")
+    w.add_argument("--parent", type=int, help="the pid of the server that started it: it ends once that is gone")
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -139,12 +151,14 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return settings.config_from_values(dataclasses.replace(base, data=data), settings.values_from_args(args))
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace, resident: dict | None = None) -> int:
+    """``train``; in a resident worker too, with ``resident`` the fields that name the worker and the job
+    in the run's status (the worker lets go of the slot's lock after the job)."""
     if args.lock_file:
         if not args.run_dir:
             raise CxrError("--lock-file is for the background launcher and needs --run-dir.")
         # Taken before TensorFlow loads, so the launcher waits little.
-        jobs.hold_training_lock(args.lock_file, args.run_dir)  # held until this process exits
+        jobs.hold_training_lock(args.lock_file, args.run_dir, **(resident or {}))  # held until this process exits
     from cxr_core.engine import distribute, train  # noqa: PLC0415 (they import TensorFlow: only training needs it)
 
     config = build_config(args)
@@ -153,8 +167,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         runtime = distribute.setup(config.train.distribute, config.train.precision, config.train.cpu_replicas)
     except CxrError as error:
         if args.run_dir:  # the launcher's folder says why
-            RunFolder(args.run_dir).write_status(RunState.FAILED, message=str(error), error=str(error))
+            RunFolder(args.run_dir).write_status(RunState.FAILED, message=str(error), error=str(error),
+                                                 **(resident or {}))
         raise
+    if resident:
+        # Every status.json the run writes keeps naming the worker and the job (see runs.run_status).
+        where = runtime.fields
+        runtime.fields = lambda: {**where(), **resident}
     if args.run_dir is None:
         # Before a run folder exists: a run that cannot start is one sentence and exit 2, nothing written.
         # (With --run-dir, train() makes the same checks and marks that folder failed with the sentence.)
@@ -164,8 +183,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     def on_signal(signum, frame):  # noqa: ARG001
         stop["now"] = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _train_and_report(args, config, runtime, train, stop)
+    finally:
+        for signum, handler in previous.items():  # a resident worker outlives the job
+            signal.signal(signum, handler)
+
+
+def _train_and_report(args: argparse.Namespace, config: RunConfig, runtime, train, stop: dict) -> int:
     run_dir = args.run_dir
     if run_dir is None and runtime.is_chief:  # the other workers of a multi-worker run write no run folder
         root = Path(args.out) if args.out else runs.runs_root().path
@@ -194,6 +220,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"Training was cancelled; {run_dir} is marked cancelled.", file=sys.stderr)
         return EXIT_CANCELLED
     return EXIT_OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from cxr_core.hosting import workers  # noqa: PLC0415 (only the worker needs it)
+
+    verbose = bool(getattr(args, "verbose", False))
+
+    def run_job(job: dict, resident: dict) -> int:
+        """One job, exactly as ``train --run-dir --lock-file`` runs it, ended with the same exit codes."""
+        folder = RunFolder(job["run_dir"])
+        train_args = _parser().parse_args(["train", "--config", str(folder.config_path), "--run-dir", str(folder.path),
+                                           "--lock-file", job["lock_file"]])
+        train_args.verbose = verbose
+        started = time.time()
+        try:
+            return _cmd_train(train_args, resident=resident)
+        except CxrError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as error:  # the run is marked failed by train(); the worker serves the next job
+            log.debug("failed after %.1f s", time.time() - started, exc_info=True)
+            print(f"unexpected failure: {type(error).__name__}: {error} (run with -v for details)", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            jobs.release_training_lock(job["lock_file"])
+
+    return workers.serve(args.root, args.slot, run_job, parent=args.parent)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -326,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
                 "export": _cmd_export, "calibrate": _cmd_calibrate, "ensemble": _cmd_ensemble,
-                "shortcut-lab": _cmd_shortcut_lab, "lesson-notebook": _cmd_lesson_notebook}
+                "shortcut-lab": _cmd_shortcut_lab, "lesson-notebook": _cmd_lesson_notebook,
+                "worker": _cmd_worker}
     started = time.time()
     try:
         return handlers[args.command](args)

@@ -39,3 +39,21 @@ def test_a_local_app_never_expires_workspaces(tmp_path, monkeypatch):
     finally:
         server.stop(tmp_path)
     assert not maintenance.thread.is_alive()
+
+
+def test_resident_workers_are_kept_only_where_the_operator_turns_them_on(tmp_path, monkeypatch):
+    from cxr_core.hosting import workers
+
+    kept, closed = [], []
+    monkeypatch.setattr(workers.Pool, "keep", lambda pool: kept.append(pool.root) or [])
+    monkeypatch.setattr(workers.Pool, "close", lambda pool, _timeout=10.0: closed.append(pool.root))
+    monkeypatch.delenv(workers.ENV, raising=False)
+    plain = server.start(tmp_path / "a", hosted=True)
+    assert plain.pool is None and not kept  # not even on a hosted app, unless asked for
+    server.stop(tmp_path / "a")
+    monkeypatch.setenv(workers.ENV, "1")
+    (tmp_path / "b").mkdir()
+    chosen = server.start(tmp_path / "b", hosted=False)
+    assert isinstance(chosen.pool, workers.Pool) and set(kept) == {(tmp_path / "b").resolve()}  # every round
+    server.stop(tmp_path / "b")
+    assert closed == [(tmp_path / "b").resolve()]

@@ -19,9 +19,20 @@ for a slot are ``job_queue``'s.
 
 Liveness and stopping go through ``psutil`` (``runs.running_process``), which knows a process by
 its pid *and* its creation time, so a pid reused by another program is never taken for the job.
+
+Resident workers (``cxr_core.hosting.workers``) spare a job the start of a process and TensorFlow's
+import. Worker K serves slot K: it writes ``<runs root>/.workers/worker-<K>.json`` (pid, creation
+time, starting / idle / busy, the job and run it serves) and polls ``inbox-<K>.json``. When the free
+slot chosen here has a live idle worker and the run can train in a process that already started
+TensorFlow (no ``--cpu-replicas``, no multi-worker run), ``start_training`` writes the job into that
+inbox (atomically) instead of launching a process; the worker claims it by renaming the file, takes
+the slot's lock and writes itself into the run's status, the same handshake as a new process. A
+worker that has not claimed the job within ``WORKER_CLAIM_S`` loses it (the launcher renames the
+inbox away first) and the job starts in a new process as before.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -56,6 +68,11 @@ _SLOT_LOCK = re.compile(r"^\.training(?:-(\d+))?\.lock$")
 START_TIMEOUT_S = 60.0
 #: How long the training process waits for the lock: a page's ``is_busy`` probe holds it for an instant.
 CLAIM_TIMEOUT_S = 5.0
+#: The resident workers' files (``cxr_core.hosting.workers``), in the runs root.
+WORKERS_DIR = ".workers"
+#: How long an idle worker has to claim a job written into its inbox (it looks ten times a second)
+#: before the job goes to a new process instead.
+WORKER_CLAIM_S = 3.0
 
 # The training lock, held by this process for as long as it lives (a FileLock releases when collected).
 _HELD: list[FileLock] = []
@@ -186,10 +203,11 @@ def active_run(root: str | os.PathLike | None = None) -> Path | None:
     return running[0] if running else None
 
 
-def hold_training_lock(lock_file: str | os.PathLike, run_dir: str | os.PathLike) -> None:
-    """In the training process: take its slot's lock for the rest of this process's life, point the
-    slot's ``.active*.json`` at ``run_dir`` and write this process into the run's status (which tells
-    the launcher the job has started).
+def hold_training_lock(lock_file: str | os.PathLike, run_dir: str | os.PathLike, **status_fields) -> None:
+    """In the training process: take its slot's lock for the rest of this process's life (a resident
+    worker lets it go after the job: ``release_training_lock``), point the slot's ``.active*.json`` at
+    ``run_dir`` and write this process into the run's status (which tells the launcher the job has
+    started), with ``status_fields`` (a resident worker names itself and the job there).
 
     Raises:
         TrainingBusyError: another training process holds the lock.
@@ -202,7 +220,15 @@ def hold_training_lock(lock_file: str | os.PathLike, run_dir: str | os.PathLike)
         raise _busy_error(lock_file.parent) from None
     _HELD.append(lock)
     write_json_atomic(_active_for(lock_file), {"run_dir": str(Path(run_dir)), "pid": os.getpid()})
-    RunFolder(run_dir).write_status(RunState.RUNNING, pid=os.getpid(), message="starting")
+    RunFolder(run_dir).write_status(RunState.RUNNING, pid=os.getpid(), message="starting", **status_fields)
+
+
+def release_training_lock(lock_file: str | os.PathLike) -> None:
+    """In a resident worker, after its job: let go of the slot's lock (the slot is free again)."""
+    wanted = os.path.abspath(lock_file)
+    for lock in [held for held in _HELD if os.path.abspath(held.lock_file) == wanted]:
+        _HELD.remove(lock)
+        lock.release(force=True)
 
 
 def start_training(config: RunConfig, root: str | os.PathLike | None = None,
@@ -240,16 +266,20 @@ def start_training(config: RunConfig, root: str | os.PathLike | None = None,
         folder.write_config(config)
         # The launcher's own pid until the child writes its own: the run is running while either lives.
         folder.write_status(RunState.RUNNING, pid=os.getpid(), message="starting")
-        process = _launch(folder, lock_path(root, slot))
+        handed = _hand_to_worker(root, slot, folder) if resident_ok(config) else None
+        process = handed or _launch(folder, lock_path(root, slot))
         _wait_until_started(process, folder, lock_path(root, slot))
-        # Reap the child when it exits so it does not linger as a zombie in the server.
-        threading.Thread(target=process.wait, daemon=True, name=f"reap-{process.pid}").start()
+        if handed is None:
+            # Reap the child when it exits so it does not linger as a zombie in the server.
+            threading.Thread(target=process.wait, daemon=True, name=f"reap-{process.pid}").start()
         return run_dir
     finally:
         launch.release()
 
 
-def _launch(folder: RunFolder, lock_file: Path) -> subprocess.Popen:
+def child_options() -> dict:
+    """How a training process or a resident worker is started: the environment (no secrets), the
+    project as working folder, and detached from the server's console on every system."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), PYTHONUNBUFFERED="1")
     # Streamlit copies top-level secrets into the environment; the training job needs none of them.
     env.pop(access.PASSPHRASE_SECRET, None)
@@ -260,12 +290,15 @@ def _launch(folder: RunFolder, lock_file: Path) -> subprocess.Popen:
         detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
     else:
         detach = {"start_new_session": True}  # likewise: no SIGINT or SIGHUP from the server's terminal
+    return {"stdin": subprocess.DEVNULL, "cwd": project_root, "env": env, **detach}
+
+
+def _launch(folder: RunFolder, lock_file: Path) -> subprocess.Popen:
     with open(folder.log_path, "ab") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "cxr_core", "train", "--config", str(folder.config_path),
              "--run-dir", str(folder.path), "--lock-file", str(lock_file)],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=project_root, env=env,
-            **detach,
+            stdout=log_file, stderr=subprocess.STDOUT, **child_options(),
         )
 
 
@@ -291,7 +324,10 @@ def _wait_until_started(process: subprocess.Popen, folder: RunFolder, lock_file:
         error = _busy_error(lock_file.parent)
         folder.write_status(RunState.FAILED, message=str(error), error=str(error))
         raise error
-    text = f"The training process stopped before it started (exit code {process.returncode}){_last_words(folder)}"
+    if isinstance(process, WorkerJob):
+        text = f"The training worker stopped before it started this job{_last_words(folder)}"
+    else:
+        text = f"The training process stopped before it started (exit code {process.returncode}){_last_words(folder)}"
     folder.write_status(RunState.FAILED, message=text, error=text)
     raise CxrError(text)
 
@@ -318,15 +354,31 @@ def terminate(run_dir: str | os.PathLike, grace_s: float = 10.0) -> bool:
     treats as a cancel; TerminateProcess on Windows) and kill it if it is still there after
     ``grace_s``. Only the process the status names, with its creation time, is touched.
 
+    A run served by a resident worker is cancelled instead, and the worker goes on to the next job;
+    a worker that has not ended the run within ``grace_s`` is killed (the pool starts another) and
+    the run is marked cancelled here.
+
     Returns:
         True when a live process was stopped, False when the run had none.
     """
 
     folder = RunFolder(run_dir)
-    process = runs.running_process(folder.status())
-    if process is None:
-        return False
+    status = folder.status()
+    process = runs.running_process(status)
+    served = status is not None and bool(status.raw.get("worker"))
+    if process is None or (served and runs.run_status(folder.path).state is not RunState.RUNNING):
+        return False  # a worker lives on after its job: only a run still running under it is stopped
     folder.request_cancel()
+    if served:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if runs.run_status(folder.path).state is not RunState.RUNNING:
+                return True
+            time.sleep(0.1)
+        _kill(process, grace_s)
+        text = "cancelled: the training worker did not stop in time, so it was stopped"
+        folder.write_status(RunState.CANCELLED, message=text)
+        return True
     try:
         process.terminate()
         process.wait(timeout=grace_s)
@@ -336,3 +388,126 @@ def terminate(run_dir: str | os.PathLike, grace_s: float = 10.0) -> bool:
     except psutil.NoSuchProcess:
         pass
     return True
+
+
+def _kill(process: psutil.Process, timeout: float) -> None:
+    try:
+        process.kill()  # SIGKILL, or TerminateProcess on Windows
+        process.wait(timeout=timeout)
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
+
+
+# -- resident workers: their files, and the launcher's side of the hand-over ------------------------
+
+def workers_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / WORKERS_DIR
+
+
+def worker_state_path(root: str | os.PathLike, slot: int) -> Path:
+    """Worker ``slot``'s own account of itself: pid, creation time, state, the job and run it serves."""
+    return workers_dir(root) / f"worker-{slot}.json"
+
+
+def worker_inbox_path(root: str | os.PathLike, slot: int) -> Path:
+    """Where the launcher writes the job for worker ``slot`` (the worker claims it by renaming it)."""
+    return workers_dir(root) / f"inbox-{slot}.json"
+
+
+def read_worker_state(root: str | os.PathLike, slot: int) -> dict | None:
+    state = read_json(worker_state_path(root, slot), default=None)
+    return state if isinstance(state, dict) else None
+
+
+def worker_process(state: dict | None) -> psutil.Process | None:
+    """The live process a worker's state file names (pid and creation time), or None."""
+    if not isinstance(state, dict):
+        return None
+    return runs.running_process({"pid": state.get("pid"), "pid_create_time": state.get("pid_create_time")})
+
+
+def resident_ok(config: RunConfig) -> bool:
+    """Whether a run can train in a process that has already started TensorFlow: not one that splits
+    the CPU into devices (chosen before TensorFlow starts) and not one that joins a cluster."""
+    return config.train.distribute != "multi-worker" and int(config.train.cpu_replicas or 0) <= 1
+
+
+def _move(source: Path, target: Path, tries: int = 50) -> bool:
+    """Rename ``source`` to ``target``: True when this call moved it, False when it was gone (another
+    process moved it first). Windows refuses while a reader has it open: tried again for a while."""
+    for _ in range(tries):
+        try:
+            os.replace(source, target)
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            time.sleep(0.02)
+    return False
+
+
+def claim_assignment(root: str | os.PathLike, slot: int) -> dict | None:
+    """In worker ``slot``: take the job written into its inbox, if any ({job, run_dir, lock_file})."""
+    inbox = worker_inbox_path(root, slot)
+    if not inbox.exists():
+        return None
+    taken = inbox.with_name(f"taken-{slot}.json")
+    if not _move(inbox, taken):
+        return None
+    job = read_json(taken, default=None)
+    taken.unlink(missing_ok=True)
+    keys = ("job", "run_dir", "lock_file")
+    if not isinstance(job, dict) or not all(isinstance(job.get(key), str) for key in keys):
+        log.warning("ignoring a damaged job in %s", inbox)
+        return None
+    return job
+
+
+class WorkerJob:
+    """A job handed to a resident worker, seen as ``subprocess.Popen`` is by ``_wait_until_started``:
+    ``poll`` is None while the worker lives and still has this job, else a number."""
+
+    def __init__(self, root: Path, slot: int, process: psutil.Process, job: str) -> None:
+        self.root, self.slot, self.process, self.job = root, slot, process, job
+        self.pid = process.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if runs.running_process({"pid": self.pid, "pid_create_time": self.process.create_time()}) is None:
+                self.returncode = 1  # the worker died
+            else:
+                state = read_worker_state(self.root, self.slot) or {}
+                if state.get("last_job") == self.job:
+                    self.returncode = 2  # it ended the job before it started (the slot's lock was taken, say)
+        return self.returncode
+
+    def kill(self) -> None:
+        _kill(self.process, 10.0)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            self.process.wait(timeout=timeout)
+        return self.poll()
+
+
+def _hand_to_worker(root: Path, slot: int, folder: RunFolder) -> WorkerJob | None:
+    """Under the launch lock: give the job to slot ``slot``'s worker when it is alive and idle and
+    claims the job within ``WORKER_CLAIM_S``; None when the job must go to a new process."""
+    state = read_worker_state(root, slot)
+    process = worker_process(state)
+    inbox = worker_inbox_path(root, slot)
+    if process is None or state.get("state") != "idle" or inbox.exists():
+        return None
+    job = uuid.uuid4().hex
+    write_json_atomic(inbox, {"job": job, "run_dir": str(folder.path.resolve()),
+                              "lock_file": str(lock_path(root, slot).resolve()), "offered": time.time()})
+    deadline = time.monotonic() + WORKER_CLAIM_S
+    while inbox.exists() and time.monotonic() < deadline and process.is_running():
+        time.sleep(0.02)
+    if inbox.exists() and _move(inbox, inbox.with_name(f"withdrawn-{slot}.json")):
+        inbox.with_name(f"withdrawn-{slot}.json").unlink(missing_ok=True)
+        log.warning("the training worker of slot %d did not take the job in %.0f s; starting a process instead",
+                    slot, WORKER_CLAIM_S)
+        return None
+    return WorkerJob(root, slot, process, job)

@@ -2,8 +2,10 @@
 
 ``start(root, hosted=...)`` starts one daemon thread that keeps the shared server tidy: a queue
 left waiting (after a restart, say) gets its dispatcher back (``job_queue.start_dispatcher``), and
-on a hosted app the visitors' workspaces unused for too long go (``workspaces.expire``, hourly). The
-pages call ``start`` through a once-per-process cache instead of doing this work on every render.
+on a hosted app the visitors' workspaces unused for too long go (``workspaces.expire``, hourly), and
+where resident training workers are on (``workers.enabled``: ``$CXR_RESIDENT_WORKERS=1``)
+each round keeps one per training slot alive (``workers.Pool.keep``). The pages call ``start`` through
+a once-per-process cache instead of doing this work on every render.
 The thread ends by itself when its runs folder goes away (a test's temporary folder, say).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_core.core.errors import CxrError
-from cxr_core.hosting import job_queue, workspaces
+from cxr_core.hosting import job_queue, workers, workspaces
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,14 @@ class Maintenance:
     thread: threading.Thread | None = None
     expired: list[str] = field(default_factory=list)
     last_expiry: float = 0.0
+    #: The resident training workers, where they are on.
+    pool: workers.Pool | None = None
 
     def round(self) -> None:
-        """One look: restart the dispatcher of a waiting queue; expire workspaces when due."""
+        """One look: keep the resident workers; restart the dispatcher of a waiting queue; expire
+        workspaces when due."""
+        if self.pool is not None:
+            self.pool.keep()
         if job_queue.waiting(self.root):
             job_queue.start_dispatcher(self.root)
         if self.hosted and time.time() - self.last_expiry >= EXPIRE_EVERY_S:
@@ -65,7 +72,7 @@ def start(root: str | os.PathLike, *, hosted: bool) -> Maintenance:
         current = _STARTED.get(str(path))
         if current is not None and current.thread is not None and current.thread.is_alive():
             return current
-        maintenance = Maintenance(path, hosted)
+        maintenance = Maintenance(path, hosted, pool=workers.Pool(path) if workers.enabled() else None)
         try:
             maintenance.round()
         except (OSError, CxrError) as error:
@@ -83,3 +90,5 @@ def stop(root: str | os.PathLike, timeout: float = 10.0) -> None:
     if current is not None and current.thread is not None:
         current.stop.set()
         current.thread.join(timeout)
+    if current is not None and current.pool is not None:
+        current.pool.close(timeout)

@@ -5,6 +5,10 @@ running / done / failed / cancelled (``RunState``). A process killed without war
 status, so a run that says running but whose process is gone (or whose pid now belongs to another
 program: the status records the process's creation time too) reads as failed here (``run_status``):
 no run is ever shown as done without a loadable model, and none is shown as running forever.
+
+A run served by a resident worker (``cxr_core.hosting.workers``) names in its status the worker's state
+file (``worker``) and the job (``job``): the worker lives on after the job, so its pid alone does not say
+that this run is still trained; the run is alive while that file still gives the same pid this job.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import pandas as pd
 import psutil
 
 from cxr_core.core.errors import BadRunError
+from cxr_core.io.atomic import read_json
 from cxr_core.runs import heartbeat
 from cxr_core.runs.records import stored_intervals
 from cxr_core.runs.run_folder import MODEL_FILE, STATUS_FILE, Metrics, RunFolder, RunState, Status
@@ -105,6 +110,11 @@ def new_run_dir(root: str | os.PathLike | None = None, hint: str = "run") -> Pat
     raise RuntimeError(f"could not create a new run folder under {root}")
 
 
+def worker_stopped(detail: str = "") -> str:
+    """The sentence of a run whose resident training worker died during its job."""
+    return f"The training worker stopped unexpectedly{f' ({detail})' if detail else ''}; train again."
+
+
 #: Seconds two readings of one process's creation time may differ by (the boot time they are
 #: counted from can move by a second); a pid reused by another program starts later than that.
 _CREATE_TIME_TOLERANCE_S = 1.0
@@ -167,13 +177,28 @@ def run_status(run_dir: str | os.PathLike) -> Status:
                         "it stopped or lost the shared folder.")
                 status = dataclasses.replace(status, state=RunState.FAILED, error=text, message=text)
         elif running_process(status) is None:
-            status = dataclasses.replace(status, state=RunState.FAILED, error=(
-                status.error or "the training process stopped without finishing (killed or crashed)"))
+            gone = worker_stopped() if status.raw.get("worker") else (
+                "the training process stopped without finishing (killed or crashed)")
+            status = dataclasses.replace(status, state=RunState.FAILED, error=status.error or gone)
+        elif _left_by_its_worker(status):
+            status = dataclasses.replace(status, state=RunState.FAILED, error=status.error or worker_stopped(
+                "it went on without finishing this run"))
     if status.state is RunState.DONE and not folder.has_model():
         status = dataclasses.replace(status, state=RunState.FAILED, error=f"{MODEL_FILE} is missing")
     if "message" not in status.raw and status.message == "":
         status = dataclasses.replace(status, message=status.error or status.state.value)
     return status
+
+
+def _left_by_its_worker(status: Status) -> bool:
+    """Whether the resident worker a running status names (alive) serves another job or none now."""
+    path, job = status.raw.get("worker"), status.raw.get("job")
+    if not path or not job:
+        return False
+    state = read_json(path, default=None)
+    if not isinstance(state, dict) or state.get("pid") != status.pid:
+        return False  # unreadable, or a newer worker of that slot: the pid and creation time decide
+    return state.get("job") != job
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
