@@ -77,7 +77,7 @@ def honest_score() -> None:
     if summary is None:
         return
     folder = RunFolder(summary.path)
-    external = folder.headline_evaluation()
+    external = models.headline_evaluation(summary.path)  # never the class's locked test set for a visitor
     internal = (folder.metrics() or Metrics()).test_at_threshold
     st.subheader("How good is the model, honestly?")
     who = "The demo model" if summary.is_demo else f"Run {summary.run_id}"

@@ -125,7 +125,7 @@ def data_for_lessons() -> None:
     root = datasets.data_root()
     names = material.datasets_under(root)
     chosen = st.session_state.get(session.KEY_DATASET)
-    external = material.external_dataset(root, exclude=[chosen])
+    external = material.external_dataset(root, exclude=[chosen, *datasets.hidden_names()])
     if chosen in names:
         st.markdown(f"Your data set: **{chosen}**; external test set: **{external or 'none yet'}**. Change the data "
                     "set on the Dataset page.")
@@ -291,7 +291,10 @@ def notebook_button(lesson: Lesson, ctx: checks.CheckContext) -> None:
     from cxr_core.teaching import notebook  # noqa: PLC0415 (imported on first use)
 
     try:
-        text = notebook.notebook_text(lesson, ctx.data_root / ctx.dataset)
+        # The external test set named here, as the page chose it: never the class's locked test set for a visitor.
+        external = material.external_dataset(ctx.data_root, exclude=[ctx.dataset, *datasets.hidden_names()])
+        text = notebook.notebook_text(lesson, ctx.data_root / ctx.dataset,
+                                      external=ctx.data_root / external if external else None)
     except CxrError:  # nbformat is not installed here: the command line says so; the page just offers no notebook
         return
     st.download_button("Download this lesson as a Jupyter notebook", text, file_name=f"{lesson.id}.ipynb",
@@ -423,7 +426,7 @@ def class_balance(_params: dict, ctx: checks.CheckContext) -> None:
         sets[f"{ctx.dataset} (official test folder)"] = manifest[official == "test"]
     else:
         sets[ctx.dataset] = manifest
-    external = material.external_dataset(ctx.data_root, exclude=[ctx.dataset])
+    external = material.external_dataset(ctx.data_root, exclude=[ctx.dataset, *datasets.hidden_names()])
     if external is not None:
         sets[f"{external} (external test set)"] = datasets.scan(ctx.data_root / external).manifest
     facts = {name: checks.dataset_facts(part) for name, part in sets.items()}

@@ -316,6 +316,25 @@ def test_a_visitor_cannot_list_browse_evaluate_or_threshold_the_locked_set_and_t
     assert run.is_dir()
 
 
+def test_home_and_the_lessons_never_quote_the_locked_set_to_a_visitor():
+    locked_set()
+    two_more_sets()
+    classroom.update(locked_test_set=LOCKED)
+    run = shared_run_evaluated_on_the_locked_set()
+    # Home's "how good is the model, honestly" for the shared run: not its figures on the locked set.
+    at = hosted(None, run=str(run))
+    at.session_state["run"] = str(run)
+    render(at, None, "home (visitor, the shared run chosen)")
+    assert LOCKED not in text_of(at)
+    # The Lessons page names the external test set the lessons use: another set, never the locked one.
+    at.session_state[KEY_DATASET] = "practice"
+    render(at, "pages/lessons.py", "lessons (visitor)")
+    assert LOCKED not in text_of(at) and "external test set: **other**" in text_of(at)
+    become_operator(at)
+    render(at, "pages/home.py", "home (operator)")
+    assert f"AUC on {LOCKED}" in text_of(at)
+
+
 def test_a_lesson_action_never_points_a_visitor_at_the_locked_set(monkeypatch):
     from cxr_core.teaching.lessons import Action
     from pages.ui import access as page_access, lesson_actions

@@ -157,7 +157,7 @@ def test_a_run_without_views_predicts_with_one_look(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_views_chosen_after_training_on_validation_rewrite_the_run(shared_dir, tmp_path, monkeypatch) -> None:
+def test_views_chosen_after_training_on_validation_rewrite_the_run(shared_dir, tmp_path, monkeypatch) -> None:  # noqa: ARG001
     import shutil
     from pathlib import Path
 

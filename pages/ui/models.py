@@ -33,13 +33,19 @@ def all_runs() -> list:
     return [_without_locked(s) for s in found]
 
 
+def headline_evaluation(path) -> object | None:
+    """A run's headline external evaluation as this session may see it: never one on the class's locked test set
+    for a visitor (``RunFolder.headline_evaluation`` otherwise)."""
+    return next((e for e in RunFolder(path).evaluations(external_only=True)
+                 if not e.is_planted and not hidden_evaluation(e.name)), None)
+
+
 def _without_locked(summary):
     """A run's summary with its headline figure taken from another external test set when the newest one is the
     class's locked test set and this session may not see it (a visitor)."""
     if not summary.external_name or not hidden_evaluation(summary.external_name):
         return summary
-    other = next((e for e in RunFolder(summary.path).evaluations(external_only=True)
-                  if not e.is_planted and not hidden_evaluation(e.name)), None)
+    other = headline_evaluation(summary.path)
     return dataclasses.replace(
         summary, external_name=other.name if other else None, external_auc=other.roc_auc if other else None,
         external_accuracy=other.accuracy if other else None,
