@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import cv2
 
 from cxr_core.core import settings
-from cxr_core.core.config import CALIBRATIONS, RunConfig
+from cxr_core.core.config import CALIBRATIONS, TTA_MODES, RunConfig
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import THRESHOLD_RULES
 from cxr_core.core.recipes import RECIPE_NAMES, apply_recipe
@@ -41,6 +41,22 @@ from cxr_core.teaching import lessons
 log = logging.getLogger("cxr_core")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+TTA_HELP = ("average a few fixed views of each image (shifts, a small zoom), or not (--no-tta); by default as "
+            "the run chose when it trained")
+
+
+def _add_calibrate(sub, common: argparse.ArgumentParser) -> None:
+    c = sub.add_parser("calibrate", parents=[common],
+                       help="calibrate a finished run's probabilities on its validation predictions and apply it to "
+                            "its files (for runs trained before calibration existed); prints the calibration")
+    c.add_argument("--run", required=True, help="run folder")
+    c.add_argument("--method", choices=CALIBRATIONS, default="temperature", help="temperature (default), platt or "
+                   "none (takes the calibration off)")
+    c.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help="also choose the test-time views on the validation images (auto: keep them when they raise "
+                        "the validation AUC; on; off), refit the calibration and choose the threshold again")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="data set folder")
     e.add_argument("--threshold", type=float, help="override the run's chosen threshold")
     e.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP)
     e.add_argument("--no-store", action="store_true",
                    help="do not remember the result in the run folder (evaluations/<data set name>.json)")
 
@@ -80,18 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gradcam", metavar="OUT_DIR",
                    help="write a Grad-CAM overlay PNG per file here (the evidence for the predicted class)")
     p.add_argument("--threshold", type=float, help="override the run's chosen threshold (pneumonia runs)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP)
     p.add_argument("--engine", choices=ENGINES, default="auto", help="LiteRT when the run has model.tflite (auto)")
 
     x = sub.add_parser("export", parents=[common],
                        help="write model.tflite (LiteRT) for a run, so the app predicts without TensorFlow")
     x.add_argument("--run", required=True, help="run folder")
 
-    c = sub.add_parser("calibrate", parents=[common],
-                       help="calibrate a finished run's probabilities on its validation predictions and apply it to "
-                            "its files (for runs trained before calibration existed); prints the calibration")
-    c.add_argument("--run", required=True, help="run folder")
-    c.add_argument("--method", choices=CALIBRATIONS, default="temperature", help="temperature (default), platt or "
-                   "none (takes the calibration off)")
+    _add_calibrate(sub, common)
 
     n = sub.add_parser("ensemble", parents=[common],
                        help="combine finished runs into one run (mean of their probabilities); prints its folder")
@@ -252,7 +265,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr_core.evaluation.external import evaluate_folder  # noqa: PLC0415 (metrics import scikit-learn: 1.5 s)
 
-    result = evaluate_folder(args.run, args.data, threshold=args.threshold, engine=args.engine,
+    result = evaluate_folder(args.run, args.data, threshold=args.threshold, engine=args.engine, tta=args.tta,
                              store=not args.no_store)
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)
@@ -261,7 +274,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    predictor = Predictor.from_run(args.run, engine=args.engine)
+    predictor = Predictor.from_run(args.run, engine=args.engine, tta=args.tta)
     if args.threshold is not None:
         if not predictor.task.uses_threshold:
             raise CxrError(f"The run {args.run} is a {predictor.task.name} run, which labels each image with its "
@@ -292,9 +305,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from cxr_core.evaluation.recalibrate import recalibrate_run  # noqa: PLC0415 (scikit-learn and scipy: 1.5 s)
 
-    found = recalibrate_run(args.run, args.method)
-    record = (RunFolder(args.run).read_metrics() or {}).get("calibration") or found.to_dict()
-    print(json.dumps(record), flush=True)
+    if args.tta is not None:
+        from cxr_core.evaluation.recalibrate import choose_views_after  # noqa: PLC0415
+
+        choose_views_after(args.run, args.tta)
+    else:
+        recalibrate_run(args.run, args.method)
+    stored = RunFolder(args.run).read_metrics() or {}
+    record = stored.get("calibration") or {}
+    print(json.dumps({**record, "tta": stored["tta"]} if args.tta is not None else record), flush=True)
     return EXIT_OK
 
 

@@ -189,3 +189,14 @@ def test_views_chosen_after_training_on_validation_rewrite_the_run(shared_dir, t
                                sample["probability"], atol=1e-5)
     # The stored external evaluation was made again, as the run now predicts.
     assert folder.read_evaluations()["kermany224-test-dev"]["tta"] is auto["used"]
+
+
+def test_the_command_line_follows_the_run_unless_told() -> None:
+    from cxr_core import cli
+
+    parse = cli._parser().parse_args
+    assert parse(["evaluate", "--run", "r", "--data", "d"]).tta is None  # as the run chose
+    assert parse(["evaluate", "--run", "r", "--data", "d", "--no-tta"]).tta is False
+    assert parse(["predict", "--run", "r", "f.png", "--tta"]).tta is True
+    assert parse(["calibrate", "--run", "r", "--tta", "auto"]).tta == "auto"
+    assert parse(["train", "--data", "d", "--tta", "on"]).tta == "on"
