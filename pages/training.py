@@ -1,6 +1,8 @@
 """Training: configure a run, launch it in the background, watch it live, manage past runs."""
 import dataclasses
+import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -24,6 +26,8 @@ from cxr_core.io import weights
 from cxr_core.runs import registry as runs
 from cxr_core.runs.run_folder import RunFolder
 from pages.ui import access, charts, datasets, frame, models, session
+
+log = logging.getLogger(__name__)
 
 frame.page_header(
     "Training",
@@ -458,6 +462,17 @@ def queue_has_room() -> bool:
     return not job_queue.waiting() and jobs.running_count() < job_queue.max_concurrent()
 
 
+#: How long pressing Start waits for the job to start before the page shows it starting (or waiting).
+DISPATCH_WAIT_S = 1.0
+
+
+def _dispatch() -> None:
+    try:
+        job_queue.dispatch()
+    except CxrError:  # the job is marked failed with this sentence; its panel says it
+        log.info("a job could not start", exc_info=True)
+
+
 def start_or_queue(config: RunConfig, ws: str | None) -> None:
     """Put the run in the queue (a visitor's into their workspace, one waiting job each) and start
     whatever can start now; the run's panel then shows it running or its place in the queue."""
@@ -468,10 +483,12 @@ def start_or_queue(config: RunConfig, ws: str | None) -> None:
         st.warning(str(error), icon=":material/hourglass_top:")
         return
     access.record("start", job.run_dir.name)
-    try:
-        job_queue.dispatch()
-    except CxrError as error:  # a job that cannot start is marked failed with its sentence; say it here too
-        st.error(str(error))
+    # Start what can start now, but give the page back within a moment: handing a job to a resident worker takes
+    # an instant, starting a new training process some seconds (a class of thirty must not wait on it). A job
+    # that cannot start is marked failed with its sentence, which the run's panel shows.
+    starter = threading.Thread(target=_dispatch, daemon=True, name="dispatch-on-start")
+    starter.start()
+    starter.join(DISPATCH_WAIT_S)
     job_queue.start_dispatcher()  # the next ones start when a place frees, with or without this page open
     st.session_state[session.KEY_LAUNCHED] = st.session_state[KEY_WATCHED] = str(job.run_dir)
     st.session_state.setdefault(KEY_LIVE_STATE, {})[str(job.run_dir)] = runs.read_status(job.run_dir)["state"]

@@ -101,6 +101,19 @@ def test_scan_class_folders(tiny_dataset: Path):
     assert result.skipped.empty and result.duplicates.empty
 
 
+def test_a_second_scan_in_one_process_sees_a_changed_file(tiny_dataset: Path):
+    # A long-lived process (the server, a resident worker) remembers what it read by path, size and mtime.
+    first = scan_dataset(tiny_dataset).manifest.set_index("relpath")
+    changed = tiny_dataset / first.index[0]
+    before = os.stat(changed).st_mtime_ns
+    cv2.imwrite(str(changed), np.full((50, 40), 200, np.uint8))
+    os.utime(changed, ns=(before + 10**9, before + 10**9))
+    again = scan_dataset(tiny_dataset).manifest.set_index("relpath")
+    assert again.loc[first.index[0], "sha256"] != first.loc[first.index[0], "sha256"]
+    assert (again.loc[first.index[0], ["width", "height"]] == [40, 50]).all()
+    assert (again.drop(index=first.index[0])["sha256"] == first.drop(index=first.index[0])["sha256"]).all()
+
+
 def test_scan_kermany_layout_keeps_the_official_split(tiny_kermany: Path):
     result = scan_dataset(tiny_kermany)
     assert result.layout == "kermany"

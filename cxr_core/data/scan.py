@@ -12,6 +12,7 @@ kept once, so one image can never land in both train and test.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -290,15 +291,25 @@ def _walk_files(
             continue
         visited.add(key)
         dirnames[:] = sorted(name for name in dirnames if not _is_junk(name))
-        for filename in sorted(filenames):
-            if not _is_junk(filename):
-                files.append(Path(dirpath) / filename)
+        folder = Path(dirpath)
+        files.extend(folder / filename for filename in sorted(filenames) if not _is_junk(filename))
     return files
+
+
+#: What this process has already read of each file, by (path, size, modification time in ns): a long-lived
+#: process (the app's server, a resident training worker) scans the same data set again in a stat per file.
+_INSPECTED: dict[tuple[str, int, int], tuple[str, int, int]] = {}
+_INSPECTED_MAX = 500_000
 
 
 def _inspect(path: Path) -> tuple[str, int, int] | str:
     """(sha256, width, height) of one file, or the reason it cannot be used."""
     try:
+        stat = os.stat(path)
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        known = _INSPECTED.get(key)
+        if known is not None:
+            return known
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
@@ -307,16 +318,36 @@ def _inspect(path: Path) -> tuple[str, int, int] | str:
         width, height = image_header(data, name=path.name)
     except BadImageError as error:
         return str(error)
-    return bytes_sha256(data), width, height
+    found = (bytes_sha256(data), width, height)
+    if len(_INSPECTED) >= _INSPECTED_MAX:  # bounded: a server that scans ever new folders forgets the oldest
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread changed it meanwhile
+            _INSPECTED.pop(next(iter(_INSPECTED)))
+    _INSPECTED[key] = found
+    return found
+
+
+def _known(path: Path) -> tuple[str, int, int] | None:
+    """What this process read of ``path`` before, if the file has not changed since (else None)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _INSPECTED.get((str(path), stat.st_size, stat.st_mtime_ns))
 
 
 def _inspect_all(paths: list[Path]) -> list[tuple[str, int, int] | str]:
-    if len(paths) < 64:
-        return [_inspect(path) for path in paths]
-    # Reading and hashing release the GIL; a few threads hide disk latency (network drives).
-    workers = min(8, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_inspect, paths, chunksize=32))
+    found: list[tuple[str, int, int] | str | None] = [_known(path) for path in paths]
+    unread = [i for i, known in enumerate(found) if known is None]
+    if len(unread) < 64:
+        results = [_inspect(paths[i]) for i in unread]
+    else:
+        # Reading and hashing release the GIL; a few threads hide disk latency (network drives).
+        workers = min(8, (os.cpu_count() or 2) * 2)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_inspect, [paths[i] for i in unread], chunksize=32))
+    for i, result in zip(unread, results):
+        found[i] = result
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +384,7 @@ def scan_dataset(root: str | os.PathLike) -> ScanResult:
     results = _inspect_all([path for path, _, _ in candidates])
     rows: list[dict] = []
     for (path, label, official), result in zip(candidates, results):
-        absolute = str(path.absolute())
+        absolute = os.path.abspath(path)
         if isinstance(result, str):
             skipped.append({"path": absolute, "reason": result})
             continue

@@ -110,6 +110,12 @@ class MeanProbabilityLogit(keras.layers.Layer):
         return (input_shape[0][0], 1)
 
 
+#: Weights files this process has read, as arrays, by (backbone, width, size, file, its size and mtime): the same
+#: file is read once per process (a resident worker trains many runs from one ImageNet file). A few at most.
+_LOADED_WEIGHTS: dict[tuple, list] = {}
+_LOADED_WEIGHTS_MAX = 3
+
+
 def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
     """The convolutional base without its top, named ``backbone``.
 
@@ -145,6 +151,11 @@ def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise BadRunError(f"The weights file {path} does not exist; give an existing file, 'imagenet' or 'none'.")
+    stat = path.stat()
+    key = (cfg.backbone, cfg.alpha, size, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _LOADED_WEIGHTS:  # a long-lived process (a resident training worker) read this file already
+        base.set_weights(_LOADED_WEIGHTS[key])
+        return base
     try:
         base.load_weights(str(path))
     except Exception as error:  # Keras raises many types (ValueError, OSError, KeyError) for a bad file.
@@ -152,6 +163,9 @@ def build_backbone(cfg: ModelConfig, seed: int = 123) -> keras.Model:
         raise BadRunError(
             f"The weights file {path.name} does not fit {backbone.label} with these settings ({type(error).__name__})."
         ) from error
+    while len(_LOADED_WEIGHTS) >= _LOADED_WEIGHTS_MAX:
+        _LOADED_WEIGHTS.pop(next(iter(_LOADED_WEIGHTS)))
+    _LOADED_WEIGHTS[key] = base.get_weights()
     return base
 
 
