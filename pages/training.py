@@ -690,17 +690,35 @@ def curves(history: pd.DataFrame, key: str, state: str = "running", task: str = 
         st.caption(found.message)
 
 
-@st.fragment(run_every=2)
 def live_view(run_dir: Path) -> None:
-    """Polls the run folder every 2 s; refreshes the whole page once when the run ends (or is withdrawn)."""
+    """A running run's panel, polled every 2 s; a waiting one's every 5 s (a class of thirty waiting in the queue
+    would otherwise keep the server redrawing places that change once a minute)."""
+    if runs.read_status(run_dir)["state"] == "queued":
+        _waiting_view(run_dir)
+    else:
+        _running_view(run_dir)
+
+
+def _follow(run_dir: Path, *, until_not: tuple[str, ...]) -> None:
+    """Draw the run and refresh the whole page once its state leaves ``until_not`` (or its folder is gone)."""
     if not run_dir.is_dir():
         st.rerun(scope="app")
     state = render_run(run_dir)
     seen = st.session_state.setdefault(KEY_LIVE_STATE, {})
     previous = seen.get(str(run_dir))
     seen[str(run_dir)] = state
-    if previous in ("running", "queued") and state not in ("running", "queued"):
+    if previous in until_not and state not in until_not:
         st.rerun(scope="app")
+
+
+@st.fragment(run_every=2)
+def _running_view(run_dir: Path) -> None:
+    _follow(run_dir, until_not=("running", "queued"))
+
+
+@st.fragment(run_every=5)
+def _waiting_view(run_dir: Path) -> None:
+    _follow(run_dir, until_not=("queued",))  # started: the page draws it again with the running view
 
 
 KEY_REMOTE = "training_remote_runs"  # runs this session saw training on other machines (kept once they end)
