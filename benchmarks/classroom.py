@@ -55,6 +55,8 @@ KERMANY_WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_224_no_top_imagenet.we
 IMAGE_SIZE = 128
 #: How long a visitor waits for their run at most (the target: the whole class's runs within 10 minutes).
 RUN_TIMEOUT_S = 12 * 60
+#: How long a visitor waits for a page or a click to answer before the driver counts the step as stuck.
+PATIENCE_MS = 180_000
 SHOTS = ROOT / "benchmarks" / "results" / "classroom-stuck"
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
 
@@ -179,6 +181,7 @@ class Memory:
 
     def __init__(self, pid: int) -> None:
         self.pid, self.server, self.worker = pid, 0.0, 0.0
+        self.cpu_s, self.wall_s = 0.0, 0.0  # the server process's CPU time while the class ran
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -192,11 +195,19 @@ class Memory:
                         self.worker = max(self.worker, child.memory_info().rss / 2**20)
             self._stop.wait(0.5)
 
+    def _cpu(self) -> float:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(self.pid).cpu_times()
+            return times.user + times.system
+        return 0.0
+
     def __enter__(self) -> Memory:
+        self._cpu_start, self._wall_start = self._cpu(), time.monotonic()
         self._thread.start()
         return self
 
     def __exit__(self, *_exc) -> None:
+        self.cpu_s, self.wall_s = self._cpu() - self._cpu_start, time.monotonic() - self._wall_start
         self._stop.set()
         self._thread.join()
 
@@ -260,7 +271,7 @@ class Visitor:
         await self.page.locator("[data-testid='stSidebarNav'] a", has_text=title).first.click()
         await self.page.wait_for_function(
             f"() => [...document.querySelectorAll('h1')].some(h => h.innerText.includes({json.dumps(title)}))",
-            timeout=120_000)
+            timeout=PATIENCE_MS)
 
     async def lesson(self, images: list[str]) -> None:
         page = self.page = await self.context.new_page()
@@ -339,6 +350,9 @@ async def drive(base: str, n: int, images: list[str], stagger_s: float) -> dict:
             teacher = asyncio.create_task(operator(arrived, stop, operator_loads))
             visitors = [Visitor(f"visitor-{i + 1}", await browser.new_context(viewport={"width": 1300, "height": 900}),
                                 base) for i in range(n)]
+            for visitor in visitors:  # a patient person: three minutes for anything to answer before giving up
+                visitor.context.set_default_timeout(PATIENCE_MS)
+                visitor.context.set_default_navigation_timeout(PATIENCE_MS)
             started = time.time()
 
             async def one(i: int, visitor: Visitor) -> None:
@@ -416,6 +430,7 @@ def classroom(n: int, data: str, work: Path, jobs_at_once: int, stagger_s: float
             "data": data, "jobs_at_once": jobs_at_once, "resident_workers": resident, "image_size": IMAGE_SIZE,
             "stagger_s": stagger_s,
             "rehearsal_s": round(rehearsal_s, 1), "run_states": states,
+            "server_cpu_s": round(memory.cpu_s, 1), "server_busy": round(memory.cpu_s / max(memory.wall_s, 1e-9), 2),
             "page_median_s": round(percentile(loads, 50), 2), "page_max_s": round(max(loads, default=0.0), 2),
             "operator_p95_s": round(percentile([s for _, s in driven["operator_loads"]], 95), 2),
             "outcomes": {v.name: v.outcome for v in visitors},
