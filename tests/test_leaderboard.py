@@ -22,8 +22,8 @@ from cxr_core.hosting import access, audit, classroom, leaderboard
 from cxr_core.inference.predictor import Predictor
 from cxr_core.runs.run_folder import RunFolder
 from test_app import HOME, KEY_DATASET, TIMEOUT, data_root, fake_run, render, text_of
+from test_visitor_view import become_operator, hosted
 
-PASSPHRASE = "a long operator passphrase 42"
 LOCKED = "class-test"
 WORKSPACE = "b-0123456789abcdef0123"
 OTHER = "b-fedcba9876543210fedc"
@@ -249,19 +249,6 @@ def test_reveal_per_image_results_and_csv_export():
 
 
 # --- Pages ---------------------------------------------------------------------------------------------------
-def hosted(page: str | None = None, **params: str) -> AppTest:
-    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
-    at.secrets["operator_passphrase"] = PASSPHRASE
-    at.query_params.update(params)
-    render(at, page, f"{page or 'home'} (hosted)")
-    return at
-
-
-def become_operator(at: AppTest) -> None:
-    at.text_input(key="access_passphrase").input(PASSPHRASE)
-    render(at, None, "operator")
-
-
 def options(at: AppTest, key: str) -> list:
     return list(at.selectbox(key=key).options)
 
