@@ -115,6 +115,9 @@ def test_a_worker_serves_jobs_one_after_another_and_lets_go_of_the_slot(tmp_path
     root.mkdir()
     jobs.set_max_concurrent(2, root)
     monkeypatch.setattr(workers, "CHECK_EVERY_S", 0.05)
+    # ``serve`` runs inside this test process, whose size depends on what else it ran (TensorFlow):
+    # the memory limit belongs to a real worker, tested below.
+    monkeypatch.setattr(workers, "MAX_RSS_MB", 10**6)
     served: list[str] = []
 
     def run_job(job: dict, marks: dict) -> int:
@@ -152,6 +155,36 @@ def test_a_worker_serves_jobs_one_after_another_and_lets_go_of_the_slot(tmp_path
     jobs.set_max_concurrent(1, root)  # slot 1 is no longer used: its worker ends
     thread.join(10)
     assert codes == [0] and jobs.read_worker_state(root, 1)["state"] == "stopped"
+
+
+def test_a_worker_that_grew_past_its_limit_stops_after_the_job(tmp_path, monkeypatch, capsys):
+    """A job that leaves the worker too big ends that worker (the pool starts a fresh one)."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setattr(workers, "MAX_RSS_MB", 1)
+    run = runs.new_run_dir(root, "big")
+
+    def run_job(job: dict, marks: dict) -> int:
+        jobs.hold_training_lock(job["lock_file"], job["run_dir"], **marks)
+        RunFolder(job["run_dir"]).write_status(RunState.DONE, message="done", **marks)
+        jobs.release_training_lock(job["lock_file"])
+        return 0
+
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(
+        workers.serve(root, 0, run_job, poll_s=0.01, redirect=False, warm=lambda: None)))
+    thread.start()
+    assert workers.wait_idle(root, 0, 10)
+    from cxr_core.io.atomic import write_json_atomic
+
+    write_json_atomic(jobs.worker_inbox_path(root, 0), {"job": "j0", "run_dir": str(run),
+                                                        "lock_file": str(jobs.lock_path(root, 0))})
+    thread.join(10)
+    assert codes == [0]
+    state = jobs.read_worker_state(root, 0)
+    assert state["state"] == "stopped" and state["last_job"] == "j0" and state["rss_mb"] > 1
+    assert RunFolder(run).status().state is RunState.DONE
+    assert "stops: it uses" in capsys.readouterr().err
 
 
 # -- real workers (TensorFlow) ---------------------------------------------------------------------
