@@ -81,6 +81,7 @@ def test_local_app_without_secrets_is_the_operator_as_before():
     assert any("Audit trail" in e.label for e in at.expander)
 
 
+@pytest.mark.slow
 def test_passphrase_mode_visitor_then_operator_and_the_passphrase_is_never_written():
     run = fake_run("run-class", None, None, state="failed", error="x")
     at = app({"operator_passphrase": PASSPHRASE})
@@ -137,6 +138,7 @@ def test_login_mode_allow_list(email, operator):
     assert not can_delete(at) and any(b.key == "access_login_default" for b in at.sidebar.button)
 
 
+@pytest.mark.slow
 def test_a_visitor_trains_into_their_workspace_through_the_queue(monkeypatch):
     """A visitor's run goes to their own workspace; while the server's places are taken it waits with its
     place shown, a second one is refused in one sentence, and withdrawing it removes it unstarted."""

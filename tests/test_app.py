@@ -225,6 +225,7 @@ def test_augmentation_preview_follows_the_sliders(small_kermany):
     assert "rotation ±20°" in text_of(at)
 
 
+@pytest.mark.slow
 def test_training_page_recipe_fills_the_form_and_the_augmentation_plan_follows_the_limit(small_kermany):
     from cxr_core.core.recipes import RECIPES
 
@@ -544,6 +545,7 @@ def _figure(at: AppTest, key_part: str) -> dict:
     return json.loads(chart.proto.spec)
 
 
+@pytest.mark.slow
 def test_evaluation_slider_follows_the_run_and_small_details():
     y = np.array([0] * 10 + [1] * 10)
     rng = np.random.default_rng(0)
@@ -688,6 +690,7 @@ def test_a_link_with_settings_fills_the_widgets_and_ignores_what_cannot_be_used(
     assert at.slider(key="aug_rotation").value == 45.0 and at.toggle(key="aug_flip").value is False
 
 
+@pytest.mark.slow
 def test_a_reload_keeps_the_choices_and_a_reload_during_training_shows_the_runs_own_settings(
         small_kermany, monkeypatch):
     from cxr_core.core.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -754,6 +757,7 @@ def _popover_open(at: AppTest, label: str) -> bool:
     return found[0].open
 
 
+@pytest.mark.slow
 def test_deleting_a_run_deletes_the_run_it_named_closes_the_confirmation_and_says_so():
     """Delete... -> Yes: that run goes, the confirmation closes and says which; a second click on the same
     (now stale) confirmation, as a double click sends it, deletes nothing else."""
@@ -795,6 +799,7 @@ def test_deleting_a_run_deletes_the_run_it_named_closes_the_confirmation_and_say
     assert len([p for p in Path(os.environ["CXR_RUNS_DIR"]).iterdir() if p.name.startswith("run-")]) == 1
 
 
+@pytest.mark.slow
 def test_a_recipes_image_size_holds_when_the_backbone_is_chosen_after_it(small_kermany):
     from cxr_core.core.recipes import RECIPES
 

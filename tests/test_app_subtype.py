@@ -65,6 +65,7 @@ def subtype_run(name: str = "run-subtype", model: bool = False,
     return folder.path
 
 
+@pytest.mark.slow
 def test_training_page_offers_the_subtype_task_and_refuses_a_data_set_without_subtypes(monkeypatch):
     root = Path(os.environ["CXR_DATA_ROOT"])
     make_dataset(root / "named", n_normal=12, n_pneumonia=18)

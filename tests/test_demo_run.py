@@ -62,6 +62,7 @@ def test_demo_run_separates_real_images(demo, shared_dir):
     assert correct >= 0.8 * len(files)
 
 
+@pytest.mark.slow
 def test_demo_run_ships_a_current_litert_export(demo):
     from cxr_core.engine import litert
     from cxr_core.inference.predictor import Predictor

@@ -424,6 +424,7 @@ def test_every_pydicom_test_file_is_decoded_or_refused_with_a_reason():
             assert gray.dtype == np.uint8 and gray.ndim == 2, path.name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_RUN / "config.json").is_file(), reason="the shipped demo run is absent")
 def test_predict_over_pydicom_test_files_shows_no_traceback():
     files = _pydicom_test_files()

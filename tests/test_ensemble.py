@@ -237,6 +237,7 @@ def _one_sentence(error: pytest.ExceptionInfo) -> None:
     assert "\n" not in text and text.endswith(".") and text.count(". ") == 0
 
 
+@pytest.mark.slow
 def test_one_member_is_refused(tiny_members, tmp_path):
     with pytest.raises(BadSettingError, match="at least two finished runs") as info:
         make_ensemble(tiny_members[:1], out_dir=tmp_path / "ens")

@@ -45,6 +45,7 @@ def run_with_split(tmp_path_factory) -> tuple[Path, Path]:
     return folder.path, train_data
 
 
+@pytest.mark.slow
 def test_external_evaluation_is_stored_and_matches_the_predictions(run_with_split, tmp_path):
     run, _ = run_with_split
     outside = make_dataset(tmp_path / "site-b", n_normal=5, n_pneumonia=7, seed=9)

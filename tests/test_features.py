@@ -63,6 +63,7 @@ def test_keys_cover_weights_size_and_augmentation(tmp_path: Path):
     assert entry_key(sha, 3, AUG) == entry_key(sha, 3, AugmentConfig(**AUG.__dict__))
 
 
+@pytest.mark.slow
 def test_second_call_is_all_cache_and_identical(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset)
     calls: list[tuple[int, int]] = []
@@ -168,6 +169,7 @@ def test_cancellation_between_batches(tiny_dataset: Path, tmp_path: Path):
     assert stopped.cancelled and stopped.n_computed == 0 and stopped.features.shape[0] == 0
 
 
+@pytest.mark.slow
 def test_packs_are_exact_checked_and_pruned(tiny_dataset: Path, tmp_path: Path):
     rows = _rows(tiny_dataset)
     first = extract_features(rows.iloc[:10], CFG, None, cache_dir=tmp_path)

@@ -37,6 +37,15 @@ jobs.hold_training_lock(args[args.index("--lock-file") + 1], args[args.index("--
 time.sleep(seconds)
 """
 
+# The same, then the run ends done with a (stand-in) model, as a training process ends its run.
+FINISHING_STAND_IN = STAND_IN + r"""
+from pathlib import Path
+from cxr_core.runs.run_folder import RunFolder
+run = Path(args[args.index("--run-dir") + 1])
+(run / "model.keras").write_bytes(b"stand-in")
+RunFolder(run).write_status("done", message="done")
+"""
+
 # A fresh process (nothing of the test's memory) that launches stand-ins and dispatches the queue once.
 DISPATCH_AFRESH = r"""
 import json, subprocess, sys
@@ -60,7 +69,7 @@ def _config(data_dir: Path, cache: Path | None = None) -> RunConfig:
                      train=TrainConfig(**train))
 
 
-def _stand_in(monkeypatch, seconds: float) -> list[Path]:
+def _stand_in(monkeypatch, seconds: float, script: str = STAND_IN) -> list[Path]:
     """Launch stand-ins instead of training; return the run folders launched, in order."""
     launched: list[Path] = []
     real = subprocess.Popen
@@ -68,7 +77,7 @@ def _stand_in(monkeypatch, seconds: float) -> list[Path]:
     def popen(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "cxr_core", "train"] and "--lock-file" in cmd, cmd
         launched.append(Path(cmd[cmd.index("--run-dir") + 1]))
-        return real([cmd[0], "-c", STAND_IN, str(seconds), *cmd[4:]], **kwargs)
+        return real([cmd[0], "-c", script, str(seconds), *cmd[4:]], **kwargs)
 
     monkeypatch.setattr(jobs.subprocess, "Popen", popen)
     return launched
@@ -129,6 +138,7 @@ def test_the_per_visitor_limit_is_one_sentence_and_the_operator_may_queue_severa
     assert job_queue.submit(config, "alice", root=root).place == 6  # after withdrawing, alice may queue again
 
 
+@pytest.mark.slow
 def test_a_withdrawn_job_never_starts(tmp_path, monkeypatch, tiny_dataset):
     root, config = tmp_path / "runs", _config(tiny_dataset)
     launched = _stand_in(monkeypatch, seconds=60)
@@ -168,6 +178,7 @@ def test_dispatch_from_many_threads_at_once_starts_one_job_per_free_slot(tmp_pat
     _end(queued[0].run_dir)
 
 
+@pytest.mark.slow
 def test_two_run_at_once_when_the_operator_allows_two(tmp_path, monkeypatch, tiny_dataset):
     # Stand-in children (a sleep, no TensorFlow), stopped by the test: two run at once, the third waits.
     root, config = tmp_path / "runs", _config(tiny_dataset)
@@ -214,6 +225,7 @@ def test_how_many_run_at_once_comes_from_the_setting_then_the_environment(tmp_pa
     assert not (root / jobs.SETTINGS_NAME).exists()
 
 
+@pytest.mark.slow
 def test_the_queue_outlives_its_process_and_a_vanished_data_set_is_one_sentence(tmp_path, tiny_dataset):
     root = tmp_path / "runs"
     gone = make_dataset(tmp_path / "gone", n_normal=4, n_pneumonia=4)
@@ -236,6 +248,7 @@ def test_the_queue_outlives_its_process_and_a_vanished_data_set_is_one_sentence(
     _wait(lambda: not jobs.running_count(root), 30, "the job to end")
 
 
+@pytest.mark.slow
 def test_the_dispatcher_thread_is_one_per_root_and_starts_queued_jobs(tmp_path, monkeypatch, tiny_dataset):
     root, config = tmp_path / "runs", _config(tiny_dataset)
     launched = _stand_in(monkeypatch, seconds=0.2)
@@ -251,10 +264,12 @@ def test_the_dispatcher_thread_is_one_per_root_and_starts_queued_jobs(tmp_path, 
     _wait(lambda: not jobs.running_count(root), 30, "the jobs to end")
 
 
-@pytest.mark.slow  # three real training processes, one after the other (about 15 s each here)
-def test_three_visitors_jobs_run_one_after_the_other(tmp_path, tiny_dataset):
+@pytest.mark.slow  # three training stand-ins, one after the other
+def test_three_visitors_jobs_run_one_after_the_other(tmp_path, monkeypatch, tiny_dataset):
+    """The queue's order, with stand-ins for training (a real run through the queue: test_app's Training page test)."""
     root, cache = tmp_path / "runs", tmp_path / "cache"
     barrier, submitted = threading.Barrier(3), []
+    launched = _stand_in(monkeypatch, seconds=0.5, script=FINISHING_STAND_IN)
 
     def press_train(owner: str):
         barrier.wait()
@@ -279,4 +294,5 @@ def test_three_visitors_jobs_run_one_after_the_other(tmp_path, tiny_dataset):
     for before, after in zip(statuses, statuses[1:]):
         assert after["started"] >= before["finished"]  # one after the other, in the order they were queued
     assert job_queue.waiting(root) == []
+    assert launched == [job.run_dir for job in in_queue_order]
     _wait(lambda: not jobs.is_busy(root), 60, "the last training process to exit")  # it writes "done" first

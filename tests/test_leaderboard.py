@@ -344,6 +344,7 @@ def test_a_lesson_action_never_points_a_visitor_at_the_locked_set(monkeypatch):
     assert auto.state["eval_other_dataset"] == LOCKED
 
 
+@pytest.mark.slow
 def test_the_leaderboard_page_for_a_visitor_and_the_operator(monkeypatch):
     locked_set()
     classroom.update(locked_test_set=LOCKED, daily_submissions=1)

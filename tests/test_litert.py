@@ -78,6 +78,7 @@ def _copy(run: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_export_writes_model_and_record_of_its_source(exported_run):
     info = json.loads((exported_run / run_folder.LITE_INFO_FILE).read_text())
     assert info["source_sha256"] == hashing.file_sha256(exported_run / "model.keras")
@@ -86,6 +87,7 @@ def test_export_writes_model_and_record_of_its_source(exported_run):
     assert litert.lite_status(exported_run) is None
 
 
+@pytest.mark.slow
 def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
     lite = Predictor.from_run(exported_run)
     keras_ = Predictor.from_run(exported_run, engine="keras")
@@ -107,6 +109,7 @@ def test_litert_equals_keras_probabilities_and_gradcam(exported_run):
     assert found_lite[0].label == found_keras[0].label
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_agrees_on_both_engines(exported_run):
     lite = Predictor.from_run(exported_run, tta=True)
     keras_ = Predictor.from_run(exported_run, engine="keras", tta=True)
@@ -123,6 +126,7 @@ def test_test_time_augmentation_agrees_on_both_engines(exported_run):
     assert not np.allclose(single, [e.probability for e in found_lite], atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["PNEUMONIA", "NORMAL"])
 def test_litert_equals_keras_on_both_classes_maps(exported_run, target):
     """The export's second output holds ReLU(S) and ReLU(-S); Keras computes Grad-CAM of the logit and
@@ -181,6 +185,7 @@ def test_predicting_with_litert_never_imports_tensorflow(exported_run):
     assert lines[-1] == "False False"
 
 
+@pytest.mark.slow
 def test_stale_export_is_not_used(exported_run, tmp_path):
     from cxr_core.engine.model import build_classifier
 

@@ -194,6 +194,7 @@ def test_weights_file_errors(tmp_path: Path):
         build_backbone(ModelConfig(backbone="mobilenet_v2", weights=str(junk), image_size=32))
 
 
+@pytest.mark.slow
 def test_shared_mobilenet_weights_load_at_96(shared_mobilenet_weights: Path):
     cfg = ModelConfig(backbone="mobilenet_v2", weights=str(shared_mobilenet_weights), image_size=96, alpha=0.35)
     ours = build_backbone(cfg)

@@ -208,6 +208,7 @@ def _with_cookies(monkeypatch, sent: dict[str, str]) -> None:
     monkeypatch.setattr(ui, "_request_cookies", lambda: dict(sent))
 
 
+@pytest.mark.slow
 def test_the_sidebar_locks_out_after_five_wrong_passphrases_and_audits_them(monkeypatch):
     at = app({"operator_passphrase": PASSPHRASE})  # the Home page: the sidebar is on every page
     for n in range(attempts.PER_MINUTE - 1):
@@ -230,6 +231,7 @@ def test_the_sidebar_locks_out_after_five_wrong_passphrases_and_audits_them(monk
     assert _role(at) == "operator" and _audit("sign in")[0]["who"] == me
 
 
+@pytest.mark.slow
 def test_the_operator_stays_the_operator_in_a_new_session_of_the_same_browser(monkeypatch):
     first = app({"operator_passphrase": PASSPHRASE})  # the Home page: the sidebar is on every page
     _type(first, PASSPHRASE, "operator")

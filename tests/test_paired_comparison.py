@@ -27,6 +27,7 @@ def test_aucs_are_sklearns_and_a_monotone_copy_cannot_be_told_apart() -> None:
     assert paired_comparison(y, a, a)["different"] is False
 
 
+@pytest.mark.slow
 def test_delong_standard_error_matches_a_paired_bootstrap() -> None:
     y, a, b = _scores(400, seed=2)
     found = paired_comparison(y, a, b)

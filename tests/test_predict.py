@@ -75,6 +75,7 @@ def _copy_run(run_dir: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
 # -- probabilities ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_from_run_reads_config_and_threshold(predictor: Predictor) -> None:
     assert predictor.threshold == pytest.approx(0.37)
     assert predictor.image_size == SIZE
@@ -233,6 +234,7 @@ def centred(run_dir):
     return model
 
 
+@pytest.mark.slow
 def test_normal_result_shows_the_evidence_for_normal(centred) -> None:
     """The head is GAP -> Dense, so the logit is sum_k w_k mean(A_k) + b: ReLU(-sum_k w_k A_k) is where
     the image lowered it. A NORMAL result shows that map; a PNEUMONIA result the usual one."""

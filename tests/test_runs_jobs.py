@@ -211,6 +211,7 @@ def _wait_free(root: Path, seconds: float = 15) -> bool:
     return not jobs.is_busy(root)
 
 
+@pytest.mark.slow
 def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatch, tiny_dataset):
     import psutil
 
@@ -223,7 +224,7 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
         barrier.wait()
         try:
             results.append(jobs.start_training(_config(tiny_dataset), root))
-        except TrainingBusyError as error:
+        except Exception as error:  # noqa: BLE001 - any other failure must show in the assertion below
             results.append(error)
 
     threads = [threading.Thread(target=press_train) for _ in range(3)]
@@ -233,7 +234,8 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
         t.join()
     started = [r for r in results if isinstance(r, Path)]
     refused = [r for r in results if isinstance(r, TrainingBusyError)]
-    assert len(started) == 1 and len(refused) == 2 and len(launched) == 1
+    logs = [p.read_text(errors="replace")[-800:] for p in root.rglob("*.log")]
+    assert len(started) == 1 and len(refused) == 2 and len(launched) == 1, (results, len(launched), logs)
     assert all("already running" in str(error) for error in refused)
     # start_training returns once the child holds the lock and has written itself into the status.
     assert jobs.is_busy(root)
@@ -247,6 +249,7 @@ def test_only_one_job_at_a_time_even_when_launched_together(tmp_path, monkeypatc
     assert jobs.active_run(root) is None
 
 
+@pytest.mark.slow
 def test_launch_options_are_portable(tmp_path, monkeypatch, tiny_dataset):
     root = tmp_path / "runs"
     launched = _stand_in(monkeypatch, seconds=0)
@@ -264,6 +267,7 @@ def test_launch_options_are_portable(tmp_path, monkeypatch, tiny_dataset):
     assert _wait_free(root)
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_the_job_is_killed_outright(tmp_path, monkeypatch, tiny_dataset):
     root = tmp_path / "runs"
     launched = _stand_in(monkeypatch, seconds=120)

@@ -78,6 +78,7 @@ def test_the_advanced_section_shows_every_advanced_row(training_page):
     assert expander.number_input(key="train_warmup_epochs").disabled
 
 
+@pytest.mark.slow
 def test_an_advanced_widget_changes_the_run_the_start_button_starts(training_page, monkeypatch):
     submitted: list[RunConfig] = []
 

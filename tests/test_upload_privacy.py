@@ -96,6 +96,7 @@ def _page_dump(at: AppTest) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 def test_a_dicom_upload_with_patient_tags_gives_a_result_without_them(monkeypatch):
     import pandas as pd
     import streamlit

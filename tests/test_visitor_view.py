@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import TINY_WEIGHTS, make_dataset
@@ -57,6 +58,7 @@ def small_set() -> str:
 
 
 # --- 4. No path or size of the server for a visitor -----------------------------------------------
+@pytest.mark.slow
 def test_a_visitor_sees_no_server_path_or_memory_and_the_operator_does():
     at = hosted()
     at.session_state[KEY_DATASET] = small_set()
@@ -130,6 +132,7 @@ def test_a_visitor_is_not_offered_a_weights_upload_and_reads_one_sentence():
 
 
 # --- 9. A link to a run or data set that is not here ----------------------------------------------
+@pytest.mark.slow
 def test_a_link_to_a_run_the_visitor_may_not_see_says_so_and_shows_the_default():
     y = np.array([0] * 10 + [1] * 10)
     fake_run("run-shared", np.where(y == 1, 0.8, 0.2), y)

@@ -213,6 +213,7 @@ def _sending(monkeypatch, cookie: str | None) -> None:
     monkeypatch.setattr(ui, "_request_cookies", lambda: {} if cookie is None else {"cxr_workspace": cookie})
 
 
+@pytest.mark.slow
 def test_a_visitor_gets_a_signed_id_and_a_forged_one_gets_a_fresh_workspace(monkeypatch):
     from cxr_core.hosting import cookies
 

@@ -8,6 +8,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import pytest
 from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 from streamlit.testing.v1 import AppTest
@@ -83,6 +84,7 @@ def test_an_accepted_zip_goes_to_disk_and_leaves_the_server_memory(tmp_path, mon
     assert [u.key for u in at.file_uploader] == ["dataset_zip-1"]
 
 
+@pytest.mark.slow
 def test_a_second_unpack_at_the_same_time_is_refused_with_one_sentence(tmp_path):
     payload = zip_of_a_dataset(tmp_path)
     root = Path(os.environ["CXR_DATA_ROOT"])
