@@ -340,11 +340,15 @@ def balance_labels(task: Task) -> dict[str, str]:
 
 
 def shared_choice(column, name: str, shared_key: str, **overrides: Any) -> Any:
-    """A choice the sidebar and the other pages share (split, balance): it starts from the shared value and
-    writes back to it; the shared value, not this widget, goes into the URL."""
+    """A choice the sidebar and the other pages share (split, balance): it shows the shared value on every run
+    and writes back to it; the shared value, not this widget, goes into the URL. Set anew on every run, not
+    only when missing: a widget value left from an earlier run (a run cut short under load keeps it) would
+    otherwise show one split while the sidebar, a lesson and the run's settings say another."""
     row = settings.find(name)
     key = row.session_key()
-    st.session_state.setdefault(key, st.session_state.get(shared_key, row.form_start()))
+    shared = st.session_state.get(shared_key, row.form_start())
+    if st.session_state.get(key) != shared:
+        st.session_state[key] = shared
     return table_widget(column, row, persist=False, on_change=session.copy_state, args=(key, shared_key),
                         **overrides)
 
@@ -450,11 +454,16 @@ def launch_section(config: RunConfig | None, n_images: int | None) -> None:
             st.error(problem, icon=":material/block:")
     queued = not queue_has_room()
     label = "Add to the queue" if queued else "Start training"
+    # A fixed key: the label and help change when another job takes the last place, and a button without a key
+    # would then be a new button, so the click of someone who saw the old one would be lost.
     if right.button(label, type="primary", icon=":material/play_arrow:", disabled=problem is not None,
-                    width="stretch", help=("Fix the settings above first." if problem else
+                    key=KEY_START, width="stretch", help=("Fix the settings above first." if problem else
                                            "The server's training places are taken: your run waits in the queue "
                                            "and starts by itself." if queued else None)):
         start_or_queue(config, ws)
+
+
+KEY_START = "train_start"  # the Start training / Add to the queue button
 
 
 def queue_has_room() -> bool:

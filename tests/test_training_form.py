@@ -195,3 +195,44 @@ def test_a_lessons_recipe_fills_the_advanced_settings_too(tmp_path):
     assert state["train_label_smoothing"] == best.train.label_smoothing
     assert state["train_balance_by"] == best.train.balance_by and state["train_schedule"] == best.train.schedule
     assert set(settings.form_values(best, "advanced")) <= set(state)
+
+
+def test_a_start_click_counts_when_another_job_took_the_last_place_meanwhile(training_page, monkeypatch):
+    """In a class, the button's label and help change when another visitor's job takes the last place: the click
+    of someone who still saw "Start training" must start (or queue) their run, not be lost."""
+    submitted: list[RunConfig] = []
+
+    def submit(config, **_kwargs):
+        submitted.append(config)
+        raise JobQueueError("Captured by the test; nothing was started.")
+
+    monkeypatch.setattr(job_queue, "submit", submit)
+    at = training_page
+    at.selectbox(key="train_backbone").set_value("mobilenet_v2")
+    render(at)
+    at.selectbox(key="train_weights").set_value("none")
+    at.selectbox(key="train_ft_layers").set_value(-1)
+    render(at)
+    (shown,) = [b for b in at.button if b.label == "Start training"]
+    # Between this render and the click, another job takes the only place.
+    monkeypatch.setattr(jobs, "running_count", lambda *_args, **_kwargs: job_queue.max_concurrent())
+    shown.click()
+    render(at)
+    assert len(submitted) == 1, "the click was lost"
+    assert [b.label for b in at.button if b.label in ("Start training", "Add to the queue")] == ["Add to the queue"]
+
+
+def test_the_split_and_balance_always_show_the_shared_choice(training_page):
+    """The split and balance widgets show the sidebar's choice on every run, even when a widget value was left
+    from an earlier run (a run cut short under load keeps it): a lesson that set a patient split must not show
+    (and start) a random one."""
+    at = training_page
+    at.session_state["split_mode"], at.session_state["balance"] = "patient", "class_weight"
+    at.session_state["train_split"], at.session_state["train_balance"] = "random", "augment"
+    render(at)
+    assert at.selectbox(key="train_split").value == "patient"
+    assert at.selectbox(key="train_balance").value == "class_weight"
+    # Changing the widget still changes the shared choice (the sidebar's).
+    at.selectbox(key="train_split").set_value("random")
+    render(at)
+    assert at.session_state["split_mode"] == "random" and at.selectbox(key="train_split").value == "random"
