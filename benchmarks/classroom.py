@@ -140,10 +140,12 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _random_weights(path: Path) -> None:
-    """Offline there are no ImageNet weights: a file of random ones, named as Keras names them, stands in."""
-    code = ("import keras, sys; m = keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=0.35, "
-            "include_top=False, weights=None); m.save_weights(sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    """Offline there are no ImageNet weights: a file of random ones, named as Keras names them, stands in.
+    Made in this process (a test process has TensorFlow loaded already; a new one would import it again)."""
+    import keras
+
+    keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=0.35, include_top=False,
+                                   weights=None).save_weights(str(path))
 
 
 def set_up_class(env: dict, locked: str, jobs_at_once: int) -> None:
@@ -389,6 +391,22 @@ def run_states(runs_root: Path) -> dict[str, int]:
     return counts
 
 
+def runs_off_the_lesson(runs_root: Path) -> list[str]:
+    """The visitors' runs whose settings are not the lesson's (the quick recipe: a patient split, class
+    weights): a lesson action whose settings were lost on the way to the Training page shows here."""
+    off = []
+    for config_file in (runs_root / "workspaces").rglob("config.json"):
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            off.append(f"{config_file.parent.name}: config unreadable")
+            continue
+        split, balance = config.get("data", {}).get("split"), config.get("train", {}).get("balance")
+        if (split, balance) != ("patient", "class_weight"):
+            off.append(f"{config_file.parent.name}: split {split}, balance {balance}")
+    return off
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -397,12 +415,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def classroom(n: int, data: str, work: Path, jobs_at_once: int, stagger_s: float, resident: bool) -> dict:
+def classroom(n: int, data: str, work: Path, jobs_at_once: int, stagger_s: float, resident: bool,
+              rehearsal: bool = True) -> dict:
+    """``rehearsal``: fill the feature cache before the class (without it the first visitor's run does)."""
     ready = prepare(work, data)
     env = {**ready["env"], "CXR_RESIDENT_WORKERS": "1" if resident else "0"}
     set_up_class(env, ready["locked"], jobs_at_once)
-    log("rehearsal run (fills the feature cache)")
-    rehearsal_s = rehearse(env, ready["train"], ready["weights"], work)
+    rehearsal_s = 0.0
+    if rehearsal:
+        log("rehearsal run (fills the feature cache)")
+        rehearsal_s = rehearse(env, ready["train"], ready["weights"], work)
     images = [str(p) for p in sorted((Path(env["CXR_DATA_ROOT"]) / ready["train"]).rglob("*.jpeg"))[:5]]
     images = images or [str(p) for p in sorted((Path(env["CXR_DATA_ROOT"]) / ready["train"]).rglob("*.png"))[:5]]
     log(f"serving the class: {n} visitors, {jobs_at_once} jobs at once")
@@ -430,6 +452,7 @@ def classroom(n: int, data: str, work: Path, jobs_at_once: int, stagger_s: float
             "data": data, "jobs_at_once": jobs_at_once, "resident_workers": resident, "image_size": IMAGE_SIZE,
             "stagger_s": stagger_s,
             "rehearsal_s": round(rehearsal_s, 1), "run_states": states,
+            "runs_off_the_lesson": runs_off_the_lesson(Path(env["CXR_RUNS_DIR"])),
             "server_cpu_s": round(memory.cpu_s, 1), "server_busy": round(memory.cpu_s / max(memory.wall_s, 1e-9), 2),
             "page_median_s": round(percentile(loads, 50), 2), "page_max_s": round(max(loads, default=0.0), 2),
             "operator_p95_s": round(percentile([s for _, s in driven["operator_loads"]], 95), 2),

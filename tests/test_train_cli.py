@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_MODEL, TINY_PRETRAINED, TINY_WEIGHTS
+from conftest import TINY_PRETRAINED, TINY_WEIGHTS
 from cxr_core.core.config import DataConfig, RunConfig, TrainConfig
 from cxr_core.core.errors import BadDatasetError
 from cxr_core.runs import registry as runs
@@ -148,21 +148,6 @@ def test_single_class_folder_fails_with_one_sentence(tmp_path):
         train(tiny_config(data), run_dir=tmp_path / "run")
     assert runs.read_status(tmp_path / "run")["state"] == "failed"
     assert "\n" not in str(info.value)
-
-
-def test_fine_tune_from_scratch_streams_images(tiny_dataset, tmp_path):
-    from cxr_core.engine.train import train
-
-    config = RunConfig(
-        data=DataConfig(data_dir=str(tiny_dataset), split="random"),
-        model=TINY_MODEL,
-        train=TrainConfig(epochs=0, fine_tune_layers=-1, fine_tune_epochs=1, fine_tune_learning_rate=1e-3,
-                          batch_size=8, online_augment=True, balance="class_weight"),
-    )
-    run = train(config, run_dir=tmp_path / "ft")
-    assert runs.read_status(run)["state"] == "done"
-    history = RunFolder(run).read_history()
-    assert list(history["phase"]) == ["fine_tune"]
 
 
 def test_cli_train_evaluate_predict(tiny_dataset, tmp_path):
