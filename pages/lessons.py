@@ -131,8 +131,8 @@ def data_for_lessons() -> None:
                     "set on the Dataset page.")
     else:
         st.markdown("No data set chosen yet: the first lesson starts there.")
-    st.caption("With the real Kermany images (a data folder holding kermany224 and kermany224-test-dev) the figures "
-               "mean something about X-rays. Offline, the synthetic practice set and a second practice set used as "
+    st.caption("With the real Kermany images (a data folder holding a training set and the official test set) "
+               "the figures mean something about X-rays. Offline, the synthetic practice set and a second practice set used as "
                "the external test set let every lesson run, with figures that say nothing about medicine.")
     if chosen in names:
         marked_copy(root, chosen)
