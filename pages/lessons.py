@@ -132,8 +132,8 @@ def data_for_lessons() -> None:
     else:
         st.markdown("No data set chosen yet: the first lesson starts there.")
     st.caption("With the real Kermany images (a data folder holding a training set and the official test set) "
-               "the figures mean something about X-rays. Offline, the synthetic practice set and a second practice set used as "
-               "the external test set let every lesson run, with figures that say nothing about medicine.")
+               "the figures mean something about X-rays. Offline, the synthetic practice set and a second practice set "
+               "used as the external test set let every lesson run, with figures that say nothing about medicine.")
     if chosen in names:
         marked_copy(root, chosen)
     if external is not None or not access.allowed("practice"):
