@@ -78,15 +78,21 @@ def test_the_advanced_section_shows_every_advanced_row(training_page):
     assert expander.number_input(key="train_warmup_epochs").disabled
 
 
-@pytest.mark.slow
-def test_an_advanced_widget_changes_the_run_the_start_button_starts(training_page, monkeypatch):
-    submitted: list[RunConfig] = []
+@pytest.fixture
+def submitted(monkeypatch) -> list[RunConfig]:
+    """The runs the Start button hands the queue (captured; nothing is started)."""
+    seen: list[RunConfig] = []
 
     def submit(config, **_kwargs):  # the queue's door: the page hands it the run it would start
-        submitted.append(config)
+        seen.append(config)
         raise JobQueueError("Captured by the test; nothing was started.")
 
     monkeypatch.setattr(job_queue, "submit", submit)
+    return seen
+
+
+@pytest.mark.slow
+def test_an_advanced_widget_changes_the_run_the_start_button_starts(training_page, submitted):
     at = training_page
     # A run that can start offline: MobileNetV2 from random weights, every layer trained.
     at.selectbox(key="train_backbone").set_value("mobilenet_v2")
@@ -197,16 +203,9 @@ def test_a_lessons_recipe_fills_the_advanced_settings_too(tmp_path):
     assert set(settings.form_values(best, "advanced")) <= set(state)
 
 
-def test_a_start_click_counts_when_another_job_took_the_last_place_meanwhile(training_page, monkeypatch):
+def test_a_start_click_counts_when_another_job_took_the_last_place_meanwhile(training_page, submitted, monkeypatch):
     """In a class, the button's label and help change when another visitor's job takes the last place: the click
     of someone who still saw "Start training" must start (or queue) their run, not be lost."""
-    submitted: list[RunConfig] = []
-
-    def submit(config, **_kwargs):
-        submitted.append(config)
-        raise JobQueueError("Captured by the test; nothing was started.")
-
-    monkeypatch.setattr(job_queue, "submit", submit)
     at = training_page
     at.selectbox(key="train_backbone").set_value("mobilenet_v2")
     render(at)
